@@ -1,0 +1,4 @@
+from dsr1.cli import main
+
+if __name__ == "__main__":
+    main()

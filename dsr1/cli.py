@@ -1,0 +1,92 @@
+"""The `dsr1` command line: one command table, lazy imports, one error handler.
+
+Command modules import only typer and dsr1's light core at module level; torch
+and transformers are imported inside the functions that need them, so
+`dsr1 --help` and `dsr1 doctor` stay fast (tests/test_startup.py checks).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+import traceback
+from typing import Callable
+
+import typer
+
+from dsr1 import __version__, settings
+from dsr1.errors import EXIT_INTERRUPTED, Dsr1Error
+
+# name -> (module, function, one-line help). Order is the order `--help` shows.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "doctor": ("dsr1.commands.doctor", "doctor", "Check this machine: GPUs, memory, disk, software; pick a profile and say what fits."),
+    "models": ("dsr1.commands.models", "models", "List the R1-family catalog and what fits this machine."),
+}
+
+app = typer.Typer(
+    name="dsr1",
+    help="Get DeepSeek-R1 and its distills running on the hardware you have. Exit codes: see docs/cli.md.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Our own handler below prints errors; typer's pretty tracebacks would show locals (tokens live there).
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _report(exc: BaseException) -> int:
+    err = sys.stderr
+    if settings.debug():
+        traceback.print_exception(exc, file=err)  # plain traceback: never locals
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=err)
+        return EXIT_INTERRUPTED
+    assert isinstance(exc, Dsr1Error)
+    print(f"error: {exc}", file=err)
+    if exc.hint:
+        print(f"  fix: {exc.hint}", file=err)
+    if not settings.debug():
+        print("  (set DSR1_DEBUG=1 for the full traceback)", file=err)
+    return exc.exit_code
+
+
+def _guarded(fn: Callable) -> Callable:
+    """Map dsr1's error family to messages and exit codes: the one place it happens."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (Dsr1Error, KeyboardInterrupt) as exc:
+            raise typer.Exit(_report(exc)) from None
+
+    return wrapper
+
+
+def _register() -> None:
+    for name, (module, func, help_text) in COMMANDS.items():
+        fn = getattr(importlib.import_module(module), func)
+        app.command(name, help=help_text + "\n\n" + (fn.__doc__ or "").strip())(_guarded(fn))
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"dsr1 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True),
+) -> None:
+    pass
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(args=argv, prog_name="dsr1")

@@ -1,0 +1,1 @@
+"""One module per CLI command: parse flags, call one core function, render."""

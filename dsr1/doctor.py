@@ -1,0 +1,239 @@
+"""Doctor's core: probe the machine, pick a profile, check it, recommend models.
+
+Returns a Report dataclass; rendering lives in dsr1/commands/doctor.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsr1 import catalog, fit, profiles, settings
+from dsr1.probe.gpu import Finding, GpuReport, probe_gpus
+from dsr1.probe.host import Host, probe_host
+from dsr1.probe.software import Software, probe_software
+
+GB = 1e9
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Recommendation:
+    model: str
+    repo: str
+    precision: str
+    fits: bool
+    engine: str
+    tensor_parallel: int
+    memory_gb: float  # all devices, weights + overhead + KV at `context`
+    context: int  # the context planned for (profile's, capped by what fits)
+    max_context: int  # longest single sequence that fits
+    max_sequences: int  # concurrent sequences at `context`
+    reason: str = ""
+    command: str = ""
+
+
+@dataclass
+class Report:
+    schema_version: int
+    machine: profiles.Machine
+    profile: str
+    profile_source: str  # selected | requested
+    rejected_profiles: list[dict[str, Any]]
+    gpus: GpuReport
+    host: Host
+    software: Software
+    checks: list[Finding]
+    recommendations: list[Recommendation]
+    next_command: str
+    can_serve: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def machine_from(gpus: GpuReport, host: Host) -> profiles.Machine:
+    devs = gpus.gpus
+    ccs = [float(g.compute_capability) for g in devs if g.compute_capability]
+    return profiles.Machine(
+        gpus=len(devs),
+        gpu_memory_gb=min((g.memory_total for g in devs), default=0) / GB,
+        compute_capability=min(ccs, default=0.0),
+        nvlink_gbps=min((g.nvlink_bandwidth_gbps for g in devs), default=0.0),
+        infiniband=any(p.state == "ACTIVE" and p.link_layer == "InfiniBand" for p in host.infiniband),
+        ram_gb=host.usable_ram / GB,
+    )
+
+
+def target_for(gpus: GpuReport, host: Host, profile: profiles.Profile, *, cpu_dtype_fast_bf16: bool | None = None) -> fit.Target:
+    s = profile.settings
+    if gpus.gpus:
+        devs = gpus.gpus
+        return fit.Target(
+            kind="cuda",
+            count=len(devs),
+            memory_bytes=min(g.memory_total for g in devs),
+            utilization=s.memory_utilization,
+            engine=s.engine,
+            supports_fp8=all(g.supports_fp8 for g in devs),
+            supports_bf16=all(g.supports_bf16 for g in devs),
+        )
+    bf16 = host.bf16_fast if cpu_dtype_fast_bf16 is None else cpu_dtype_fast_bf16
+    return fit.Target(kind="cpu", count=1, memory_bytes=host.usable_ram, utilization=s.memory_utilization,
+                      engine="embedded", supports_bf16=bf16)
+
+
+def _candidates(spec: catalog.ModelSpec, target: fit.Target) -> list[str]:
+    """Precisions to try, best quality first, that this target's engines can run."""
+    if target.kind == "cpu":
+        return ["bf16" if target.supports_bf16 else "fp32", "int8", "nf4"]
+    out = []
+    if spec.native_dtype == "fp8":
+        out += ["fp8"] if target.supports_fp8 else []
+    out += ["bf16" if target.supports_bf16 else "fp16"]
+    if spec.native_dtype != "fp8" and target.supports_fp8:
+        out += ["fp8"]
+    # Embedded engine quantizes with bitsandbytes; vLLM/SGLang load AWQ int4.
+    out += ["int8", "nf4"] if target.engine == "embedded" else ["int4"]
+    return out
+
+
+def command_for(spec: catalog.ModelSpec, precision: str, profile: profiles.Profile, tp: int) -> str:
+    """The exact next command, using only commands this dsr1 has."""
+    from dsr1.cli import COMMANDS
+
+    if "serve" in COMMANDS:
+        quant = "" if precision in ("bf16", "fp16", "fp32", "fp8") else f" --quant {precision}"
+        return f"dsr1 serve {spec.name} --profile {profile.name}{quant}"
+    if "pull" in COMMANDS:
+        return f"dsr1 pull {spec.name}"
+    if profile.settings.engine in ("vllm", "sglang"):
+        return f"vllm serve {spec.repo} --tensor-parallel-size {tp}"
+    return f"hf download {spec.repo}"
+
+
+def recommend(spec: catalog.ModelSpec, target: fit.Target, profile: profiles.Profile) -> Recommendation:
+    want = min(profile.settings.context_length, spec.max_context)
+    best: fit.Fit | None = None
+    for precision in _candidates(spec, target):
+        f = fit.estimate(spec, precision, target)
+        if f.fits and best is None:
+            best = f
+        if f.fits and f.max_context >= want:
+            best = f
+            break
+        last = f
+    chosen = best or last
+    context = min(want, chosen.max_context) if chosen.fits else want
+    return Recommendation(
+        model=spec.name,
+        repo=spec.repo,
+        precision=chosen.precision,
+        fits=chosen.fits,
+        engine=profile.settings.engine,
+        tensor_parallel=chosen.tp,
+        memory_gb=round(chosen.memory_at(context) / GB, 2),
+        context=context,
+        max_context=chosen.max_context,
+        max_sequences=chosen.max_sequences(context),
+        reason=chosen.reason,
+        command=command_for(spec, chosen.precision, profile, chosen.tp) if chosen.fits else "",
+    )
+
+
+def checks_for(gpus: GpuReport, host: Host, sw: Software, rec_default: Recommendation | None) -> list[Finding]:
+    out = list(gpus.findings)
+    if gpus.available:
+        out.append(Finding("pass", "nvml", f"driver {gpus.driver_version}, supports CUDA {gpus.cuda_driver_version}, {len(gpus.gpus)} GPU(s)"))
+        if sw.packages.get("torch") and not sw.torch_cuda and gpus.gpus:
+            out.append(Finding("fail", "torch", "torch is a CPU build on a machine with GPUs",
+                               "pip install torch --index-url https://download.pytorch.org/whl/cu124"))
+        elif sw.torch_cuda and gpus.cuda_driver_version:
+            if tuple(map(int, sw.torch_cuda.split(".")[:2])) > tuple(map(int, gpus.cuda_driver_version.split("."))):
+                out.append(Finding("fail", "torch", f"torch is built for CUDA {sw.torch_cuda}, the driver supports only {gpus.cuda_driver_version}",
+                                   "upgrade the NVIDIA driver or install a torch build for an older CUDA"))
+    for g in gpus.gpus:
+        tag = f"gpu{g.index}"
+        if g.processes:
+            used = sum(p.used_memory or 0 for p in g.processes) / GB
+            out.append(Finding("warn", tag, f"GPU {g.index}: {len(g.processes)} process(es) already hold {used:.1f} GB",
+                               "stop them, or plan with less memory (--max-memory)"))
+        if g.ecc_uncorrected_errors:
+            out.append(Finding("fail", tag, f"GPU {g.index}: {g.ecc_uncorrected_errors} uncorrected ECC errors", "reset the GPU; replace it if errors persist"))
+        if g.mig_enabled:
+            out.append(Finding("warn", tag, f"GPU {g.index}: MIG is enabled; only a slice is usable", "nvidia-smi -i %d -mig 0" % g.index))
+        if g.pcie_width_max and g.pcie_width_current and g.pcie_width_current < g.pcie_width_max:
+            out.append(Finding("warn", tag, f"GPU {g.index}: PCIe link runs x{g.pcie_width_current} of x{g.pcie_width_max}", "reseat the card or check the slot"))
+        if g.fabric_state in ("not_started", "in_progress"):
+            out.append(Finding("fail", tag, f"GPU {g.index}: NVSwitch fabric is {g.fabric_state}; CUDA will fail with error 802",
+                               "start nvidia-fabricmanager: systemctl enable --now nvidia-fabricmanager"))
+        if g.temperature_c is not None and g.temperature_c >= 85:
+            out.append(Finding("warn", tag, f"GPU {g.index}: {g.temperature_c} C", "check cooling"))
+    if len(gpus.gpus) > 1 and all(g.nvlink_active_links == 0 for g in gpus.gpus):
+        out.append(Finding("warn", "nvlink", "no active NVLink: tensor parallel traffic goes over PCIe", "prefer pipeline parallel or fewer GPUs per model"))
+    for port in host.infiniband:
+        if port.state != "ACTIVE":
+            out.append(Finding("warn", "infiniband", f"{port.device} port {port.port} is {port.state or 'unknown'}", "check the cable and the subnet manager (ibstat)"))
+    if host.cgroup_limit and host.cgroup_limit < host.ram_total:
+        out.append(Finding("info", "memory", f"container memory limit {host.cgroup_limit / GB:.1f} GB of {host.ram_total / GB:.1f} GB host RAM"))
+    if host.shm_total is not None and host.shm_total < 1 << 30 and gpus.gpus:
+        out.append(Finding("warn", "shm", f"/dev/shm is {host.shm_total / 2**20:.0f} MiB; multi-GPU engines need more", "docker run --shm-size 16g (or --ipc=host)"))
+    if host.cpu_flags and not gpus.gpus:
+        fast = "bf16 matmul units (" + ", ".join(f for f in host.cpu_flags if "bf16" in f) + ")" if host.bf16_fast else "no bf16 matmul units: fp32 is used"
+        out.append(Finding("info", "cpu", f"{host.cpu_model}, {host.cores_physical} cores, {fast}"))
+    if rec_default is not None:
+        spec = catalog.get(rec_default.model)
+        need = spec.hub_size_gb * GB
+        level = "pass" if host.disk_free > need * 1.1 else "fail"
+        out.append(Finding(level, "disk", f"{host.disk_free / GB:.0f} GB free at {host.store_path} ({host.disk_kind}); {spec.name} needs {spec.hub_size_gb:g} GB",
+                           "" if level == "pass" else "free space or set DSR1_HOME / HF_HOME to a larger disk"))
+    if host.disk_kind == "hdd":
+        out.append(Finding("info", "disk", "the store is on a rotational disk (or a VM disk reported as one): model loads will be slow"))
+    for pkg in ("torch", "transformers", "accelerate"):
+        if not sw.packages.get(pkg):
+            out.append(Finding("warn", "software", f"{pkg} is not installed; `dsr1 serve` needs it", f"pip install {pkg}"))
+    return out
+
+
+def run(profile_name: str | None = None, *, gpus: GpuReport | None = None, host: Host | None = None,
+        software: Software | None = None) -> Report:
+    """Probe (or take the given probes), select or check a profile, and recommend."""
+    gpus = gpus if gpus is not None else probe_gpus()
+    host = host if host is not None else probe_host(settings.home())
+    software = software if software is not None else probe_software()
+    machine = machine_from(gpus, host)
+    all_profiles = profiles.load_all()
+    selection = profiles.select(machine, all_profiles)
+    rejected = [{"profile": name, "unmet": list(gaps)} for name, gaps in selection.rejected]
+    if profile_name:
+        profile = profiles.get(profile_name)
+        source = "requested"
+        gaps = profiles.unmet(profile.requires, machine)
+    else:
+        profile, source, gaps = selection.profile, "selected", []
+    target = target_for(gpus, host, profile)
+    recs = [recommend(spec, target, profile) for spec in catalog.models()]
+    default = next((r for r in recs if r.model == profile.settings.default_model), None)
+    if default is None or not default.fits:
+        # The profile's default does not fit here: fall back to the largest model that does.
+        fitting = [r for r in recs if r.fits and catalog.get(r.model).reasoning]
+        fitting.sort(key=lambda r: catalog.get(r.model).params_b, reverse=True)
+        default = fitting[0] if fitting else None
+    checks = checks_for(gpus, host, software, default)
+    for gap in gaps:
+        checks.append(Finding("fail", "profile", f"{profile.name}: {gap}", "run `dsr1 doctor` without --profile to see what this machine gets"))
+    can_serve = any(r.fits for r in recs) and not any(c.level == "fail" and c.check in ("nvml", "profile") for c in checks)
+    return Report(
+        schema_version=SCHEMA_VERSION,
+        machine=machine,
+        profile=profile.name,
+        profile_source=source,
+        rejected_profiles=rejected,
+        gpus=gpus,
+        host=host,
+        software=software,
+        checks=checks,
+        recommendations=recs,
+        next_command=default.command if default and can_serve else "",
+        can_serve=can_serve,
+        notes=list(profile.settings.notes),
+    )
