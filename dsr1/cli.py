@@ -2,13 +2,14 @@
 
 Command modules import only typer and dsr1's light core at module level; torch
 and transformers are imported inside the functions that need them, so
-`dsr1 --help` and `dsr1 doctor` stay fast (tests/test_startup.py checks).
+`dsr1 --help` and `dsr1 doctor` stay fast (tests/test_cli.py checks).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 import sys
 import traceback
@@ -24,16 +25,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "doctor": ("dsr1.commands.doctor", "doctor", "Check this machine: GPUs, memory, disk, software; pick a profile and say what fits."),
     "models": ("dsr1.commands.models", "models", "List the R1-family catalog and what fits this machine."),
 }
-
-app = typer.Typer(
-    name="dsr1",
-    help="Get DeepSeek-R1 and its distills running on the hardware you have. Exit codes: see docs/cli.md.",
-    no_args_is_help=True,
-    add_completion=False,
-    # Our own handler below prints errors; typer's pretty tracebacks would show locals (tokens live there).
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
 
 
 def _report(exc: BaseException) -> int:
@@ -65,28 +56,44 @@ def _guarded(fn: Callable) -> Callable:
     return wrapper
 
 
-def _register() -> None:
-    for name, (module, func, help_text) in COMMANDS.items():
-        fn = getattr(importlib.import_module(module), func)
-        app.command(name, help=help_text + "\n\n" + (fn.__doc__ or "").strip())(_guarded(fn))
-
-
 def _version_callback(value: bool) -> None:
     if value:
         print(f"dsr1 {__version__}")
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True),
 ) -> None:
     pass
 
 
-_register()
+def build_app(only: str | None = None) -> typer.Typer:
+    """The typer app with every command, or just `only` (what `main` runs).
+
+    Registering one command imports one command module: start-up stays fast as
+    commands with many options are added.
+    """
+    app = typer.Typer(
+        name="dsr1",
+        help="Get DeepSeek-R1 and its distills running on the hardware you have. Exit codes: see docs/cli.md.",
+        no_args_is_help=True,
+        add_completion=False,
+        # Our own handler prints errors; typer's pretty tracebacks would show locals (tokens live there).
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+    app.callback()(_root)
+    for name, (module, func, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        fn = getattr(importlib.import_module(module), func)
+        app.command(name, help=help_text + "\n\n" + inspect.cleandoc(fn.__doc__ or ""))(_guarded(fn))
+    return app
 
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app(args=argv, prog_name="dsr1")
+    args = sys.argv[1:] if argv is None else list(argv)
+    first = next((a for a in args if not a.startswith("-")), None)
+    build_app(only=first if first in COMMANDS else None)(args=args, prog_name="dsr1")

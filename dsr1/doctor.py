@@ -221,7 +221,8 @@ def run(profile_name: str | None = None, *, gpus: GpuReport | None = None, host:
     checks = checks_for(gpus, host, software, default)
     for gap in gaps:
         checks.append(Finding("fail", "profile", f"{profile.name}: {gap}", "run `dsr1 doctor` without --profile to see what this machine gets"))
-    can_serve = any(r.fits for r in recs) and not any(c.level == "fail" and c.check in ("nvml", "profile") for c in checks)
+    # A broken GPU driver is a failed check, yet the CPU can still serve: exit 0 means "something runs here".
+    can_serve = any(r.fits for r in recs) and not any(c.level == "fail" and c.check == "profile" for c in checks)
     return Report(
         schema_version=SCHEMA_VERSION,
         machine=machine,

@@ -1,0 +1,161 @@
+"""Doctor driven by recorded hardware snapshots (through FakeNvml, the one seam),
+and for real on this machine (no GPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+from rich.console import Console
+
+from dsr1 import doctor
+from dsr1.commands.doctor import render
+from dsr1.output import to_jsonable
+from dsr1.probe.gpu import probe_gpus
+from tests.fake_nvml import FakeNvml, load_snapshot
+from tests.hardware import probes_for
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = json.loads((REPO / "dsr1/schemas/doctor.schema.json").read_text())
+
+
+def run_snapshot(name, tmp_path, profile=None, snapshot=None):
+    gpus, host, sw = probes_for(name, tmp_path, snapshot)
+    return doctor.run(profile, gpus=gpus, host=host, software=sw)
+
+
+def rec(report, model):
+    return next(r for r in report.recommendations if r.model == model)
+
+
+def text_of(report) -> str:
+    c = Console(record=True, width=140)
+    render(c, report)
+    return c.export_text()
+
+
+@pytest.mark.parametrize("name,profile", [("a100x2-sxm", "base"), ("h100x4-sxm", "pro"), ("h100x8-ib", "enterprise"),
+                                          ("rtx4090", "single-gpu"), ("driver-missing", "cpu")])
+def test_snapshot_picks_profile_and_validates(name, profile, tmp_path):
+    report = run_snapshot(name, tmp_path)
+    assert report.profile == profile
+    jsonschema.validate(to_jsonable(report), SCHEMA)
+    assert report.can_serve and report.next_command
+
+
+def test_nvml_fields_read_through_the_seam(tmp_path):
+    gpus = probe_gpus(nvml=FakeNvml(load_snapshot("h100x8-ib")))
+    g = gpus.gpus[3]
+    assert gpus.driver_version == "550.90.07" and gpus.cuda_driver_version == "12.4"
+    assert g.compute_capability == "9.0" and g.pcie_gen_max == 5 and g.pcie_width_current == 16
+    assert g.nvlink_active_links == 18 and g.nvlink_bandwidth_gbps == 900  # 18 x 25 GB/s x 2 directions
+    assert g.fabric_state == "completed" and g.ecc_enabled and g.ecc_uncorrected_errors == 0
+    assert g.power_w == 70 and g.power_limit_w == 700
+    a100 = probe_gpus(nvml=FakeNvml(load_snapshot("a100x2-sxm"))).gpus[0]
+    assert a100.nvlink_bandwidth_gbps == 600  # 12 links x 25 GB/s x 2
+
+
+def test_enterprise_recommends_quantized_r1_not_fp8(tmp_path):
+    report = run_snapshot("h100x8-ib", tmp_path)
+    r1 = rec(report, "r1")
+    assert r1.fits and r1.precision == "int4" and r1.tensor_parallel == 8
+    assert report.next_command.startswith(("dsr1 serve r1", "dsr1 pull r1", "vllm serve deepseek-ai/DeepSeek-R1"))
+    assert any("does NOT fit one 8x H100 node" in n for n in report.notes)
+    assert report.machine.infiniband and len(report.host.infiniband) == 8
+    assert report.host.infiniband[0].rate_gbps == 400
+
+
+def test_base_explains_why_not_pro(tmp_path):
+    report = run_snapshot("a100x2-sxm", tmp_path)
+    why = {r["profile"]: r["unmet"] for r in report.rejected_profiles}
+    assert "needs 4 GPUs; found 2" in why["pro"]
+    assert "needs 8 GPUs; found 2" in why["enterprise"]
+    assert not rec(report, "r1").fits
+    assert rec(report, "r1-distill-qwen-32b").fits and rec(report, "r1-distill-qwen-32b").precision == "bf16"
+    out = text_of(report)
+    assert "not pro: needs 4 GPUs; found 2" in out and "Next:" in out
+
+
+def test_rtx4090_warns_about_busy_gpu_and_quantizes_14b(tmp_path):
+    report = run_snapshot("rtx4090", tmp_path)
+    assert any(c.level == "warn" and "already hold 1.1 GB" in c.message for c in report.checks)
+    assert rec(report, "r1-distill-qwen-7b").precision == "bf16"
+    assert rec(report, "r1-distill-qwen-14b").precision in ("fp8", "int8", "nf4")
+    assert not rec(report, "r1-distill-llama-70b").fits
+
+
+def test_driver_missing_is_a_finding_with_a_fix_not_a_crash(tmp_path):
+    report = run_snapshot("driver-missing", tmp_path)
+    f = next(c for c in report.checks if c.check == "nvml")
+    assert f.level == "fail" and "not loaded" in f.message and "modprobe" in f.fix
+    assert report.profile == "cpu"
+
+
+@pytest.mark.parametrize("code,words", [(12, "not found"), (18, "do not match"), (4, "no permission"), (15, "lost")])
+def test_every_nvml_init_failure_has_a_fix(code, words):
+    gpus = probe_gpus(nvml=FakeNvml({"nvml": {"init_error": code}}))
+    assert not gpus.available and words in gpus.findings[0].message and gpus.findings[0].fix
+
+
+def test_fabric_manager_missing_fails(tmp_path):
+    snap = load_snapshot("h100x8-ib")
+    for g in snap["nvml"]["gpus"]:
+        g["fabric_state"] = 1
+    report = run_snapshot("h100x8-ib", tmp_path, snapshot=snap)
+    assert any(c.level == "fail" and "fabricmanager" in c.fix for c in report.checks)
+
+
+def test_infiniband_down_port_warns(tmp_path):
+    snap = load_snapshot("h100x8-ib")
+    snap["host"]["infiniband"][0]["state"] = "1: DOWN"
+    report = run_snapshot("h100x8-ib", tmp_path, snapshot=snap)
+    assert any(c.check == "infiniband" and "DOWN" in c.message for c in report.checks)
+
+
+def test_requested_profile_reports_gaps(tmp_path):
+    report = run_snapshot("a100x2-sxm", tmp_path, profile="enterprise")
+    assert report.profile == "enterprise" and report.profile_source == "requested"
+    assert any(c.check == "profile" and "needs 8 GPUs" in c.message for c in report.checks)
+    assert not report.can_serve
+
+
+def _dsr1(*args, env=None):
+    e = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dsr1", *args], capture_output=True, text=True, env=e, timeout=120)
+
+
+def test_doctor_on_this_machine_picks_cpu():
+    res = _dsr1("doctor", "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    jsonschema.validate(data, SCHEMA)
+    assert data["profile"] == "cpu" and data["machine"]["gpus"] == 0
+    fits = {r["model"] for r in data["recommendations"] if r["fits"]}
+    assert "r1-distill-qwen-1.5b" in fits and "r1" not in fits
+    assert data["next_command"]
+
+
+def test_doctor_human_report_names_distills_and_next_command():
+    res = _dsr1("doctor", env={"COLUMNS": "160"})
+    assert res.returncode == 0, res.stderr
+    assert "Profile  cpu" in res.stdout and "r1-distill-qwen-1.5b" in res.stdout and "Next:" in res.stdout
+
+
+def test_doctor_exit_code_when_nothing_fits(isolated_home):
+    # A profile demanding more than this machine has: doctor says so and exits 5.
+    res = _dsr1("doctor", "--profile", "enterprise", "--json")
+    assert res.returncode == 5
+    assert json.loads(res.stdout)["can_serve"] is False
+
+
+def test_models_json_lists_catalog_with_fit():
+    res = _dsr1("models", "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    names = {m["name"] for m in data["models"]}
+    assert "r1-distill-llama-70b" in names
+    r1 = next(m for m in data["models"] if m["name"] == "r1")
+    assert r1["kv_bytes_per_token_bf16"] == 70272 and r1["fit"]["fits"] is False
