@@ -1,0 +1,239 @@
+"""Streaming OpenAI-compatible client: one request in, one timed `RequestResult` out.
+
+Timing follows vLLM's benchmark_serving, with its known pitfall fixed: a role-only
+first chunk is not a token (vllm #3759). A chunk counts as a token chunk when it
+carries text in `content`, `reasoning_content` or vLLM's newer `reasoning` field.
+TTFT is measured to the first token chunk of any kind and, separately, to the first
+answer (`content`) chunk, which is what a user of a reasoning model waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsr1.bench.http import HTTPFailure, Pool
+from dsr1.errors import AuthError, NetworkError, NotFoundError, UsageError
+
+REASONING_KEYS = ("reasoning_content", "reasoning")
+
+
+@dataclass
+class RequestSpec:
+    prompt: str
+    max_tokens: int
+    input_tokens: int | None = None  # as counted by the client tokenizer (chat template included)
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    sent: float  # perf_counter when the request was written
+    scheduled: float | None = None  # perf_counter the load generator meant to send it (open loop)
+    error: str | None = None  # kind: connect, timeout, read, http_<status>, stream_error, empty
+    detail: str = ""
+    ttft: float | None = None  # s, to the first token of any kind
+    ttft_answer: float | None = None  # s, to the first answer token
+    e2e: float | None = None  # s, to the end of the stream
+    chunk_times: list[float] = field(default_factory=list)  # s after `sent`, each token chunk
+    reasoning_chunks: int = 0
+    answer_chunks: int = 0
+    reasoning_text: str = ""
+    answer_text: str = ""
+    usage: dict | None = None
+    input_tokens: int | None = None
+    max_tokens: int = 0
+
+
+@dataclass
+class ServerInfo:
+    base_url: str
+    model: str
+    models: list[str]
+    server_header: str | None
+    version: Any = None
+    usage_reported: bool = False
+    reasoning_field: str | None = None
+    ignore_eos_honoured: bool | None = None
+    raw_models: Any = None
+
+
+def normalize_url(url: str) -> str:
+    url = url.rstrip("/")
+    for suffix in ("/chat/completions", "/completions", "/v1"):
+        if url.endswith(suffix):
+            url = url[: -len(suffix)]
+    return url.rstrip("/")
+
+
+class Client:
+    def __init__(self, base_url: str, model: str | None, *, api_key: str | None = None, endpoint: str = "chat",
+                 ignore_eos: bool = True, timeout: float = 600.0, extra_body: dict | None = None):
+        if endpoint not in ("chat", "completions"):
+            raise UsageError(f"unknown endpoint {endpoint!r}", hint="use --endpoint chat or --endpoint completions")
+        self.base_url = normalize_url(base_url)
+        try:
+            self.pool = Pool(self.base_url)
+        except ValueError as exc:
+            raise UsageError(str(exc), hint="pass --url like http://127.0.0.1:8000") from None
+        self.model = model
+        self.endpoint = endpoint
+        self.path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+        self.ignore_eos = ignore_eos
+        self.timeout = timeout
+        self.extra_body = extra_body or {}
+        self.headers = {"content-type": "application/json"}
+        if api_key:
+            self.headers["authorization"] = f"Bearer {api_key}"
+
+    def body(self, spec: RequestSpec) -> bytes:
+        b: dict[str, Any] = {"model": self.model, "max_tokens": spec.max_tokens, "stream": True,
+                             "stream_options": {"include_usage": True}}
+        if self.endpoint == "chat":
+            b["messages"] = [{"role": "user", "content": spec.prompt}]
+        else:
+            b["prompt"] = spec.prompt
+        if self.ignore_eos:
+            b["ignore_eos"] = True
+        b.update(self.extra_body)
+        return json.dumps(b).encode()
+
+    async def send(self, spec: RequestSpec, scheduled: float | None = None) -> RequestResult:
+        """Send one streaming request. Never raises for server or network trouble: it is recorded."""
+        body = self.body(spec)
+        res = RequestResult(ok=False, sent=time.perf_counter(), scheduled=scheduled, input_tokens=spec.input_tokens,
+                            max_tokens=spec.max_tokens)
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._stream(body, res)
+        except TimeoutError:
+            res.error, res.detail = "timeout", f"no complete answer in {self.timeout:g}s"
+        except HTTPFailure as exc:
+            res.error, res.detail = exc.kind, exc.detail
+        if res.error is None and not res.chunk_times:
+            res.error, res.detail = "empty", "stream ended without any token"
+        res.ok = res.error is None
+        return res
+
+    async def _stream(self, body: bytes, res: RequestResult) -> None:
+        resp = await self.pool.request("POST", self.path, body=body, headers=self.headers)
+        try:
+            if resp.status != 200:
+                text = (await resp.read())[:300].decode("utf-8", "replace")
+                res.error, res.detail = f"http_{resp.status}", text
+                return
+            buf = b""
+            sent = res.sent
+            async for t, data in resp.chunks():
+                buf += data
+                if b"\n" not in data:
+                    continue
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        res.e2e = t - sent
+                        continue
+                    self._event(payload, t - sent, res)
+            if res.e2e is None:  # servers that end the stream without [DONE]
+                res.e2e = time.perf_counter() - sent
+        finally:
+            resp.release()
+
+    def _event(self, payload: bytes, t: float, res: RequestResult) -> None:
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            res.error, res.detail = "stream_error", f"bad event: {payload[:120]!r}"
+            return
+        if obj.get("error"):
+            res.error, res.detail = "stream_error", json.dumps(obj["error"])[:300]
+            return
+        if obj.get("usage"):
+            res.usage = obj["usage"]
+        choices = obj.get("choices")
+        if not choices:
+            return
+        ch = choices[0]
+        if self.endpoint == "chat":
+            delta = ch.get("delta") or {}
+            reasoning = next((delta[k] for k in REASONING_KEYS if delta.get(k)), None)
+            answer = delta.get("content")
+        else:
+            reasoning, answer = None, ch.get("text")
+        if not (reasoning or answer):
+            return  # role-only or empty chunk: not a token (vllm #3759)
+        res.chunk_times.append(t)
+        if res.ttft is None:
+            res.ttft = t
+        if reasoning:
+            res.reasoning_chunks += 1
+            res.reasoning_text += reasoning
+        if answer:
+            res.answer_chunks += 1
+            res.answer_text += answer
+            if res.ttft_answer is None:
+                res.ttft_answer = t
+
+    # -- before the run --------------------------------------------------------------
+    async def preflight(self) -> ServerInfo:
+        """Check the server is reachable, accepts the key and serves the model; raise a clear error if not."""
+        try:
+            resp = await self.pool.request("GET", "/v1/models", headers=self.headers)
+            status, server = resp.status, resp.headers.get("server")
+            raw = await resp.read()
+            resp.release()
+        except HTTPFailure as exc:
+            raise NetworkError(f"cannot reach the server at {self.base_url}: {exc.detail}",
+                               hint="start the server, or fix --url (e.g. http://127.0.0.1:8000)") from None
+        if status in (401, 403):
+            raise AuthError(f"the server at {self.base_url} rejected the API key (HTTP {status})",
+                            hint="pass the server's key with --api-key")
+        if status != 200:
+            raise NetworkError(f"GET {self.base_url}/v1/models answered HTTP {status}: {raw[:200]!r}",
+                               hint="is --url an OpenAI-compatible server? It must serve /v1/models")
+        try:
+            listing = json.loads(raw)
+            ids = [m["id"] for m in listing.get("data", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise NetworkError(f"{self.base_url}/v1/models did not return an OpenAI model list",
+                               hint="is --url an OpenAI-compatible server?") from None
+        if self.model is None:
+            if not ids:
+                raise NotFoundError(f"the server at {self.base_url} lists no models", hint="pass --model NAME")
+            self.model = ids[0]
+        elif self.model not in ids:
+            raise NotFoundError(f"the server at {self.base_url} does not serve model {self.model!r}",
+                                hint=f"pass --model with one of: {', '.join(ids) or '(none listed)'}")
+        info = ServerInfo(self.base_url, self.model, ids, server, raw_models=listing.get("data"))
+        info.version = await self._get_json("/version")
+        probe = await self.send(RequestSpec("Say hello.", max_tokens=4))
+        if not probe.ok:
+            if probe.error in ("http_401", "http_403"):
+                raise AuthError(f"the server rejected the API key for {self.path}", hint="pass --api-key")
+            hint = "retry without --ignore-eos (add --no-ignore-eos)" if self.ignore_eos and probe.error == "http_400" \
+                else "check the server's log; try --endpoint completions for servers without chat templates"
+            raise NetworkError(f"a test request to {self.base_url}{self.path} failed ({probe.error}): {probe.detail}",
+                               hint=hint)
+        info.usage_reported = bool(probe.usage and "completion_tokens" in probe.usage)
+        info.reasoning_field = "reasoning" if probe.reasoning_chunks else None
+        if info.usage_reported and self.ignore_eos:
+            info.ignore_eos_honoured = probe.usage["completion_tokens"] == 4
+        return info
+
+    async def _get_json(self, path: str) -> Any:
+        try:
+            resp = await self.pool.request("GET", path, headers=self.headers)
+            raw = await resp.read()
+            resp.release()
+            return json.loads(raw) if resp.status == 200 else None
+        except (HTTPFailure, ValueError):
+            return None
+
+    async def close(self) -> None:
+        await self.pool.close()
