@@ -1,0 +1,183 @@
+"""Results on disk (JSON per dsr1/data/bench-results.schema.json, CSV) and as tables.
+
+Files are written atomically after every finished point, so Ctrl-C or a crash
+leaves the points finished so far, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from dsr1.errors import ConfigError, NotFoundError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "data" / "bench-results.schema.json"
+SCHEMA_VERSION = 1
+STATS = ("mean", "p50", "p90", "p95", "p99")
+LATENCIES = ("ttft_ms", "ttft_answer_ms", "tpot_ms", "itl_ms", "e2el_ms")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Temp file in the same directory, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def point_label(p: dict[str, Any]) -> str:
+    if p["mode"] == "concurrency":
+        return f"c={p['concurrency']}"
+    rate = p["rate"]
+    return f"rate={'inf' if rate is None else f'{rate:g}'}"
+
+
+def point_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per point: what the CSV holds and the tables show."""
+    rows = []
+    for p in doc["points"]:
+        s = p["summary"]
+        row: dict[str, Any] = {"point": point_label(p), "mode": p["mode"], "concurrency": p.get("concurrency"),
+                               "rate": p.get("rate"), "arrival": p.get("arrival")}
+        for k in ("requests", "completed", "failed", "duration_s", "request_throughput", "output_throughput",
+                  "answer_throughput", "total_token_throughput", "goodput", "slo_attainment", "input_tokens",
+                  "output_tokens", "reasoning_tokens", "answer_tokens", "token_source", "short_outputs",
+                  "max_concurrency_observed"):
+            row[k] = s.get(k)
+        row["errors"] = ";".join(f"{k}={v}" for k, v in sorted(s["errors"].items()))
+        for lat in LATENCIES + ("client_lag_ms",):
+            for st in STATS:
+                row[f"{lat[:-3]}_{st}_ms"] = (s.get(lat) or {}).get(st)
+        rows.append(row)
+    return rows
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def request_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for p in doc["points"]:
+        for i, r in enumerate(p["requests"]):
+            out.append({"point": point_label(p), "request": i,
+                        **{k: v for k, v in r.items() if k not in ("itl", "detail")}})
+    return out
+
+
+def write(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """results.json, points.csv and requests.csv under `out_dir`."""
+    paths = {"json": out_dir / "results.json", "csv": out_dir / "points.csv",
+             "requests_csv": out_dir / "requests.csv"}
+    atomic_write(paths["json"], json.dumps(doc, indent=1) + "\n")
+    atomic_write(paths["csv"], _csv(point_rows(doc)))
+    atomic_write(paths["requests_csv"], _csv(request_rows(doc)))
+    return paths
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise NotFoundError(f"{path} does not exist", hint="pass results.json files written by `dsr1 bench`") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not JSON: {exc}", hint="pass results.json files written by `dsr1 bench`") from None
+    if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION or "points" not in doc:
+        raise ConfigError(f"{path} is not a dsr1 bench results file (schema_version {SCHEMA_VERSION})",
+                          hint="pass results.json files written by `dsr1 bench`")
+    return doc
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def sweep_table(doc: dict[str, Any]) -> Table:
+    s0 = doc["server"]
+    t = Table(title=f"{s0.get('model')} @ {s0.get('base_url')}  "
+                    f"(ms; tokens from {', '.join(sorted({str(p['summary']['token_source']) for p in doc['points']}))})")
+    cols = ["point", "ok", "err", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TTFT ans p50", "TPOT p50",
+            "TPOT p99", "ITL p50", "E2E p50", "E2E p99"]
+    slo = bool(doc["config"].get("slo"))
+    if slo:
+        cols.append("goodput")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "point" else "right")
+    for row in point_rows(doc):
+        cells = [row["point"], str(row["completed"]), str(row["failed"]), f"{row['request_throughput']:.2f}",
+                 f"{row['output_throughput']:,.1f}", _ms(row["ttft_p50_ms"]), _ms(row["ttft_p99_ms"]),
+                 _ms(row["ttft_answer_p50_ms"]), _ms(row["tpot_p50_ms"]), _ms(row["tpot_p99_ms"]),
+                 _ms(row["itl_p50_ms"]), _ms(row["e2el_p50_ms"]), _ms(row["e2el_p99_ms"])]
+        if slo:
+            cells.append("-" if row["goodput"] is None else f"{row['goodput']:.2f}")
+        t.add_row(*cells)
+    return t
+
+
+COMPARE_METRICS = [("request_throughput", "req/s", True), ("output_throughput", "out tok/s", True),
+                   ("ttft_p50_ms", "TTFT p50 ms", False), ("ttft_p99_ms", "TTFT p99 ms", False),
+                   ("tpot_p50_ms", "TPOT p50 ms", False), ("tpot_p99_ms", "TPOT p99 ms", False),
+                   ("e2el_p50_ms", "E2E p50 ms", False), ("goodput", "goodput req/s", True)]
+
+
+def compare(docs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Points matched by label across files; each metric per file and its ratio to the first file."""
+    tables = [{r["point"]: r for r in point_rows(d)} for d in docs]
+    labels = list(dict.fromkeys(lbl for t in tables for lbl in t))
+    rows = []
+    for lbl in labels:
+        for key, title, higher_better in COMPARE_METRICS:
+            vals = [t.get(lbl, {}).get(key) for t in tables]
+            if all(v is None for v in vals):
+                continue
+            base = vals[0]
+            ratios = [None if (v is None or not base) else v / base for v in vals[1:]]
+            rows.append({"point": lbl, "metric": key, "title": title, "higher_is_better": higher_better,
+                         "values": vals, "ratios_to_first": ratios})
+    return {"files": names, "rows": rows}
+
+
+def compare_table(cmp: dict[str, Any]) -> Table:
+    t = Table(title="dsr1 bench compare (ratio = file / first file)")
+    t.add_column("point")
+    t.add_column("metric")
+    for i, name in enumerate(cmp["files"]):
+        t.add_column(name, justify="right")
+        if i:
+            t.add_column("ratio", justify="right")
+    last = None
+    for r in cmp["rows"]:
+        cells = [r["point"] if r["point"] != last else "", r["title"]]
+        last = r["point"]
+        for i, v in enumerate(r["values"]):
+            cells.append("-" if v is None else f"{v:,.2f}")
+            if i:
+                ratio = r["ratios_to_first"][i - 1]
+                if ratio is None:
+                    cells.append("-")
+                else:
+                    better = (ratio > 1) == r["higher_is_better"] and abs(ratio - 1) > 0.02
+                    worse = (ratio < 1) == r["higher_is_better"] and abs(ratio - 1) > 0.02
+                    style = "green" if better else "red" if worse else ""
+                    cells.append(f"[{style}]{ratio:.2f}x[/]" if style else f"{ratio:.2f}x")
+        t.add_row(*cells)
+    return t
