@@ -24,6 +24,7 @@ from dsr1.errors import EXIT_INTERRUPTED, Dsr1Error
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "doctor": ("dsr1.commands.doctor", "doctor", "Check this machine: GPUs, memory, disk, software; pick a profile and say what fits."),
     "models": ("dsr1.commands.models", "models", "List the R1-family catalog and what fits this machine."),
+    "bench": ("dsr1.commands.bench", "bench", "Benchmark an OpenAI-compatible server: latency/throughput sweeps, plots, compare."),
 }
 
 

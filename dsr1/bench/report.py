@@ -111,26 +111,31 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:,.1f}"
 
 
-def sweep_table(doc: dict[str, Any]) -> Table:
+def _pair(row: dict[str, Any], key: str) -> str:
+    a, b = row[f"{key}_p50_ms"], row[f"{key}_p99_ms"]
+    return "-" if a is None else f"{_ms(a)} / {_ms(b)}"
+
+
+def sweep_tables(doc: dict[str, Any]) -> list[Table]:
+    """Two narrow tables per sweep (fit an 80-column terminal): throughput, then latency p50 / p99."""
     s0 = doc["server"]
-    t = Table(title=f"{s0.get('model')} @ {s0.get('base_url')}  "
-                    f"(ms; tokens from {', '.join(sorted({str(p['summary']['token_source']) for p in doc['points']}))})")
-    cols = ["point", "ok", "err", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TTFT ans p50", "TPOT p50",
-            "TPOT p99", "ITL p50", "E2E p50", "E2E p99"]
+    rows = point_rows(doc)
+    thr = Table(title=f"{s0.get('model')} @ {s0.get('base_url')}: throughput")
     slo = bool(doc["config"].get("slo"))
-    if slo:
-        cols.append("goodput")
-    for c in cols:
-        t.add_column(c, justify="left" if c == "point" else "right")
-    for row in point_rows(doc):
-        cells = [row["point"], str(row["completed"]), str(row["failed"]), f"{row['request_throughput']:.2f}",
-                 f"{row['output_throughput']:,.1f}", _ms(row["ttft_p50_ms"]), _ms(row["ttft_p99_ms"]),
-                 _ms(row["ttft_answer_p50_ms"]), _ms(row["tpot_p50_ms"]), _ms(row["tpot_p99_ms"]),
-                 _ms(row["itl_p50_ms"]), _ms(row["e2el_p50_ms"]), _ms(row["e2el_p99_ms"])]
+    for c in ["point", "ok", "err", "req/s", "out tok/s", "total tok/s", "tokens"] + (["goodput"] if slo else []):
+        thr.add_column(c, justify="left" if c in ("point", "tokens") else "right")
+    for r in rows:
+        cells = [r["point"], str(r["completed"]), str(r["failed"]), f"{r['request_throughput']:.2f}",
+                 f"{r['output_throughput']:,.1f}", f"{r['total_token_throughput']:,.1f}", str(r["token_source"])]
         if slo:
-            cells.append("-" if row["goodput"] is None else f"{row['goodput']:.2f}")
-        t.add_row(*cells)
-    return t
+            cells.append("-" if r["goodput"] is None else f"{r['goodput']:.2f} ({r['slo_attainment']:.0%})")
+        thr.add_row(*cells)
+    lat = Table(title="latency ms, p50 / p99 (definitions in results.json)")
+    for c in ("point", "TTFT", "TTFT answer", "TPOT", "ITL", "E2E"):
+        lat.add_column(c, justify="left" if c == "point" else "right")
+    for r in rows:
+        lat.add_row(r["point"], *(_pair(r, k) for k in ("ttft", "ttft_answer", "tpot", "itl", "e2el")))
+    return [thr, lat]
 
 
 COMPARE_METRICS = [("request_throughput", "req/s", True), ("output_throughput", "out tok/s", True),
