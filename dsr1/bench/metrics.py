@@ -83,6 +83,8 @@ class Tokens:
     source: str  # usage | client | chunks
     usage_output: int | None = None
     client_output: int | None = None
+    usage_input: int | None = None
+    client_input: int | None = None
 
 
 def count_tokens(r: RequestResult, encode: Callable[[str], int] | None) -> Tokens:
@@ -110,8 +112,9 @@ def count_tokens(r: RequestResult, encode: Callable[[str], int] | None) -> Token
     else:
         reasoning = round(out * r.reasoning_chunks / max(r.reasoning_chunks + r.answer_chunks, 1))
     reasoning = min(reasoning, out)
-    inp = usage.get("prompt_tokens", r.input_tokens)
-    return Tokens(inp, out, reasoning, out - reasoning, source, usage_out, client_out)
+    usage_in = usage.get("prompt_tokens")
+    inp = usage_in if usage_in is not None else r.input_tokens
+    return Tokens(inp, out, reasoning, out - reasoning, source, usage_out, client_out, usage_in, r.input_tokens)
 
 
 def tpot(r: RequestResult, output_tokens: int) -> float | None:
@@ -142,7 +145,8 @@ def request_metrics(r: RequestResult, tok: Tokens) -> dict[str, Any]:
             "itl_mean": sum(it) / len(it) if it else None, "itl": it,
             "input_tokens": tok.input, "output_tokens": tok.output, "reasoning_tokens": tok.reasoning,
             "answer_tokens": tok.answer, "token_source": tok.source, "usage_output_tokens": tok.usage_output,
-            "client_output_tokens": tok.client_output, "max_tokens": r.max_tokens, "chunks": len(r.chunk_times)}
+            "client_output_tokens": tok.client_output, "usage_input_tokens": tok.usage_input,
+            "client_input_tokens": tok.client_input, "max_tokens": r.max_tokens, "chunks": len(r.chunk_times)}
 
 
 def summarize(rows: list[dict[str, Any]], *, duration: float, slo: dict[str, float], ignore_eos: bool,
@@ -157,6 +161,7 @@ def summarize(rows: list[dict[str, Any]], *, duration: float, slo: dict[str, flo
     compared = [r for r in ok if r["usage_output_tokens"] is not None and r["client_output_tokens"] is not None]
     mismatched = [r for r in compared if r["usage_output_tokens"] != r["client_output_tokens"]]
     sources = Counter(r["token_source"] for r in ok)
+    in_compared = [r for r in ok if r["usage_input_tokens"] is not None and r["client_input_tokens"] is not None]
     return {
         "requests": len(rows), "completed": len(ok), "failed": len(rows) - len(ok), "errors": dict(errors),
         "duration_s": duration, "max_concurrency_observed": max_inflight,
@@ -172,7 +177,11 @@ def summarize(rows: list[dict[str, Any]], *, duration: float, slo: dict[str, flo
         "token_source": next(iter(sources)) if len(sources) == 1 else ("mixed" if sources else None),
         "token_check": {"compared": len(compared), "mismatched": len(mismatched),
                         "usage_output_tokens": sum(r["usage_output_tokens"] for r in compared),
-                        "client_output_tokens": sum(r["client_output_tokens"] for r in compared)},
+                        "client_output_tokens": sum(r["client_output_tokens"] for r in compared),
+                        # prompts are built to an exact length; the server's count says whether it held (vllm #10847)
+                        "input_compared": len(in_compared),
+                        "input_mismatched": sum(1 for r in in_compared
+                                                if r["usage_input_tokens"] != r["client_input_tokens"])},
         # ignore_eos asked for max_tokens; fewer means the server ignored it (vllm #13333, Ollama).
         "short_outputs": sum(1 for r in ok if r["output_tokens"] < r["max_tokens"]) if ignore_eos else None,
         "ttft_ms": describe([r["ttft"] for r in ok if r["ttft"] is not None]),

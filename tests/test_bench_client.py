@@ -1,0 +1,192 @@
+"""The streaming client against a real HTTP server on 127.0.0.1 (dsr1's loopback server).
+
+The loopback server stands in for a model server at one seam: it lets a test choose
+what the server does (reasoning fields, errors, keys) on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+
+import pytest
+
+from dsr1.bench.client import Client, RequestSpec, normalize_url
+from dsr1.bench.loopback import Behaviour, LoopbackServer
+from dsr1.errors import AuthError, NetworkError, NotFoundError
+
+
+def run(coro_fn):
+    return asyncio.run(coro_fn())
+
+
+def send_one(url, spec, **kw):
+    async def go():
+        c = Client(url, kw.pop("model", "loopback"), **kw)
+        try:
+            return await c.send(spec)
+        finally:
+            await c.close()
+
+    return run(go)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_then_answer_ttft_both_ways(field):
+    b = Behaviour(reasoning_tokens=5, reasoning_field=field, token_delay_s=0.01, ttft_s=0.03)
+    with LoopbackServer(behaviour=b, keep_bodies=True) as srv:
+        r = send_one(srv.url, RequestSpec("hello", 8))
+    assert r.ok, r.detail
+    assert (r.reasoning_chunks, r.answer_chunks) == (5, 3)
+    assert r.reasoning_text.startswith("tok0 ") and r.answer_text.startswith("tok5 ")
+    # the role-only first chunk arrives at once; TTFT waits for the first real token (vllm #3759)
+    assert r.ttft >= 0.03
+    assert r.ttft_answer - r.ttft >= 5 * 0.01 * 0.9
+    assert len(r.chunk_times) == 8 and r.chunk_times == sorted(r.chunk_times)
+    assert r.e2e >= r.chunk_times[-1]
+    assert r.usage == {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9}
+    body = srv.stats.bodies[0]
+    assert body["ignore_eos"] is True and body["stream"] is True and body["max_tokens"] == 8
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [{"role": "user", "content": "hello"}]
+
+
+def test_completions_endpoint_and_multi_token_chunks():
+    with LoopbackServer(behaviour=Behaviour(tokens_per_chunk=3), keep_bodies=True) as srv:
+        r = send_one(srv.url, RequestSpec("the prompt", 7), endpoint="completions", ignore_eos=False)
+    assert r.ok and len(r.chunk_times) == 3 and r.answer_text.count("tok") == 7
+    assert srv.stats.bodies[0]["prompt"] == "the prompt" and "ignore_eos" not in srv.stats.bodies[0]
+
+
+def test_server_errors_are_recorded_not_raised():
+    with LoopbackServer(behaviour=Behaviour(fail_every=2)) as srv:
+        async def go():
+            c = Client(srv.url, "loopback")
+            try:
+                return [await c.send(RequestSpec("x", 3)) for _ in range(4)]
+            finally:
+                await c.close()
+
+        results = run(go)
+    assert [r.ok for r in results] == [True, False, True, False]
+    assert results[1].error == "http_500" and "injected failure" in results[1].detail
+
+
+def _broken_server(payload: bytes):
+    """A socket server that sends `payload` then hangs up: a stream cut mid-response."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(payload)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_stream_cut_mid_response_is_a_read_error():
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    sock, url = _broken_server(head + b"%x\r\n%s\r\n" % (len(event), event))
+    try:
+        r = send_one(url, RequestSpec("x", 4))
+    finally:
+        sock.close()
+    assert not r.ok and r.error == "read" and len(r.chunk_times) == 1
+
+
+def test_error_event_inside_stream():
+    event = b'data: {"error": {"message": "out of memory", "code": 500}}\n\n'
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(event)
+    sock, url = _broken_server(head + event)
+    try:
+        r = send_one(url, RequestSpec("x", 4))
+    finally:
+        sock.close()
+    assert not r.ok and r.error == "stream_error" and "out of memory" in r.detail
+
+
+def test_timeout_is_counted():
+    with LoopbackServer(behaviour=Behaviour(ttft_s=2.0)) as srv:
+        r = send_one(srv.url, RequestSpec("x", 2), timeout=0.2)
+    assert not r.ok and r.error == "timeout"
+
+
+def preflight(url, model="loopback", **kw):
+    async def go():
+        c = Client(url, model, **kw)
+        try:
+            return await c.preflight()
+        finally:
+            await c.close()
+
+    return run(go)
+
+
+def test_preflight_reports_server_facts():
+    with LoopbackServer(behaviour=Behaviour(model="m1", api_key="sekrit")) as srv:
+        info = preflight(srv.url + "/v1", model=None, api_key="sekrit")
+    assert info.model == "m1" and info.models == ["m1"] and info.usage_reported
+    assert info.server_header == "dsr1-loopback" and info.ignore_eos_honoured is True
+
+
+def test_preflight_clear_errors_before_the_run():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(NetworkError, match="cannot reach") as e:
+        preflight(dead)
+    assert "--url" in e.value.hint
+    with LoopbackServer(behaviour=Behaviour(model="m1", api_key="sekrit")) as srv:
+        with pytest.raises(AuthError) as e:
+            preflight(srv.url, model="m1", api_key="wrong")
+        assert "--api-key" in e.value.hint
+        with pytest.raises(NotFoundError) as e:
+            preflight(srv.url, model="m2", api_key="sekrit")
+        assert "m1" in e.value.hint and "--model" in e.value.hint
+
+
+def test_normalize_url():
+    assert normalize_url("http://h:1/v1/") == "http://h:1"
+    assert normalize_url("http://h:1/v1/chat/completions") == "http://h:1"
+    assert normalize_url("https://h/proxy/v1") == "https://h/proxy"
+
+
+def test_keepalive_connections_are_reused():
+    with LoopbackServer() as srv:
+        async def go():
+            c = Client(srv.url, "loopback")
+            try:
+                for _ in range(20):
+                    assert (await c.send(RequestSpec("x", 2))).ok
+                return len(c.pool._idle)
+            finally:
+                await c.close()
+
+        assert run(go) == 1
+
+
+def test_loopback_non_streaming_is_valid_json():
+    # the loopback server also answers plain requests, so the openai client can talk to it
+    import openai
+
+    with LoopbackServer() as srv:
+        cli = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+        out = cli.chat.completions.create(model="loopback", messages=[{"role": "user", "content": "a b"}], max_tokens=3)
+        stream = cli.chat.completions.create(model="loopback", messages=[{"role": "user", "content": "a b"}],
+                                             max_tokens=3, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+    assert out.usage.completion_tokens == 3 and out.choices[0].message.content == "tok0 tok1 tok2 "
+    assert chunks[-1].usage.completion_tokens == 3
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok0 tok1 tok2 "
+    json.dumps(out.model_dump())
