@@ -109,7 +109,8 @@ def _tokenizer_source(cfg: Any, serve_model: str | None) -> str | None:
         spec = catalog.find(cand) if cand else None
         if spec is not None:
             return spec.repo
-    return cfg.model
+    # A served name that looks like a hub id (vLLM serves "org/name") is worth a try; a bare alias is not.
+    return cfg.model if cfg.model and "/" in cfg.model else None
 
 
 def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mode: bool, quiet: bool,
