@@ -168,3 +168,17 @@ def test_ctrl_c_keeps_finished_points(tmp_path):
     assert doc["points"][0]["summary"]["completed"] > 0
     assert (out / "throughput_latency.png").read_bytes()[:8] == PNG
     assert "interrupted" in stderr
+
+
+def test_bench_model_mode_reports_a_server_that_fails_to_start(tmp_path):
+    # `dsr1 bench MODEL` runs `python -m dsr1 serve MODEL`; a model that does not exist makes it exit early,
+    # which must surface as a server error with the log's tail, not a hang.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dsr1", "bench", str(tmp_path / "no-such-model"), "--requests", "1",
+                           "--server-timeout", "120", "--out", str(tmp_path / "r")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 10, proc.stderr
+    assert "dsr1 serve exited" in proc.stderr and "fix:" in proc.stderr
+    assert (tmp_path / "r" / "server.log").is_file()
+    assert time.monotonic() - t < 120

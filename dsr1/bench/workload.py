@@ -45,14 +45,15 @@ class Length:
         return str(self.lo) if self.lo == self.hi else f"{self.lo}-{self.hi}"
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """AutoTokenizer from a local directory (or a hub id already in the cache)."""
+def load_tokenizer(name_or_path: str, *, local_only: bool = False) -> Any:
+    """AutoTokenizer from a local directory or a hub id. `local_only`: the HF cache only, never the network
+    (for a tokenizer dsr1 guesses from the model name; an offline retry loop would stall the run)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:  # pragma: no cover - transformers is a dependency
         raise ConfigError("transformers is not installed", hint="pip install transformers") from None
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
     except Exception as exc:  # transformers raises OSError/ValueError/HF errors alike
         raise NotFoundError(f"cannot load a tokenizer from {name_or_path!r}: {str(exc).splitlines()[0][:200]}",
                             hint="pass --tokenizer with a local model directory (with tokenizer.json)") from None

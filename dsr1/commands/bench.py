@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -147,7 +148,7 @@ def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mod
     tok = None
     if src:
         try:
-            tok = load_tokenizer(src)
+            tok = load_tokenizer(src, local_only=src != cfg.tokenizer)
         except Dsr1Error as exc:
             if cfg.dataset is None:
                 raise UsageError(f"random prompts need the model's tokenizer: {exc}",
@@ -241,3 +242,7 @@ def _compare(paths: list[str], json_mode: bool) -> None:
     cmp = report.compare(docs, [Path(p).parent.name + "/" + Path(p).name if Path(p).name == "results.json"
                                 else Path(p).name for p in paths])
     Output(json_mode).result(cmp, lambda c: c.print(report.compare_table(cmp)))
+
+
+# cli._register joins help with the raw __doc__; dedent it so continuation lines wrap cleanly.
+bench.__doc__ = inspect.cleandoc(bench.__doc__ or "")
