@@ -216,8 +216,11 @@ class Client:
         if not probe.ok:
             if probe.error in ("http_401", "http_403"):
                 raise AuthError(f"the server rejected the API key for {self.path}", hint="pass --api-key")
-            hint = "retry without --ignore-eos (add --no-ignore-eos)" if self.ignore_eos and probe.error == "http_400" \
-                else "check the server's log; try --endpoint completions for servers without chat templates"
+            if self.ignore_eos and probe.error in ("http_400", "http_422") and "ignore_eos" in probe.detail:
+                # OpenAI-strict servers (transformers serve: HTTP 422) reject the vLLM/SGLang extension
+                hint = "this server does not take ignore_eos: add --no-ignore-eos (outputs may then end early)"
+            else:
+                hint = "check the server's log; try --endpoint completions for servers without chat templates"
             raise NetworkError(f"a test request to {self.base_url}{self.path} failed ({probe.error}): {probe.detail}",
                                hint=hint)
         info.usage_reported = bool(probe.usage and "completion_tokens" in probe.usage)
