@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -177,17 +179,26 @@ def main() -> None:
         for name, t, e in (("raw", raw_t, raw_e), ("dsr1", d_t, d_e), ("httpx", h_t, h_e)):
             print(f"{name:8} {ms(t, 50):9.3f} {ms(t, 99):9.3f} {ms(e, 50):9.3f} {ms(e, 99):9.3f} "
                   f"{ms(e, 50) - ms(raw_e, 50):10.3f} {ms(e, 99) - ms(raw_e, 99):10.3f}")
+        srv = psutil.Process(proc.pid)
+        c0, s0 = time.process_time(), sum(srv.cpu_times()[:2])
         d_rps, _, _ = asyncio.run(dsr1_run(url, a.requests, a.concurrency, a.tokens))
+        d_cpu = (time.process_time() - c0) / (a.requests + 200) * 1e6
+        s_cpu = (sum(srv.cpu_times()[:2]) - s0) / (a.requests + 200) * 1e6
+        c0 = time.process_time()
         h_rps, _, _ = asyncio.run(httpx_run(url, a.requests, a.concurrency, a.tokens))
+        h_cpu = (time.process_time() - c0) / (a.requests + 200) * 1e6
         g_rps, g_note = guidellm_run(url, min(a.requests, 1000), a.concurrency, a.tokens, a.tokenizer)
         print(f"\nceiling, closed loop at concurrency {a.concurrency} ({a.requests} requests):")
-        print(f"  dsr1   {d_rps:8.0f} req/s  ({d_rps * a.tokens:,.0f} streamed tok/s)")
-        print(f"  httpx  {h_rps:8.0f} req/s  -> dsr1/httpx = {d_rps / h_rps:.2f}x")
+        print(f"  dsr1   {d_rps:8.0f} req/s  ({d_rps * a.tokens:,.0f} streamed tok/s); client CPU {d_cpu:.0f} us/request "
+              f"(= {1e6 / d_cpu:,.0f} req/s per free core), loopback server CPU {s_cpu:.0f} us/request")
+        print(f"  httpx  {h_rps:8.0f} req/s  -> dsr1/httpx = {d_rps / h_rps:.2f}x; client CPU {h_cpu:.0f} us/request")
         if g_rps:
             print(f"  guidellm {g_rps:6.0f} req/s  -> dsr1/guidellm = {d_rps / g_rps:.2f}x  ({g_note})")
         else:
             print(f"  guidellm: not measured: {g_note}")
         added = ms(d_e, 50) - ms(raw_e, 50)
+        print(f"machine load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+              "(other jobs share this machine: ceilings scale with free CPU)")
         print(f"\ntargets: >= 1000 req/s: {'met' if d_rps >= 1000 else 'MISSED'} ({d_rps:.0f}); "
               f"< 1 ms added p50: {'met' if added < 1 else 'MISSED'} ({added:.3f} ms)")
     finally:

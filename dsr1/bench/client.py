@@ -19,6 +19,7 @@ from dsr1.bench.http import HTTPFailure, Pool
 from dsr1.errors import AuthError, NetworkError, NotFoundError, UsageError
 
 REASONING_KEYS = ("reasoning_content", "reasoning")
+_decode = json.JSONDecoder().decode  # on str: skips json.loads' per-call encoding sniffing of bytes
 
 
 @dataclass
@@ -147,8 +148,8 @@ class Client:
 
     def _event(self, payload: bytes, t: float, res: RequestResult) -> None:
         try:
-            obj = json.loads(payload)
-        except ValueError:
+            obj = _decode(payload.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included
             res.error, res.detail = "stream_error", f"bad event: {payload[:120]!r}"
             return
         if obj.get("error"):

@@ -12,7 +12,6 @@ is read from the socket.
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import time
 from dataclasses import dataclass
@@ -43,14 +42,34 @@ class Response:
         te = self.headers.get("transfer-encoding", "").lower()
         try:
             if "chunked" in te:
+                # Parse every complete chunk frame in each socket read, so a burst of events costs
+                # one await, not two per frame; all of them carry the time the read returned.
+                buf = b""
                 while True:
-                    line = await r.readuntil(b"\r\n")
-                    size = int(line.split(b";", 1)[0], 16)
-                    if size == 0:
-                        await r.readuntil(b"\r\n")  # trailer end
+                    data = await r.read(1 << 16)
+                    if not data:
+                        raise asyncio.IncompleteReadError(buf, None)
+                    t = time.perf_counter()
+                    buf += data
+                    out, pos, end = [], 0, False
+                    while True:
+                        i = buf.find(b"\r\n", pos)
+                        if i < 0:
+                            break
+                        size = int(buf[pos:i].split(b";", 1)[0], 16)
+                        if size == 0:
+                            j = buf.find(b"\r\n\r\n", i)  # last chunk, optional trailers, blank line
+                            end = j >= 0
+                            break
+                        if len(buf) < i + 4 + size:
+                            break
+                        out.append(buf[i + 2:i + 2 + size])
+                        pos = i + 4 + size
+                    buf = buf[pos:]
+                    if out:
+                        yield t, b"".join(out)
+                    if end:
                         break
-                    data = await r.readexactly(size + 2)
-                    yield time.perf_counter(), data[:-2]
             elif "content-length" in self.headers:
                 left = int(self.headers["content-length"])
                 while left > 0:
@@ -70,9 +89,6 @@ class Response:
 
     async def read(self) -> bytes:
         return b"".join([c async for _, c in self.chunks()])
-
-    async def json(self):
-        return json.loads(await self.read() or b"null")
 
     def release(self) -> None:
         """Give the connection back to the pool if the body was read fully, else close it."""

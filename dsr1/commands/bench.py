@@ -82,6 +82,9 @@ def bench(
                       output_len=output_len or ("128" if dataset is None else ""), prefix_len=prefix_len,
                       dataset=str(dataset) if dataset else None, tokenizer=tokenizer, ignore_eos=ignore_eos,
                       slo=parse_slo(slo), seed=seed, timeout=timeout)
+    if dataset is not None and prefix_len:
+        raise UsageError("--prefix-len applies to random prompts, not to --dataset",
+                         hint="drop --prefix-len, or drop --dataset to use random prompts with a shared prefix")
     if not cfg.concurrency and not cfg.rate:
         cfg.concurrency = [1, 2, 4, 8, 16]
     cfg.validate()
