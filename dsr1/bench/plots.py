@@ -53,14 +53,14 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
 
     for key, name, fname in (("ttft", "TTFT", "ttft_distribution.png"), ("tpot", "TPOT", "tpot_distribution.png")):
         data = [[r[key] * 1000.0 for r in p["requests"] if r["ok"] and r[key] is not None] for p in points]
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(points) + 2), 4.5))
+        fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(points) + 2), 4.8))
         keep = [(lbl, d) for lbl, d in zip(labels, data) if d]
         if keep:
             ax.boxplot([d for _, d in keep], tick_labels=[lbl for lbl, _ in keep], showfliers=True)
         else:
             ax.text(0.5, 0.5, f"no {name} values (no completed requests)", ha="center", transform=ax.transAxes)
         ax.set_ylabel(f"{name} (ms)")
-        ax.set_title(f"{name} distribution per point: {title}")
+        ax.set_title(f"{name} distribution per point\n{title}", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         paths.append(_save(fig, out_dir / fname))
