@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from dsr1.bench.loopback import Behaviour, LoopbackServer
 from dsr1.bench.report import SCHEMA_PATH
-from dsr1.cli import app
+from dsr1.cli import build_app
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads(SCHEMA_PATH.read_text())
@@ -26,7 +26,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def invoke(*args):
-    return CliRunner().invoke(app, ["bench", *map(str, args)])
+    return CliRunner().invoke(build_app(only="bench"), ["bench", *map(str, args)])
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -245,7 +244,3 @@ def _compare(paths: list[str], json_mode: bool) -> None:
     cmp = report.compare(docs, [Path(p).parent.name + "/" + Path(p).name if Path(p).name == "results.json"
                                 else Path(p).name for p in paths])
     Output(json_mode).result(cmp, lambda c: c.print(report.compare_table(cmp)))
-
-
-# cli._register joins help with the raw __doc__; dedent it so continuation lines wrap cleanly.
-bench.__doc__ = inspect.cleandoc(bench.__doc__ or "")
