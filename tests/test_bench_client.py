@@ -190,3 +190,22 @@ def test_loopback_non_streaming_is_valid_json():
     assert chunks[-1].usage.completion_tokens == 3
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok0 tok1 tok2 "
     json.dumps(out.model_dump())
+
+
+def test_think_tags_split_reasoning_from_answer_in_content():
+    # R1 without a reasoning parser: thoughts arrive as content, closed by </think> (split across chunks here)
+    parts = ["Let me think", " about it</th", "ink>\n\nThe answer", " is 4"]
+    events = b"".join(b'data: {"choices":[{"index":0,"delta":{"content":%s}}]}\n\n' % json.dumps(p).encode()
+                      for p in parts) + b"data: [DONE]\n\n"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(events)
+    sock, url = _broken_server(head + events)
+    try:
+        tagged = send_one(url, RequestSpec("x", 4), think_tags=True)
+        plain = send_one(url, RequestSpec("x", 4))
+    finally:
+        sock.close()
+    assert tagged.ok and tagged.reasoning_text == "Let me think about it</think>"
+    assert tagged.answer_text == "The answer is 4"
+    assert (tagged.reasoning_chunks, tagged.answer_chunks) == (3, 2)
+    assert tagged.ttft_answer == tagged.chunk_times[2] >= tagged.ttft == tagged.chunk_times[0]
+    assert plain.reasoning_chunks == 0 and plain.answer_text == "".join(parts)

@@ -47,6 +47,7 @@ class RequestResult:
     usage: dict | None = None
     input_tokens: int | None = None
     max_tokens: int = 0
+    think_closed: bool = False  # with think_tags: </think> has been seen
 
 
 @dataclass
@@ -72,7 +73,8 @@ def normalize_url(url: str) -> str:
 
 class Client:
     def __init__(self, base_url: str, model: str | None, *, api_key: str | None = None, endpoint: str = "chat",
-                 ignore_eos: bool = True, timeout: float = 600.0, extra_body: dict | None = None):
+                 ignore_eos: bool = True, timeout: float = 600.0, extra_body: dict | None = None,
+                 think_tags: bool = False):
         if endpoint not in ("chat", "completions"):
             raise UsageError(f"unknown endpoint {endpoint!r}", hint="use --endpoint chat or --endpoint completions")
         self.base_url = normalize_url(base_url)
@@ -86,6 +88,9 @@ class Client:
         self.ignore_eos = ignore_eos
         self.timeout = timeout
         self.extra_body = extra_body or {}
+        # R1 served without a reasoning parser streams its thoughts as content, ending with </think>
+        # (its chat template opens <think> in the prompt). With think_tags, content up to </think> is reasoning.
+        self.think_tags = think_tags
         self.headers = {"content-type": "application/json"}
         if api_key:
             self.headers["authorization"] = f"Bearer {api_key}"
@@ -167,6 +172,8 @@ class Client:
             answer = delta.get("content")
         else:
             reasoning, answer = None, ch.get("text")
+        if self.think_tags and answer and not res.think_closed:
+            reasoning, answer = self._split_think(answer, res, reasoning)
         if not (reasoning or answer):
             return  # role-only or empty chunk: not a token (vllm #3759)
         res.chunk_times.append(t)
@@ -180,6 +187,19 @@ class Client:
             res.answer_text += answer
             if res.ttft_answer is None:
                 res.ttft_answer = t
+
+    @staticmethod
+    def _split_think(text: str, res: RequestResult, reasoning: str | None) -> tuple[str | None, str | None]:
+        """Content before the first </think> is reasoning; after it, answer. A closing tag split across
+        chunks is found because the reasoning text so far is searched, not just this chunk."""
+        seen = res.reasoning_text + text
+        end = seen.find("</think>")
+        if end < 0:
+            return (reasoning or "") + text, None
+        res.think_closed = True
+        cut = end + len("</think>") - len(res.reasoning_text)
+        before, after = text[:max(cut, 0)], text[max(cut, 0):]
+        return ((reasoning or "") + before) or None, after.lstrip("\n") or None
 
     # -- before the run --------------------------------------------------------------
     async def preflight(self) -> ServerInfo:

@@ -61,6 +61,7 @@ class BenchConfig:
     slo: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     timeout: float = 600.0
+    think_tags: bool = False  # content before </think> is reasoning (R1 served without a reasoning parser)
     pool_size: int = 512  # prompts prepared per duration-bounded point
 
     def validate(self) -> None:
@@ -121,7 +122,7 @@ def _plan(cfg: BenchConfig) -> list[tuple[str, float]]:
 async def _run(cfg: BenchConfig, workload: Callable[[int], RequestSpec], encode: Callable[[str], int] | None,
                doc: dict[str, Any], out_dir: Path | None, hooks: Hooks, server_extra: dict[str, Any]) -> None:
     client = Client(cfg.url, cfg.model, api_key=cfg.api_key, endpoint=cfg.endpoint, ignore_eos=cfg.ignore_eos,
-                    timeout=cfg.timeout)
+                    timeout=cfg.timeout, think_tags=cfg.think_tags)
     try:
         info = await client.preflight()
         doc["server"] = {**asdict(info), **server_extra}

@@ -46,6 +46,8 @@ def bench(
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="ShareGPT-format JSON file instead of random prompts."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the model's)."),
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Ask the server to generate exactly the output length."),
+    think_tags: bool = typer.Option(False, "--think-tags", help="Count content before </think> as reasoning (R1 "
+                                    "served without a reasoning parser)."),
     slo: Optional[str] = typer.Option(None, "--slo", help="Goodput limits in ms: ttft=2000,tpot=80 (also e2el, ttft_answer, itl) or mlperf-r1."),
     seed: int = typer.Option(0, "--seed", help="Seed for prompts, lengths and arrivals."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds before one request counts as a timeout."),
@@ -80,7 +82,7 @@ def bench(
                       duration=duration, warmup=warmup, input_len=input_len,
                       output_len=output_len or ("128" if dataset is None else ""), prefix_len=prefix_len,
                       dataset=str(dataset) if dataset else None, tokenizer=tokenizer, ignore_eos=ignore_eos,
-                      slo=parse_slo(slo), seed=seed, timeout=timeout)
+                      slo=parse_slo(slo), seed=seed, timeout=timeout, think_tags=think_tags)
     if dataset is not None and prefix_len:
         raise UsageError("--prefix-len applies to random prompts, not to --dataset",
                          hint="drop --prefix-len, or drop --dataset to use random prompts with a shared prefix")
