@@ -60,6 +60,8 @@ def test_sweep_results_match_schema(sweep_dir):
         # loopback usage counts words, the demo tokenizer counts sub-words: the disagreement is reported
         assert s["token_check"]["mismatched"] == 12
         assert s["ttft_answer_ms"]["p50"] > s["ttft_ms"]["p50"]
+        # the server's own /metrics counter moved by exactly the measured tokens (warm-up excluded)
+        assert p["server_token_counters"] == {"loopback_generation_tokens_total": s["output_tokens"]}
         for r in p["requests"]:
             assert r["client_input_tokens"] == 48  # the prompt is exactly as long as asked
             assert len(r["itl"]) == 5 and r["tpot"] > 0

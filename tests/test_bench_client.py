@@ -209,3 +209,26 @@ def test_think_tags_split_reasoning_from_answer_in_content():
     assert (tagged.reasoning_chunks, tagged.answer_chunks) == (3, 2)
     assert tagged.ttft_answer == tagged.chunk_times[2] >= tagged.ttft == tagged.chunk_times[0]
     assert plain.reasoning_chunks == 0 and plain.answer_text == "".join(parts)
+
+
+def test_token_counters_from_prometheus_text():
+    text = (b"# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+            b"# TYPE vllm:generation_tokens_total counter\n"
+            b'vllm:generation_tokens_total{model_name="r1",engine="0"} 120.0\n'
+            b'vllm:generation_tokens_total{model_name="r1",engine="1"} 30.0\n'
+            b'vllm:prompt_tokens_total{model_name="r1"} 512.0 1700000000000\n'
+            b'vllm:request_success_total{model_name="r1"} 9.0\n'
+            b'vllm:time_to_first_token_seconds_sum{model_name="r1"} 1.5\n')
+    sock, url = _broken_server(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(text) + text)
+    try:
+        async def go():
+            c = Client(url, "m")
+            try:
+                return await c.token_counters()
+            finally:
+                await c.close()
+
+        counters = run(go)
+    finally:
+        sock.close()
+    assert counters == {"vllm:generation_tokens_total": 150.0, "vllm:prompt_tokens_total": 512.0}

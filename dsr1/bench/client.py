@@ -250,6 +250,31 @@ class Client:
             info.ignore_eos_honoured = probe.usage["completion_tokens"] == 4
         return info
 
+    async def token_counters(self) -> dict[str, float] | None:
+        """The server's Prometheus counters with "token" in their name, summed over labels; None without
+        /metrics. Deltas around a point cross-check the client's token totals (guidellm #272)."""
+        try:
+            resp = await self.pool.request("GET", "/metrics", headers=self.headers)
+            raw = await resp.read()
+            resp.release()
+        except HTTPFailure:
+            return None
+        if resp.status != 200:
+            return None
+        out: dict[str, float] = {}
+        for line in raw.decode("utf-8", "replace").splitlines():
+            if not line or line[0] == "#":
+                continue
+            name, _, rest = line.partition("{") if "{" in line.split(" ", 1)[0] else line.partition(" ")
+            if "token" not in name or not name.endswith("_total"):
+                continue
+            try:
+                value = float(rest.rsplit("}", 1)[-1].split()[0])
+            except (ValueError, IndexError):
+                continue
+            out[name] = out.get(name, 0.0) + value
+        return out
+
     async def _get_json(self, path: str) -> Any:
         try:
             resp = await self.pool.request("GET", path, headers=self.headers)

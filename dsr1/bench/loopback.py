@@ -36,6 +36,7 @@ class Behaviour:
 @dataclass
 class Stats:
     requests: int = 0
+    generated_tokens: int = 0  # served on /metrics as a Prometheus counter
     inflight: int = 0
     max_inflight: int = 0
     bodies: list = field(default_factory=list)
@@ -135,6 +136,10 @@ class LoopbackServer:
         if path == "/health":
             self._send(writer, 200, "ok", "text/plain")
             return
+        if path == "/metrics":
+            self._send(writer, 200, "# TYPE loopback_generation_tokens_total counter\n"
+                       f"loopback_generation_tokens_total {self.stats.generated_tokens}\n", "text/plain")
+            return
         if b.api_key is not None and headers.get("authorization") != f"Bearer {b.api_key}":
             self._send(writer, 401, {"error": {"message": "Invalid API key", "type": "authentication_error"}})
             return
@@ -166,6 +171,7 @@ class LoopbackServer:
     async def _complete(self, body: dict, chat: bool, writer: asyncio.StreamWriter) -> None:
         b = self.behaviour
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or b.default_max_tokens)
+        self.stats.generated_tokens += n
         usage = {"prompt_tokens": _prompt_tokens(body), "completion_tokens": n,
                  "total_tokens": _prompt_tokens(body) + n}
         obj = "chat.completion.chunk" if chat else "text_completion"

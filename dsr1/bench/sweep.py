@@ -36,6 +36,8 @@ DEFINITIONS = {
     "duration": "first send -> last completion of the point; warm-up excluded",
     "goodput": "completed requests meeting every --slo limit / point duration",
     "client_lag": "open loop: actual send - scheduled send (client queueing; max-concurrency waits included)",
+    "server_token_counters": "change of the server's /metrics *token*_total counters over the point (null: no /metrics); "
+                             "failed requests included",
 }
 
 
@@ -141,6 +143,7 @@ async def _run(cfg: BenchConfig, workload: Callable[[int], RequestSpec], encode:
                 await run_closed(lambda s, _t: client.send(s), lambda i: warm[i], max(1, min(conc, len(warm))),
                                  count=len(warm))
             label = f"c={int(x)}" if mode == "concurrency" else f"rate={x:g}"
+            before = await client.token_counters()
             hooks.point_start(idx, label, cfg.requests)
             pick = lambda i: specs[i % len(specs)]  # noqa: E731
             if mode == "concurrency":
@@ -150,6 +153,8 @@ async def _run(cfg: BenchConfig, workload: Callable[[int], RequestSpec], encode:
                 offsets = arrival_offsets(x, cfg.arrival, rng, count=cfg.requests, duration=cfg.duration)
                 run = await run_open(client.send, pick, offsets, max_concurrency=cfg.max_concurrency,
                                      duration=cfg.duration, on_done=hooks.request_done)
+            after = await client.token_counters() if before is not None else None
+            counters = None if after is None else {k: after[k] - before.get(k, 0.0) for k in after}
             rows = []
             for r in sorted(run.results, key=lambda r: r.sent):
                 row = request_metrics(r, count_tokens(r, encode))
@@ -163,6 +168,7 @@ async def _run(cfg: BenchConfig, workload: Callable[[int], RequestSpec], encode:
                      "arrival": cfg.arrival if mode == "rate" else None,
                      "summary": summarize(rows, duration=run.duration, slo=cfg.slo, ignore_eos=cfg.ignore_eos,
                                           client_lag=lags, max_inflight=run.max_inflight),
+                     "server_token_counters": counters,
                      "requests": rows}
             doc["points"].append(point)
             if out_dir is not None:
