@@ -231,6 +231,11 @@ def _finish(doc: dict[str, Any], out_dir: Path, plots: bool, o: Any) -> None:
                         f"despite ignore_eos[/]")
             if s["errors"]:
                 c.print(f"[red]{report.point_label(p)} errors: {s['errors']}[/]")
+            for name, delta in (p.get("server_token_counters") or {}).items():
+                if ("generation" in name or "completion" in name) and not s["failed"] \
+                        and abs(delta - s["output_tokens"]) > max(1.0, 0.01 * s["output_tokens"]):
+                    c.print(f"[yellow]{report.point_label(p)}: the server's {name} grew by {delta:,.0f}, "
+                            f"the client counted {s['output_tokens']:,} output tokens[/]")
         c.print(f"results: {files['json']}  csv: {files['csv']}" + (f"  plots: {out_dir}" if plots else ""))
 
     o.result(data, render)
