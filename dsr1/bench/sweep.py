@@ -121,6 +121,38 @@ def _plan(cfg: BenchConfig) -> list[tuple[str, float]]:
     return [("concurrency", float(c)) for c in (cfg.concurrency or [1])]
 
 
+async def _point(cfg: BenchConfig, client: Client, idx: int, mode: str, x: float, specs: list[RequestSpec],
+                 rng: random.Random, encode: Callable[[str], int] | None, hooks: Hooks) -> dict[str, Any]:
+    """Measure one load level; return its results entry (summary and per-request rows)."""
+    label = f"c={int(x)}" if mode == "concurrency" else f"rate={x:g}"
+    before = await client.token_counters()
+    hooks.point_start(idx, label, cfg.requests)
+    pick = lambda i: specs[i % len(specs)]  # noqa: E731
+    if mode == "concurrency":
+        run = await run_closed(client.send, pick, int(x), count=cfg.requests, duration=cfg.duration,
+                               on_done=hooks.request_done)
+    else:
+        offsets = arrival_offsets(x, cfg.arrival, rng, count=cfg.requests, duration=cfg.duration)
+        run = await run_open(client.send, pick, offsets, max_concurrency=cfg.max_concurrency,
+                             duration=cfg.duration, on_done=hooks.request_done)
+    after = await client.token_counters() if before is not None else None
+    rows = []
+    for r in sorted(run.results, key=lambda r: r.sent):
+        row = request_metrics(r, count_tokens(r, encode))
+        row["start"] = r.sent - run.started
+        row["client_lag"] = None if r.scheduled is None else r.sent - r.scheduled
+        rows.append(row)
+    lags = [r["client_lag"] for r in rows if r["client_lag"] is not None]
+    return {"index": idx, "mode": mode,
+            "concurrency": int(x) if mode == "concurrency" else cfg.max_concurrency,
+            "rate": None if mode == "concurrency" or math.isinf(x) else x,
+            "arrival": cfg.arrival if mode == "rate" else None,
+            "summary": summarize(rows, duration=run.duration, slo=cfg.slo, ignore_eos=cfg.ignore_eos,
+                                 client_lag=lags, max_inflight=run.max_inflight),
+            "server_token_counters": None if after is None else {k: v - before.get(k, 0.0) for k, v in after.items()},
+            "requests": rows}
+
+
 async def _run(cfg: BenchConfig, workload: Callable[[int], RequestSpec], encode: Callable[[str], int] | None,
                doc: dict[str, Any], out_dir: Path | None, hooks: Hooks, server_extra: dict[str, Any]) -> None:
     client = Client(cfg.url, cfg.model, api_key=cfg.api_key, endpoint=cfg.endpoint, ignore_eos=cfg.ignore_eos,
@@ -138,44 +170,33 @@ async def _run(cfg: BenchConfig, workload: Callable[[int], RequestSpec], encode:
             specs = [workload(spec_i + i) for i in range(n + cfg.warmup)]
             spec_i += n + cfg.warmup
             warm, specs = specs[: cfg.warmup], specs[cfg.warmup:]
-            conc = int(x) if mode == "concurrency" else (cfg.max_concurrency or cfg.warmup or 1)
             if warm:
+                conc = int(x) if mode == "concurrency" else (cfg.max_concurrency or len(warm))
                 await run_closed(lambda s, _t: client.send(s), lambda i: warm[i], max(1, min(conc, len(warm))),
                                  count=len(warm))
-            label = f"c={int(x)}" if mode == "concurrency" else f"rate={x:g}"
-            before = await client.token_counters()
-            hooks.point_start(idx, label, cfg.requests)
-            pick = lambda i: specs[i % len(specs)]  # noqa: E731
-            if mode == "concurrency":
-                run = await run_closed(client.send, pick, int(x), count=cfg.requests, duration=cfg.duration,
-                                       on_done=hooks.request_done)
-            else:
-                offsets = arrival_offsets(x, cfg.arrival, rng, count=cfg.requests, duration=cfg.duration)
-                run = await run_open(client.send, pick, offsets, max_concurrency=cfg.max_concurrency,
-                                     duration=cfg.duration, on_done=hooks.request_done)
-            after = await client.token_counters() if before is not None else None
-            counters = None if after is None else {k: after[k] - before.get(k, 0.0) for k in after}
-            rows = []
-            for r in sorted(run.results, key=lambda r: r.sent):
-                row = request_metrics(r, count_tokens(r, encode))
-                row["start"] = r.sent - run.started
-                row["client_lag"] = None if r.scheduled is None else r.sent - r.scheduled
-                rows.append(row)
-            lags = [r["client_lag"] for r in rows if r["client_lag"] is not None]
-            point = {"index": idx, "mode": mode,
-                     "concurrency": int(x) if mode == "concurrency" else cfg.max_concurrency,
-                     "rate": None if mode == "concurrency" or math.isinf(x) else x,
-                     "arrival": cfg.arrival if mode == "rate" else None,
-                     "summary": summarize(rows, duration=run.duration, slo=cfg.slo, ignore_eos=cfg.ignore_eos,
-                                          client_lag=lags, max_inflight=run.max_inflight),
-                     "server_token_counters": counters,
-                     "requests": rows}
+            point = await _point(cfg, client, idx, mode, x, specs, rng, encode, hooks)
             doc["points"].append(point)
             if out_dir is not None:
                 report.write(doc, out_dir)
             hooks.point_done(point)
     finally:
         await client.close()
+
+
+def check_server(cfg: BenchConfig) -> ServerInfo:
+    """The preflight alone (reachable, key accepted, model served); sets `cfg.model` to the served name."""
+
+    async def go() -> ServerInfo:
+        client = Client(cfg.url, cfg.model, api_key=cfg.api_key, endpoint=cfg.endpoint, ignore_eos=cfg.ignore_eos,
+                        timeout=cfg.timeout)
+        try:
+            return await client.preflight()
+        finally:
+            await client.close()
+
+    info = asyncio.run(go())
+    cfg.model = info.model
+    return info
 
 
 def run_sweep(cfg: BenchConfig, workload: Callable[[int], RequestSpec], *, encode: Callable[[str], int] | None = None,

@@ -187,3 +187,45 @@ def token_counter(tokenizer: Any | None) -> Callable[[str], int] | None:
     if tokenizer is None:
         return None
     return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def tokenizer_source(tokenizer: str | None, serve_model: str | None, model: str | None) -> tuple[str | None, bool]:
+    """Where to load the tokenizer from, and whether that was asked for (else: HF cache only, no download).
+
+    --tokenizer; else MODEL or --model when it is a local directory; else a catalog model's repo;
+    else a served name that looks like a hub id (vLLM serves "org/name"). A bare alias gives None.
+    """
+    if tokenizer:
+        return tokenizer, True
+    for cand in (serve_model, model):
+        if cand and Path(cand).is_dir():
+            return cand, False
+    from dsr1 import catalog
+
+    for cand in (serve_model, model):
+        spec = catalog.find(cand) if cand else None
+        if spec is not None:
+            return spec.repo, False
+    return (model, False) if model and "/" in model else (None, False)
+
+
+def build_workload(cfg: Any, serve_model: str | None = None) -> tuple[Callable[[int], RequestSpec], Any, list[str]]:
+    """The workload a `BenchConfig` asks for, its tokenizer (or None) and notes for the user."""
+    src, explicit = tokenizer_source(cfg.tokenizer, serve_model, cfg.model)
+    tok, notes = None, []
+    if src:
+        try:
+            tok = load_tokenizer(src, local_only=not explicit)
+        except NotFoundError as exc:
+            if cfg.dataset is None:
+                raise UsageError(f"random prompts need the model's tokenizer: {exc}",
+                                 hint="pass --tokenizer with a local model directory") from None
+            notes.append(f"{exc}; token counts come from the server's usage only")
+    elif cfg.dataset is None:
+        raise UsageError("random prompts need the model's tokenizer", hint="pass --tokenizer PATH")
+    chat = cfg.endpoint == "chat"
+    if cfg.dataset:
+        out = Length.parse(cfg.output_len, "--output-len") if cfg.output_len else None
+        return ShareGPTWorkload(Path(cfg.dataset), tokenizer=tok, chat=chat, seed=cfg.seed, output_len=out), tok, notes
+    return RandomWorkload(tok, Length.parse(cfg.input_len, "--input-len"), Length.parse(cfg.output_len, "--output-len"),
+                          prefix_len=cfg.prefix_len, chat=chat, seed=cfg.seed), tok, notes

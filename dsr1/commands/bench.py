@@ -102,72 +102,25 @@ def bench(
                     {"started_by_dsr1": True, "serve_command": ["dsr1", "serve", serve_model, *(serve_arg or [])]})
 
 
-def _tokenizer_source(cfg: Any, serve_model: str | None) -> str | None:
-    if cfg.tokenizer:
-        return cfg.tokenizer
-    for cand in (serve_model, cfg.model):
-        if cand and Path(cand).is_dir():
-            return cand
-    from dsr1 import catalog
-
-    for cand in (serve_model, cfg.model):
-        spec = catalog.find(cand) if cand else None
-        if spec is not None:
-            return spec.repo
-    # A served name that looks like a hub id (vLLM serves "org/name") is worth a try; a bare alias is not.
-    return cfg.model if cfg.model and "/" in cfg.model else None
-
-
 def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mode: bool, quiet: bool,
          server_extra: dict[str, Any]) -> None:
-    import asyncio
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dsr1.bench import report
-    from dsr1.bench.client import Client
-    from dsr1.bench.sweep import Hooks, run_sweep
-    from dsr1.bench.workload import Length, RandomWorkload, ShareGPTWorkload, load_tokenizer, token_counter
-    from dsr1.errors import Dsr1Error
+    from dsr1.bench.sweep import Hooks, check_server, run_sweep
+    from dsr1.bench.workload import build_workload, token_counter
     from dsr1.output import Output
 
     o = Output(json_mode, quiet)
     # Preflight first: a wrong URL, model or key fails in a second, before the tokenizer loads.
-    client = Client(cfg.url, cfg.model, api_key=cfg.api_key, endpoint=cfg.endpoint, ignore_eos=cfg.ignore_eos)
-
-    async def check():
-        try:
-            return await client.preflight()
-        finally:
-            await client.close()
-
-    info = asyncio.run(check())
-    cfg.model = info.model
+    info = check_server(cfg)
     o.info(f"server {info.base_url} serves [cyan]{info.model}[/]; usage reported: {info.usage_reported}")
     if cfg.ignore_eos and info.ignore_eos_honoured is False:
         o.warn("the server stopped before max_tokens with ignore_eos set: output lengths will be short "
                "(see short_outputs in the results)")
-
-    src = _tokenizer_source(cfg, serve_model)
-    tok = None
-    if src:
-        try:
-            tok = load_tokenizer(src, local_only=src != cfg.tokenizer)
-        except Dsr1Error as exc:
-            if cfg.dataset is None:
-                raise UsageError(f"random prompts need the model's tokenizer: {exc}",
-                                 hint="pass --tokenizer with a local model directory") from None
-            o.warn(f"{exc}; token counts come from the server's usage only")
-    elif cfg.dataset is None:
-        raise UsageError("random prompts need the model's tokenizer", hint="pass --tokenizer PATH")
-    chat = cfg.endpoint == "chat"
-    if cfg.dataset:
-        workload = ShareGPTWorkload(Path(cfg.dataset), tokenizer=tok, chat=chat, seed=cfg.seed,
-                                    output_len=Length.parse(cfg.output_len, "--output-len") if cfg.output_len else None)
-    else:
-        workload = RandomWorkload(tok, Length.parse(cfg.input_len, "--input-len"),
-                                  Length.parse(cfg.output_len, "--output-len"), prefix_len=cfg.prefix_len,
-                                  chat=chat, seed=cfg.seed)
+    workload, tok, notes = build_workload(cfg, serve_model)
+    for note in notes:
+        o.warn(note)
 
     show = not (json_mode or quiet)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
