@@ -98,3 +98,16 @@ def test_missing_tokenizer_is_not_found(tmp_path):
     with pytest.raises(NotFoundError) as e:
         load_tokenizer(str(tmp_path))
     assert "--tokenizer" in e.value.hint
+
+
+def test_tokenizer_source_order(tmp_path):
+    from dsr1 import catalog
+    from dsr1.bench.workload import tokenizer_source
+
+    spec = catalog.models()[0]
+    assert tokenizer_source("/my/tok", str(tmp_path), "m") == ("/my/tok", True)  # --tokenizer wins, may download
+    assert tokenizer_source(None, str(tmp_path), None) == (str(tmp_path), False)  # MODEL directory
+    assert tokenizer_source(None, None, str(tmp_path)) == (str(tmp_path), False)  # --model directory
+    assert tokenizer_source(None, spec.name, None) == (spec.repo, False)  # catalog name -> its repo, cache only
+    assert tokenizer_source(None, None, "org/served-name") == ("org/served-name", False)
+    assert tokenizer_source(None, None, "loopback") == (None, False)  # a bare alias is no tokenizer
