@@ -104,8 +104,16 @@ class Hooks:
 
 
 def environment() -> dict[str, Any]:
+    """Where the client ran. The load average is there because a busy client inflates TTFT (aiperf #1424)."""
+    from dsr1.probe.gpu import probe_gpus
+    from dsr1.probe.host import cpu_info
+
+    gpus = probe_gpus()  # never raises: NVML trouble becomes findings
     return {"dsr1_version": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "machine": platform.machine(), "cpu_count": os.cpu_count(), "client": "dsr1.bench.http (asyncio)"}
+            "machine": platform.machine(), "cpu_model": cpu_info()[0], "cpu_count": os.cpu_count(),
+            "load_average_1m": os.getloadavg()[0], "client": "dsr1.bench.http (asyncio, one process)",
+            "gpus": [{"name": g.name, "memory_total": g.memory_total} for g in gpus.gpus],
+            "gpu_driver": gpus.driver_version}
 
 
 def new_document(cfg: BenchConfig) -> dict[str, Any]:
