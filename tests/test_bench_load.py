@@ -91,3 +91,18 @@ def test_open_loop_sends_on_schedule_and_respects_max_concurrency():
         run = asyncio.run(go([0.0] * 12, 3))
     assert len(run.results) == 12 and all(r.ok for r in run.results)
     assert run.max_inflight == 3 and srv.stats.max_inflight == 3
+
+
+def test_open_loop_duration_bound_stops_sending():
+    with LoopbackServer() as srv:
+        async def go():
+            client = Client(srv.url, "loopback")
+            try:
+                offs = arrival_offsets(40.0, "constant", random.Random(0), count=80)  # 2 s of arrivals
+                return await run_open(client.send, lambda i: RequestSpec("x", 2), offs, duration=0.5)
+            finally:
+                await client.close()
+
+        run = asyncio.run(go())
+    assert 18 <= len(run.results) <= 21  # arrivals at 0, 25 ms, ... < 500 ms
+    assert run.duration < 1.0

@@ -170,6 +170,10 @@ def _finish(doc: dict[str, Any], out_dir: Path, plots: bool, o: Any) -> None:
     data["files"] = files
 
     def render(c) -> None:
+        env = doc.get("environment") or {}
+        if (env.get("load_average_1m") or 0) > (env.get("cpu_count") or 1):
+            c.print(f"[yellow]the client machine was busy (load average {env['load_average_1m']:.1f} on "
+                    f"{env['cpu_count']} CPUs): client-side latency may be inflated[/]")
         for table in report.sweep_tables(doc):
             c.print(table)
         for p in doc["points"]:
