@@ -120,13 +120,15 @@ def sweep_tables(doc: dict[str, Any]) -> list[Table]:
     """Two narrow tables per sweep (fit an 80-column terminal): throughput, then latency p50 / p99."""
     s0 = doc["server"]
     rows = point_rows(doc)
-    thr = Table(title=f"{s0.get('model')} @ {s0.get('base_url')}: throughput")
+    sources = ", ".join(sorted({str(r["token_source"]) for r in rows}))
+    thr = Table(title=f"{s0.get('model')} @ {s0.get('base_url')}: throughput (tokens from {sources})")
     slo = bool(doc["config"].get("slo"))
-    for c in ["point", "ok", "err", "req/s", "out tok/s", "total tok/s", "tokens"] + (["goodput"] if slo else []):
-        thr.add_column(c, justify="left" if c in ("point", "tokens") else "right")
+    for c in ["point", "ok", "err", "req/s", "out tok/s", "total tok/s", "think%"] + (["goodput (met)"] if slo else []):
+        thr.add_column(c, justify="left" if c == "point" else "right")
     for r in rows:
+        share = f"{r['reasoning_tokens'] / r['output_tokens']:.0%}" if r["output_tokens"] else "-"
         cells = [r["point"], str(r["completed"]), str(r["failed"]), f"{r['request_throughput']:.2f}",
-                 f"{r['output_throughput']:,.1f}", f"{r['total_token_throughput']:,.1f}", str(r["token_source"])]
+                 f"{r['output_throughput']:,.1f}", f"{r['total_token_throughput']:,.1f}", share]
         if slo:
             cells.append("-" if r["goodput"] is None else f"{r['goodput']:.2f} ({r['slo_attainment']:.0%})")
         thr.add_row(*cells)
