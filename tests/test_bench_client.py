@@ -138,6 +138,9 @@ def test_preflight_reports_server_facts():
         info = preflight(srv.url + "/v1", model=None, api_key="sekrit")
     assert info.model == "m1" and info.models == ["m1"] and info.usage_reported
     assert info.server_header == "dsr1-loopback" and info.ignore_eos_honoured is True
+    assert info.reasoning_seen is False
+    with LoopbackServer(behaviour=Behaviour(reasoning_tokens=2, reasoning_field="reasoning")) as srv:
+        assert preflight(srv.url).reasoning_seen is True
 
 
 def test_preflight_clear_errors_before_the_run():

@@ -58,7 +58,7 @@ class ServerInfo:
     server_header: str | None
     version: Any = None
     usage_reported: bool = False
-    reasoning_field: str | None = None
+    reasoning_seen: bool = False  # the probe answer streamed reasoning_content or reasoning
     ignore_eos_honoured: bool | None = None
     raw_models: Any = None
 
@@ -245,7 +245,7 @@ class Client:
             raise NetworkError(f"a test request to {self.base_url}{self.path} failed ({probe.error}): {probe.detail}",
                                hint=hint)
         info.usage_reported = bool(probe.usage and "completion_tokens" in probe.usage)
-        info.reasoning_field = "reasoning" if probe.reasoning_chunks else None
+        info.reasoning_seen = probe.reasoning_chunks > 0
         if info.usage_reported and self.ignore_eos:
             info.ignore_eos_honoured = probe.usage["completion_tokens"] == 4
         return info
