@@ -98,6 +98,7 @@ class Hooks:
     """Callbacks for progress; all optional. The command wires them to rich."""
 
     server: Callable[[ServerInfo], None] = lambda info: None
+    preparing: Callable[[int], None] = lambda n: None  # about to build n prompts (tokenizer work, untimed)
     point_start: Callable[[int, str, int | None], None] = lambda i, label, total: None
     request_done: Callable[[RequestResult], None] = lambda r: None
     point_done: Callable[[dict[str, Any]], None] = lambda p: None
@@ -175,6 +176,7 @@ async def _run(cfg: BenchConfig, workload: Callable[[int], RequestSpec], encode:
             # Fresh prompts for every point, prepared before timing starts (tokenizing in the
             # loop would slow the client), so a prefix cache warmed by one point cannot help the next.
             n = cfg.requests if cfg.requests is not None else cfg.pool_size
+            hooks.preparing(n + cfg.warmup)
             specs = [workload(spec_i + i) for i in range(n + cfg.warmup)]
             spec_i += n + cfg.warmup
             warm, specs = specs[: cfg.warmup], specs[cfg.warmup:]

@@ -141,7 +141,11 @@ def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mod
         progress.update(state["task"], description=f"{report.point_label(p)}: {s['request_throughput']:.2f} req/s, "
                         f"{s['output_throughput']:.1f} tok/s")
 
-    hooks = Hooks(point_start=point_start, request_done=request_done, point_done=point_done)
+    def preparing(n: int) -> None:
+        if n >= 500:
+            progress.console.print(f"preparing {n} prompts...")
+
+    hooks = Hooks(preparing=preparing, point_start=point_start, request_done=request_done, point_done=point_done)
     doc: dict[str, Any] = {}
     try:
         with progress:
