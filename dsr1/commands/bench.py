@@ -142,7 +142,7 @@ def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mod
                         f"{s['output_throughput']:.1f} tok/s")
 
     def preparing(n: int) -> None:
-        if n >= 500:
+        if show and n >= 500:
             progress.console.print(f"preparing {n} prompts...")
 
     hooks = Hooks(preparing=preparing, point_start=point_start, request_done=request_done, point_done=point_done)
