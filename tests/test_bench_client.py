@@ -235,3 +235,13 @@ def test_token_counters_from_prometheus_text():
     finally:
         sock.close()
     assert counters == {"vllm:generation_tokens_total": 150.0, "vllm:prompt_tokens_total": 512.0}
+
+
+def test_think_tag_split_into_one_character_chunks():
+    c = Client("http://127.0.0.1:1", "m", think_tags=True)
+    res = __import__("dsr1.bench.client", fromlist=["RequestResult"]).RequestResult(ok=False, sent=0.0)
+    pieces = ["hmm"] * 50 + list("</think>") + ["\n\n", "Yes", "."]
+    for i, p in enumerate(pieces):
+        c._event(json.dumps({"choices": [{"index": 0, "delta": {"content": p}}]}).encode(), i * 0.001, res)
+    assert res.reasoning_text == "hmm" * 50 + "</think>\n\n" and res.answer_text == "Yes."
+    assert res.ttft_answer == pytest.approx(59 * 0.001)  # "\n\n" alone is not an answer token

@@ -18,10 +18,10 @@ def result(chunks, *, e2e=None, usage=None, reasoning=0, ok=True, error=None, ma
         r.chunk_times.append(t)
         if i < reasoning:
             r.reasoning_chunks += 1
-            r.reasoning_text += f" r{i}"
+            r.reasoning_parts.append(f" r{i}")
         else:
             r.answer_chunks += 1
-            r.answer_text += f" a{i}"
+            r.answer_parts.append(f" a{i}")
             if r.ttft_answer is None:
                 r.ttft_answer = t
     r.ttft = chunks[0] if chunks else None

@@ -42,12 +42,22 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)  # s after `sent`, each token chunk
     reasoning_chunks: int = 0
     answer_chunks: int = 0
-    reasoning_text: str = ""
-    answer_text: str = ""
+    # Text pieces as streamed, joined once at the end: `attr += piece` copies the whole string each
+    # time, quadratic over a 32k-token R1 answer.
+    reasoning_parts: list[str] = field(default_factory=list)
+    answer_parts: list[str] = field(default_factory=list)
     usage: dict | None = None
     input_tokens: int | None = None
     max_tokens: int = 0
     think_closed: bool = False  # with think_tags: </think> has been seen
+
+    @property
+    def reasoning_text(self) -> str:
+        return "".join(self.reasoning_parts)
+
+    @property
+    def answer_text(self) -> str:
+        return "".join(self.answer_parts)
 
 
 @dataclass
@@ -172,8 +182,11 @@ class Client:
             answer = delta.get("content")
         else:
             reasoning, answer = None, ch.get("text")
-        if self.think_tags and answer and not res.think_closed:
-            reasoning, answer = self._split_think(answer, res, reasoning)
+        if self.think_tags and answer:
+            if not res.think_closed:
+                reasoning, answer = self._split_think(answer, res, reasoning)
+            elif not res.answer_parts and not answer.strip():  # the blank line after </think>
+                reasoning, answer = (reasoning or "") + answer, None
         if not (reasoning or answer):
             return  # role-only or empty chunk: not a token (vllm #3759)
         res.chunk_times.append(t)
@@ -181,23 +194,23 @@ class Client:
             res.ttft = t
         if reasoning:
             res.reasoning_chunks += 1
-            res.reasoning_text += reasoning
+            res.reasoning_parts.append(reasoning)
         if answer:
             res.answer_chunks += 1
-            res.answer_text += answer
+            res.answer_parts.append(answer)
             if res.ttft_answer is None:
                 res.ttft_answer = t
 
     @staticmethod
     def _split_think(text: str, res: RequestResult, reasoning: str | None) -> tuple[str | None, str | None]:
         """Content before the first </think> is reasoning; after it, answer. A closing tag split across
-        chunks is found because the reasoning text so far is searched, not just this chunk."""
-        seen = res.reasoning_text + text
-        end = seen.find("</think>")
+        chunks is found because the tail of the reasoning so far is searched with this chunk."""
+        tail = "".join(res.reasoning_parts[-7:])[-7:]  # parts are non-empty: 7 hold >= len("</think>") - 1
+        end = (tail + text).find("</think>")
         if end < 0:
             return (reasoning or "") + text, None
         res.think_closed = True
-        cut = end + len("</think>") - len(res.reasoning_text)
+        cut = end + len("</think>") - len(tail)
         before, after = text[:max(cut, 0)], text[max(cut, 0):]
         return ((reasoning or "") + before) or None, after.lstrip("\n") or None
 

@@ -95,9 +95,10 @@ def count_tokens(r: RequestResult, encode: Callable[[str], int] | None) -> Token
     """
     usage = r.usage or {}
     usage_out = usage.get("completion_tokens")
-    client_r = encode(r.reasoning_text) if encode and r.reasoning_text else 0
-    client_a = encode(r.answer_text) if encode and r.answer_text else 0
-    client_out = encode(r.reasoning_text + r.answer_text) if encode else None
+    rtext, atext = r.reasoning_text, r.answer_text
+    client_r = encode(rtext) if encode and rtext else 0
+    client_a = encode(atext) if encode and atext else 0
+    client_out = encode(rtext + atext) if encode else None
     if usage_out is not None:
         out, source = int(usage_out), "usage"
     elif client_out is not None:
@@ -108,7 +109,7 @@ def count_tokens(r: RequestResult, encode: Callable[[str], int] | None) -> Token
     if details.get("reasoning_tokens") is not None:
         reasoning = int(details["reasoning_tokens"])
     elif encode:
-        reasoning = client_r if not r.answer_text else round(out * client_r / max(client_r + client_a, 1))
+        reasoning = client_r if not atext else round(out * client_r / max(client_r + client_a, 1))
     else:
         reasoning = round(out * r.reasoning_chunks / max(r.reasoning_chunks + r.answer_chunks, 1))
     reasoning = min(reasoning, out)
