@@ -212,7 +212,8 @@ class Layout:
     def hub_incompletes(self, f: RemoteFile) -> list[Path]:
         if self.local_dir is not None:
             return []
-        return sorted((self.storage / "blobs").glob(f"{f.blob_name}.*.incomplete"))
+        return sorted(p for p in (self.storage / "blobs").glob(f"{f.blob_name}.*.incomplete")
+                      if not p.name.endswith(SUFFIX))
 
     def link(self, f: RemoteFile) -> None:
         """Snapshot pointer -> blob, as huggingface_hub lays out its cache."""
@@ -262,7 +263,7 @@ def preflight(layout: Layout, extra: int = 0, extra_label: str = "") -> dict:
     need = sum(f.size - _partial_bytes(layout, f) for f in todo)
     target = layout.local_dir or layout.cache_dir
     free = free_bytes(target)
-    margin = 64 << 20
+    margin = max(1 << 20, need // 100)  # filesystem overhead, metadata, the manifest
     if need + extra + margin > free:
         parts = f"{need / 1e9:.2f} GB left to download" + (f" + {extra / 1e9:.2f} GB {extra_label}" if extra else "")
         raise DiskSpaceError(
