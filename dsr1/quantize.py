@@ -6,9 +6,11 @@ model repacks each 4-bit weight and keeps its absmax scales transposed in bf16; 
 save_pretrained bitsandbytes undoes the weight repacking but restores the scales only
 when double quantization is on, so file and in-memory model both end up wrong (mean
 NLL 16.5 instead of 2.5 on the demo model). Two defences here:
-  * nf4 uses double quantization and the model is saved before any forward pass;
-  * the saved directory is reloaded and its logits on a fixed prompt must match the
-    in-memory model's, else nothing is stored (the guard for the next such bug).
+  * nf4 uses double quantization, with which a forward pass before saving is harmless;
+  * the in-memory model's logits on a fixed prompt are taken BEFORE saving (so a save
+    that corrupts the in-memory model too cannot hide itself), then the saved directory
+    is reloaded and must give the same logits, else nothing is stored. This is the guard
+    for the next such bug; tests/test_pull_models.py fires it with the real bug above.
 
 Peak memory: transformers quantizes each weight as it is loaded, so the process holds
 the quantized model plus one checkpoint shard in 16-bit, then the reloaded copy for the
@@ -53,14 +55,14 @@ class QuantResult:
     peak_rss_bytes: int
 
 
-def bnb_config(method: str):
+def bnb_config(method: str, double_quant: bool = True):
     from transformers import BitsAndBytesConfig
     import torch
 
     if method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     if method == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                                   bnb_4bit_compute_dtype=torch.bfloat16)
     raise UsageError(f"unknown quantization {method!r}", hint=f"use --quant {'|'.join(METHODS)}")
 
@@ -91,22 +93,31 @@ def mean_nll(model, tok, text: str = NLL_TEXT) -> float:
     return float(out.loss)
 
 
-def load(model_dir: Path, method: str = "none"):
+def load(model_dir: Path, method: str = "none", double_quant: bool = True):
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch.bfloat16}
     if method != "none":
-        kwargs["quantization_config"] = bnb_config(method)
+        kwargs["quantization_config"] = bnb_config(method, double_quant)
         kwargs["device_map"] = "cuda:0" if torch.cuda.is_available() else "cpu"
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+
+
+def load_quantized(model_dir: Path):
+    """Load a saved bitsandbytes model: its quantization config comes from its config.json."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                device_map="cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def quantize(src_dir: Path, out_dir: Path, method: str) -> QuantResult:
+def quantize(src_dir: Path, out_dir: Path, method: str, *, double_quant: bool = True) -> QuantResult:
     """Quantize the model at src_dir into out_dir (which must not exist), then prove the round trip."""
     if method not in ("int8", "nf4"):
         raise UsageError(f"unknown quantization {method!r}", hint="use --quant int8 or --quant nf4")
@@ -116,7 +127,7 @@ def quantize(src_dir: Path, out_dir: Path, method: str) -> QuantResult:
 
     tok = AutoTokenizer.from_pretrained(src_dir)
     try:
-        model = load(src_dir, method)
+        model = load(src_dir, method, double_quant)
     except (RuntimeError, NotImplementedError, ImportError) as exc:
         raise HardwareError(f"bitsandbytes cannot quantize to {method} on this device: {exc}",
                             hint="pull with --quant none (bf16), or use a CUDA GPU; for CPU-only 4-bit "
@@ -124,15 +135,14 @@ def quantize(src_dir: Path, out_dir: Path, method: str) -> QuantResult:
     memory = int(model.get_memory_footprint())
     out_dir.mkdir(parents=True)
     try:
-        # Save before any forward pass (see the module docstring).
+        before = logits(model, tok)  # the reference, taken before save (see the module docstring)
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
         for extra in ("generation_config.json", "chat_template.jinja"):
             if (src_dir / extra).is_file() and not (out_dir / extra).exists():
                 shutil.copy2(src_dir / extra, out_dir / extra)
-        before = logits(model, tok)
         del model
-        reloaded = load(out_dir, method)
+        reloaded = load_quantized(out_dir)
         after = logits(reloaded, tok)
         diff = float((before - after).abs().max())
         if not torch.isfinite(after).all() or diff > LOGIT_ATOL:
