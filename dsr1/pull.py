@@ -198,6 +198,7 @@ def _quantize(model_dir, work, entry, method, reporter, result, manifest) -> Pat
     replace_dir(work / "quantized", final)
     manifest.files = None
     manifest.dtype = "bfloat16"
-    manifest.checks = {"reload_max_logit_diff": q.max_logit_diff, "memory_bytes": q.memory_bytes,
+    manifest.checks = {"reload_max_logit_diff": q.max_logit_diff, "nll_before_save": q.nll_before_save,
+                       "nll_after_reload": q.nll_after_reload, "memory_bytes": q.memory_bytes,
                        "peak_rss_bytes": q.peak_rss_bytes, "quantized_from": str(model_dir)}
     return final

@@ -6,11 +6,12 @@ model repacks each 4-bit weight and keeps its absmax scales transposed in bf16; 
 save_pretrained bitsandbytes undoes the weight repacking but restores the scales only
 when double quantization is on, so file and in-memory model both end up wrong (mean
 NLL 16.5 instead of 2.5 on the demo model). Two defences here:
-  * nf4 uses double quantization, with which a forward pass before saving is harmless;
-  * the in-memory model's logits on a fixed prompt are taken BEFORE saving (so a save
-    that corrupts the in-memory model too cannot hide itself), then the saved directory
-    is reloaded and must give the same logits, else nothing is stored. This is the guard
-    for the next such bug; tests/test_pull_models.py fires it with the real bug above.
+  * nf4 uses double quantization, with which the round trip is right;
+  * two checks before anything is stored, on a fixed English paragraph: (A) the reloaded
+    directory's logits equal the in-memory model's (after save), and (B) its mean NLL is
+    within 5% of the in-memory model's before save, so a save that corrupts the in-memory
+    model as well cannot hide. This is the guard for the next such bug;
+    tests/test_pull_models.py fires it with the real bug above.
 
 Peak memory: transformers quantizes each weight as it is loaded, so the process holds
 the quantized model plus one checkpoint shard in 16-bit, then the reloaded copy for the
@@ -28,10 +29,11 @@ from pathlib import Path
 from dsr1.errors import HardwareError, IntegrityError, UsageError
 
 METHODS = ("none", "int8", "nf4")
-CHECK_PROMPT = "The capital of France is Paris. The capital of Germany is"
 # Reloaded logits must match in-memory ones this closely (same kernels, same weights: in
 # practice they are identical; a broken round trip is off by whole units).
 LOGIT_ATOL = 1e-2
+# Reloaded mean NLL vs the in-memory model before save: the real nf4 bug moved it 2.47 -> 16.9.
+NLL_RTOL = 0.05
 # Bytes of output per byte of 16-bit input, for the disk preflight (weights dominate).
 OUTPUT_RATIO = {"none": 0.0, "int8": 0.55, "nf4": 0.32}
 
@@ -51,7 +53,9 @@ class QuantResult:
     out_dir: str
     size_bytes: int
     memory_bytes: int  # model.get_memory_footprint() after quantization
-    max_logit_diff: float  # reloaded vs in-memory on CHECK_PROMPT
+    max_logit_diff: float  # reloaded vs in-memory (after save) on NLL_TEXT
+    nll_before_save: float  # mean NLL of NLL_TEXT, in memory, before save
+    nll_after_reload: float
     peak_rss_bytes: int
 
 
@@ -75,12 +79,14 @@ def _check_bnb() -> None:
                             hint="pip install bitsandbytes, or pull with --quant none") from None
 
 
-def logits(model, tok, text: str = CHECK_PROMPT):
+def _forward(model, tok, text: str = NLL_TEXT):
+    """(mean NLL, logits) of one forward pass over text."""
     import torch
 
     ids = tok(text, return_tensors="pt").input_ids.to(model.device)
     with torch.no_grad():
-        return model(ids).logits.float().cpu()
+        out = model(ids, labels=ids)
+    return float(out.loss), out.logits.float().cpu()
 
 
 def mean_nll(model, tok, text: str = NLL_TEXT) -> float:
@@ -135,24 +141,31 @@ def quantize(src_dir: Path, out_dir: Path, method: str, *, double_quant: bool = 
     memory = int(model.get_memory_footprint())
     out_dir.mkdir(parents=True)
     try:
-        before = logits(model, tok)  # the reference, taken before save (see the module docstring)
+        # Two checks (see the module docstring). B: the model as quantized, before save, sets the
+        # quality bar; a save that corrupts the in-memory model too cannot hide from it.
+        nll_before, _ = _forward(model, tok)
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
         for extra in ("generation_config.json", "chat_template.jinja"):
             if (src_dir / extra).is_file() and not (out_dir / extra).exists():
                 shutil.copy2(src_dir / extra, out_dir / extra)
+        # A: the file must reproduce the in-memory model exactly (same kernels, same weights).
+        _, mem_logits = _forward(model, tok)
         del model
         reloaded = load_quantized(out_dir)
-        after = logits(reloaded, tok)
-        diff = float((before - after).abs().max())
-        if not torch.isfinite(after).all() or diff > LOGIT_ATOL:
+        nll_after, file_logits = _forward(reloaded, tok)
+        diff = float((mem_logits - file_logits).abs().max())
+        drift = abs(nll_after - nll_before) / nll_before
+        if not torch.isfinite(file_logits).all() or diff > LOGIT_ATOL or drift > NLL_RTOL:
             raise IntegrityError(
-                f"the saved {method} model does not reproduce the in-memory one (max logit difference {diff:.3g})",
-                hint=f"nothing was stored; pull with --quant none, or try the other --quant; "
+                f"the saved {method} model does not reproduce the in-memory one (max logit difference {diff:.3g}, "
+                f"NLL {nll_before:.3f} before save, {nll_after:.3f} after reload)",
+                hint="nothing was stored; pull with --quant none, or try the other --quant; "
                      "this is a bitsandbytes save/reload bug worth reporting with your versions")
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return QuantResult(method=method, out_dir=str(out_dir), size_bytes=_dir_size(out_dir), memory_bytes=memory,
-                       max_logit_diff=diff, peak_rss_bytes=peak)
+                       max_logit_diff=diff, nll_before_save=nll_before, nll_after_reload=nll_after,
+                       peak_rss_bytes=peak)
