@@ -311,6 +311,7 @@ def test_kill_9_mid_download_then_resume_refetches_less_than_a_chunk(hub, tmp_pa
     proc.wait()
     kept = partial.stat().st_size
     assert 0 < kept < size
+    assert store.list_models() == []  # killed before the manifest: nothing looks complete
     sent_first = hub.sent["model.safetensors"]
     hub.throttle = None
     r = subprocess.run(cmd[:-1] + ["--json"], env=env, capture_output=True, text=True, timeout=120)
@@ -338,3 +339,18 @@ def test_hub_client_leftover_partial_is_adopted_and_cleaned(hub):
     assert r.exit_code == 0, r.output
     assert hub.sent["model.safetensors"] == (2 << 20) - (1 << 20)
     assert not list(blobs.glob("*.incomplete"))
+
+
+def test_quant_precedence_flag_env_profile(monkeypatch):
+    from dsr1.pull import resolve_quant
+
+    assert resolve_quant("nf4", None) == ("nf4", "flag")
+    monkeypatch.setenv("DSR1_QUANT", "int8")
+    assert resolve_quant(None, None) == ("int8", "env")
+    monkeypatch.delenv("DSR1_QUANT")
+    # This CPU machine gets the cpu profile, which runs the demo model in bf16: no quantization.
+    assert resolve_quant(None, None, "smollm2-135m") == ("none", "profile")
+    # A profile whose precision is int4 maps to bitsandbytes nf4.
+    assert resolve_quant(None, "enterprise") == ("nf4", "profile")
+    with pytest.raises(UsageError, match="unknown quantization"):
+        resolve_quant("fp3", None)
