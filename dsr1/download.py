@@ -22,9 +22,12 @@ import contextlib
 import errno
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import os
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,7 @@ NEEDED = ("*.safetensors", "*.safetensors.index.json", "config.json", "generatio
           "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
-READ_CHUNK = 1 << 20  # bytes per read from the socket; what a kill -9 can lose in our buffers
+READ_CHUNK = 2 << 20  # bytes per read; a kill -9 loses at most (1 + _Sink.QUEUE_DEPTH) of these
 MAX_STALLS = 5  # consecutive attempts without a single new byte before giving up
 SUFFIX = ".dsr1.incomplete"
 STALE_PARTIAL_S = 7 * 24 * 3600
@@ -274,8 +277,17 @@ def preflight(layout: Layout, extra: int = 0, extra_label: str = "") -> dict:
 
 
 # --------------------------------------------------------------------------- transfer
+_TRUNCATE = object()
+
+
 class _Sink:
-    """The partial file being appended to, hashed as it grows."""
+    """The partial file being appended to, hashed as it grows.
+
+    Hashing and writing run in one background thread (hashlib and file writes release the
+    GIL), so they overlap with reading the socket; the queue is short (QUEUE_DEPTH chunks),
+    which bounds what a kill -9 can lose to a few MiB. `pos` counts bytes handed over."""
+
+    QUEUE_DEPTH = 3
 
     def __init__(self, path: Path, want_sha256: bool, reporter: Reporter):
         self.path = path
@@ -287,39 +299,64 @@ class _Sink:
             with open(path, "rb") as src:  # re-hash the kept prefix: reading is far cheaper than fetching
                 while chunk := src.read(HASH_BLOCK):
                     self.hasher.update(chunk)
+        self._q: queue.Queue = queue.Queue(maxsize=self.QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="dsr1-sink", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                if item is _TRUNCATE:
+                    self.fh.flush()
+                    os.ftruncate(self.fh.fileno(), 0)
+                    if self.hasher is not None:
+                        self.hasher = hashlib.sha256()
+                else:
+                    self.fh.write(item)
+                    if self.hasher is not None:
+                        self.hasher.update(item)
+            except BaseException as exc:  # re-raised in the caller's thread by _check
+                self._error = exc
+
+    def _check(self) -> None:
+        exc = self._error
+        if exc is None:
+            return
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = self.path.stat().st_size if self.path.exists() else 0
+            raise DiskSpaceError(
+                f"disk full while writing {self.path} ({kept / 1e9:.2f} GB of it kept)",
+                hint="free some space and run the same command again: it continues where it stopped") from None
+        raise exc
 
     def write(self, data: bytes) -> None:
-        try:
-            self.fh.write(data)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskSpaceError(
-                    f"disk full while writing {self.path} ({self.pos / 1e9:.2f} GB of it kept)",
-                    hint="free some space and run the same command again: it continues where it stopped") from None
-            raise
-        if self.hasher is not None:
-            self.hasher.update(data)
+        self._check()
+        self._q.put(data)
         self.pos += len(data)
         self.reporter.advance(len(data))
 
     def reset(self) -> None:
         """The server ignored our Range header and is sending the whole file."""
-        self.fh.flush()
-        os.ftruncate(self.fh.fileno(), 0)
+        self._q.put(_TRUNCATE)
         self.reporter.advance(-self.pos)
         self.pos = 0
-        if self.hasher is not None:
-            self.hasher = hashlib.sha256()
 
     def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
         try:
+            self._check()
             self.fh.flush()
             os.fsync(self.fh.fileno())
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskSpaceError(f"disk full while writing {self.path}",
-                                     hint="free some space and run the same command again") from None
-            raise
+            self._error = exc
+            self._check()
         finally:
             self.fh.close()
 
@@ -336,33 +373,83 @@ def _auth_headers(url: str, endpoint: str, token: str | None) -> dict:
     return headers
 
 
-def _stream(url: str, headers: dict, sink: _Sink, size: int, timeout: float) -> None:
-    """GET url into sink from sink.pos to size, resuming with Range after dropped connections."""
-    import httpx2
-    from huggingface_hub.utils import get_session, hf_raise_for_status
+@functools.lru_cache(maxsize=1)
+def _opener():
+    """urllib opener for file bodies: environment proxies as usual, certifi's CA bundle like
+    httpx, and redirects that drop the token when they leave the origin (as the hub client does)."""
+    import ssl
+    import urllib.request
 
+    try:
+        import certifi
+
+        ctx = ssl.create_default_context(cafile=certifi.where())
+    except ImportError:
+        ctx = ssl.create_default_context()
+
+    class _Redirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None and urlparse(newurl).netloc != urlparse(req.full_url).netloc:
+                new.remove_header("Authorization")
+            return new
+
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _Redirect())
+
+
+def _stream(url: str, headers: dict, sink: _Sink, size: int, timeout: float) -> None:
+    """GET url into sink from sink.pos to size, resuming with Range after dropped connections.
+
+    Metadata goes through huggingface_hub's httpx client; the file body is read with the
+    standard library's `readinto` into a reused 1 MiB buffer: on this machine httpx's
+    64 KiB reads through h11 ran at under half of curl's speed, `readinto` at curl's
+    (benchmarks/pull_download.py)."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    opener = _opener()
+    # A ring of buffers, one more than the sink's queue can hold plus the one it is writing:
+    # a buffer is reused only after the writer thread has finished with it, so no copies.
+    ring = [memoryview(bytearray(READ_CHUNK)) for _ in range(_Sink.QUEUE_DEPTH + 2)]
+    turn = 0
     stalls = 0
     while sink.pos < size:
         start = sink.pos
         h = dict(headers)
         if start:
             h["Range"] = f"bytes={start}-"
+        last: BaseException | None = None
         try:
-            with get_session().stream("GET", url, headers=h, timeout=timeout, follow_redirects=True) as r:
-                hf_raise_for_status(r)
-                if start and r.status_code == 200:
-                    sink.reset()
-                for chunk in r.iter_bytes(READ_CHUNK):
-                    sink.write(chunk)
-                    if sink.pos > size:
+            with opener.open(urllib.request.Request(url, headers=h), timeout=timeout) as r:
+                if start and r.status == 200:
+                    sink.reset()  # the server ignored Range and sends the whole file
+                if r.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+                    raise NetworkError(f"{url} answered with Content-Encoding {r.headers['Content-Encoding']}",
+                                       hint="a proxy is re-encoding downloads; bypass it or use another --endpoint")
+                while True:
+                    view = ring[turn % len(ring)]
+                    n = r.readinto(view)
+                    if not n:
+                        break
+                    if sink.pos + n > size:
                         raise IntegrityError(f"{url} sent more than the {size} bytes the hub listed",
                                              hint="run the same command again; if it repeats, try another --endpoint")
-        except (httpx2.TransportError,) as exc:  # dropped connection, timeout, reset: resume below
+                    sink.write(view[:n])
+                    turn += 1
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise AuthError(f"{url} refused the download (HTTP {exc.code})",
+                                hint="set HF_TOKEN to a token with access to this repo") from None
+            if exc.code == 404:
+                raise NotFoundError(f"{url} is gone (HTTP 404)", hint="run the same command again") from None
+            if exc.code == 416:  # our partial is longer than the file: start over
+                sink.reset()
             last = exc
-        else:
-            last = None
-            if sink.pos < size:
-                last = ConnectionError(f"connection closed at byte {sink.pos} of {size}")
+        except (http.client.HTTPException, urllib.error.URLError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            last = exc  # dropped connection, reset, timeout: resume below with Range
         if sink.pos < size:
             stalls = 0 if sink.pos > start else stalls + 1
             if stalls >= MAX_STALLS:

@@ -40,18 +40,16 @@ def git_oid(data: bytes) -> str:
 class Blob:
     data: bytes
     lfs: bool
+    sha256: str = ""
+    oid: str = ""  # git object id of what git stores: the pointer for LFS files
 
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+    def __post_init__(self) -> None:  # hashed once: hashing per request would dominate timings
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+        self.oid = git_oid(self.pointer if self.lfs else self.data)
 
     @property
     def pointer(self) -> bytes:
         return f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {len(self.data)}\n".encode()
-
-    @property
-    def oid(self) -> str:  # git object id of what git stores: the pointer for LFS files
-        return git_oid(self.pointer if self.lfs else self.data)
 
 
 @dataclass
@@ -180,6 +178,12 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(url.path)
         self.hub.requests.append((self.command, path, self.headers.get("Range")))
         try:
+            if url.path == "/_stats":  # for benchmarks running the hub in another process
+                return self._send(200, json.dumps(dict(self.hub.sent)).encode())
+            if url.path == "/_throttle":
+                value = parse_qs(url.query).get("bps", ["0"])[0]
+                self.hub.throttle = float(value) or None
+                return self._send(200, b"ok")
             if m := _TREE.match(url.path):
                 return self._tree(unquote(m[1]), m[2], unquote(m[3] or ""))
             if m := _API.match(url.path):
@@ -252,8 +256,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self, data: bytes, key: str, extra: dict | None = None) -> None:
         hub = self.hub
+        blob = hub.blobs.get(key)
         path = next((p for r in hub.repos.values() for c in r.commits.values() for p, b in c.items()
-                     if b.lfs and b.sha256 == key), key)
+                     if b is blob), key) if blob is not None else key
         start = 0
         rng = self.headers.get("Range")
         status = 200
@@ -300,3 +305,28 @@ class _Handler(BaseHTTPRequestHandler):
                 ahead = sent / hub.throttle - (time.monotonic() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
+
+
+def serve_main() -> None:
+    """`python -m tests.fakehub MiB`: serve one repo of random bytes in its own process (benchmarks)."""
+    import os
+    import sys
+
+    size = int(sys.argv[1]) << 20
+    out = sys.argv[2]
+    data = os.urandom(size)
+    with open(out, "wb") as f:
+        f.write(data)
+    hub = FakeHub()
+    hub.add_repo("bench/model", {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}" * 20000,
+                                 "model.safetensors": data})
+    hub.start()
+    print(hub.endpoint, flush=True)
+    try:
+        sys.stdin.read()  # until the parent closes our stdin
+    finally:
+        hub.stop()
+
+
+if __name__ == "__main__":
+    serve_main()
