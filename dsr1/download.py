@@ -283,9 +283,10 @@ _TRUNCATE = object()
 class _Sink:
     """The partial file being appended to, hashed as it grows.
 
-    Hashing and writing run in one background thread (hashlib and file writes release the
-    GIL), so they overlap with reading the socket; the queue is short (QUEUE_DEPTH chunks),
-    which bounds what a kill -9 can lose to a few MiB. `pos` counts bytes handed over."""
+    The caller's thread reads the socket and hashes; a background thread writes the file
+    (hashlib and file writes release the GIL, so the two overlap). The queue is short
+    (QUEUE_DEPTH chunks), which bounds what a kill -9 can lose to a few MiB. `pos` counts
+    bytes handed over."""
 
     QUEUE_DEPTH = 3
 
@@ -315,12 +316,8 @@ class _Sink:
                 if item is _TRUNCATE:
                     self.fh.flush()
                     os.ftruncate(self.fh.fileno(), 0)
-                    if self.hasher is not None:
-                        self.hasher = hashlib.sha256()
                 else:
                     self.fh.write(item)
-                    if self.hasher is not None:
-                        self.hasher.update(item)
             except BaseException as exc:  # re-raised in the caller's thread by _check
                 self._error = exc
 
@@ -337,6 +334,8 @@ class _Sink:
 
     def write(self, data: bytes) -> None:
         self._check()
+        if self.hasher is not None:
+            self.hasher.update(data)  # here, in parallel with the writer thread's write()
         self._q.put(data)
         self.pos += len(data)
         self.reporter.advance(len(data))
@@ -344,6 +343,8 @@ class _Sink:
     def reset(self) -> None:
         """The server ignored our Range header and is sending the whole file."""
         self._q.put(_TRUNCATE)
+        if self.hasher is not None:
+            self.hasher = hashlib.sha256()
         self.reporter.advance(-self.pos)
         self.pos = 0
 
