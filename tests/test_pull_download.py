@@ -354,3 +354,23 @@ def test_quant_precedence_flag_env_profile(monkeypatch):
     assert resolve_quant(None, "enterprise") == ("nf4", "profile")
     with pytest.raises(UsageError, match="unknown quantization"):
         resolve_quant("fp3", None)
+
+
+def test_catalog_name_resolves_to_its_repo(hub):
+    from dsr1 import catalog
+
+    spec = catalog.get("smollm2-135m")
+    sha = hub.add_repo(spec.repo, model_files(1 << 16, seed=7))
+    r = cli("pull", "smollm2-135m", "--quant", "none", "--json")
+    assert r.exit_code == 0, r.output
+    m = store.load("smollm2-135m")
+    assert m.repo_id == spec.repo and m.resolved_revision == sha and m.source == "smollm2-135m"
+
+
+def test_endpoint_flag_beats_hf_endpoint(hub, monkeypatch):
+    """huggingface_hub reads HF_ENDPOINT once at import; dsr1 passes endpoint= explicitly."""
+    hub.add_repo(REPO, model_files(1 << 16))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # unreachable
+    r = cli("pull", REPO, "--quant", "none", "--endpoint", hub.endpoint, "--json")
+    assert r.exit_code == 0, r.output
+    assert store.load("tiny-model").endpoint == hub.endpoint
