@@ -151,7 +151,7 @@ def plan(repo_id: str, *, endpoint: str, token: str | None, revision: str | None
 
     api = HfApi(endpoint=endpoint, token=token or False)
     with hub_errors(repo_id, endpoint, revision, token):
-        info = api.model_info(repo_id, revision=revision)
+        info = api.model_info(repo_id, revision=revision or "main")  # olah only serves /revision/REV
         sha = info.sha
         entries = [e for e in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(e, RepoFile)]
     by_path = {e.path: e for e in entries}
