@@ -170,22 +170,42 @@ def remove(name: str) -> Manifest | None:
     return manifest
 
 
+def _owner_alive(name: str) -> bool:
+    """Temp names carry the writer's pid (`.tmp-<pid>`, `.<file>.<pid>.tmp`): is it still running?"""
+    import re as _re
+
+    m = _re.search(r"(?:-|\.)(\d+)(?:\.tmp|\.lnk)?$", name)
+    if not m:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def clean_stale() -> list[Path]:
-    """Remove leftovers of interrupted pulls: temp dirs, trash, entries without a manifest
-    whose model dir is unfinished. Returns what was removed."""
+    """Remove leftovers of interrupted pulls (temp dirs and files, trash) whose writer is gone.
+    Returns what was removed."""
     root = store_root()
     removed: list[Path] = []
     if not root.is_dir():
         return removed
+    candidates = [e for e in root.iterdir() if e.name.startswith((".trash-", ".tmp-"))]
     for entry in root.iterdir():
-        if entry.name.startswith((".trash-", ".tmp-")):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-        elif entry.is_dir() and not (entry / MANIFEST).exists():
-            for child in entry.iterdir():
-                if child.name.startswith(".tmp-"):
-                    shutil.rmtree(child, ignore_errors=True)
-                    removed.append(child)
+        if entry.is_dir() and not entry.name.startswith("."):
+            candidates += [c for c in entry.iterdir() if c.name.startswith(".") and
+                           (c.name.startswith((".tmp-", f".{MODEL_SUBDIR}.old-")) or c.name.endswith((".tmp", ".lnk")))]
+    for path in candidates:
+        if _owner_alive(path.name):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
     return removed
 
 

@@ -104,12 +104,17 @@ def test_rm_removes_entry_but_not_registered_weights(tmp_path):
         store.remove("r")
 
 
-def test_clean_stale_removes_leftover_temp_dirs(tmp_path):
+def test_clean_stale_removes_leftovers_of_dead_writers_only(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
     entry = store.entry_dir("x")
-    (entry / ".tmp-123" / "imported").mkdir(parents=True)
-    (store.store_root() / ".trash-y-9").mkdir()
+    (entry / f".tmp-{dead}" / "imported").mkdir(parents=True)
+    (entry / f".manifest.json.{dead}.tmp").write_text("{")
+    (store.store_root() / f".trash-y-{dead}").mkdir()
+    live = entry / f".tmp-{os.getppid()}"  # a running process (pytest's parent) owns this one
+    live.mkdir()
     removed = store.clean_stale()
-    assert len(removed) == 2 and not (entry / ".tmp-123").exists()
+    assert len(removed) == 3 and not (entry / f".tmp-{dead}").exists() and live.exists()
 
 
 def test_corrupt_manifest_is_a_config_error(tmp_path):
