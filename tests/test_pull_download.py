@@ -374,3 +374,25 @@ def test_endpoint_flag_beats_hf_endpoint(hub, monkeypatch):
     r = cli("pull", REPO, "--quant", "none", "--endpoint", hub.endpoint, "--json")
     assert r.exit_code == 0, r.output
     assert store.load("tiny-model").endpoint == hub.endpoint
+
+
+def test_ctrl_c_exits_130_and_keeps_the_partial_file(hub):
+    size = 16 << 20
+    hub.add_repo(REPO, model_files(size))
+    hub.throttle = 8 << 20
+    env = subprocess_env({"DSR1_HOME": os.environ["DSR1_HOME"], "HF_HOME": os.environ["HF_HOME"],
+                          "HF_ENDPOINT": hub.endpoint})
+    proc = subprocess.Popen([sys.executable, "-m", "dsr1", "pull", REPO, "--quant", "none", "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    blobs = Path(os.environ["HF_HOME"]) / "hub" / "models--acme--tiny-model" / "blobs"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = list(blobs.glob("*.dsr1.incomplete")) if blobs.is_dir() else []
+        if found and found[0].stat().st_size > 2 << 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert 0 < found[0].stat().st_size < size
+    assert store.list_models() == []
