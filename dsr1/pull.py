@@ -103,9 +103,11 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
          allow_pickle: bool = False, reporter: Reporter | None = None) -> PullResult:
     reporter = reporter or Reporter()
     src = classify(source)
-    method, method_source = resolve_quant(quant, profile, src.default_name if src.kind == "catalog" else None)
     if revision is not None and src.kind in ("gguf", "dir"):
         raise UsageError("--revision applies to hub downloads only", hint="drop --revision for local files")
+    if name is not None:
+        store.validate_name(name)  # fail before any work
+    method, method_source = resolve_quant(quant, profile, src.default_name if src.kind == "catalog" else None)
     base = name or (src.default_name + ("" if method == "none" or name else f"-{method}"))
     name = store.validate_name(base)
     entry = store.entry_dir(name)
@@ -127,17 +129,16 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
         if method != "none":
             model_dir = _quantize(model_dir, work, entry, method, reporter, result, manifest)
         elif src.kind == "gguf":
-            final = entry / store.MODEL_SUBDIR
-            from dsr1.fsutil import replace_dir
-
-            replace_dir(work / "imported", final)
-            model_dir = final
+            model_dir = _install(work / "imported", entry)
         if not manifest.files:
             reporter.stage("hashing files for the manifest")
             manifest.files = store.record_files(model_dir)
         manifest.model_dir = str(model_dir)
         reporter.stage("writing manifest")
         result.manifest = str(store.write_manifest(manifest))  # the commit point
+        old = entry / store.MODEL_SUBDIR
+        if old.exists() and Path(model_dir) != old:  # an earlier pull's converted weights, now unused
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.model_dir = str(model_dir)
@@ -190,15 +191,27 @@ def _from_gguf(src, work, method, reporter, manifest) -> Path:
 
 def _quantize(model_dir, work, entry, method, reporter, result, manifest) -> Path:
     from dsr1 import quantize
-    from dsr1.fsutil import replace_dir
 
     reporter.stage(f"quantizing to {method} with bitsandbytes, then checking the reloaded model")
     q = quantize.quantize(Path(model_dir), work / "quantized", method)
-    final = entry / store.MODEL_SUBDIR
-    replace_dir(work / "quantized", final)
+    final = _install(work / "quantized", entry)
     manifest.files = None
     manifest.dtype = "bfloat16"
     manifest.checks = {"reload_max_logit_diff": q.max_logit_diff, "nll_before_save": q.nll_before_save,
                        "nll_after_reload": q.nll_after_reload, "memory_bytes": q.memory_bytes,
                        "peak_rss_bytes": q.peak_rss_bytes, "quantized_from": str(model_dir)}
+    return final
+
+
+def _install(built: Path, entry: Path) -> Path:
+    """Move a finished model directory into the entry's model/. An older manifest is withdrawn
+    first, so no crash can leave a manifest that describes other files than model/ holds."""
+    from dsr1.fsutil import fsync_dir, replace_dir
+
+    old_manifest = entry / store.MANIFEST
+    if old_manifest.exists():
+        old_manifest.unlink()
+        fsync_dir(entry)
+    final = entry / store.MODEL_SUBDIR
+    replace_dir(built, final)
     return final
