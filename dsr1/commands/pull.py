@@ -28,6 +28,7 @@ class RichReporter(Reporter):
         self.task = None
 
     def stage(self, text: str) -> None:
+        self.close()  # a stage after the download: finish the bar first, so lines stay in order
         self.console.print(f"[dim]{text}[/]")
 
     def start(self, total: int, done: int) -> None:
@@ -46,6 +47,7 @@ class RichReporter(Reporter):
         if self.task is not None:
             self.progress.update(self.task, description="download")
             self.progress.stop()
+            self.task = None
 
 
 def pull(
@@ -78,7 +80,7 @@ def pull(
         rev = f" @ {result.resolved_revision[:12]}" if result.resolved_revision else ""
         c.print(f"[green]stored[/] [bold]{result.name}[/]{rev}: {result.total_bytes / 1e9:.2f} GB, "
                 f"quantization {result.quantization} ({result.quantization_source})")
-        if result.source_kind == "hub":
+        if result.resolved_revision:
             c.print(f"  downloaded {result.downloaded_bytes / 1e6:.1f} MB, reused {result.reused_bytes / 1e6:.1f} MB"
                     + (f", resumed from {result.resumed_bytes / 1e6:.1f} MB of partial files" if result.resumed_bytes else ""))
         c.print(f"  model dir: {result.model_dir}")
