@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dsr1.errors import AuthError, DiskSpaceError, IntegrityError, NetworkError, NotFoundError
+from dsr1.errors import AuthError, DiskSpaceError, Dsr1Error, IntegrityError, NetworkError, NotFoundError
 from dsr1.fsutil import HASH_BLOCK
 
 READ_CHUNK = 2 << 20  # bytes per read; a kill -9 loses at most (1 + Sink.QUEUE_DEPTH) of these
@@ -190,6 +190,8 @@ def stream(url: str, headers: dict, sink: Sink, size: int, timeout: float) -> No
                                              hint="run the same command again; if it repeats, try another --endpoint")
                     sink.write(view[:n])
                     turn += 1
+        except Dsr1Error:  # DiskSpaceError is an OSError too: never mistake it for a dropped connection
+            raise
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
                 raise AuthError(f"{url} refused the download (HTTP {exc.code})",
