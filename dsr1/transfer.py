@@ -150,7 +150,12 @@ def _opener():
     return urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _Redirect())
 
 
-def stream(url: str, headers: dict, sink: Sink, size: int, timeout: float) -> None:
+class Cancelled(Exception):
+    """Another download of the same pull failed or was interrupted."""
+
+
+def stream(url: str, headers: dict, sink: Sink, size: int, timeout: float,
+           cancel: threading.Event | None = None) -> None:
     """GET url into sink from sink.pos to size, resuming with Range after dropped connections.
 
     Metadata goes through huggingface_hub's httpx client; the file body is read with the
@@ -182,6 +187,8 @@ def stream(url: str, headers: dict, sink: Sink, size: int, timeout: float) -> No
                                        hint="a proxy is re-encoding downloads; bypass it or use another --endpoint")
                 while True:
                     view = ring[turn % len(ring)]
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(url)
                     n = r.readinto(view)
                     if not n:
                         break
@@ -190,7 +197,7 @@ def stream(url: str, headers: dict, sink: Sink, size: int, timeout: float) -> No
                                              hint="run the same command again; if it repeats, try another --endpoint")
                     sink.write(view[:n])
                     turn += 1
-        except Dsr1Error:  # DiskSpaceError is an OSError too: never mistake it for a dropped connection
+        except (Dsr1Error, Cancelled):  # DiskSpaceError is an OSError too: not a dropped connection
             raise
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
@@ -210,4 +217,7 @@ def stream(url: str, headers: dict, sink: Sink, size: int, timeout: float) -> No
             if stalls >= MAX_STALLS:
                 raise NetworkError(f"download of {url} stalled at byte {sink.pos} of {size} ({last})",
                                    hint="run the same command again to continue; to use a mirror pass --endpoint URL")
-            time.sleep(min(0.2 * 2 ** stalls, 5.0))
+            if cancel is not None and cancel.wait(min(0.2 * 2 ** stalls, 5.0)):
+                raise Cancelled(url)
+            if cancel is None:
+                time.sleep(min(0.2 * 2 ** stalls, 5.0))

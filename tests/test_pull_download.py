@@ -396,3 +396,42 @@ def test_ctrl_c_exits_130_and_keeps_the_partial_file(hub):
     assert proc.returncode == 130 and "interrupted" in err
     assert 0 < found[0].stat().st_size < size
     assert store.list_models() == []
+
+
+def _sharded(n: int, size: int) -> dict[str, bytes]:
+    files = {"config.json": CONFIG, "model.safetensors.index.json": b'{"weight_map": {}}'}
+    for i in range(n):
+        files[f"model-{i + 1:05d}-of-{n:05d}.safetensors"] = os.urandom(size)
+    return files
+
+
+def test_shards_download_in_parallel_and_each_resumes_after_drops(hub):
+    files = _sharded(3, 2 << 20)
+    hub.add_repo(REPO, files)
+    for name in files:
+        if name.endswith(".safetensors"):
+            hub.drops[name] = [1 << 20]
+    r = cli("pull", REPO, "--quant", "none", "--json")
+    assert r.exit_code == 0, r.output
+    assert sorted(f.path for f in store.load("tiny-model").files) == sorted(files)
+    for name, data in files.items():
+        if name.endswith(".safetensors"):
+            assert hub.sent[name] == len(data)  # dropped once, resumed, nothing fetched twice
+    assert store.verify("tiny-model").ok
+
+
+def test_one_failing_shard_stops_the_others_and_keeps_their_partials(hub):
+    import hashlib
+
+    files = _sharded(3, 8 << 20)
+    hub.add_repo(REPO, files)
+    hub.throttle = 2 << 20  # each shard alone would take 4 s
+    gone = hashlib.sha256(files["model-00003-of-00003.safetensors"]).hexdigest()
+    del hub.blobs[gone]  # the CDN lost one shard: 404
+    t0 = time.time()
+    r = cli("pull", REPO, "--quant", "none")
+    assert r.exit_code == NotFoundError.exit_code, r.output
+    assert time.time() - t0 < 3.5  # the other workers were cancelled, not waited for
+    blobs = Path(os.environ["HF_HOME"]) / "hub" / "models--acme--tiny-model" / "blobs"
+    assert len(list(blobs.glob("*.dsr1.incomplete"))) >= 1
+    assert store.list_models() == []
