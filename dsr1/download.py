@@ -74,7 +74,10 @@ class RepoPlan:
 
 
 class Reporter:
-    """Progress callbacks; the CLI renders them, library callers may ignore them."""
+    """Progress callbacks; the CLI renders them, library callers may ignore them.
+    `silence_libraries`: also hide transformers' own progress bars and warnings (--quiet/--json)."""
+
+    silence_libraries = False
 
     def stage(self, text: str) -> None: ...
     def start(self, total: int, done: int) -> None: ...

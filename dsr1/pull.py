@@ -172,8 +172,24 @@ def _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter
     return dl.model_dir
 
 
+def _silenced(reporter: Reporter):
+    """--quiet/--json: hide transformers' progress bars (some are plain tqdm, which no setting
+    reaches) by sending library stderr output nowhere; errors still surface as exceptions."""
+    import contextlib
+    import io
+
+    if not reporter.silence_libraries:
+        return contextlib.nullcontext()
+    from transformers.utils import logging as tlogging
+
+    tlogging.disable_progress_bar()
+    tlogging.set_verbosity_error()
+    return contextlib.redirect_stderr(io.StringIO())
+
+
 def _from_gguf(src, work, method, reporter, manifest) -> Path:
     from dsr1 import gguf_import
+
     from dsr1.download import free_bytes
 
     info = gguf_import.inspect(src.path)
@@ -184,7 +200,8 @@ def _from_gguf(src, work, method, reporter, manifest) -> Path:
         raise DiskSpaceError(f"importing {src.path} needs about {need / 1e9:.2f} GB at {work.parent}, "
                              f"{free / 1e9:.2f} GB free", hint="free space there or set DSR1_HOME to a bigger disk")
     reporter.stage(f"importing GGUF ({info.architecture}) from {src.path}")
-    gguf_import.import_gguf(src.path, work / "imported")
+    with _silenced(reporter):
+        gguf_import.import_gguf(src.path, work / "imported")
     manifest.dtype = "bfloat16"
     return work / "imported"
 
@@ -193,7 +210,8 @@ def _quantize(model_dir, work, entry, method, reporter, result, manifest) -> Pat
     from dsr1 import quantize
 
     reporter.stage(f"quantizing to {method} with bitsandbytes, then checking the reloaded model")
-    q = quantize.quantize(Path(model_dir), work / "quantized", method)
+    with _silenced(reporter):
+        q = quantize.quantize(Path(model_dir), work / "quantized", method)
     final = _install(work / "quantized", entry)
     manifest.files = None
     manifest.dtype = "bfloat16"

@@ -69,6 +69,7 @@ def pull(
 
     out = Output(json, quiet)
     reporter = Reporter() if (json or quiet) else RichReporter(out.err)
+    reporter.silence_libraries = json or quiet
     try:
         result = core.pull(source, name=name, revision=revision, endpoint=endpoint, quant=quant, profile=profile,
                            local_dir=local_dir, allow_pickle=allow_pickle, reporter=reporter)
