@@ -24,6 +24,10 @@ from dsr1.errors import EXIT_INTERRUPTED, Dsr1Error
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "doctor": ("dsr1.commands.doctor", "doctor", "Check this machine: GPUs, memory, disk, software; pick a profile and say what fits."),
     "models": ("dsr1.commands.models", "models", "List the R1-family catalog and what fits this machine."),
+    "pull": ("dsr1.commands.pull", "pull", "Download or import a model into the local store, verified and optionally quantized."),
+    "verify": ("dsr1.commands.pull", "verify", "Re-check a stored model's files against their sha256."),
+    "list": ("dsr1.commands.pull", "list_models", "List the models in the local store."),
+    "rm": ("dsr1.commands.pull", "rm", "Remove a model from the local store."),
     "bench": ("dsr1.commands.bench", "bench", "Benchmark an OpenAI-compatible server: latency/throughput sweeps, plots, compare."),
 }
 

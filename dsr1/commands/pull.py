@@ -1,0 +1,150 @@
+"""`dsr1 pull`, `dsr1 verify`, `dsr1 list`, `dsr1 rm`: thin wrappers over dsr1.pull and dsr1.store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from dsr1.commands.options import JsonOpt, ProfileOpt, QuietOpt
+from dsr1.download import Reporter
+from dsr1.output import Output
+
+NameArg = typer.Argument(..., help="A stored model's name (see `dsr1 list`).")
+
+
+class RichReporter(Reporter):
+    """One rich progress display on stderr: bytes, speed and ETA for the whole pull."""
+
+    def __init__(self, console: Console):
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self.console = console
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self.task = None
+
+    def stage(self, text: str) -> None:
+        self.close()  # a stage after the download: finish the bar first, so lines stay in order
+        self.console.print(f"[dim]{text}[/]")
+
+    def start(self, total: int, done: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("download", total=total, completed=done)
+
+    def file(self, path: str) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, description=path[-40:])
+
+    def advance(self, n: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, description="download")
+            self.progress.stop()
+            self.task = None
+
+
+def pull(
+    source: str = typer.Argument(..., help="Catalog name, hub repo id (org/name), a .gguf file or a model directory."),
+    name: Optional[str] = typer.Option(None, "--name", help="Store the model under this name."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit to download (default main)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="none | int8 | nf4 (bitsandbytes). Default: what the profile picks."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub or mirror URL (default: HF_ENDPOINT or https://huggingface.co)."),
+    local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Download here instead of the Hugging Face cache."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.pt) when a repo has no safetensors."),
+    profile: Optional[str] = ProfileOpt,
+    json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Download (resumable, sha256-verified), import a GGUF, optionally quantize, and store the model
+    under DSR1_HOME/models/NAME. Running the same command again after an interruption continues
+    where it stopped. Token: HF_TOKEN. Mirror: HF_ENDPOINT or --endpoint."""
+    from dsr1 import pull as core
+
+    out = Output(json, quiet)
+    reporter = Reporter() if (json or quiet) else RichReporter(out.err)
+    reporter.silence_libraries = json or quiet
+    try:
+        result = core.pull(source, name=name, revision=revision, endpoint=endpoint, quant=quant, profile=profile,
+                           local_dir=local_dir, allow_pickle=allow_pickle, reporter=reporter)
+    finally:
+        if isinstance(reporter, RichReporter):
+            reporter.close()
+
+    def render(c: Console) -> None:
+        rev = f" @ {result.resolved_revision[:12]}" if result.resolved_revision else ""
+        c.print(f"[green]stored[/] [bold]{result.name}[/]{rev}: {result.total_bytes / 1e9:.2f} GB, "
+                f"quantization {result.quantization} ({result.quantization_source})")
+        if result.resolved_revision:
+            c.print(f"  downloaded {result.downloaded_bytes / 1e6:.1f} MB, reused {result.reused_bytes / 1e6:.1f} MB"
+                    + (f", resumed from {result.resumed_bytes / 1e6:.1f} MB of partial files" if result.resumed_bytes else ""))
+        c.print(f"  model dir: {result.model_dir}")
+        c.print(f"  next: [green]dsr1 verify {result.name}[/]")
+
+    out.result(result, render)
+
+
+def verify(name: str = NameArg, json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
+    """Re-hash every file of a stored model against its manifest. Exit 7 when any differs."""
+    from dsr1 import store
+    from dsr1.errors import IntegrityError
+
+    result = store.verify(name)
+
+    def render(c: Console) -> None:
+        state = "[green]ok[/]" if result.ok else "[red]FAILED[/]"
+        c.print(f"{state} {result.name}: {result.checked} files, {result.bytes / 1e9:.2f} GB checked in {result.model_dir}")
+        for p in result.problems:
+            c.print(f"  [red]{p['path']}[/]: {p['problem']}")
+
+    Output(json, quiet).result(result, render)
+    if not result.ok:
+        m = store.load(name)
+        raise IntegrityError(f"{len(result.problems)} file(s) of '{name}' do not match the manifest",
+                             hint=f"fetch them again: `dsr1 pull {m.source} --name {name}`")
+
+
+def list_models(json: bool = JsonOpt) -> None:
+    """Models in the store (DSR1_HOME/models), with source, revision, quantization and size."""
+    from rich.table import Table
+
+    from dsr1 import store
+
+    rows = [{"name": m.name, "source": m.source, "source_kind": m.source_kind, "repo_id": m.repo_id,
+             "resolved_revision": m.resolved_revision, "quantization": m.quantization, "size_bytes": m.total_size,
+             "files": len(m.files), "model_dir": m.model_dir, "created": m.created} for m in store.list_models()]
+
+    def render(c: Console) -> None:
+        if not rows:
+            c.print("no stored models; get one with `dsr1 pull NAME` (`dsr1 models` lists the catalog)")
+            return
+        t = Table(title=f"Stored models in {store.store_root()}", title_justify="left")
+        for col in ("name", "source", "revision", "quant", "size", "created"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["name"], r["source"], (r["resolved_revision"] or "-")[:12], r["quantization"],
+                      f"{r['size_bytes'] / 1e9:.2f} GB", r["created"])
+        c.print(t)
+
+    Output(json).result({"store": str(store.store_root()), "models": rows}, render)
+
+
+def rm(name: str = NameArg, json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
+    """Remove a stored model. Files in the shared Hugging Face cache are kept (other tools use them)."""
+    from dsr1 import store
+
+    m = store.remove(name)
+    # Weights outside the store entry (HF cache, --local-dir, a registered directory) are not ours to delete.
+    kept = m.model_dir if m and not Path(m.model_dir).is_relative_to(store.store_root() / name) else None
+    data = {"removed": name, "kept_files_at": kept}
+
+    def render(c: Console) -> None:
+        c.print(f"removed {name}" + (f" (weights kept at {kept})" if kept else ""))
+
+    Output(json, quiet).result(data, render)

@@ -1,0 +1,235 @@
+"""`dsr1 pull` as a library call: get a model into the store, verified, optionally quantized.
+
+    pull(source, ...) -> PullResult
+
+`source` is a catalog name, a hub repo id (org/name), a local .gguf file or a local
+model directory. Steps: download (resumable, verified) or import -> optionally
+quantize into the store's model/ dir (checked by reload) -> hash -> manifest last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsr1 import settings, store
+from dsr1.download import Reporter
+from dsr1.errors import DiskSpaceError, NotFoundError, UsageError
+from dsr1.quantize import METHODS, OUTPUT_RATIO
+
+PROFILE_QUANT = {"int4": "nf4", "nf4": "nf4", "int8": "int8"}  # profile precision -> --quant
+
+
+@dataclass
+class Source:
+    kind: str  # catalog | hub | gguf | dir
+    ref: str
+    repo_id: str | None = None
+    path: Path | None = None
+    default_name: str = ""
+
+
+@dataclass
+class PullResult:
+    name: str
+    model_dir: str
+    source: str
+    source_kind: str
+    resolved_revision: str | None
+    quantization: str
+    quantization_source: str
+    total_bytes: int
+    downloaded_bytes: int = 0
+    reused_bytes: int = 0
+    resumed_bytes: int = 0
+    refetched_corrupt: int = 0
+    cleaned: list[str] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)
+    manifest: str = ""
+
+
+def classify(source: str) -> Source:
+    from dsr1 import catalog
+
+    p = Path(source).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise UsageError(f"{p} is a file but not a .gguf", hint="pass a .gguf file, a model directory, a catalog "
+                                                                   "name (`dsr1 models`) or a hub repo id org/name")
+        return Source("gguf", source, path=p.resolve(), default_name=store.sanitize(p.stem))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UsageError(f"{p} is a directory without config.json", hint="pass a transformers model directory")
+        return Source("dir", source, path=p.resolve(), default_name=store.sanitize(p.resolve().name))
+    if source.lower().endswith(".gguf") or source.startswith((".", "/", "~")):
+        raise NotFoundError(f"no such file or directory: {source}", hint="check the path")
+    spec = catalog.find(source)
+    if spec is not None:
+        return Source("catalog", source, repo_id=spec.repo, default_name=spec.name)
+    if source.count("/") == 1 and all(source.split("/")):
+        return Source("hub", source, repo_id=source, default_name=store.sanitize(source.split("/")[1]))
+    catalog.get(source)  # raises NotFoundError with the closest catalog names
+    raise AssertionError("unreachable")
+
+
+def resolve_quant(quant: str | None, profile: str | None, model: str | None = None) -> tuple[str, str]:
+    """--quant flag > DSR1_QUANT > what doctor's profile picks for this model > none.
+
+    For a catalog model the profile's recommendation for that model decides (the best
+    precision that fits this machine); otherwise the profile's default precision."""
+    profile_value = None
+    if quant is None and settings.resolve("quant").value is None:
+        profile_value = PROFILE_QUANT.get(_profile_precision(profile, model) or "", "none")
+    r = settings.resolve("quant", flag=quant, profile=profile_value, default="none", kind=str)
+    if r.value not in METHODS:
+        raise UsageError(f"unknown quantization {r.value!r}", hint=f"use --quant {'|'.join(METHODS)}")
+    return r.value, r.source
+
+
+def _profile_precision(profile: str | None, model: str | None) -> str | None:
+    from dsr1 import doctor, profiles
+
+    report = doctor.run(profile)
+    rec = next((r for r in report.recommendations if r.model == model), None)
+    if rec is not None and rec.fits:
+        return rec.precision
+    return profiles.get(report.profile).settings.precision
+
+
+def pull(source: str, *, name: str | None = None, revision: str | None = None, endpoint: str | None = None,
+         quant: str | None = None, profile: str | None = None, local_dir: Path | None = None,
+         allow_pickle: bool = False, reporter: Reporter | None = None) -> PullResult:
+    reporter = reporter or Reporter()
+    src = classify(source)
+    if revision is not None and src.kind in ("gguf", "dir"):
+        raise UsageError("--revision applies to hub downloads only", hint="drop --revision for local files")
+    if name is not None:
+        store.validate_name(name)  # fail before any work
+    method, method_source = resolve_quant(quant, profile, src.default_name if src.kind == "catalog" else None)
+    base = name or (src.default_name + ("" if method == "none" or name else f"-{method}"))
+    name = store.validate_name(base)
+    entry = store.entry_dir(name)
+    store.clean_stale()
+    entry.mkdir(parents=True, exist_ok=True)
+    result = PullResult(name=name, model_dir="", source=source, source_kind=src.kind, resolved_revision=None,
+                        quantization=method, quantization_source=method_source, total_bytes=0)
+    manifest = store.Manifest(name=name, source=source, source_kind="hub" if src.repo_id else src.kind,
+                              model_dir="", files=[], quantization=method)
+    work = entry / f".tmp-{os.getpid()}"
+    try:
+        if src.repo_id:
+            model_dir = _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter, result, manifest)
+        elif src.kind == "gguf":
+            model_dir = _from_gguf(src, work, method, reporter, manifest)
+        else:
+            model_dir = src.path
+            manifest.files = None  # hashed below
+        if method != "none":
+            model_dir = _quantize(model_dir, work, entry, method, reporter, result, manifest)
+        elif src.kind == "gguf":
+            model_dir = _install(work / "imported", entry)
+        if not manifest.files:
+            reporter.stage("hashing files for the manifest")
+            manifest.files = store.record_files(model_dir)
+        manifest.model_dir = str(model_dir)
+        reporter.stage("writing manifest")
+        result.manifest = str(store.write_manifest(manifest))  # the commit point
+        old = entry / store.MODEL_SUBDIR
+        if old.exists() and Path(model_dir) != old:  # an earlier pull's converted weights, now unused
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result.model_dir = str(model_dir)
+    result.total_bytes = manifest.total_size
+    result.checks = manifest.checks
+    return result
+
+
+def _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter, result, manifest) -> Path:
+    from dsr1 import download
+
+    endpoint = (endpoint or settings.hf_endpoint()).rstrip("/")
+    if not endpoint.startswith(("http://", "https://")):
+        raise UsageError(f"--endpoint {endpoint!r} is not a URL", hint="pass e.g. --endpoint https://hf-mirror.com")
+    token = settings.hf_token()
+    reporter.stage(f"resolving {src.repo_id}@{revision or 'main'} at {endpoint}")
+    plan = download.plan(src.repo_id, endpoint=endpoint, token=token, revision=revision, allow_pickle=allow_pickle)
+    weights = sum(f.size for f in plan.files if f.path.endswith((".safetensors", ".bin")))
+    extra = int(weights * OUTPUT_RATIO[method])
+    dl = download.download(plan, token=token, cache_dir=None if local_dir else settings.hf_hub_cache(),
+                           local_dir=local_dir.resolve() if local_dir else None, reporter=reporter,
+                           extra_space=extra, extra_label=f"for the {method} output" if extra else "")
+    result.resolved_revision = plan.sha
+    result.downloaded_bytes, result.reused_bytes = dl.fetched, dl.reused
+    result.resumed_bytes, result.refetched_corrupt, result.cleaned = dl.resumed, dl.refetched_bad, dl.cleaned
+    manifest.repo_id, manifest.endpoint = plan.repo_id, endpoint
+    manifest.revision, manifest.resolved_revision = plan.revision, plan.sha
+    # Hashes straight from the hub's metadata, each checked during download.
+    manifest.files = [store.FileRecord(path=f.path, size=f.size, sha256=f.sha256, git_oid=None if f.sha256 else f.git_oid)
+                      for f in plan.files]
+    return dl.model_dir
+
+
+def _silenced(reporter: Reporter):
+    """--quiet/--json: hide transformers' progress bars (some are plain tqdm, which no setting
+    reaches) by sending library stderr output nowhere; errors still surface as exceptions."""
+    import contextlib
+    import io
+
+    if not reporter.silence_libraries:
+        return contextlib.nullcontext()
+    from transformers.utils import logging as tlogging
+
+    tlogging.disable_progress_bar()
+    tlogging.set_verbosity_error()
+    return contextlib.redirect_stderr(io.StringIO())
+
+
+def _from_gguf(src, work, method, reporter, manifest) -> Path:
+    from dsr1 import gguf_import
+
+    from dsr1.download import free_bytes
+
+    info = gguf_import.inspect(src.path)
+    # bf16 output is roughly 3.5x a 4-bit GGUF; ask for 4x to be safe.
+    need = 4 * info.size
+    free = free_bytes(work.parent)
+    if need > free:
+        raise DiskSpaceError(f"importing {src.path} needs about {need / 1e9:.2f} GB at {work.parent}, "
+                             f"{free / 1e9:.2f} GB free", hint="free space there or set DSR1_HOME to a bigger disk")
+    reporter.stage(f"importing GGUF ({info.architecture}) from {src.path}")
+    with _silenced(reporter):
+        gguf_import.import_gguf(src.path, work / "imported")
+    manifest.dtype = "bfloat16"
+    return work / "imported"
+
+
+def _quantize(model_dir, work, entry, method, reporter, result, manifest) -> Path:
+    from dsr1 import quantize
+
+    reporter.stage(f"quantizing to {method} with bitsandbytes, then checking the reloaded model")
+    with _silenced(reporter):
+        q = quantize.quantize(Path(model_dir), work / "quantized", method)
+    final = _install(work / "quantized", entry)
+    manifest.files = None
+    manifest.dtype = "bfloat16"
+    manifest.checks = {"reload_max_logit_diff": q.max_logit_diff, "nll_before_save": q.nll_before_save,
+                       "nll_after_reload": q.nll_after_reload, "memory_bytes": q.memory_bytes,
+                       "peak_rss_bytes": q.peak_rss_bytes, "quantized_from": str(model_dir)}
+    return final
+
+
+def _install(built: Path, entry: Path) -> Path:
+    """Move a finished model directory into the entry's model/. An older manifest is withdrawn
+    first, so no crash can leave a manifest that describes other files than model/ holds."""
+    from dsr1.fsutil import fsync_dir, replace_dir
+
+    old_manifest = entry / store.MANIFEST
+    if old_manifest.exists():
+        old_manifest.unlink()
+        fsync_dir(entry)
+    final = entry / store.MODEL_SUBDIR
+    replace_dir(built, final)
+    return final
