@@ -23,6 +23,8 @@ from dsr1.errors import EXIT_INTERRUPTED, Dsr1Error
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "doctor": ("dsr1.commands.doctor", "doctor", "Check this machine: GPUs, memory, disk, software; pick a profile and say what fits."),
     "models": ("dsr1.commands.models", "models", "List the R1-family catalog and what fits this machine."),
+    "serve": ("dsr1.commands.serve", "serve", "Serve a model with an OpenAI-compatible API and continuous batching."),
+    "chat": ("dsr1.commands.chat", "chat", "Chat with a model in the terminal (starts it, or talks to --url)."),
 }
 
 app = typer.Typer(
