@@ -51,6 +51,11 @@ class ReasoningParser:
                 lead = lead.lstrip()[len(OPEN):]
             elif self._fresh and OPEN.startswith(lead.lstrip()):
                 return "", ""
+            if self._fresh:  # the newline after <think> is layout, not reasoning
+                lead = lead.lstrip("\n")
+                if not lead:
+                    self.buf = ""
+                    return "", ""
             self._fresh = False
             i = lead.find(CLOSE)
             if i == -1:
