@@ -43,7 +43,7 @@ def test_reasoning_full_close_without_open_moves_text():
 def test_sampling_seed_is_per_request_and_top_p_exact():
     import torch
 
-    from dsr1.serve.sampling import SamplingParams, _sample_row, make_generator, sample
+    from dsr1.serve.sampling import SamplingParams, make_generator, sample
 
     torch.manual_seed(0)
     logits = torch.randn(3, 5000)
@@ -56,10 +56,13 @@ def test_sampling_seed_is_per_request_and_top_p_exact():
     # top_p keeps exactly the smallest prefix reaching p: a peaked row samples only from its top tokens
     row = torch.full((5000,), -20.0)
     row[7], row[9] = 5.0, 4.0
-    drawn = {_sample_row(row, 1.0, 0.5, make_generator(s)) for s in range(30)}
-    assert drawn == {7}
-    flat = torch.zeros(5000)  # top-k shortcut does not reach top_p: falls back to the full sort
-    assert 0 <= _sample_row(flat, 1.0, 0.99, make_generator(1)) < 5000
+    hot = SamplingParams(max_tokens=5, temperature=1.0, top_p=0.5)
+    assert {sample(row[None], [hot], [make_generator(s)])[0] for s in range(30)} == {7}
+    wide = SamplingParams(max_tokens=5, temperature=1.0, top_p=0.9)
+    assert {sample(row[None], [wide], [make_generator(s)])[0] for s in range(60)} == {7, 9}
+    flat = torch.zeros(1, 5000)  # the top-k shortcut does not reach top_p: falls back to the full sort
+    drawn = {sample(flat, [wide], [make_generator(s)])[0] for s in range(20)}
+    assert len(drawn) > 15 and all(0 <= t < 5000 for t in drawn)
 
 
 @pytest.mark.parametrize("body,param", [

@@ -76,7 +76,7 @@ class Request:
 
 class Scheduler:
     def __init__(self, model, *, max_concurrent: int, max_queue: int, max_model_len: int, prefill_chunk: int = 256,
-                 stream_interval: int = 1, metrics=None):
+                 stream_interval: int = 1, metrics=None, worker=None):
         self.model = model
         self.tok = model.tokenizer
         self.max_concurrent = max_concurrent
@@ -95,12 +95,19 @@ class Scheduler:
         self._accepting = True
         self._stop = False
         self._ids = itertools.count(1)
-        self._thread = threading.Thread(target=self._run, name="dsr1-engine", daemon=True)
+        # `worker`: the single-thread executor that loaded the model (see dsr1.serve.server.plan);
+        # the loop must run on that same OS thread.
+        self._worker = worker
+        self._future = None
+        self._thread = None if worker else threading.Thread(target=self._run, name="dsr1-engine", daemon=True)
         self.steps = 0
 
     # -- called from the HTTP side --------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        if self._worker is not None:
+            self._future = self._worker.submit(self._run)
+        else:
+            self._thread.start()
 
     def submit(self, req: Request) -> Request:
         with self._lock:
@@ -135,7 +142,12 @@ class Scheduler:
         with self._lock:
             self._stop = True
             self._lock.notify()
-        if self._thread.is_alive():
+        if self._future is not None:
+            try:
+                self._future.result(timeout)
+            except Exception:
+                log.exception("engine loop ended with an error")
+        elif self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
 
     @property
