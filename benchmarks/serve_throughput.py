@@ -112,10 +112,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_dsr1(model_dir: Path, dtype: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_dsr1(model_dir: Path, dtype: str, threads: int | None, extra: list[str] | None = None
+               ) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = [sys.executable, "-m", "dsr1", "serve", str(model_dir), "--port", "0", "--dtype", dtype,
-            "--max-concurrent", "16", "--max-model-len", "512", "--served-model-name", "bench"]
+            "--max-concurrent", "16", "--served-model-name", "bench",
+            *(extra or ["--max-model-len", "512"])]
     if threads:
         args += ["--threads", str(threads)]
     p = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)

@@ -129,3 +129,17 @@ def test_resolve_model_names(tmp_path, isolated_home):
     assert "dsr1 pull r1-distill-qwen-1.5b" in e.value.hint
     with pytest.raises(NotFoundError):
         resolve_model_dir("no-such-model-anywhere")
+
+
+def test_serve_and_chat_commands_import_no_torch():
+    import subprocess
+    import sys
+
+    from tests.serve_util import REPO
+
+    code = ("import sys, dsr1.cli, dsr1.commands.serve, dsr1.commands.chat; "
+            "print(','.join(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(REPO)},
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""

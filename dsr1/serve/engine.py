@@ -140,6 +140,25 @@ class EmbeddedModel:
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
+    def prefill_rows(self, cache: SlotCache, first: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Whole prompts into rows first.. in one forward (right-padded); logits of each last token."""
+        n, L = len(prompts), max(len(p) for p in prompts)
+        dev = self.input_device
+        ids = torch.zeros(n, L, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        cols = torch.arange(L, device=dev)
+        # causal, and never a padded key; padded queries still see column 0 (no all-masked rows)
+        mask = (cols[None, None, :] <= cols[None, :, None]) & (cols[None, None, :] < lens[:, None, None])
+        cache.for_prefill_rows(first, n)
+        out = self.model.get_decoder()(input_ids=ids.to(dev), position_ids=cols.expand(n, L),
+                                       attention_mask=mask[:, None], cache=cache, use_cache=True)
+        last = out.last_hidden_state[torch.arange(n, device=dev), lens - 1]
+        head = self.model.get_output_embeddings()
+        return head(last.to(head.weight.device)).float()
+
+    @torch.inference_mode()
     def decode(self, cache: SlotCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows 0..n-1; row i's token sits at positions[i]. Logits [n, vocab]."""
         n = len(tokens)

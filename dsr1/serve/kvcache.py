@@ -45,6 +45,10 @@ class SlotCache:
         """One row appends a chunk of prompt tokens at `start`."""
         self._mode, self._slot, self._start = "prefill", slot, start
 
+    def for_prefill_rows(self, first: int, rows: int) -> None:
+        """Rows first..first+rows-1 each get a whole (right-padded) prompt from position 0."""
+        self._mode, self._slot, self._rows = "rows", first, rows
+
     # -- transformers' Cache protocol ------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -58,6 +62,12 @@ class SlotCache:
             k[rows, :, pos] = key_states[:, :, 0].to(k.dtype)
             v[rows, :, pos] = value_states[:, :, 0].to(v.dtype)
             return k[:n, :, : self._span], v[:n, :, : self._span]
+        if self._mode == "rows":
+            a, b = self._slot, self._slot + self._rows
+            L = key_states.shape[2]
+            k[a:b, :, :L] = key_states.to(k.dtype)
+            v[a:b, :, :L] = value_states.to(v.dtype)
+            return k[a:b, :, :L], v[a:b, :, :L]
         s, a = self._slot, self._start
         b = a + key_states.shape[2]
         k[s, :, a:b] = key_states[0].to(k.dtype)

@@ -187,23 +187,51 @@ class Scheduler:
             self._finish(req, "abort")
 
     def _prefill_some(self) -> None:
+        """Spend up to `prefill_chunk` prompt tokens: first on a part-prefilled long prompt, then on
+        whole short prompts together in one forward, then on the first chunk of the next long one."""
         budget = self.prefill_chunk
-        while budget > 0:
-            pre = self._rows[-1] if self._rows and self._rows[-1].state == PREFILL else None
-            if pre is None:
-                if not self._waiting or len(self._rows) >= self.max_concurrent:
-                    return
-                pre = self._waiting.popleft()
-                pre.state, pre.slot = PREFILL, len(self._rows)
-                pre.gen = None if pre.params.greedy else make_generator(pre.params.seed)
-                self._rows.append(pre)
-            chunk = pre.prompt_ids[pre.cached : pre.cached + budget]
-            logits = self.model.prefill(self.cache, pre.slot, chunk, pre.cached)
-            pre.cached += len(chunk)
-            budget -= len(chunk)
-            if pre.cached == len(pre.prompt_ids):
-                pre.state = RUNNING
-                self._accept(pre, sample(logits[None], [pre.params], [pre.gen])[0])
+        pre = self._rows[-1] if self._rows and self._rows[-1].state == PREFILL else None
+        if pre is not None:
+            budget -= self._prefill_chunk(pre, budget)
+            if pre.state == PREFILL:
+                return
+        fresh: list[Request] = []
+        used = 0
+        while (self._waiting and len(self._rows) + len(fresh) < self.max_concurrent
+               and used + len(self._waiting[0].prompt_ids) <= budget):
+            req = self._waiting.popleft()
+            used += len(req.prompt_ids)
+            fresh.append(req)
+        if fresh:
+            first = len(self._rows)
+            for i, req in enumerate(fresh):
+                req.state, req.slot = PREFILL, first + i
+                req.gen = None if req.params.greedy else make_generator(req.params.seed)
+                self._rows.append(req)
+            logits = self.model.prefill_rows(self.cache, first, [r.prompt_ids for r in fresh])
+            for req in fresh:
+                req.cached, req.state = len(req.prompt_ids), RUNNING
+            tokens = sample(logits, [r.params for r in fresh], [r.gen for r in fresh])
+            for req, tok in zip(fresh, tokens):
+                self._accept(req, tok)
+            budget -= used
+        if budget > 0 and self._waiting and len(self._rows) < self.max_concurrent \
+                and len(self._waiting[0].prompt_ids) > budget:
+            req = self._waiting.popleft()
+            req.state, req.slot = PREFILL, len(self._rows)
+            req.gen = None if req.params.greedy else make_generator(req.params.seed)
+            self._rows.append(req)
+            self._prefill_chunk(req, budget)
+
+    def _prefill_chunk(self, pre: Request, budget: int) -> int:
+        """One chunk of a long prompt into its row; returns the tokens used."""
+        chunk = pre.prompt_ids[pre.cached : pre.cached + budget]
+        logits = self.model.prefill(self.cache, pre.slot, chunk, pre.cached)
+        pre.cached += len(chunk)
+        if pre.cached == len(pre.prompt_ids):
+            pre.state = RUNNING
+            self._accept(pre, sample(logits[None], [pre.params], [pre.gen])[0])
+        return len(chunk)
 
     def _decode_step(self) -> None:
         batch = [r for r in self._rows if r.state == RUNNING]
