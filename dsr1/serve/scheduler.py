@@ -190,6 +190,9 @@ class Scheduler:
         """Spend up to `prefill_chunk` prompt tokens: first on a part-prefilled long prompt, then on
         whole short prompts together in one forward, then on the first chunk of the next long one."""
         budget = self.prefill_chunk
+        if not any(r.state == RUNNING for r in self._rows):
+            # Nobody is streaming, so nobody stalls: take a burst of arrivals in one forward.
+            budget *= 4
         pre = self._rows[-1] if self._rows and self._rows[-1].state == PREFILL else None
         if pre is not None:
             budget -= self._prefill_chunk(pre, budget)
