@@ -16,8 +16,7 @@ def chat(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap each reply."),
     profile: Optional[str] = ProfileOpt,
 ) -> None:
-    """Type a message, read the reply. /reset clears the conversation, /exit (or Ctrl-D) leaves.
-    Earlier reasoning is not sent back (R1 does not expect it)."""
+    """Type a message, read the reply. /reset clears the conversation, /exit (or Ctrl-D) leaves. Earlier reasoning is not sent back (R1 does not expect it)."""
     from rich.console import Console
 
     from dsr1 import settings

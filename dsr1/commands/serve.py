@@ -53,8 +53,7 @@ def serve(
     json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Serve MODEL over HTTP with the OpenAI API (chat, completions, models, health, metrics).
-    R1 reasoning comes back in `reasoning_content`. Stops cleanly on SIGTERM/Ctrl-C."""
+    """Serve MODEL over HTTP with the OpenAI API (chat, completions, models, health, metrics). R1 reasoning comes back in `reasoning_content`. Stops cleanly on SIGTERM/Ctrl-C. See docs/serve.md."""
     import json as _json
     import sys
 
