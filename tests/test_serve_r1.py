@@ -162,6 +162,22 @@ def test_disconnect_frees_slot_within_a_step(forced):
     assert 'dsr1_request_finished_total{reason="abort"}' in text
 
 
+def test_non_streaming_disconnect_frees_slot(forced):
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(forced.url)
+    body = json.dumps({"model": "r1", "messages": MSG, "max_tokens": 2000, "ignore_eos": True}).encode()
+    sock = socket.create_connection((u.hostname, u.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+    _wait(lambda: _running(forced.url) == (1, 0))
+    sock.close()
+    # non-streaming requests poll for a disconnect every 0.25 s
+    assert _wait(lambda: _running(forced.url) == (0, 0), timeout=3.0) < 2.0
+
+
 def test_sigterm_drains_running_requests_then_exits_0(r1_models, tmp_path):
     srv = ServerProc([str(r1_models[True]), "--served-model-name", "r1", "--max-model-len", "2048", "--grace", "4",
                       "--max-concurrent", "4", "--threads", "1"], tmp_path)

@@ -218,14 +218,21 @@ class Api:
 
     async def _complete(self, req: HttpRequest, x: "_Ctx") -> Response:
         text, ev = "", None
+        next_check = time.monotonic() + 0.25
         try:
             while True:
                 try:
                     ev = await asyncio.wait_for(x.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    ev = None
+                # Tokens keep arriving while a client is gone, so check on a clock, not on idleness.
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 0.25
                     if await req.is_disconnected():
                         self.sched.abort(x.handle)
+                        self._done(x, 499, ev, text)
                         return Response(status_code=499)
+                if ev is None:
                     continue
                 text += ev.text
                 if ev.finish_reason:

@@ -203,6 +203,8 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
     if opts.host not in ("127.0.0.1", "localhost", "::1") and not opts.api_key:
         warnings.append(f"binding {opts.host} without an API key: anyone who can reach this port can use the "
                         f"model (set --api-key-file or DSR1_API_KEY)")
+    if device_map == "cpu" and (opts.max_memory or opts.offload_dir):
+        warnings.append("--max-memory/--offload-dir only apply with --device-map auto or cuda; ignored on cpu")
     if not model.tokenizer.chat_template:
         warnings.append("the model has no chat template: /v1/chat/completions answers 400; use /v1/completions")
     name = opts.served_name or (opts.model if not Path(opts.model).expanduser().is_dir() else model_dir.name)
