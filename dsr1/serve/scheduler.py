@@ -1,8 +1,9 @@
 """Continuous batching: one engine thread that interleaves prompt chunks and decode steps.
 
 Each loop iteration (1) takes in new requests and cancellations, (2) prefills up to
-`prefill_chunk` prompt tokens (whole short prompts, or one chunk of a long one),
-and (3) runs one decode step for every running request. Requests therefore join
+`prefill_chunk` prompt tokens (whole short prompts together in one padded forward,
+or one chunk of a long one; 4x that while nothing is decoding), and (3) runs one
+decode step for every running request. Requests therefore join
 and leave the batch between decode steps, a long prompt delays running streams
 by at most one chunk per step, and a cancelled request (client gone) leaves at
 the next iteration.
