@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "verify": ("dsr1.commands.pull", "verify", "Re-check a stored model's files against their sha256."),
     "list": ("dsr1.commands.pull", "list_models", "List the models in the local store."),
     "rm": ("dsr1.commands.pull", "rm", "Remove a model from the local store."),
+    "serve": ("dsr1.commands.serve", "serve", "Serve a model with an OpenAI-compatible API and continuous batching."),
+    "chat": ("dsr1.commands.chat", "chat", "Chat with a model in the terminal (starts it, or talks to --url)."),
     "bench": ("dsr1.commands.bench", "bench", "Benchmark an OpenAI-compatible server: latency/throughput sweeps, plots, compare."),
 }
 

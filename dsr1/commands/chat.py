@@ -1,0 +1,69 @@
+"""`dsr1 chat`: a terminal chat that shows R1's reasoning dimmed, then the answer."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from dsr1.commands.options import ProfileOpt
+
+
+def chat(
+    model: Optional[str] = typer.Argument(None, help="Model to start a local server for (omit with --url)."),
+    url: Optional[str] = typer.Option(None, "--url", help="Talk to a running server instead, e.g. http://127.0.0.1:8000."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer key for --url (or DSR1_API_KEY)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap each reply."),
+    profile: Optional[str] = ProfileOpt,
+) -> None:
+    """Type a message, read the reply. /reset clears the conversation, /exit (or Ctrl-D) leaves. Earlier reasoning is not sent back (R1 does not expect it)."""
+    from rich.console import Console
+
+    from dsr1 import settings
+    from dsr1.chat import ChatSession, start_server
+    from dsr1.errors import UsageError
+
+    if bool(model) == bool(url):
+        raise UsageError("give either MODEL or --url", hint="dsr1 chat MODEL  or  dsr1 chat --url http://127.0.0.1:8000")
+    console = Console(highlight=False)
+    proc = None
+    key = settings.resolve("api_key", flag=api_key, default=None, kind=str).value
+    if model:
+        console.print(f"[dim]starting a server for {model}...[/]")
+        extra = ["--profile", profile] if profile else []
+        proc, url = start_server(model, extra)
+        key = None  # our own child on loopback: no key
+    try:
+        session = ChatSession(url, api_key=key, max_tokens=max_tokens)
+        name = session.connect()
+        console.print(f"[dim]chatting with {name} at {url}; /reset clears, /exit leaves[/]")
+        while True:
+            try:
+                text = console.input("[bold green]> [/]")
+            except EOFError:
+                break
+            if text.strip() in ("/exit", "/quit"):
+                break
+            if text.strip() == "/reset":
+                session.reset()
+                console.print("[dim](conversation cleared)[/]")
+                continue
+            if not text.strip():
+                continue
+            kind_before = None
+            for kind, delta in session.send(text):
+                if kind != kind_before and kind == "content" and kind_before == "reasoning":
+                    console.print()
+                console.print(delta, end="", style="dim" if kind == "reasoning" else None, markup=False)
+                kind_before = kind
+            r = session.last
+            console.print()
+            note = f" · stopped: {r.finish_reason}" if r.finish_reason == "length" else ""
+            console.print(f"[dim]{r.completion_tokens} tokens in {r.seconds:.1f}s · {r.tokens_per_second:.1f} tok/s{note}[/]")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except Exception:
+                proc.kill()

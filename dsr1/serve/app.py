@@ -1,0 +1,380 @@
+"""The HTTP layer: OpenAI-compatible routes over the scheduler (Starlette).
+
+Starlette rather than FastAPI: bodies are validated by dsr1.serve.schema so every
+error is OpenAI-shaped (FastAPI's own validation answers 422 in its format).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from dsr1.serve import schema
+from dsr1.serve.reasoning import ReasoningParser, split_full
+from dsr1.serve.sampling import SamplingParams
+from dsr1.serve.scheduler import Draining, Event, Overloaded, Request, Scheduler
+
+log = logging.getLogger("dsr1.serve")
+
+
+@dataclass
+class AppConfig:
+    model_name: str
+    max_model_len: int
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    reasoning_field: str = "both"  # reasoning_content | reasoning | both
+    system_prompt: str = "keep"  # keep | merge | drop
+    audit_log: Path | None = None
+    audit_content: bool = False
+    retry_after_s: int = 1
+
+
+class Audit:
+    """Opt-in JSONL audit log. Never records headers (API keys live there)."""
+
+    def __init__(self, path: Path | None, content: bool):
+        self.path, self.content = path, content
+        self._lock = threading.Lock()
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **rec: Any) -> None:
+        if not self.path:
+            return
+        if not self.content:
+            rec.pop("prompt", None)
+            rec.pop("output", None)
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **rec}, ensure_ascii=False)
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def _error(e: schema.ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class Api:
+    def __init__(self, scheduler: Scheduler, cfg: AppConfig, metrics):
+        self.sched, self.cfg, self.metrics = scheduler, cfg, metrics
+        self.tok = scheduler.model.tokenizer
+        self.reasoning_on = scheduler.model.has_think
+        self.audit = Audit(cfg.audit_log, cfg.audit_content)
+        self.ready = False
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _authorized(self, req: HttpRequest) -> bool:
+        if not self.cfg.api_key:
+            return True
+        header = req.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        # constant-time comparison of bytes so key length/prefix timing leaks nothing useful
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.cfg.api_key.encode())
+
+    async def _body(self, req: HttpRequest) -> Any:
+        length = req.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.cfg.max_body_bytes:
+            raise schema.ApiError(413, f"request body is {length} bytes; the limit is {self.cfg.max_body_bytes}",
+                                  code="request_too_large")
+        data = bytearray()
+        async for chunk in req.stream():
+            data += chunk
+            if len(data) > self.cfg.max_body_bytes:
+                raise schema.ApiError(413, f"request body exceeds the limit of {self.cfg.max_body_bytes} bytes",
+                                      code="request_too_large")
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise schema.ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+
+    def _check_model(self, name: str) -> None:
+        if name != self.cfg.model_name:
+            raise schema.ApiError(404, f"The model '{name}' does not exist; this server serves '{self.cfg.model_name}'",
+                                  param="model", code="model_not_found")
+
+    def _budget(self, prompt_len: int, asked: int | None, param: str) -> int:
+        room = self.cfg.max_model_len - prompt_len
+        if room < 1:
+            raise schema.ApiError(400, f"This model's maximum context length is {self.cfg.max_model_len} tokens. "
+                                       f"However, your {param} resulted in {prompt_len} tokens. Shorten the {param}.",
+                                  param=param, code="context_length_exceeded")
+        return room if asked is None else min(asked, room)
+
+    def _submit(self, ids: list[int], c: schema.Common, max_tokens: int, sink) -> Request:
+        params = SamplingParams(max_tokens=max_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed,
+                                stop=c.stop, ignore_eos=c.ignore_eos)
+        try:
+            return self.sched.submit(Request(ids, params, sink))
+        except Overloaded as e:
+            raise schema.ApiError(429, f"Server is overloaded ({e}); retry later", type="rate_limit_error",
+                                  code="overloaded", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+        except Draining:
+            raise schema.ApiError(503, "Server is shutting down", type="server_error", code="shutting_down",
+                                  headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], bool]:
+        msgs = [dict(m) for m in messages]
+        mode = self.cfg.system_prompt
+        if mode != "keep" and any(m["role"] == "system" for m in msgs):
+            system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
+            msgs = [m for m in msgs if m["role"] != "system"]
+            if mode == "merge":
+                first = next((m for m in msgs if m["role"] == "user"), None)
+                if first is None:
+                    msgs.insert(0, {"role": "user", "content": system})
+                else:
+                    first["content"] = f"{system}\n\n{first['content']}"
+        if not self.tok.chat_template:
+            raise schema.ApiError(400, "this model has no chat template; use /v1/completions with a raw prompt",
+                                  param="messages", code="no_chat_template")
+        try:
+            text = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja errors from the model's own template (e.g. role order rules)
+            raise schema.ApiError(400, f"the model's chat template rejected these messages: {e}",
+                                  param="messages") from None
+        ids = self.tok(text, add_special_tokens=False).input_ids
+        opened = self.reasoning_on and text.rstrip().endswith("<think>")
+        return ids, opened
+
+    def _reasoning_fields(self, text: str | None) -> dict[str, str]:
+        if text is None or not self.reasoning_on:
+            return {}
+        f = self.cfg.reasoning_field
+        out = {}
+        if f in ("reasoning_content", "both"):
+            out["reasoning_content"] = text
+        if f in ("reasoning", "both"):
+            out["reasoning"] = text
+        return out
+
+    # -- routes --------------------------------------------------------------------------------
+    async def health(self, req: HttpRequest) -> Response:
+        if not self.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        running, waiting = self.sched.counts()
+        return JSONResponse({"status": "ok", "model": self.cfg.model_name, "running": running, "waiting": waiting})
+
+    async def models(self, req: HttpRequest) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": self.cfg.model_name, "object": "model",
+                                                        "created": schema.now(), "owned_by": "dsr1",
+                                                        "max_model_len": self.cfg.max_model_len}]})
+
+    async def metrics_route(self, req: HttpRequest) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def chat(self, req: HttpRequest) -> Response:
+        return await self._handle(req, "chat")
+
+    async def completions(self, req: HttpRequest) -> Response:
+        return await self._handle(req, "completions")
+
+    async def _handle(self, req: HttpRequest, kind: str) -> Response:
+        t0 = time.perf_counter()
+        endpoint = f"/v1/{'chat/completions' if kind == 'chat' else 'completions'}"
+        client = req.client.host if req.client else "-"
+        try:
+            body = await self._body(req)
+            c = schema.parse_chat(body) if kind == "chat" else schema.parse_completion(body)
+            self._check_model(c.model)
+            if kind == "chat":
+                ids, opened = self._chat_prompt(c.messages)
+                param, prompt_text = "messages", c.messages
+            else:
+                opened = False
+                if isinstance(c.prompt, str):
+                    ids = self.tok(c.prompt).input_ids
+                else:
+                    ids = list(c.prompt)
+                    if any(t < 0 or t >= self.sched.model.vocab for t in ids):
+                        raise schema.bad("prompt", f"token ids must be in [0, {self.sched.model.vocab})")
+                param, prompt_text = "prompt", c.prompt
+            max_tokens = self._budget(len(ids), c.max_tokens, param)
+            queue: asyncio.Queue[Event] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            handle = self._submit(ids, c, max_tokens, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        except schema.ApiError as e:
+            self.metrics.requests.labels(endpoint, str(e.status)).inc()
+            self.audit.write(client=client, endpoint=endpoint, model=self.cfg.model_name, status=e.status,
+                             error=e.message)
+            return _error(e)
+        ctx = _Ctx(kind, c, ids, opened, handle, queue, endpoint, client, prompt_text, t0)
+        if c.stream:
+            return StreamingResponse(self._stream(ctx), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._complete(req, ctx)
+
+    async def _complete(self, req: HttpRequest, x: "_Ctx") -> Response:
+        text, ev = "", None
+        next_check = time.monotonic() + 0.25
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(x.queue.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    ev = None
+                # Tokens keep arriving while a client is gone, so check on a clock, not on idleness.
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 0.25
+                    if await req.is_disconnected():
+                        self.sched.abort(x.handle)
+                        self._done(x, 499, ev, text)
+                        return Response(status_code=499)
+                if ev is None:
+                    continue
+                text += ev.text
+                if ev.finish_reason:
+                    break
+        except asyncio.CancelledError:
+            self.sched.abort(x.handle)
+            raise
+        status = 500 if ev.finish_reason == "error" else 200
+        self._done(x, status, ev, text)
+        if status != 200:
+            return _error(schema.ApiError(500, "generation failed; see the server log", type="server_error"))
+        u = schema.usage(ev.prompt_tokens, ev.completion_tokens)
+        finish = "stop" if ev.finish_reason == "stop" else "length" if ev.finish_reason == "length" else ev.finish_reason
+        if x.kind == "chat":
+            if self.reasoning_on:
+                reasoning, content = split_full(text, x.opened)
+            else:
+                reasoning, content = None, text
+            msg = {"role": "assistant", "content": content, **self._reasoning_fields(reasoning)}
+            body = {"id": schema.new_id("chatcmpl"), "object": "chat.completion", "created": schema.now(),
+                    "model": self.cfg.model_name,
+                    "choices": [{"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}], "usage": u}
+        else:
+            out = (x.prompt if isinstance(x.prompt, str) else "") + text if x.c.echo else text
+            body = {"id": schema.new_id("cmpl"), "object": "text_completion", "created": schema.now(),
+                    "model": self.cfg.model_name,
+                    "choices": [{"index": 0, "text": out, "finish_reason": finish, "logprobs": None}], "usage": u}
+        return JSONResponse(body)
+
+    async def _stream(self, x: "_Ctx") -> AsyncIterator[bytes]:
+        rid, created = schema.new_id("chatcmpl" if x.kind == "chat" else "cmpl"), schema.now()
+        obj = "chat.completion.chunk" if x.kind == "chat" else "text_completion"
+        parser = ReasoningParser(x.opened) if (x.kind == "chat" and self.reasoning_on) else None
+        text, ev, finished = "", None, False
+
+        def chunk(delta: dict | None, finish: str | None = None, text_part: str | None = None) -> bytes:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+            if x.kind == "chat":
+                choice["delta"] = delta or {}
+            else:
+                choice["text"] = text_part or ""
+            payload = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": [choice]}
+            if x.c.include_usage:
+                payload["usage"] = None
+            return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+        try:
+            if x.kind == "chat":
+                yield chunk({"role": "assistant", "content": ""})
+            elif x.c.echo and isinstance(x.prompt, str):
+                yield chunk(None, text_part=x.prompt)
+            while True:
+                ev = await x.queue.get()
+                text += ev.text
+                last = ev.finish_reason is not None
+                parts = [parser.feed(ev.text)] if parser else [("", ev.text)]
+                if last and parser:
+                    parts.append(parser.finish())
+                for r, c in parts:
+                    if x.kind == "chat":
+                        delta: dict[str, str] = {}
+                        if r:
+                            delta.update(self._reasoning_fields(r))
+                        if c:
+                            delta["content"] = c
+                        if delta:
+                            yield chunk(delta)
+                    elif c:
+                        yield chunk(None, text_part=c)
+                if last:
+                    break
+            finished = True
+            if ev.finish_reason == "error":
+                err = schema.ApiError(500, "generation failed; see the server log", type="server_error")
+                yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+            else:
+                yield chunk({}, ev.finish_reason, "")
+                if x.c.include_usage:
+                    payload = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name,
+                               "choices": [], "usage": schema.usage(ev.prompt_tokens, ev.completion_tokens)}
+                    yield b"data: " + json.dumps(payload).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        finally:
+            # Client gone (generator closed or cancelled) before the end: free the slot now.
+            if not finished:
+                self.sched.abort(x.handle)
+            self._done(x, 200 if finished and ev and ev.finish_reason != "error" else 499 if not finished else 500,
+                       ev, text)
+
+    def _done(self, x: "_Ctx", status: int, ev: Event | None, text: str) -> None:
+        self.metrics.requests.labels(x.endpoint, str(status)).inc()
+        if ev is not None and ev.finish_reason == "length":
+            log.info("request %s hit max_tokens/context (%d tokens); finish_reason=length", x.handle.id,
+                     ev.completion_tokens)
+        self.audit.write(client=x.client, endpoint=x.endpoint, model=self.cfg.model_name, status=status,
+                         prompt_tokens=len(x.ids), completion_tokens=ev.completion_tokens if ev else 0,
+                         finish_reason=ev.finish_reason if ev else None,
+                         seconds=round(time.perf_counter() - x.t0, 4), prompt=x.prompt, output=text)
+
+
+@dataclass
+class _Ctx:
+    kind: str
+    c: Any
+    ids: list[int]
+    opened: bool
+    handle: Request
+    queue: asyncio.Queue
+    endpoint: str
+    client: str
+    prompt: Any
+    t0: float
+
+
+def create_app(scheduler: Scheduler, cfg: AppConfig, metrics, on_startup=None, on_shutdown=None) -> tuple[Starlette, Api]:
+    api = Api(scheduler, cfg, metrics)
+
+    def guarded(handler):
+        async def route(req: HttpRequest) -> Response:
+            if not api._authorized(req):
+                metrics.requests.labels(req.url.path, "401").inc()
+                return _error(schema.ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                                              code="invalid_api_key"))
+            return await handler(req)
+
+        return route
+
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/v1/models", guarded(api.models), methods=["GET"]),
+        Route("/metrics", guarded(api.metrics_route), methods=["GET"]),
+        Route("/v1/chat/completions", guarded(api.chat), methods=["POST"]),
+        Route("/v1/completions", guarded(api.completions), methods=["POST"]),
+    ]
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if on_startup:
+            on_startup()
+        try:
+            yield
+        finally:
+            if on_shutdown:
+                on_shutdown()
+
+    return Starlette(routes=routes, lifespan=lifespan), api

@@ -1,0 +1,186 @@
+"""The embedded engine adapter: a transformers causal LM driven one step at a time.
+
+The scheduler calls `prefill` (one prompt chunk into one slot) and `decode` (one
+token for every running slot) and never touches transformers itself. Masks and
+position ids are built here and passed ready-made, so the model's own mask
+builder and cache bookkeeping are bypassed (a 4-D mask is used as is by
+transformers.masking_utils).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsr1.errors import ConfigError, UsageError
+from dsr1.serve.kvcache import SlotCache
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+# DeepSeek-R1's chat template (tokenizer_config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-*, revision
+# after DeepSeek appended "<think>\n" to the generation prompt), without the tool-call branches.
+# Earlier assistant turns keep only the text after </think>, as the R1 template does.
+R1_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{% set content = message['content'] %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
+    "{%- endfor -%}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+R1_ASSISTANT_TOKEN = "<｜Assistant｜>"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype {name!r}", hint="use --dtype auto, bf16, fp16 or fp32") from None
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    dtype: str
+    device: str
+    max_position: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    is_r1: bool
+    has_think: bool
+    load_seconds: float
+
+
+class EmbeddedModel:
+    """One loaded model plus its tokenizer; `prefill`/`decode` run one forward each."""
+
+    def __init__(self, model_dir: Path, *, dtype: torch.dtype, device_map: str | None = None,
+                 max_memory: dict[Any, str] | None = None, offload_dir: Path | None = None, threads: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        if not (Path(model_dir) / "config.json").is_file():
+            raise ConfigError(f"{model_dir} is not a model directory (no config.json)",
+                              hint="pass a directory made by `dsr1 pull` or save_pretrained")
+        t0 = time.perf_counter()
+        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+        if device_map and device_map != "cpu":
+            kwargs["device_map"] = device_map
+            if max_memory:
+                kwargs["max_memory"] = max_memory
+            if offload_dir:
+                kwargs["offload_folder"] = str(offload_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+        self.dtype = dtype
+        cfg = self.model.config
+        self.config = cfg
+        self.layers = cfg.num_hidden_layers
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if getattr(cfg, "kv_lora_rank", None) or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
+            # MLA (DeepseekV3) and sliding windows store keys differently; the slot cache assumes plain GQA.
+            raise ConfigError(f"{cfg.model_type} attention is not supported by the embedded engine's slot cache",
+                              hint="serve an R1 distill (Qwen2/Llama) on the embedded engine")
+        self.input_device = self.model.get_input_embeddings().weight.device
+        if self.input_device.type == "meta":
+            self.input_device = torch.device("cpu")
+        self.vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        vocab = self.tokenizer.get_vocab()
+        self.is_r1 = R1_ASSISTANT_TOKEN in vocab
+        self.has_think = "</think>" in vocab
+        if self.is_r1 and not self.tokenizer.chat_template:
+            self.tokenizer.chat_template = R1_CHAT_TEMPLATE
+        self.max_position = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        self.info = ModelInfo(str(model_dir), str(dtype).removeprefix("torch."), str(self.input_device),
+                              self.max_position, self.layers, self.kv_heads, self.head_dim, self.vocab,
+                              self.is_r1, self.has_think, time.perf_counter() - t0)
+
+    def _layer_devices(self) -> list[torch.device]:
+        devs = []
+        for layer in self.model.model.layers:
+            d = next(layer.parameters()).device
+            devs.append(self.input_device if d.type == "meta" else d)
+        return devs
+
+    def make_cache(self, slots: int, max_len: int) -> SlotCache:
+        return SlotCache(self.layers, slots, self.kv_heads, max_len, self.head_dim, self.dtype, self._layer_devices())
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    @torch.inference_mode()
+    def prefill(self, cache: SlotCache, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Append `tokens` to row `slot` after `start` cached positions; logits of the last one."""
+        c = len(tokens)
+        dev = self.input_device
+        ids = torch.tensor([tokens], device=dev)
+        pos = torch.arange(start, start + c, device=dev).unsqueeze(0)
+        cols = torch.arange(start + c, device=dev)
+        mask = (cols[None, :] <= pos[0][:, None]).view(1, 1, c, start + c)
+        cache.for_prefill(slot, start)
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def prefill_rows(self, cache: SlotCache, first: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Whole prompts into rows first.. in one forward (right-padded); logits of each last token."""
+        n, L = len(prompts), max(len(p) for p in prompts)
+        dev = self.input_device
+        ids = torch.zeros(n, L, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        cols = torch.arange(L, device=dev)
+        # causal, and never a padded key; padded queries still see column 0 (no all-masked rows)
+        mask = (cols[None, None, :] <= cols[None, :, None]) & (cols[None, None, :] < lens[:, None, None])
+        cache.for_prefill_rows(first, n)
+        out = self.model.get_decoder()(input_ids=ids.to(dev), position_ids=cols.expand(n, L),
+                                       attention_mask=mask[:, None], cache=cache, use_cache=True)
+        last = out.last_hidden_state[torch.arange(n, device=dev), lens - 1]
+        head = self.model.get_output_embeddings()
+        return head(last.to(head.weight.device)).float()
+
+    @torch.inference_mode()
+    def decode(self, cache: SlotCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of rows 0..n-1; row i's token sits at positions[i]. Logits [n, vocab]."""
+        n = len(tokens)
+        dev = self.input_device
+        ids = torch.tensor(tokens, device=dev).view(n, 1)
+        pos = torch.tensor(positions, device=dev)
+        span = max(positions) + 1
+        mask = (torch.arange(span, device=dev)[None, :] <= pos[:, None]).view(n, 1, 1, span)
+        cache.for_decode(n, pos, span)
+        out = self.model(input_ids=ids, position_ids=pos.view(n, 1), attention_mask=mask, cache=cache,
+                         use_cache=True)
+        return out.logits[:, -1].float()
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

@@ -1,0 +1,343 @@
+"""Continuous batching: one engine thread that interleaves prompt chunks and decode steps.
+
+Each loop iteration (1) takes in new requests and cancellations, (2) prefills up to
+`prefill_chunk` prompt tokens (whole short prompts together in one padded forward,
+or one chunk of a long one; 4x that while nothing is decoding), and (3) runs one
+decode step for every running request. Requests therefore join
+and leave the batch between decode steps, a long prompt delays running streams
+by at most one chunk per step, and a cancelled request (client gone) leaves at
+the next iteration.
+
+Running requests occupy rows 0..n-1 of the slot cache; at most one request is
+part-way through its prompt and sits right after them. When a request leaves,
+the highest rows are moved into the hole so the batch stays one contiguous slice.
+
+The HTTP layer talks to this thread only through `submit`, `abort` and the sink
+callback each request carries (called on this thread; the HTTP layer hops back to
+its event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dsr1.serve.sampling import SamplingParams, make_generator, sample
+
+log = logging.getLogger("dsr1.serve")
+
+WAITING, PREFILL, RUNNING, DONE = "waiting", "prefill", "running", "done"
+
+
+class Overloaded(Exception):
+    """Running slots and the waiting queue are full (HTTP 429)."""
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Event:
+    """What a request's sink receives: new text, counts, and the finish reason at the end."""
+
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    id: str = ""
+    state: str = WAITING
+    slot: int = -1
+    cached: int = 0
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    pending_tokens: int = 0
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+    gen: torch.Generator | None = None
+    _pfx: int = 0
+    _read: int = 0
+
+
+class Scheduler:
+    def __init__(self, model, *, max_concurrent: int, max_queue: int, max_model_len: int, prefill_chunk: int = 256,
+                 stream_interval: int = 1, metrics=None, worker=None):
+        self.model = model
+        self.tok = model.tokenizer
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.max_model_len = max_model_len
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.stream_interval = max(1, stream_interval)
+        self.metrics = metrics
+        self.cache = model.make_cache(max_concurrent, max_model_len)
+        self._lock = threading.Condition()
+        self._inbox: list[Request] = []
+        self._aborts: set[Request] = set()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._rows: list[Request] = []
+        self._live = 0  # admitted and not finished (waiting + running), guarded by _lock
+        self._accepting = True
+        self._stop = False
+        self._ids = itertools.count(1)
+        # `worker`: the single-thread executor that loaded the model (see dsr1.serve.server.plan);
+        # the loop must run on that same OS thread.
+        self._worker = worker
+        self._future = None
+        self._thread = None if worker else threading.Thread(target=self._run, name="dsr1-engine", daemon=True)
+        self.steps = 0
+
+    # -- called from the HTTP side --------------------------------------------------------------
+    def start(self) -> None:
+        if self._worker is not None:
+            self._future = self._worker.submit(self._run)
+        else:
+            self._thread.start()
+
+    def submit(self, req: Request) -> Request:
+        with self._lock:
+            if not self._accepting:
+                raise Draining("server is shutting down")
+            if self._live >= self.max_concurrent + self.max_queue:
+                raise Overloaded(f"{self.max_concurrent} requests running and {self.max_queue} queued")
+            self._live += 1
+            req.id = req.id or f"req-{next(self._ids)}"
+            self._inbox.append(req)
+            self._lock.notify()
+        return req
+
+    def abort(self, req: Request) -> None:
+        with self._lock:
+            if req.state != DONE:
+                self._aborts.add(req)
+                self._lock.notify()
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            self._aborts.update(self._inbox)
+            self._aborts.update(self._waiting)
+            self._aborts.update(self._rows)
+            self._lock.notify()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._future is not None:
+            try:
+                self._future.result(timeout)
+            except Exception:
+                log.exception("engine loop ended with an error")
+        elif self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def live(self) -> int:
+        return self._live
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) right now; running includes the request being prefilled."""
+        with self._lock:
+            return len(self._rows), len(self._waiting) + len(self._inbox)
+
+    def kv_usage(self) -> float:
+        used = sum(r.cached for r in list(self._rows))
+        return used / max(1, self.cache.capacity_tokens)
+
+    # -- engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stop or self._inbox or self._aborts or self._waiting or self._rows):
+                    self._lock.wait()
+                if self._stop:
+                    break
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+                aborts, self._aborts = self._aborts, set()
+            for req in aborts:
+                self._finish(req, "abort")
+            try:
+                self._prefill_some()
+                self._decode_step()
+            except Exception:  # a failed forward must not kill the server: fail the requests in it
+                log.exception("engine step failed")
+                for req in list(self._rows):
+                    self._finish(req, "error")
+        for req in list(self._rows) + list(self._waiting) + self._inbox:
+            self._finish(req, "abort")
+
+    def _prefill_some(self) -> None:
+        """Spend up to `prefill_chunk` prompt tokens: first on a part-prefilled long prompt, then on
+        whole short prompts together in one forward, then on the first chunk of the next long one."""
+        budget = self.prefill_chunk
+        if not any(r.state == RUNNING for r in self._rows):
+            # Nobody is streaming, so nobody stalls: take a burst of arrivals in one forward.
+            budget *= 4
+        pre = self._rows[-1] if self._rows and self._rows[-1].state == PREFILL else None
+        if pre is not None:
+            budget -= self._prefill_chunk(pre, budget)
+            if pre.state == PREFILL:
+                return
+        fresh: list[Request] = []
+        used = 0
+        while (self._waiting and len(self._rows) + len(fresh) < self.max_concurrent
+               and used + len(self._waiting[0].prompt_ids) <= budget):
+            req = self._waiting.popleft()
+            used += len(req.prompt_ids)
+            fresh.append(req)
+        if fresh:
+            first = len(self._rows)
+            for i, req in enumerate(fresh):
+                req.state, req.slot = PREFILL, first + i
+                req.gen = None if req.params.greedy else make_generator(req.params.seed)
+                self._rows.append(req)
+            logits = self.model.prefill_rows(self.cache, first, [r.prompt_ids for r in fresh])
+            for req in fresh:
+                req.cached, req.state = len(req.prompt_ids), RUNNING
+            tokens = sample(logits, [r.params for r in fresh], [r.gen for r in fresh])
+            for req, tok in zip(fresh, tokens):
+                self._accept(req, tok)
+            budget -= used
+        if budget > 0 and self._waiting and len(self._rows) < self.max_concurrent \
+                and len(self._waiting[0].prompt_ids) > budget:
+            req = self._waiting.popleft()
+            req.state, req.slot = PREFILL, len(self._rows)
+            req.gen = None if req.params.greedy else make_generator(req.params.seed)
+            self._rows.append(req)
+            self._prefill_chunk(req, budget)
+
+    def _prefill_chunk(self, pre: Request, budget: int) -> int:
+        """One chunk of a long prompt into its row; returns the tokens used."""
+        chunk = pre.prompt_ids[pre.cached : pre.cached + budget]
+        logits = self.model.prefill(self.cache, pre.slot, chunk, pre.cached)
+        pre.cached += len(chunk)
+        if pre.cached == len(pre.prompt_ids):
+            pre.state = RUNNING
+            self._accept(pre, sample(logits[None], [pre.params], [pre.gen])[0])
+        return len(chunk)
+
+    def _decode_step(self) -> None:
+        batch = [r for r in self._rows if r.state == RUNNING]
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        logits = self.model.decode(self.cache, [r.out_ids[-1] for r in batch], [r.cached for r in batch])
+        for r in batch:
+            r.cached += 1
+        tokens = sample(logits, [r.params for r in batch], [r.gen for r in batch])
+        for r, t in zip(batch, tokens):
+            self._accept(r, t)
+        self.steps += 1
+        if self.metrics:
+            self.metrics.observe_step(len(batch), time.perf_counter() - t0)
+
+    # -- per-token bookkeeping ----------------------------------------------------------------
+    def _accept(self, req: Request, token: int) -> None:
+        now = time.perf_counter()
+        if req.first_token_at is None:
+            req.first_token_at = now
+            if self.metrics:
+                self.metrics.observe_ttft(now - req.arrived)
+        p = req.params
+        if token in self.model.eos_ids and not p.ignore_eos:
+            self._finish(req, "stop")
+            return
+        req.out_ids.append(token)
+        req.pending_tokens += 1
+        req.text += self._detok(req)
+        if p.stop:
+            hit = _find_stop(req.text, p.stop, req.sent)
+            if hit is not None:
+                req.text = req.text[:hit]
+                self._finish(req, "stop")
+                return
+        if len(req.out_ids) >= p.max_tokens or req.cached + 1 >= self.max_model_len:
+            self._finish(req, "length")
+            return
+        if req.pending_tokens >= self.stream_interval:
+            # Hold back a possible stop-string prefix so it is never streamed.
+            hold = max((len(s) - 1 for s in p.stop), default=0)
+            upto = max(req.sent, len(req.text) - hold)
+            self._emit(req, req.text[req.sent : upto])
+            req.sent = upto
+
+    def _detok(self, req: Request) -> str:
+        # Incremental decoding (as vLLM/TGI do): decode a small window and emit what grew,
+        # waiting while the tail is an incomplete UTF-8 sequence.
+        ids = req.out_ids
+        before = self.tok.decode(ids[req._pfx : req._read], skip_special_tokens=True)
+        after = self.tok.decode(ids[req._pfx :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            req._pfx, req._read = req._read, len(ids)
+            return after[len(before) :]
+        return ""
+
+    def _emit(self, req: Request, text: str, finish: str | None = None) -> None:
+        req.pending_tokens = 0
+        try:
+            req.sink(Event(text, len(req.out_ids), len(req.prompt_ids), finish))
+        except Exception:
+            log.exception("request sink failed")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.state == DONE:
+            return
+        if req in self._rows:
+            self._remove_row(req)
+        elif req in self._waiting:
+            self._waiting.remove(req)
+        elif req in self._inbox:
+            self._inbox.remove(req)
+        req.state, req.finish_reason = DONE, reason
+        with self._lock:
+            self._live -= 1
+            self._aborts.discard(req)
+        self._emit(req, req.text[req.sent :], reason)
+        req.sent = len(req.text)
+        if self.metrics:
+            self.metrics.observe_finish(req, time.perf_counter())
+
+    def _remove_row(self, req: Request) -> None:
+        self._rows.remove(req)
+        running = [r for r in self._rows if r.state == RUNNING]
+        pre = [r for r in self._rows if r.state == PREFILL]
+        n = len(running)
+        free = sorted(set(range(n)) - {r.slot for r in running})
+        for r, s in zip([r for r in running if r.slot >= n], free):
+            self.cache.move(r.slot, s, r.cached)
+            r.slot = s
+        for r in pre:
+            if r.slot != n:
+                self.cache.move(r.slot, n, r.cached)
+                r.slot = n
+        self._rows = sorted(running, key=lambda r: r.slot) + pre
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, start - len(s)))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best

@@ -1,0 +1,267 @@
+"""Start-up and shutdown: resolve the model, choose dtype/memory, run uvicorn, drain on signals.
+
+`plan` loads the model and decides every setting (printed by the command before
+serving); `run` serves until SIGTERM/SIGINT, then stops accepting, lets running
+requests finish for `grace` seconds, cancels the rest and returns (exit 0).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dsr1 import catalog, profiles, settings
+from dsr1.errors import HardwareError, NotFoundError, ServerError, UsageError
+
+log = logging.getLogger("dsr1.serve")
+
+MIN_CONTEXT = 256
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    profile: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_concurrent: int | None = None
+    max_queue: int | None = None
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_dir: Path | None = None
+    stream_interval: int = 1
+    prefill_chunk: int = 256
+    threads: int | None = None
+    served_name: str | None = None
+    reasoning_field: str = "both"
+    system_prompt: str = "auto"
+    audit_log: Path | None = None
+    audit_content: bool = False
+    grace: float = 30.0
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass
+class Plan:
+    """Everything chosen at start-up, printed before serving."""
+
+    model_dir: str
+    served_name: str
+    profile: str
+    dtype: str
+    dtype_reason: str
+    device: str
+    max_concurrent: int
+    max_queue: int
+    max_model_len: int
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+    memory_budget_bytes: int
+    prefill_chunk: int
+    system_prompt: str
+    reasoning: bool
+    load_seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """MODEL as a directory, or a name stored under DSR1_HOME/models.
+
+    The one place serve turns MODEL into a directory; `dsr1 pull`'s store replaces
+    the body with `dsr1.store.resolve_model_dir` when it lands.
+    """
+    try:
+        from dsr1.store import resolve_model_dir as store_resolve  # provided by `dsr1 pull` (issue 3)
+    except ImportError:
+        store_resolve = None
+    if store_resolve is not None:
+        return store_resolve(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise NotFoundError(f"{p} has no config.json", hint="point MODEL at a Hugging Face model directory")
+        return p
+    stored = settings.home() / "models" / name_or_path
+    if (stored / "config.json").is_file():
+        return stored
+    if catalog.find(name_or_path) is not None:
+        raise NotFoundError(f"model {name_or_path!r} is not downloaded yet", hint=f"run: dsr1 pull {name_or_path}")
+    near = catalog.suggestions(name_or_path)
+    raise NotFoundError(f"no model directory or catalog model named {name_or_path!r}",
+                        hint=("did you mean: " + ", ".join(near)) if near else "see `dsr1 models` for names")
+
+
+def _profile(name: str | None) -> profiles.Profile:
+    if name:
+        return profiles.get(name)
+    from dsr1.doctor import machine_from
+    from dsr1.probe.gpu import probe_gpus
+    from dsr1.probe.host import probe_host
+
+    return profiles.select(machine_from(probe_gpus(), probe_host(settings.home()))).profile
+
+
+def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int) -> tuple[str, str]:
+    """Default dtype by hardware and load (measured: docs/performance-serve.md)."""
+    if requested != "auto":
+        return requested, "flag"
+    if cuda:
+        import torch
+
+        return ("bf16", "GPU supports bf16") if torch.cuda.is_bf16_supported() else ("fp16", "GPU lacks bf16")
+    if bf16_cpu and batch > 1:
+        return "bf16", "CPU has AVX512-BF16/AMX: bf16 decodes ~1.5x faster than fp32 at batch 16"
+    if bf16_cpu:
+        return "fp32", "one request at a time: fp32 decodes faster than bf16 at batch 1 on this CPU"
+    return "fp32", "CPU without bf16 units"
+
+
+def _parse_max_memory(spec: str | None) -> dict[Any, str] | None:
+    if not spec:
+        return None
+    out: dict[Any, str] = {}
+    for part in spec.split(","):
+        dev, sep, amount = part.partition("=")
+        if not sep or not amount.strip():
+            raise UsageError(f"--max-memory {spec!r}: expected DEVICE=SIZE[,DEVICE=SIZE]",
+                             hint="e.g. --max-memory 0=20GiB,cpu=60GiB")
+        dev = dev.strip()
+        out[int(dev) if dev.isdigit() else dev] = amount.strip()
+    return out
+
+
+def size_context(*, slots: int, per_token: int, wanted: int | None, model_max: int, default: int,
+                 budget: int) -> int:
+    """Largest context (<= wanted/default and the model's limit) whose KV cache for all slots fits the budget."""
+    ctx = min(wanted or default, model_max)
+    fits = budget // max(1, slots * per_token)
+    if wanted and fits < wanted:
+        raise HardwareError(f"--max-model-len {wanted} x --max-concurrent {slots} needs "
+                            f"{slots * wanted * per_token / 2**30:.1f} GiB of KV cache; "
+                            f"{budget / 2**30:.1f} GiB is available",
+                            hint="lower --max-model-len or --max-concurrent")
+    ctx = min(ctx, fits // 16 * 16)
+    if ctx < MIN_CONTEXT:
+        raise HardwareError(f"only {fits} tokens of KV cache per request fit in {budget / 2**30:.1f} GiB",
+                            hint="lower --max-concurrent or free memory")
+    return ctx
+
+
+def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
+    """Load the model and choose every setting. Returns (Plan, scheduler, app config, metrics)."""
+    import psutil
+    import torch
+
+    from dsr1.probe.host import cpu_info
+    from dsr1.serve.app import AppConfig
+    from dsr1.serve.engine import EmbeddedModel, parse_dtype
+    from dsr1.serve.metrics import Metrics
+    from dsr1.serve.scheduler import Scheduler
+
+    model_dir = resolve_model_dir(opts.model)
+    prof = _profile(opts.profile)
+    s = prof.settings
+    max_concurrent = settings.resolve("max_concurrent", flag=opts.max_concurrent, profile=s.max_concurrent).value
+    if max_concurrent < 1:
+        raise UsageError("--max-concurrent must be at least 1")
+    max_queue = settings.resolve("max_queue", flag=opts.max_queue, default=4 * max_concurrent).value
+    if max_queue < 0:
+        raise UsageError("--max-queue must be 0 or more")
+    cuda = torch.cuda.is_available() and opts.device_map != "cpu"
+    _, flags = cpu_info()
+    dtype, why = choose_dtype(opts.dtype, cuda=cuda, bf16_cpu=any(f in flags for f in ("avx512_bf16", "amx_bf16")),
+                              batch=max_concurrent)
+    device_map = opts.device_map or ("auto" if cuda else "cpu")
+    progress(f"loading {model_dir} ({dtype}, device_map={device_map})")
+    # Every torch call runs on one dedicated thread, model loading included. With OpenMP each
+    # thread that calls into torch gets its own team of worker threads, and an idle team spins
+    # on the cores the other one needs: measured 30% slower decode (and far worse after a
+    # thread switch) when loading on the main thread and decoding on another.
+    worker = ThreadPoolExecutor(1, thread_name_prefix="dsr1-engine")
+    max_mem = _parse_max_memory(opts.max_memory)
+    model = worker.submit(EmbeddedModel, model_dir, dtype=parse_dtype(dtype), device_map=device_map,
+                          max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads).result()
+    per_token = model.kv_bytes_per_token()
+    if cuda:
+        free, _ = torch.cuda.mem_get_info()
+        budget = int(free * s.memory_utilization)
+    else:
+        budget = int(psutil.virtual_memory().available * s.memory_utilization)
+    max_len = size_context(slots=max_concurrent, per_token=per_token, wanted=opts.max_model_len,
+                           model_max=model.max_position, default=s.context_length, budget=budget)
+    system = opts.system_prompt
+    if system == "auto":
+        # DeepSeek: "avoid adding a system prompt" for R1; put instructions in the user turn.
+        system = "merge" if model.is_r1 else "keep"
+    warnings = []
+    if opts.host not in ("127.0.0.1", "localhost", "::1") and not opts.api_key:
+        warnings.append(f"binding {opts.host} without an API key: anyone who can reach this port can use the "
+                        f"model (set --api-key-file or DSR1_API_KEY)")
+    if device_map == "cpu" and (opts.max_memory or opts.offload_dir):
+        warnings.append("--max-memory/--offload-dir only apply with --device-map auto or cuda; ignored on cpu")
+    if not model.tokenizer.chat_template:
+        warnings.append("the model has no chat template: /v1/chat/completions answers 400; use /v1/completions")
+    name = opts.served_name or (opts.model if not Path(opts.model).expanduser().is_dir() else model_dir.name)
+    metrics = Metrics(name)
+    sched = worker.submit(Scheduler, model, max_concurrent=max_concurrent, max_queue=max_queue,
+                          max_model_len=max_len, prefill_chunk=opts.prefill_chunk,
+                          stream_interval=opts.stream_interval, metrics=metrics, worker=worker).result()
+    metrics.bind(sched.counts, sched.kv_usage, sched.cache.total_bytes)
+    cfg = AppConfig(model_name=name, max_model_len=max_len, api_key=opts.api_key,
+                    max_body_bytes=opts.max_body_bytes, reasoning_field=opts.reasoning_field, system_prompt=system,
+                    audit_log=opts.audit_log, audit_content=opts.audit_content)
+    p = Plan(str(model_dir), name, prof.name, dtype, why, model.info.device, max_concurrent, max_queue, max_len,
+             sched.cache.total_bytes, per_token, budget, opts.prefill_chunk, system, model.has_think,
+             round(model.info.load_seconds, 2), warnings)
+    return p, sched, cfg, metrics
+
+
+def run(opts: ServeOptions, p: Plan, sched, cfg, metrics, on_ready: Callable[[str], None]) -> None:
+    """Serve until a signal; drain for opts.grace seconds; return normally (exit 0)."""
+    import uvicorn
+
+    from dsr1.serve.app import create_app
+
+    def startup() -> None:
+        sched.start()
+
+    def shutdown() -> None:
+        sched.cancel_all()
+        sched.shutdown()
+
+    app, api = create_app(sched, cfg, metrics, on_startup=startup, on_shutdown=shutdown)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            sched.stop_accepting()
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after shutdown, which would end the
+            # process with -SIGTERM; a drained server exits 0 instead.
+            self._captured_signals.clear()
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                api.ready = True
+                sock = self.servers[0].sockets[0].getsockname()
+                on_ready(f"http://{sock[0]}:{sock[1]}")
+
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=int(max(1, opts.grace)), lifespan="on")
+    server = _Server(config)
+    try:
+        server.run()
+    finally:
+        sched.cancel_all()
+        sched.shutdown()
+    if not server.started:
+        raise ServerError(f"could not listen on {opts.host}:{opts.port}", hint="pick another --port")
+
+
+__all__ = ["ServeOptions", "Plan", "plan", "run", "resolve_model_dir", "choose_dtype", "size_context"]

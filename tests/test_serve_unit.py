@@ -1,0 +1,145 @@
+"""Pure-logic tests of serve's pieces: reasoning split, sampling, request validation, sizing."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsr1.errors import HardwareError, NotFoundError
+from dsr1.serve import schema
+from dsr1.serve.reasoning import ReasoningParser, split_full
+
+
+def _stream(chunks, opened):
+    p = ReasoningParser(opened)
+    r_all = c_all = ""
+    for c in chunks:
+        r, t = p.feed(c)
+        r_all, c_all = r_all + r, c_all + t
+    r, t = p.finish()
+    return r_all + r, c_all + t
+
+
+@pytest.mark.parametrize("chunks,opened,expected", [
+    (["<th", "ink>\nhm", "m </th", "ink>\n\nAns", "wer"], False, ("hmm ", "Answer")),  # tags split across chunks
+    (["\nhm", "m </th", "ink>\n\nAns", "wer"], True, ("hmm ", "Answer")),  # template opened <think>
+    (["<think>\nhmm", "</think>ok"], True, ("hmm", "ok")),  # model repeats the opened tag
+    (["never closed <"], True, ("never closed <", "")),  # max_tokens hit inside reasoning
+    (["Hello", " world"], False, ("", "Hello world")),  # no tags: stays content (sglang #4539)
+    (["<think>\n\n</think>\n\nHi"], False, ("", "Hi")),  # R1 skipping its reasoning
+    (["a < b and <thinking> is not a tag"], False, ("", "a < b and <thinking> is not a tag")),
+])
+def test_reasoning_stream_split(chunks, opened, expected):
+    assert _stream(chunks, opened) == expected
+    # one-shot split agrees with the streamed one
+    r, c = split_full("".join(chunks), opened)
+    assert ((r or ""), c) == expected
+
+
+def test_reasoning_full_close_without_open_moves_text():
+    assert split_full("thinking</think>\n\nanswer", False) == ("thinking", "answer")
+    assert split_full("plain", False) == (None, "plain")
+
+
+def test_sampling_seed_is_per_request_and_top_p_exact():
+    import torch
+
+    from dsr1.serve.sampling import SamplingParams, make_generator, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5000)
+    p = SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, seed=123)
+    a = sample(logits, [p, p, p], [make_generator(123) for _ in range(3)])
+    b = sample(logits[:1], [p], [make_generator(123)])
+    assert a[0] == b[0]
+    greedy = SamplingParams(max_tokens=5, temperature=0.0)
+    assert sample(logits, [greedy] * 3, [None] * 3) == logits.argmax(-1).tolist()
+    # top_p keeps exactly the smallest prefix reaching p: a peaked row samples only from its top tokens
+    row = torch.full((5000,), -20.0)
+    row[7], row[9] = 5.0, 4.0
+    hot = SamplingParams(max_tokens=5, temperature=1.0, top_p=0.5)
+    assert {sample(row[None], [hot], [make_generator(s)])[0] for s in range(30)} == {7}
+    wide = SamplingParams(max_tokens=5, temperature=1.0, top_p=0.9)
+    assert {sample(row[None], [wide], [make_generator(s)])[0] for s in range(60)} == {7, 9}
+    flat = torch.zeros(1, 5000)  # the top-k shortcut does not reach top_p: falls back to the full sort
+    drawn = {sample(flat, [wide], [make_generator(s)])[0] for s in range(20)}
+    assert len(drawn) > 15 and all(0 <= t < 5000 for t in drawn)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+     "stream_options"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": "1"}, "seed"),
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+])
+def test_chat_validation_names_the_parameter(body, param):
+    with pytest.raises(schema.ApiError) as e:
+        schema.parse_chat(body)
+    assert e.value.status == 400 and e.value.param == param
+    assert e.value.body()["error"]["param"] == param
+
+
+def test_chat_defaults_follow_deepseek():
+    c = schema.parse_chat({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+                           "max_completion_tokens": 7})
+    assert (c.temperature, c.top_p, c.max_tokens, c.messages[0]["content"]) == (0.6, 0.95, 7, "x")
+
+
+def test_size_context_bounds_memory():
+    from dsr1.serve.server import size_context
+
+    per = 1000
+    # default context shrinks to what the budget allows for all slots
+    assert size_context(slots=4, per_token=per, wanted=None, model_max=8192, default=8192, budget=4 * 1000 * 2000) == 2000
+    assert size_context(slots=4, per_token=per, wanted=None, model_max=1024, default=8192, budget=10**12) == 1024
+    with pytest.raises(HardwareError, match="max-model-len"):
+        size_context(slots=4, per_token=per, wanted=4096, model_max=8192, default=8192, budget=4 * 1000 * 2000)
+    with pytest.raises(HardwareError):
+        size_context(slots=64, per_token=per, wanted=None, model_max=8192, default=8192, budget=64 * 1000 * 100)
+
+
+def test_dtype_choice_by_hardware_and_batch():
+    from dsr1.serve.server import choose_dtype
+
+    assert choose_dtype("auto", cuda=False, bf16_cpu=True, batch=16)[0] == "bf16"
+    assert choose_dtype("auto", cuda=False, bf16_cpu=True, batch=1)[0] == "fp32"
+    assert choose_dtype("auto", cuda=False, bf16_cpu=False, batch=16)[0] == "fp32"
+    assert choose_dtype("fp16", cuda=False, bf16_cpu=True, batch=16) == ("fp16", "flag")
+
+
+def test_resolve_model_names(tmp_path, isolated_home):
+    from dsr1.serve.server import resolve_model_dir
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert resolve_model_dir(str(tmp_path / "m")) == tmp_path / "m"
+    with pytest.raises(NotFoundError) as e:
+        resolve_model_dir("r1-distill-qwen-1.5b")
+    assert "dsr1 pull r1-distill-qwen-1.5b" in e.value.hint
+    with pytest.raises(NotFoundError):
+        resolve_model_dir("no-such-model-anywhere")
+
+
+def test_serve_and_chat_commands_import_no_torch():
+    import subprocess
+    import sys
+
+    from tests.serve_util import REPO
+
+    code = ("import sys, dsr1.cli, dsr1.commands.serve, dsr1.commands.chat; "
+            "print(','.join(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(REPO)},
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
