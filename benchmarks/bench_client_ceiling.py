@@ -10,7 +10,7 @@ share the client's GIL) streams a whole answer at once. Against it we measure:
   "added latency" = a client's TTFT / E2E percentile minus the raw floor's.
 
   ceiling: closed loop at --concurrency for --requests streamed requests, req/s,
-  for dsr1 and httpx; GuideLLM too when it is importable (see docs/performance-bench.md).
+  for dsr1 and httpx; GuideLLM too when it is importable (see docs/performance.md).
 
 Targets (issue 5): >= 1000 streamed req/s, < 1 ms added p50.
 Run: python benchmarks/bench_client_ceiling.py [--requests 3000] [--concurrency 32] [--tokens 16]

@@ -98,17 +98,16 @@ def _candidates(spec: catalog.ModelSpec, target: fit.Target) -> list[str]:
 
 
 def command_for(spec: catalog.ModelSpec, precision: str, profile: profiles.Profile, tp: int) -> str:
-    """The exact next command, using only commands this dsr1 has."""
-    from dsr1.cli import COMMANDS
-
-    if "serve" in COMMANDS:
-        quant = "" if precision in ("bf16", "fp16", "fp32", "fp8") else f" --quant {precision}"
-        return f"dsr1 serve {spec.name} --profile {profile.name}{quant}"
-    if "pull" in COMMANDS:
-        return f"dsr1 pull {spec.name}"
-    if profile.settings.engine in ("vllm", "sglang"):
-        return f"vllm serve {spec.repo} --tensor-parallel-size {tp}"
-    return f"hf download {spec.repo}"
+    """The exact next command. The embedded engine is dsr1's own (pull, then serve);
+    multi-GPU profiles hand the model to the distributed engine they name."""
+    engine = profile.settings.engine
+    if engine == "vllm":
+        quant = " --quantization fp8" if precision == "fp8" and spec.native_dtype != "fp8" else ""
+        return f"vllm serve {spec.repo} --tensor-parallel-size {tp}{quant}"
+    if engine == "sglang":
+        return f"python -m sglang.launch_server --model-path {spec.repo} --tp {tp} --trust-remote-code"
+    quant = f" --quant {precision}" if precision in ("int8", "nf4") else ""
+    return f"dsr1 pull {spec.name}{quant} && dsr1 serve {spec.name}"
 
 
 def recommend(spec: catalog.ModelSpec, target: fit.Target, profile: profiles.Profile) -> Recommendation:

@@ -15,7 +15,7 @@ NLL 16.5 instead of 2.5 on the demo model). Two defences here:
 
 Peak memory: transformers quantizes each weight as it is loaded, so the process holds
 the quantized model plus one checkpoint shard in 16-bit, then the reloaded copy for the
-check: about 2x the quantized size + the largest shard (measured in docs/performance-pull.md).
+check: about 2x the quantized size + the largest shard (measured in docs/performance.md).
 """
 
 from __future__ import annotations

@@ -50,9 +50,9 @@ def hub(monkeypatch):
 
 
 def cli(*args: str):
-    from dsr1.cli import app
+    from dsr1.cli import build_app
 
-    return CliRunner().invoke(app, list(args))
+    return CliRunner().invoke(build_app(), list(args))
 
 
 def subprocess_env(extra: dict | None = None) -> dict:

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 def cli(*args: str):
-    from dsr1.cli import app
+    from dsr1.cli import build_app
 
-    return CliRunner().invoke(app, list(args))
+    return CliRunner().invoke(build_app(), list(args))
 
 
 def _greedy(model, tok, n: int = 24) -> list[int]:

@@ -89,9 +89,9 @@ def test_pull_from_olah_mirror(tmp_path):
                 if time.time() > deadline or proc.poll() is not None:
                     pytest.fail("olah did not start")
                 time.sleep(0.3)
-        from dsr1.cli import app
+        from dsr1.cli import build_app
 
-        r = CliRunner().invoke(app, ["pull", "acme/tiny-model", "--quant", "none", "--endpoint", endpoint, "--json"])
+        r = CliRunner().invoke(build_app(), ["pull", "acme/tiny-model", "--quant", "none", "--endpoint", endpoint, "--json"])
         assert r.exit_code == 0, r.output
         m = store.load("tiny-model")
         assert sorted(f.path for f in m.files) == ["config.json", "model.safetensors", "tokenizer_config.json"]

@@ -108,7 +108,7 @@ def _profile(name: str | None) -> profiles.Profile:
 
 
 def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int) -> tuple[str, str]:
-    """Default dtype by hardware and load (measured: docs/performance-serve.md)."""
+    """Default dtype by hardware and load (measured: docs/performance.md)."""
     if requested != "auto":
         return requested, "flag"
     if cuda:
