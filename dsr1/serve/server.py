@@ -8,6 +8,7 @@ requests finish for `grace` seconds, cancels the rest and returns (exit 0).
 from __future__ import annotations
 
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,31 +71,30 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """MODEL as a directory, or a name stored under DSR1_HOME/models.
+def resolve_model_dir(name_or_path: str, profile: str | None = None) -> Path:
+    """MODEL as a directory or a stored name (dsr1.store); a catalog name that is
+    not stored yet is pulled first, with the precision the profile picks."""
+    from dsr1 import store
 
-    The one place serve turns MODEL into a directory; `dsr1 pull`'s store replaces
-    the body with `dsr1.store.resolve_model_dir` when it lands.
-    """
     try:
-        from dsr1.store import resolve_model_dir as store_resolve  # provided by `dsr1 pull` (issue 3)
-    except ImportError:
-        store_resolve = None
-    if store_resolve is not None:
-        return store_resolve(name_or_path)
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise NotFoundError(f"{p} has no config.json", hint="point MODEL at a Hugging Face model directory")
-        return p
-    stored = settings.home() / "models" / name_or_path
-    if (stored / "config.json").is_file():
-        return stored
-    if catalog.find(name_or_path) is not None:
-        raise NotFoundError(f"model {name_or_path!r} is not downloaded yet", hint=f"run: dsr1 pull {name_or_path}")
-    near = catalog.suggestions(name_or_path)
-    raise NotFoundError(f"no model directory or catalog model named {name_or_path!r}",
-                        hint=("did you mean: " + ", ".join(near)) if near else "see `dsr1 models` for names")
+        return store.resolve_model_dir(name_or_path)
+    except NotFoundError:
+        spec = catalog.find(str(name_or_path))
+        if spec is None or Path(str(name_or_path)).expanduser().exists():
+            raise
+    for m in store.list_models():  # pulled earlier under a quantized name (e.g. NAME-nf4)
+        if m.name in (spec.name, f"{spec.name}-int8", f"{spec.name}-nf4"):
+            return store.resolve_model_dir(m.name)
+    from dsr1.download import Reporter
+    from dsr1.pull import pull
+
+    class _Stages(Reporter):
+        def stage(self, text: str) -> None:
+            print(f"dsr1 serve: {text}", file=sys.stderr, flush=True)
+
+    print(f"dsr1 serve: {spec.name} is not in the store; pulling {spec.repo} first", file=sys.stderr, flush=True)
+    result = pull(spec.name, profile=profile, reporter=_Stages())
+    return Path(result.model_dir)
 
 
 def _profile(name: str | None) -> profiles.Profile:
@@ -164,7 +164,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
     from dsr1.serve.metrics import Metrics
     from dsr1.serve.scheduler import Scheduler
 
-    model_dir = resolve_model_dir(opts.model)
+    model_dir = resolve_model_dir(opts.model, opts.profile)
     prof = _profile(opts.profile)
     s = prof.settings
     max_concurrent = settings.resolve("max_concurrent", flag=opts.max_concurrent, profile=s.max_concurrent).value
