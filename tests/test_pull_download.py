@@ -77,7 +77,11 @@ def test_pull_happy_path_cache_layout_manifest_and_reuse(hub):
     # Standard HF cache layout: other tools find the files without the network.
     from huggingface_hub import hf_hub_download
 
-    cached = hf_hub_download(REPO, "model.safetensors", local_files_only=True)
+    from dsr1 import settings
+
+    # huggingface_hub reads HF_HOME once at import (an earlier test's value), so name the
+    # cache this test's HF_HOME points at, as any tool sharing the cache would.
+    cached = hf_hub_download(REPO, "model.safetensors", local_files_only=True, cache_dir=settings.hf_hub_cache())
     assert Path(cached).read_bytes() == files["model.safetensors"]
     assert store.resolve_model_dir("tiny-model") == Path(m.model_dir)
     # Again: nothing re-downloaded (files are re-hashed, not re-fetched).
