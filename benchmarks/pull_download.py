@@ -82,6 +82,8 @@ def bench_download(endpoint: str, size: int, runs: int, work: Path) -> tuple[flo
             out.unlink(missing_ok=True)
             shutil.rmtree(cache, ignore_errors=True)
     total = plan.total  # dsr1 also fetches config/tokenizer: count them in its bytes
+    for name, runs_s in (("dsr1", ours), ("curl -o", theirs), ("curl && sync", durable), ("curl|tee|sha", hashed)):
+        print(f"seconds per run, {name:<13}", " ".join(f"{t:.2f}" for t in runs_s))
     print(f"CPU seconds per run (median): dsr1 {statistics.median(cpu['ours']):.2f}, "
           f"curl {statistics.median(cpu['curl']):.2f}")
     return (total / min(ours), size / min(theirs), total / statistics.median(ours), size / statistics.median(theirs),
