@@ -151,6 +151,21 @@ def test_clear_errors_before_the_run(case, code, needle, tmp_path):
     assert not (tmp_path / "r" / "results.json").exists()
 
 
+def test_api_key_from_dsr1_api_key_environment(tmp_path, monkeypatch, demo_model_dir):
+    """The key `dsr1 serve` reads from DSR1_API_KEY is the one bench sends when --api-key is absent."""
+    monkeypatch.setenv("DSR1_API_KEY", "k")
+    with LoopbackServer(behaviour=Behaviour(model="m", api_key="k")) as srv:
+        res = invoke("--url", srv.url, "--tokenizer", demo_model_dir, "--concurrency", "1", "--requests", 2,
+                     "--warmup", 0, "--input-len", 40,
+                     "--output-len", 2, "--no-plots", "--out", tmp_path / "r", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["points"][0]["summary"]["completed"] == 2
+    monkeypatch.setenv("DSR1_API_KEY", "wrong")
+    with LoopbackServer(behaviour=Behaviour(model="m", api_key="k")) as srv:
+        res = invoke("--url", srv.url, "--out", tmp_path / "s")
+    assert res.exit_code == 9 and "--api-key" in res.output
+
+
 def test_ctrl_c_keeps_finished_points(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

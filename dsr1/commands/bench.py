@@ -30,7 +30,7 @@ def bench(
         help="A model for `dsr1 serve` to run for the benchmark (omit with --url); or `compare` and results files."),
     url: Optional[str] = typer.Option(None, "--url", help="Base URL of a running OpenAI-compatible server."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name the server serves (default: its first)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer key the server expects."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer key the server expects (or DSR1_API_KEY)."),
     endpoint: str = typer.Option("chat", "--endpoint", help="chat (/v1/chat/completions) or completions."),
     concurrency: Optional[str] = typer.Option(None, "--concurrency", help="Closed-loop sweep: users in flight, e.g. 1,2,4,8,16."),
     rate: Optional[str] = typer.Option(None, "--rate", help="Open-loop sweep: requests/s, e.g. 1,2,4,inf."),
@@ -72,8 +72,13 @@ def bench(
     if (serve_model is None) == (url is None):
         raise UsageError("say which server to measure",
                          hint="pass --url http://HOST:PORT for a running server, or a MODEL for dsr1 serve to run")
+    from dsr1 import settings
     from dsr1.bench.metrics import parse_slo
     from dsr1.bench.sweep import BenchConfig
+
+    # Same source as `dsr1 serve` and `dsr1 chat`: a DSR1_API_KEY that a spawned `dsr1 serve`
+    # inherits (and then requires) is also the key the benchmark sends.
+    api_key = settings.resolve("api_key", flag=api_key, default=None, kind=str).value or None
 
     cfg = BenchConfig(url=url or "", model=model, api_key=api_key, endpoint=endpoint,
                       concurrency=_ints(concurrency, "--concurrency") if concurrency else [],
