@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -25,12 +26,25 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+PIPE_WIDTH = 120
+
+
+def _width(stream) -> int | None:
+    """Rich's width, except into a pipe or file without COLUMNS: there it would use 80, which
+    folds doctor's tables into ten-line rows in every log and `| tee`; logs are read wide."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return None if tty or os.environ.get("COLUMNS") else PIPE_WIDTH
+
+
 class Output:
     def __init__(self, json_mode: bool = False, quiet: bool = False):
         self.json_mode = json_mode
         self.quiet = quiet
-        self.console = Console(highlight=False)
-        self.err = Console(stderr=True, highlight=False)
+        self.console = Console(highlight=False, width=_width(sys.stdout))
+        self.err = Console(stderr=True, highlight=False, width=_width(sys.stderr))
 
     def result(self, data: Any, render: Callable[[Console], None] | None = None) -> None:
         if self.json_mode:

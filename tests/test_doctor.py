@@ -144,6 +144,16 @@ def test_doctor_human_report_names_distills_and_next_command():
     assert "Profile  cpu" in res.stdout and "r1-distill-qwen-1.5b" in res.stdout and "Next:" in res.stdout
 
 
+def test_doctor_into_a_pipe_is_wide_enough_for_one_line_rows():
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    res = subprocess.run([sys.executable, "-m", "dsr1", "doctor"], capture_output=True, text=True, timeout=120,
+                         env={**env, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if "r1-distill-qwen-1.5b" in line and "│" in line]
+    assert rows and "GB" in rows[0]  # the memory column is not folded onto a second line
+    assert max(len(line) for line in res.stdout.splitlines()) <= 120
+
+
 def test_doctor_exit_code_when_nothing_fits(isolated_home):
     # A profile demanding more than this machine has: doctor says so and exits 5.
     res = _dsr1("doctor", "--profile", "enterprise", "--json")
