@@ -43,6 +43,7 @@ PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 SUFFIX = ".dsr1.incomplete"
 DEFAULT_WORKERS = 4
+MAX_WORKERS = 32  # connections to one hub or mirror; more only gets a client throttled
 STALE_PARTIAL_S = 7 * 24 * 3600
 
 

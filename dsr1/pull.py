@@ -100,8 +100,13 @@ def _profile_precision(profile: str | None, model: str | None) -> str | None:
 
 def pull(source: str, *, name: str | None = None, revision: str | None = None, endpoint: str | None = None,
          quant: str | None = None, profile: str | None = None, local_dir: Path | None = None,
-         allow_pickle: bool = False, reporter: Reporter | None = None) -> PullResult:
+         allow_pickle: bool = False, reporter: Reporter | None = None, workers: int | None = None) -> PullResult:
+    from dsr1.download import DEFAULT_WORKERS, MAX_WORKERS
+
     reporter = reporter or Reporter()
+    workers = DEFAULT_WORKERS if workers is None else workers
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers {workers} is out of range", hint=f"use 1 to {MAX_WORKERS} (default {DEFAULT_WORKERS})")
     src = classify(source)
     if revision is not None and src.kind in ("gguf", "dir"):
         raise UsageError("--revision applies to hub downloads only", hint="drop --revision for local files")
@@ -120,7 +125,8 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
     work = entry / f".tmp-{os.getpid()}"
     try:
         if src.repo_id:
-            model_dir = _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter, result, manifest)
+            model_dir = _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter, result, manifest,
+                                  workers)
         elif src.kind == "gguf":
             model_dir = _from_gguf(src, work, method, reporter, manifest)
         else:
@@ -147,7 +153,7 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
     return result
 
 
-def _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter, result, manifest) -> Path:
+def _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter, result, manifest, workers) -> Path:
     from dsr1 import download
 
     endpoint = (endpoint or settings.hf_endpoint()).rstrip("/")
@@ -160,7 +166,7 @@ def _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter
     extra = int(weights * OUTPUT_RATIO[method])
     dl = download.download(plan, token=token, cache_dir=None if local_dir else settings.hf_hub_cache(),
                            local_dir=local_dir.resolve() if local_dir else None, reporter=reporter,
-                           extra_space=extra, extra_label=f"for the {method} output" if extra else "")
+                           extra_space=extra, extra_label=f"for the {method} output" if extra else "", workers=workers)
     result.resolved_revision = plan.sha
     result.downloaded_bytes, result.reused_bytes = dl.fetched, dl.reused
     result.resumed_bytes, result.refetched_corrupt, result.cleaned = dl.resumed, dl.refetched_bad, dl.cleaned

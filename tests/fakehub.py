@@ -69,6 +69,9 @@ class FakeHub:
         self.drops: dict[str, list[int]] = {}  # path -> drop the connection after N body bytes (one-shot each)
         self.corrupt_once: set[str] = set()  # paths served with one flipped byte, once
         self.ignore_range = False
+        self.bodies_in_flight = 0  # file bodies being sent right now, and the most at once
+        self.max_bodies_in_flight = 0
+        self._flight_lock = threading.Lock()
         self.approved_tokens: set[str] = set()
         self._server: ThreadingHTTPServer | None = None
 
@@ -288,23 +291,30 @@ class _Handler(BaseHTTPRequestHandler):
         if hub.drops.get(path):
             drop_at = hub.drops[path].pop(0)
         sent, step, t0 = 0, 256 << 10, time.monotonic()
-        while sent < len(body):
-            n = min(step, len(body) - sent)
-            if drop_at is not None and start + sent + n >= drop_at:
-                n = max(0, drop_at - start - sent)
+        with hub._flight_lock:
+            hub.bodies_in_flight += 1
+            hub.max_bodies_in_flight = max(hub.max_bodies_in_flight, hub.bodies_in_flight)
+        try:
+            while sent < len(body):
+                n = min(step, len(body) - sent)
+                if drop_at is not None and start + sent + n >= drop_at:
+                    n = max(0, drop_at - start - sent)
+                    self.wfile.write(body[sent:sent + n])
+                    hub.sent[path] += n
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)  # mid-body drop: the client sees a short read
+                    self.close_connection = True
+                    return
                 self.wfile.write(body[sent:sent + n])
+                sent += n
                 hub.sent[path] += n
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_RDWR)  # mid-body drop: the client sees a short read
-                self.close_connection = True
-                return
-            self.wfile.write(body[sent:sent + n])
-            sent += n
-            hub.sent[path] += n
-            if hub.throttle:
-                ahead = sent / hub.throttle - (time.monotonic() - t0)
-                if ahead > 0:
-                    time.sleep(ahead)
+                if hub.throttle and sent < len(body):  # no sleep after the last byte: the body is done
+                    ahead = sent / hub.throttle - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        finally:
+            with hub._flight_lock:
+                hub.bodies_in_flight -= 1
 
 
 def serve_main() -> None:

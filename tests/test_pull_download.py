@@ -465,3 +465,19 @@ def test_sink_write_behind_keeps_every_byte(tmp_path):
     sink.close()
     assert part.read_bytes() == data
     assert sink.hasher.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_workers_bounds_files_downloaded_at_once(hub):
+    files = {"config.json": CONFIG, **{f"model-0000{i}-of-00004.safetensors": os.urandom(1 << 20) for i in range(1, 5)}}
+    hub.add_repo(REPO, files)
+    hub.throttle = 8 << 20  # 1 MiB each takes ~0.12 s: long enough for parallel bodies to overlap
+    r = cli("pull", REPO, "--quant", "none", "--workers", "1", "--json")
+    assert r.exit_code == 0, r.output
+    assert hub.max_bodies_in_flight == 1
+    cli("rm", "tiny-model")
+    hub.max_bodies_in_flight = 0
+    r = cli("pull", REPO, "--quant", "none", "--local-dir", str(Path(os.environ["DSR1_HOME"]) / "ld"), "--json")
+    assert r.exit_code == 0, r.output
+    assert hub.max_bodies_in_flight > 1  # the default (4) really runs files side by side
+    r = cli("pull", REPO, "--workers", "0")
+    assert r.exit_code == 2 and "--workers" in r.output

@@ -58,6 +58,7 @@ def pull(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub or mirror URL (default: HF_ENDPOINT or https://huggingface.co)."),
     local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Download here instead of the Hugging Face cache."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.pt) when a repo has no safetensors."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Files downloaded at once, 1-32 (default 4)."),
     profile: Optional[str] = ProfileOpt,
     json: bool = JsonOpt,
     quiet: bool = QuietOpt,
@@ -72,7 +73,8 @@ def pull(
     reporter.silence_libraries = json or quiet
     try:
         result = core.pull(source, name=name, revision=revision, endpoint=endpoint, quant=quant, profile=profile,
-                           local_dir=local_dir, allow_pickle=allow_pickle, reporter=reporter)
+                           local_dir=local_dir, allow_pickle=allow_pickle, reporter=reporter,
+                           workers=workers)
     finally:
         if isinstance(reporter, RichReporter):
             reporter.close()
