@@ -104,10 +104,15 @@ class ChatSession:
         self.history.clear()
 
 
-def start_server(model: str, extra: list[str] | None = None, timeout: float = 600) -> tuple[subprocess.Popen, str]:
-    """Start `dsr1 serve MODEL --port 0` as a child and wait for its ready line."""
+def start_server(model: str, extra: list[str] | None = None, timeout: float = 600,
+                 api_key: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `dsr1 serve MODEL --port 0` as a child and wait for its ready line. The child
+    requires `api_key` (none: no key), not whatever DSR1_API_KEY the caller's environment has."""
     repo = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("DSR1_API_KEY", None)
+    if api_key:
+        env["DSR1_API_KEY"] = api_key  # the environment, not argv: argv is visible to every user in ps
     proc = subprocess.Popen([sys.executable, "-m", "dsr1", "serve", model, "--port", "0", *(extra or [])],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     deadline = time.monotonic() + timeout

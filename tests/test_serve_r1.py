@@ -237,6 +237,15 @@ def test_chat_command_keeps_answers_not_reasoning(forced):
     assert "Let me think" in out.stdout and "The answer" in out.stdout and "tok/s" in out.stdout
 
 
+def test_chat_model_starts_its_own_server_with_the_environment_key(r1_models, tmp_path):
+    # `dsr1 chat MODEL` runs `dsr1 serve` as a child, which inherits DSR1_API_KEY and then requires it.
+    env = {"PYTHONPATH": str(REPO), "DSR1_API_KEY": KEY, "PATH": "/usr/bin:/bin", "DSR1_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "dsr1", "chat", str(r1_models[True]), "--max-tokens", "8"],
+                         input="hello\n/exit\n", capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Let me think" in out.stdout and "tok/s" in out.stdout
+
+
 def test_chat_needs_model_or_url():
     out = subprocess.run([sys.executable, "-m", "dsr1", "chat"], capture_output=True, text=True, timeout=60,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})

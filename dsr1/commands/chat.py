@@ -12,7 +12,7 @@ from dsr1.commands.options import ProfileOpt
 def chat(
     model: Optional[str] = typer.Argument(None, help="Model to start a local server for (omit with --url)."),
     url: Optional[str] = typer.Option(None, "--url", help="Talk to a running server instead, e.g. http://127.0.0.1:8000."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer key for --url (or DSR1_API_KEY)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer key (or DSR1_API_KEY); with MODEL, the server it starts requires it too."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap each reply."),
     profile: Optional[str] = ProfileOpt,
 ) -> None:
@@ -31,8 +31,7 @@ def chat(
     if model:
         console.print(f"[dim]starting a server for {model}...[/]")
         extra = ["--profile", profile] if profile else []
-        proc, url = start_server(model, extra)
-        key = None  # our own child on loopback: no key
+        proc, url = start_server(model, extra, api_key=key)
     try:
         session = ChatSession(url, api_key=key, max_tokens=max_tokens)
         name = session.connect()
