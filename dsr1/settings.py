@@ -123,3 +123,9 @@ def resolve(
     if profile is not None:
         return Resolved(name, profile, "profile")
     return Resolved(name, default, "default")
+
+
+def api_key(flag: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The bearer key: --api-key, else DSR1_API_KEY. One source for serve, chat and bench, so a
+    server dsr1 starts and the client dsr1 runs against it agree."""
+    return resolve("api_key", flag=flag, kind=str, environ=environ).value or None

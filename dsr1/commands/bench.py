@@ -78,7 +78,7 @@ def bench(
 
     # Same source as `dsr1 serve` and `dsr1 chat`: a DSR1_API_KEY that a spawned `dsr1 serve`
     # inherits (and then requires) is also the key the benchmark sends.
-    api_key = settings.resolve("api_key", flag=api_key, default=None, kind=str).value or None
+    api_key = settings.api_key(api_key)
 
     cfg = BenchConfig(url=url or "", model=model, api_key=api_key, endpoint=endpoint,
                       concurrency=_ints(concurrency, "--concurrency") if concurrency else [],

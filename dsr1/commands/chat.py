@@ -27,7 +27,7 @@ def chat(
         raise UsageError("give either MODEL or --url", hint="dsr1 chat MODEL  or  dsr1 chat --url http://127.0.0.1:8000")
     console = Console(highlight=False)
     proc = None
-    key = settings.resolve("api_key", flag=api_key, default=None, kind=str).value
+    key = settings.api_key(api_key)
     if model:
         console.print(f"[dim]starting a server for {model}...[/]")
         extra = ["--profile", profile] if profile else []

@@ -24,7 +24,7 @@ def _api_key(flag: Optional[str], key_file: Optional[Path]) -> Optional[str]:
         if not key:
             raise UsageError(f"--api-key-file {key_file} is empty", hint="write the key into the file")
         return key
-    return settings.resolve("api_key", flag=flag, default=None, kind=str).value or None
+    return settings.api_key(flag)
 
 
 def serve(
