@@ -34,7 +34,11 @@ def percentile(values: list[float], p: float) -> float:
     """Linear interpolation between closest ranks (numpy's default, which vLLM uses)."""
     if not values:
         raise ValueError("percentile of no values")
-    xs = sorted(values)
+    return _ranked(sorted(values), p)
+
+
+def _ranked(xs: list[float], p: float) -> float:
+    """percentile() of already sorted values (describe sorts once for all four)."""
     k = (len(xs) - 1) * p / 100.0
     lo = math.floor(k)
     hi = min(lo + 1, len(xs) - 1)
@@ -45,10 +49,10 @@ def describe(values: list[float], scale: float = 1000.0) -> dict[str, float] | N
     """mean, std, min, max and p50/p90/p95/p99 of `values` (seconds), in ms by default."""
     if not values:
         return None
-    xs = [v * scale for v in values]
+    xs = sorted(v * scale for v in values)  # pooled ITLs of an R1 point can be millions of values
     mean = sum(xs) / len(xs)
-    out = {"mean": mean, "std": math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs)), "min": min(xs), "max": max(xs)}
-    out.update({f"p{p}": percentile(xs, p) for p in PERCENTILES})
+    out = {"mean": mean, "std": math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs)), "min": xs[0], "max": xs[-1]}
+    out.update({f"p{p}": _ranked(xs, p) for p in PERCENTILES})
     return out
 
 
@@ -96,8 +100,6 @@ def count_tokens(r: RequestResult, encode: Callable[[str], int] | None) -> Token
     usage = r.usage or {}
     usage_out = usage.get("completion_tokens")
     rtext, atext = r.reasoning_text, r.answer_text
-    client_r = encode(rtext) if encode and rtext else 0
-    client_a = encode(atext) if encode and atext else 0
     client_out = encode(rtext + atext) if encode else None
     if usage_out is not None:
         out, source = int(usage_out), "usage"
@@ -109,7 +111,11 @@ def count_tokens(r: RequestResult, encode: Callable[[str], int] | None) -> Token
     if details.get("reasoning_tokens") is not None:
         reasoning = int(details["reasoning_tokens"])
     elif encode:
-        reasoning = client_r if not atext else round(out * client_r / max(client_r + client_a, 1))
+        if not (rtext and atext):  # all reasoning or all answer: no split to estimate
+            reasoning = client_out if rtext else 0
+        else:  # both: split the output count in the proportion the client tokenizer sees
+            client_r, client_a = encode(rtext), encode(atext)
+            reasoning = round(out * client_r / max(client_r + client_a, 1))
     else:
         reasoning = round(out * r.reasoning_chunks / max(r.reasoning_chunks + r.answer_chunks, 1))
     reasoning = min(reasoning, out)
