@@ -187,6 +187,28 @@ def test_ctrl_c_keeps_finished_points(tmp_path):
     assert "interrupted" in stderr
 
 
+def test_ctrl_c_before_any_point_leaves_an_earlier_run_alone(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "dsr1", "bench", "--dataset", str(_sharegpt(tmp_path)), "--output-len", "4",
+           "--warmup", "0", "--no-plots", "--out", str(out)]
+    with LoopbackServer(behaviour=Behaviour(token_delay_s=0.01)) as srv:
+        subprocess.run(cmd + ["--url", srv.url, "--concurrency", "1,2", "--requests", "4"], env=env, check=True,
+                       capture_output=True, timeout=120)
+        earlier = (out / "results.json").read_bytes()
+        proc = subprocess.Popen(cmd + ["--url", srv.url, "--concurrency", "1", "--duration", "30"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = srv.stats.requests
+        deadline = time.monotonic() + 60
+        while srv.stats.requests <= seen + 2 and time.monotonic() < deadline:  # preflight done, the point running
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert (out / "results.json").read_bytes() == earlier  # not re-read, re-plotted or reported as this run's
+    assert "finished point(s) kept" not in stderr
+
+
 def test_bench_model_mode_reports_a_server_that_fails_to_start(tmp_path):
     # `dsr1 bench MODEL` runs `python -m dsr1 serve MODEL`; a model that does not exist makes it exit early,
     # which must surface as a server error with the log's tail, not a hang.

@@ -5,10 +5,12 @@ matplotlib is imported inside `write_plots` so `dsr1 bench --help` stays fast.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 from dsr1.bench.report import point_label
+from dsr1.fsutil import atomic_write_bytes
 
 
 def _series(doc: dict[str, Any], key: str, stat: str) -> list[float | None]:
@@ -69,7 +71,7 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    atomic_write_bytes(path, buf.getvalue())
     return path

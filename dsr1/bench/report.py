@@ -9,34 +9,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from dsr1.errors import ConfigError, NotFoundError
+from dsr1.fsutil import atomic_write_bytes
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "data" / "bench-results.schema.json"
 SCHEMA_VERSION = 1
 STATS = ("mean", "p50", "p90", "p95", "p99")
 LATENCIES = ("ttft_ms", "ttft_answer_ms", "tpot_ms", "itl_ms", "e2el_ms")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def point_label(p: dict[str, Any]) -> str:
@@ -84,14 +68,18 @@ def request_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def paths(out_dir: Path) -> dict[str, Path]:
+    """Where `write` puts results.json, points.csv and requests.csv."""
+    return {"json": out_dir / "results.json", "csv": out_dir / "points.csv", "requests_csv": out_dir / "requests.csv"}
+
+
 def write(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """results.json, points.csv and requests.csv under `out_dir`."""
-    paths = {"json": out_dir / "results.json", "csv": out_dir / "points.csv",
-             "requests_csv": out_dir / "requests.csv"}
-    atomic_write(paths["json"], json.dumps(doc, indent=1) + "\n")
-    atomic_write(paths["csv"], _csv(point_rows(doc)))
-    atomic_write(paths["requests_csv"], _csv(request_rows(doc)))
-    return paths
+    """results.json, points.csv and requests.csv under `out_dir`; returns `paths(out_dir)`."""
+    files = paths(out_dir)
+    atomic_write_bytes(files["json"], (json.dumps(doc, indent=1) + "\n").encode())
+    atomic_write_bytes(files["csv"], _csv(point_rows(doc)).encode())
+    atomic_write_bytes(files["requests_csv"], _csv(request_rows(doc)).encode())
+    return files
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -75,7 +75,7 @@ class BenchConfig:
             raise UsageError("each point needs a bound", hint="pass --requests N and/or --duration SECONDS")
         if any(c < 1 for c in self.concurrency):
             raise UsageError("--concurrency values must be >= 1", hint="e.g. --concurrency 1,2,4,8")
-        if any(r <= 0 for r in self.rate):
+        if any(not r > 0 for r in self.rate):  # `not >` also refuses nan
             raise UsageError("--rate values must be > 0", hint="e.g. --rate 1,2,4,inf")
         if any(math.isinf(r) for r in self.rate) and self.requests is None:
             raise UsageError("--rate inf sends every request at once and needs a count", hint="pass --requests N")
@@ -83,6 +83,13 @@ class BenchConfig:
             raise UsageError(f"unknown --arrival {self.arrival!r}", hint="use --arrival poisson or constant")
         if (self.requests is not None and self.requests < 1) or (self.duration is not None and self.duration <= 0):
             raise UsageError("--requests and --duration must be positive", hint="e.g. --requests 100")
+        if self.dataset is not None and self.prefix_len:
+            raise UsageError("--prefix-len applies to random prompts, not to --dataset",
+                             hint="drop --prefix-len, or drop --dataset to use random prompts with a shared prefix")
+
+    def client(self) -> Client:
+        return Client(self.url, self.model, api_key=self.api_key, endpoint=self.endpoint, ignore_eos=self.ignore_eos,
+                      timeout=self.timeout, think_tags=self.think_tags)
 
     def public(self) -> dict[str, Any]:
         """The config as recorded in results: never the API key itself."""
@@ -97,7 +104,6 @@ class BenchConfig:
 class Hooks:
     """Callbacks for progress; all optional. The command wires them to rich."""
 
-    server: Callable[[ServerInfo], None] = lambda info: None
     preparing: Callable[[int], None] = lambda n: None  # about to build n prompts (tokenizer work, untimed)
     point_start: Callable[[int, str, int | None], None] = lambda i, label, total: None
     request_done: Callable[[RequestResult], None] = lambda r: None
@@ -163,13 +169,13 @@ async def _point(cfg: BenchConfig, client: Client, idx: int, mode: str, x: float
 
 
 async def _run(cfg: BenchConfig, workload: Callable[[int], RequestSpec], encode: Callable[[str], int] | None,
-               doc: dict[str, Any], out_dir: Path | None, hooks: Hooks, server_extra: dict[str, Any]) -> None:
-    client = Client(cfg.url, cfg.model, api_key=cfg.api_key, endpoint=cfg.endpoint, ignore_eos=cfg.ignore_eos,
-                    timeout=cfg.timeout, think_tags=cfg.think_tags)
+               doc: dict[str, Any], out_dir: Path | None, hooks: Hooks, server_extra: dict[str, Any],
+               info: ServerInfo | None) -> None:
+    client = cfg.client()
     try:
-        info = await client.preflight()
+        if info is None:
+            info = await client.preflight()
         doc["server"] = {**asdict(info), **server_extra}
-        hooks.server(info)
         spec_i = 0
         rng = random.Random(cfg.seed)
         for idx, (mode, x) in enumerate(_plan(cfg)):
@@ -197,8 +203,7 @@ def check_server(cfg: BenchConfig) -> ServerInfo:
     """The preflight alone (reachable, key accepted, model served); sets `cfg.model` to the served name."""
 
     async def go() -> ServerInfo:
-        client = Client(cfg.url, cfg.model, api_key=cfg.api_key, endpoint=cfg.endpoint, ignore_eos=cfg.ignore_eos,
-                        timeout=cfg.timeout)
+        client = cfg.client()
         try:
             return await client.preflight()
         finally:
@@ -210,17 +215,20 @@ def check_server(cfg: BenchConfig) -> ServerInfo:
 
 
 def run_sweep(cfg: BenchConfig, workload: Callable[[int], RequestSpec], *, encode: Callable[[str], int] | None = None,
-              out_dir: Path | None = None, hooks: Hooks | None = None,
-              server_extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run every point of `cfg`; return the results document (also written under `out_dir`).
+              out_dir: Path | None = None, hooks: Hooks | None = None, server_extra: dict[str, Any] | None = None,
+              info: ServerInfo | None = None, doc: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every point of `cfg`; return the results document (also written under `out_dir`
+    after every point). `info`: the result of `check_server(cfg)`, when the caller already ran
+    it. `doc`: the document to fill (default `new_document(cfg)`), so a caller still holds it
+    when Ctrl-C arrives.
 
     On Ctrl-C the document is marked interrupted, written with the finished points,
     and the KeyboardInterrupt propagates.
     """
     cfg.validate()
-    doc = new_document(cfg)
+    doc = new_document(cfg) if doc is None else doc
     try:
-        asyncio.run(_run(cfg, workload, encode, doc, out_dir, hooks or Hooks(), server_extra or {}))
+        asyncio.run(_run(cfg, workload, encode, doc, out_dir, hooks or Hooks(), server_extra or {}, info))
     except KeyboardInterrupt:
         doc["interrupted"] = True
         if out_dir is not None and doc["points"]:

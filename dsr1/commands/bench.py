@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,7 +18,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def _rates(text: str) -> list[float]:
     try:
-        return [math.inf if x.strip().lower() == "inf" else float(x) for x in text.split(",") if x.strip()]
+        return [float(x) for x in text.split(",") if x.strip()]  # float() reads "inf" too
     except ValueError:
         raise UsageError(f"--rate {text!r} is not a list of rates", hint="e.g. --rate 1,2,4,inf") from None
 
@@ -88,9 +87,6 @@ def bench(
                       output_len=output_len or ("128" if dataset is None else ""), prefix_len=prefix_len,
                       dataset=str(dataset) if dataset else None, tokenizer=tokenizer, ignore_eos=ignore_eos,
                       slo=parse_slo(slo), seed=seed, timeout=timeout, think_tags=think_tags)
-    if dataset is not None and prefix_len:
-        raise UsageError("--prefix-len applies to random prompts, not to --dataset",
-                         hint="drop --prefix-len, or drop --dataset to use random prompts with a shared prefix")
     if not cfg.concurrency and not cfg.rate:
         cfg.concurrency = [1, 2, 4, 8, 16]
     cfg.validate()
@@ -112,7 +108,7 @@ def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mod
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dsr1.bench import report
-    from dsr1.bench.sweep import Hooks, check_server, run_sweep
+    from dsr1.bench.sweep import Hooks, check_server, new_document, run_sweep
     from dsr1.bench.workload import build_workload, token_counter
     from dsr1.output import Output
 
@@ -151,15 +147,15 @@ def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mod
             progress.console.print(f"preparing {n} prompts...")
 
     hooks = Hooks(preparing=preparing, point_start=point_start, request_done=request_done, point_done=point_done)
-    doc: dict[str, Any] = {}
+    # Ours, not run_sweep's: on Ctrl-C it still holds the finished points (already written to
+    # out_dir by run_sweep), whatever an earlier run left in out_dir.
+    doc = new_document(cfg)
     try:
         with progress:
-            doc = run_sweep(cfg, workload, encode=token_counter(tok), out_dir=out_dir, hooks=hooks,
-                            server_extra=server_extra)
+            run_sweep(cfg, workload, encode=token_counter(tok), out_dir=out_dir, hooks=hooks,
+                      server_extra=server_extra, info=info, doc=doc)
     except KeyboardInterrupt:
-        partial = out_dir / "results.json"
-        if partial.is_file():
-            doc = report.load(partial)
+        if doc["points"]:
             _finish(doc, out_dir, plots, o)
             o.warn(f"interrupted: {len(doc['points'])} finished point(s) kept in {out_dir}")
         raise
@@ -169,7 +165,7 @@ def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mod
 def _finish(doc: dict[str, Any], out_dir: Path, plots: bool, o: Any) -> None:
     from dsr1.bench import report
 
-    files = {k: str(v) for k, v in report.write(doc, out_dir).items()}
+    files = {k: str(v) for k, v in report.paths(out_dir).items()}  # run_sweep wrote them after each point
     if plots:
         from dsr1.bench.plots import write_plots
 
