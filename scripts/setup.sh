@@ -6,10 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# pip's output without its "is ignored" notices; a failing pip still fails the script
+# (pipefail), only grep's "nothing left to print" status is forgiven.
+quiet() { "$@" 2>&1 | { grep -v "is ignored" || true; }; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+quiet .venv/bin/python -m pip install -q --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install -q "torch==${DSR1_TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "is ignored" || true
+  quiet .venv/bin/python -m pip install -q "torch==${DSR1_TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
+quiet .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/python -c "import dsr1, torch, transformers; print('dsr1', dsr1.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
