@@ -18,7 +18,6 @@ transformers and other tools reuse them.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import fcntl
 import fnmatch
@@ -376,6 +375,8 @@ def clean_stale(layout: Layout) -> list[str]:
 
 
 def _fetch_all(layout: Layout, token: str | None, reporter: Reporter, workers: int) -> list[dict]:
+    import concurrent.futures  # here: `dsr1 --help` imports this module (for Reporter)
+
     files = sorted(layout.plan.files, key=lambda f: -f.size)  # big files first: the tail ends sooner
     if workers <= 1 or len(files) <= 1:
         return [fetch_file(layout, f, token=token, reporter=reporter) for f in files]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsr1 import settings, store
-from dsr1.download import Reporter
+from dsr1.download import DEFAULT_WORKERS, MAX_WORKERS, Reporter
 from dsr1.errors import DiskSpaceError, NotFoundError, UsageError
 from dsr1.quantize import METHODS, OUTPUT_RATIO
 
@@ -100,11 +100,8 @@ def _profile_precision(profile: str | None, model: str | None) -> str | None:
 
 def pull(source: str, *, name: str | None = None, revision: str | None = None, endpoint: str | None = None,
          quant: str | None = None, profile: str | None = None, local_dir: Path | None = None,
-         allow_pickle: bool = False, reporter: Reporter | None = None, workers: int | None = None) -> PullResult:
-    from dsr1.download import DEFAULT_WORKERS, MAX_WORKERS
-
+         allow_pickle: bool = False, reporter: Reporter | None = None, workers: int = DEFAULT_WORKERS) -> PullResult:
     reporter = reporter or Reporter()
-    workers = DEFAULT_WORKERS if workers is None else workers
     if not 1 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers {workers} is out of range", hint=f"use 1 to {MAX_WORKERS} (default {DEFAULT_WORKERS})")
     src = classify(source)

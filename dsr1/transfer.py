@@ -6,14 +6,12 @@ streams `url` from byte N to the end into a partial file, hashing as it goes.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import hashlib
 import os
 import queue
 import threading
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,6 +28,8 @@ WRITEBACK_EVERY = 16 << 20  # start the disk write of each 16 MiB as soon as it 
 @functools.cache
 def _sync_file_range():
     """Linux's sync_file_range(2), or None where it is missing (then close()'s fsync does it all)."""
+    import ctypes  # here, not at import: `dsr1 --help` imports this module
+
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
@@ -109,11 +109,17 @@ class Sink:
         exc = self._error
         if exc is None:
             return
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # Raw OSErrors become Dsr1Errors, so stream() never mistakes them for a dropped connection
+        # (DiskSpaceError is an OSError too: close() hands it back here as it is).
+        if isinstance(exc, OSError) and not isinstance(exc, Dsr1Error):
             kept = self.path.stat().st_size if self.path.exists() else 0
-            raise DiskSpaceError(
-                f"disk full while writing {self.path} ({kept / 1e9:.2f} GB of it kept)",
-                hint="free some space and run the same command again: it continues where it stopped") from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskSpaceError(
+                    f"disk full while writing {self.path} ({kept / 1e9:.2f} GB of it kept)",
+                    hint="free some space and run the same command again: it continues where it stopped") from None
+            raise Dsr1Error(f"cannot write {self.path}: {exc.strerror or exc} ({kept / 1e9:.2f} GB of it kept)",
+                            hint="check that the disk is writable and healthy, then run the same command again: "
+                                 "it continues where it stopped") from None
         raise exc
 
     def write(self, data: bytes) -> None:
@@ -204,6 +210,7 @@ def stream(url: str, headers: dict, sink: Sink, size: int, timeout: float,
     ring = [memoryview(bytearray(READ_CHUNK)) for _ in range(Sink.QUEUE_DEPTH + 2)]
     turn = 0
     stalls = 0
+    cancel = cancel or threading.Event()  # never set: waiting on it is a plain sleep
     while sink.pos < size:
         start = sink.pos
         h = dict(headers)
@@ -219,7 +226,7 @@ def stream(url: str, headers: dict, sink: Sink, size: int, timeout: float,
                                        hint="a proxy is re-encoding downloads; bypass it or use another --endpoint")
                 while True:
                     view = ring[turn % len(ring)]
-                    if cancel is not None and cancel.is_set():
+                    if cancel.is_set():
                         raise Cancelled(url)
                     n = r.readinto(view)
                     if not n:
@@ -229,7 +236,7 @@ def stream(url: str, headers: dict, sink: Sink, size: int, timeout: float,
                                              hint="run the same command again; if it repeats, try another --endpoint")
                     sink.write(view[:n])
                     turn += 1
-        except (Dsr1Error, Cancelled):  # DiskSpaceError is an OSError too: not a dropped connection
+        except (Dsr1Error, Cancelled):  # writer failures arrive as Dsr1Error (Sink._check): not a dropped connection
             raise
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
@@ -241,15 +248,11 @@ def stream(url: str, headers: dict, sink: Sink, size: int, timeout: float,
                 sink.reset()
             last = exc
         except (http.client.HTTPException, urllib.error.URLError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise
             last = exc  # dropped connection, reset, timeout: resume below with Range
         if sink.pos < size:
             stalls = 0 if sink.pos > start else stalls + 1
             if stalls >= MAX_STALLS:
                 raise NetworkError(f"download of {url} stalled at byte {sink.pos} of {size} ({last})",
                                    hint="run the same command again to continue; to use a mirror pass --endpoint URL")
-            if cancel is not None and cancel.wait(min(0.2 * 2 ** stalls, 5.0)):
+            if cancel.wait(min(0.2 * 2 ** stalls, 5.0)):
                 raise Cancelled(url)
-            if cancel is None:
-                time.sleep(min(0.2 * 2 ** stalls, 5.0))

@@ -481,3 +481,35 @@ def test_workers_bounds_files_downloaded_at_once(hub):
     assert hub.max_bodies_in_flight > 1  # the default (4) really runs files side by side
     r = cli("pull", REPO, "--workers", "0")
     assert r.exit_code == 2 and "--workers" in r.output
+
+
+def test_a_failing_disk_write_is_reported_not_retried_as_a_dropped_connection(hub, monkeypatch):
+    """EIO cannot be produced on demand here, so the partial file's write() is the one seam:
+    the download must stop at once with dsr1's error, not retry five times and blame the network."""
+    import errno
+
+    from dsr1 import transfer
+
+    hub.add_repo(REPO, model_files())
+    real_init = transfer.Sink.__init__
+
+    def failing_init(self, *a, **k):
+        real_init(self, *a, **k)
+
+        class Broken:
+            def __init__(self, fh):
+                self._fh = fh
+
+            def write(self, data):
+                raise OSError(errno.EIO, "Input/output error")
+
+            def __getattr__(self, name):
+                return getattr(self._fh, name)
+
+        self.fh = Broken(self.fh)
+
+    monkeypatch.setattr(transfer.Sink, "__init__", failing_init)
+    r = cli("pull", REPO, "--quant", "none", "--workers", "1")
+    assert r.exit_code == 1, r.output
+    assert "cannot write" in r.output and "Input/output error" in r.output and "stalled" not in r.output
+    assert hub.sent["model.safetensors"] <= 3 << 20  # one attempt, not five

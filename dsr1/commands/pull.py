@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from dsr1.commands.options import JsonOpt, ProfileOpt, QuietOpt
-from dsr1.download import Reporter
+from dsr1.download import DEFAULT_WORKERS, MAX_WORKERS, Reporter
 from dsr1.output import Output
 
 NameArg = typer.Argument(..., help="A stored model's name (see `dsr1 list`).")
@@ -58,7 +58,7 @@ def pull(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub or mirror URL (default: HF_ENDPOINT or https://huggingface.co)."),
     local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Download here instead of the Hugging Face cache."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.pt) when a repo has no safetensors."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Files downloaded at once, 1-32 (default 4)."),
+    workers: int = typer.Option(DEFAULT_WORKERS, "--workers", help=f"Files downloaded at once, 1-{MAX_WORKERS}."),
     profile: Optional[str] = ProfileOpt,
     json: bool = JsonOpt,
     quiet: bool = QuietOpt,
