@@ -6,7 +6,6 @@ Returns a Report dataclass; rendering lives in dsr1/commands/doctor.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dsr1 import catalog, fit, profiles, settings

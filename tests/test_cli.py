@@ -7,7 +7,7 @@ import pytest
 
 from dsr1 import __version__, clidoc, settings
 from dsr1.cli import COMMANDS
-from dsr1.errors import EXIT_CODES, ConfigError, UsageError
+from dsr1.errors import EXIT_CODES, UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "accelerate", "bitsandbytes")

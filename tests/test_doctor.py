@@ -169,3 +169,19 @@ def test_models_json_lists_catalog_with_fit():
     assert "r1-distill-llama-70b" in names
     r1 = next(m for m in data["models"] if m["name"] == "r1")
     assert r1["kv_bytes_per_token_bf16"] == 70272 and r1["fit"]["fits"] is False
+
+
+@pytest.mark.parametrize("v2", [True, False])
+def test_available_ram_is_bounded_by_the_cgroup(tmp_path, v2):
+    """`dsr1 serve` sizes its CPU KV cache from this: inside a container psutil shows the
+    host's free RAM, the cgroup what this process may still take (a /sys tree as files)."""
+    import psutil
+
+    from dsr1.probe.host import available_ram
+
+    assert available_ram(tmp_path) == pytest.approx(psutil.virtual_memory().available, rel=0.05)  # no cgroup files
+    d = tmp_path / ("sys/fs/cgroup" if v2 else "sys/fs/cgroup/memory")
+    d.mkdir(parents=True)
+    (d / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(f"{2 * 2**30}\n")
+    (d / ("memory.current" if v2 else "memory.usage_in_bytes")).write_text(f"{2**30 + 2**29}\n")
+    assert available_ram(tmp_path) == 2**29

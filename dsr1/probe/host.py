@@ -85,6 +85,20 @@ def cgroup_memory_limit(root: Path = Path("/")) -> int | None:
     return None
 
 
+def available_ram(root: Path = Path("/")) -> int:
+    """Memory this process can still take now: psutil's available, capped by what the cgroup
+    limit leaves (limit - current usage), since psutil shows the host's RAM inside containers."""
+    available = psutil.virtual_memory().available
+    limit = cgroup_memory_limit(root)
+    if limit is None:
+        return available
+    for rel in ("sys/fs/cgroup/memory.current", "sys/fs/cgroup/memory/memory.usage_in_bytes"):
+        raw = _read(root / rel)
+        if raw and raw.isdigit():
+            return max(0, min(available, limit - int(raw)))
+    return min(available, limit)
+
+
 def disk_kind(path: Path, root: Path = Path("/")) -> str:
     """nvme / ssd / hdd for the block device holding `path`, from /sys/block."""
     try:

@@ -245,7 +245,7 @@ class Api:
         if status != 200:
             return _error(schema.ApiError(500, "generation failed; see the server log", type="server_error"))
         u = schema.usage(ev.prompt_tokens, ev.completion_tokens)
-        finish = "stop" if ev.finish_reason == "stop" else "length" if ev.finish_reason == "length" else ev.finish_reason
+        finish = ev.finish_reason
         if x.kind == "chat":
             if self.reasoning_on:
                 reasoning, content = split_full(text, x.opened)

@@ -10,7 +10,6 @@ transformers.masking_utils).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +49,6 @@ def parse_dtype(name: str) -> torch.dtype:
         raise UsageError(f"unknown dtype {name!r}", hint="use --dtype auto, bf16, fp16 or fp32") from None
 
 
-@dataclass
-class ModelInfo:
-    path: str
-    dtype: str
-    device: str
-    max_position: int
-    layers: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    is_r1: bool
-    has_think: bool
-    load_seconds: float
-
 
 class EmbeddedModel:
     """One loaded model plus its tokenizer; `prefill`/`decode` run one forward each."""
@@ -89,7 +74,6 @@ class EmbeddedModel:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
         self.dtype = dtype
         cfg = self.model.config
-        self.config = cfg
         self.layers = cfg.num_hidden_layers
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -108,9 +92,7 @@ class EmbeddedModel:
         if self.is_r1 and not self.tokenizer.chat_template:
             self.tokenizer.chat_template = R1_CHAT_TEMPLATE
         self.max_position = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
-        self.info = ModelInfo(str(model_dir), str(dtype).removeprefix("torch."), str(self.input_device),
-                              self.max_position, self.layers, self.kv_heads, self.head_dim, self.vocab,
-                              self.is_r1, self.has_think, time.perf_counter() - t0)
+        self.load_seconds = time.perf_counter() - t0
 
     def _layer_devices(self) -> list[torch.device]:
         devs = []

@@ -28,7 +28,6 @@ class SlotCache:
         # would survive an additive -inf mask.
         self.k = [torch.zeros(slots, kv_heads, max_len, head_dim, dtype=dtype, device=d) for d in devices]
         self.v = [torch.zeros(slots, kv_heads, max_len, head_dim, dtype=dtype, device=d) for d in devices]
-        self.bytes_per_token = 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
         self._mode = "decode"
         self._rows = 0
         self._pos: torch.Tensor | None = None
@@ -89,4 +88,4 @@ class SlotCache:
 
     @property
     def total_bytes(self) -> int:
-        return self.capacity_tokens * self.bytes_per_token
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)  # what was allocated

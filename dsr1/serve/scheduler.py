@@ -77,7 +77,7 @@ class Request:
 
 class Scheduler:
     def __init__(self, model, *, max_concurrent: int, max_queue: int, max_model_len: int, prefill_chunk: int = 256,
-                 stream_interval: int = 1, metrics=None, worker=None):
+                 stream_interval: int = 1, metrics=None, worker):
         self.model = model
         self.tok = model.tokenizer
         self.max_concurrent = max_concurrent
@@ -100,15 +100,10 @@ class Scheduler:
         # the loop must run on that same OS thread.
         self._worker = worker
         self._future = None
-        self._thread = None if worker else threading.Thread(target=self._run, name="dsr1-engine", daemon=True)
-        self.steps = 0
 
     # -- called from the HTTP side --------------------------------------------------------------
     def start(self) -> None:
-        if self._worker is not None:
-            self._future = self._worker.submit(self._run)
-        else:
-            self._thread.start()
+        self._future = self._worker.submit(self._run)
 
     def submit(self, req: Request) -> Request:
         with self._lock:
@@ -148,12 +143,6 @@ class Scheduler:
                 self._future.result(timeout)
             except Exception:
                 log.exception("engine loop ended with an error")
-        elif self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout)
-
-    @property
-    def live(self) -> int:
-        return self._live
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) right now; running includes the request being prefilled."""
@@ -248,7 +237,6 @@ class Scheduler:
         tokens = sample(logits, [r.params for r in batch], [r.gen for r in batch])
         for r, t in zip(batch, tokens):
             self._accept(r, t)
-        self.steps += 1
         if self.metrics:
             self.metrics.observe_step(len(batch), time.perf_counter() - t0)
 

@@ -97,14 +97,13 @@ def resolve_model_dir(name_or_path: str, profile: str | None = None) -> Path:
     return Path(result.model_dir)
 
 
-def _profile(name: str | None) -> profiles.Profile:
+def _profile(name: str | None, host) -> profiles.Profile:
     if name:
         return profiles.get(name)
     from dsr1.doctor import machine_from
     from dsr1.probe.gpu import probe_gpus
-    from dsr1.probe.host import probe_host
 
-    return profiles.select(machine_from(probe_gpus(), probe_host(settings.home()))).profile
+    return profiles.select(machine_from(probe_gpus(), host)).profile
 
 
 def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int) -> tuple[str, str]:
@@ -155,17 +154,17 @@ def size_context(*, slots: int, per_token: int, wanted: int | None, model_max: i
 
 def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
     """Load the model and choose every setting. Returns (Plan, scheduler, app config, metrics)."""
-    import psutil
     import torch
 
-    from dsr1.probe.host import cpu_info
+    from dsr1.probe.host import available_ram, probe_host
     from dsr1.serve.app import AppConfig
     from dsr1.serve.engine import EmbeddedModel, parse_dtype
     from dsr1.serve.metrics import Metrics
     from dsr1.serve.scheduler import Scheduler
 
     model_dir = resolve_model_dir(opts.model, opts.profile)
-    prof = _profile(opts.profile)
+    host = probe_host(settings.home())
+    prof = _profile(opts.profile, host)
     s = prof.settings
     max_concurrent = settings.resolve("max_concurrent", flag=opts.max_concurrent, profile=s.max_concurrent).value
     if max_concurrent < 1:
@@ -174,9 +173,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
     if max_queue < 0:
         raise UsageError("--max-queue must be 0 or more")
     cuda = torch.cuda.is_available() and opts.device_map != "cpu"
-    _, flags = cpu_info()
-    dtype, why = choose_dtype(opts.dtype, cuda=cuda, bf16_cpu=any(f in flags for f in ("avx512_bf16", "amx_bf16")),
-                              batch=max_concurrent)
+    dtype, why = choose_dtype(opts.dtype, cuda=cuda, bf16_cpu=host.bf16_fast, batch=max_concurrent)
     device_map = opts.device_map or ("auto" if cuda else "cpu")
     progress(f"loading {model_dir} ({dtype}, device_map={device_map})")
     # Every torch call runs on one dedicated thread, model loading included. With OpenMP each
@@ -192,7 +189,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
         free, _ = torch.cuda.mem_get_info()
         budget = int(free * s.memory_utilization)
     else:
-        budget = int(psutil.virtual_memory().available * s.memory_utilization)
+        budget = int(available_ram() * s.memory_utilization)  # after loading; within a container's limit
     max_len = size_context(slots=max_concurrent, per_token=per_token, wanted=opts.max_model_len,
                            model_max=model.max_position, default=s.context_length, budget=budget)
     system = opts.system_prompt
@@ -216,9 +213,9 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
     cfg = AppConfig(model_name=name, max_model_len=max_len, api_key=opts.api_key,
                     max_body_bytes=opts.max_body_bytes, reasoning_field=opts.reasoning_field, system_prompt=system,
                     audit_log=opts.audit_log, audit_content=opts.audit_content)
-    p = Plan(str(model_dir), name, prof.name, dtype, why, model.info.device, max_concurrent, max_queue, max_len,
+    p = Plan(str(model_dir), name, prof.name, dtype, why, str(model.input_device), max_concurrent, max_queue, max_len,
              sched.cache.total_bytes, per_token, budget, opts.prefill_chunk, system, model.has_think,
-             round(model.info.load_seconds, 2), warnings)
+             round(model.load_seconds, 2), warnings)
     return p, sched, cfg, metrics
 
 
