@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import PROMPT, default_model, start_dsr1, stop  # noqa: E402
+from serve_throughput import PROMPT, default_model, start_dsr1  # noqa: E402
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 150  # ~1500 tokens
 
@@ -60,13 +60,10 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=60)
     args = ap.parse_args()
     for chunk in (256, 100_000):
-        proc, url = start_dsr1(args.model, args.dtype, None, extra=["--prefill-chunk", str(chunk),
-                                                                   "--max-model-len", "2048"])
-        try:
+        with start_dsr1(args.model, args.dtype, None, extra=["--prefill-chunk", str(chunk),
+                                                            "--max-model-len", "2048"]) as url:
             stream(url, PROMPT, 4, [])  # warm-up
             r = run(url, args.new)
-        finally:
-            stop(proc)
         print(f"prefill chunk {chunk}: {json.dumps({k: round(v, 3) for k, v in r.items()})}", flush=True)
 
 

@@ -14,21 +14,27 @@ and prints the ratios the issue sets targets for. Prompts are ~38 tokens, 128 ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from dsr1.bench.metrics import percentile  # noqa: E402
+from dsr1.bench.server import free_port, wait_healthy  # noqa: E402
+from dsr1.errors import ServerError  # noqa: E402
+from dsr1.serve.child import running, stop  # noqa: E402
 
 PROMPT = ("Here is a long list of numbers written out in words, one after another, separated by commas, "
           "without stopping: one, two, three, four, five, six, seven,")
@@ -101,31 +107,21 @@ def drive(url: str, model: str, clients: int, new: int, extra: dict) -> dict:
     first = min(r[0] for r, _ in results if r)
     last = max(r[-1] for r, _ in results if r)
     decode = sum(n - 1 for _, n in results) / max(1e-9, last - first)
-    itl = sorted(b - a for r, _ in results for a, b in zip(r, r[1:]))
+    itl = [b - a for r, _ in results for a, b in zip(r, r[1:])]
     return {"clients": clients, "tokens": tokens, "e2e_tok_s": tokens / wall, "decode_tok_s": decode,
-            "itl_p50_ms": 1000 * itl[len(itl) // 2], "itl_p99_ms": 1000 * itl[int(len(itl) * 0.99)]}
+            "itl_p50_ms": 1000 * percentile(itl, 50), "itl_p99_ms": 1000 * percentile(itl, 99)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_dsr1(model_dir: Path, dtype: str, threads: int | None, extra: list[str] | None = None
-               ) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-m", "dsr1", "serve", str(model_dir), "--port", "0", "--dtype", dtype,
-            "--max-concurrent", "16", "--served-model-name", "bench",
+@contextlib.contextmanager
+def start_dsr1(model_dir: Path, dtype: str, threads: int | None, extra: list[str] | None = None) -> Iterator[str]:
+    """`dsr1 serve` as a user runs it, for the length of the block; yields its URL."""
+    args = ["--dtype", dtype, "--max-concurrent", "16", "--served-model-name", "bench",
             *(extra or ["--max-model-len", "512"])]
     if threads:
         args += ["--threads", str(threads)]
-    p = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    for line in p.stderr:
-        if line.startswith("dsr1 serve: ready on "):
-            threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
-            return p, line.split("ready on ", 1)[1].strip()
-    raise RuntimeError("dsr1 serve did not start")
+    with tempfile.TemporaryDirectory() as tmp, running(str(model_dir), log=Path(tmp) / "serve.log",
+                                                       extra_args=args, timeout=600) as url:
+        yield url
 
 
 def start_hf(model_dir: Path, dtype: str) -> tuple[subprocess.Popen, str] | None:
@@ -140,25 +136,12 @@ def start_hf(model_dir: Path, dtype: str) -> tuple[subprocess.Popen, str] | None
                           "--cb-num-blocks", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        if p.poll() is not None:
-            return None
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return p, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    p.kill()
-    return None
-
-
-def stop(p: subprocess.Popen) -> None:
-    p.send_signal(signal.SIGTERM)
     try:
-        p.wait(60)
-    except subprocess.TimeoutExpired:
-        p.kill()
+        wait_healthy(url, p, None, timeout=120)
+    except ServerError:
+        stop(p)
+        return None
+    return p, url
 
 
 def main() -> None:
@@ -187,7 +170,8 @@ def main() -> None:
     # pairwise ratios are reported.
     seq = statistics.median(sequential_generate(model, tok, 1, args.new) for _ in range(args.seq_calls))
     print(f"sequential generate {seq:.1f} tok/s", flush=True)
-    proc, url = start_dsr1(args.model, args.dtype, args.threads)
+    server_run = contextlib.ExitStack()
+    url = server_run.enter_context(start_dsr1(args.model, args.dtype, args.threads))
     raw: dict[int, list[float]] = {1: [], 4: [], 16: []}
     server: dict[int, list[dict]] = {1: [], 4: [], 16: []}
     hf_pairs: list[tuple[dict, dict]] = []
@@ -216,7 +200,7 @@ def main() -> None:
             finally:
                 stop(hp)
     finally:
-        stop(proc)
+        server_run.close()
     ratio = {c: statistics.median(s["decode_tok_s"] / r for s, r in zip(server[c], raw[c])) for c in raw}
     srv16_e2e = statistics.median(s["e2e_tok_s"] for s in server[16])
     hf_ratio = statistics.median(o["e2e_tok_s"] / t["e2e_tok_s"] for o, t in hf_pairs) if hf_pairs else None

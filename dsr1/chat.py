@@ -8,12 +8,8 @@ DeepSeek's API rejects it). Streaming uses httpx so chat works without the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -82,6 +78,10 @@ class ChatSession:
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
+                    if chunk.get("error"):  # the server failed mid-stream (OpenAI-style error event)
+                        self.history.pop()
+                        raise ServerError(f"the server stopped this reply: {chunk['error'].get('message')}",
+                                          hint="see the server log; the question was not kept, ask again")
                     if chunk.get("usage"):
                         reply.completion_tokens = chunk["usage"]["completion_tokens"]
                     for ch in chunk.get("choices", []):
@@ -102,27 +102,3 @@ class ChatSession:
 
     def reset(self) -> None:
         self.history.clear()
-
-
-def start_server(model: str, extra: list[str] | None = None, timeout: float = 600,
-                 api_key: str | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `dsr1 serve MODEL --port 0` as a child and wait for its ready line. The child
-    requires `api_key` (none: no key), not whatever DSR1_API_KEY the caller's environment has."""
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("DSR1_API_KEY", None)
-    if api_key:
-        env["DSR1_API_KEY"] = api_key  # the environment, not argv: argv is visible to every user in ps
-    proc = subprocess.Popen([sys.executable, "-m", "dsr1", "serve", model, "--port", "0", *(extra or [])],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    deadline = time.monotonic() + timeout
-    tail: list[str] = []
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        tail = (tail + [line.rstrip()])[-20:]
-        if line.startswith("dsr1 serve: ready on "):
-            return proc, line.split("ready on ", 1)[1].strip()
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise ServerError("the model server did not start:\n" + "\n".join(tail), hint="run `dsr1 serve MODEL` to see why")

@@ -95,9 +95,10 @@ def bench(
     out_dir = out or Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if serve_model is None:
         return _run(cfg, serve_model, out_dir, plots, json, quiet, {"started_by_dsr1": False})
-    from dsr1.bench.server import serve
+    from dsr1.serve.child import running
 
-    with serve(serve_model, log=out_dir / "server.log", extra_args=serve_arg, timeout=server_timeout) as base:
+    with running(serve_model, log=out_dir / "server.log", extra_args=serve_arg, timeout=server_timeout,
+                 api_key=cfg.api_key) as base:
         cfg.url = base
         return _run(cfg, serve_model, out_dir, plots, json, quiet,
                     {"started_by_dsr1": True, "serve_command": ["dsr1", "serve", serve_model, *(serve_arg or [])]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import typer
@@ -20,49 +21,48 @@ def chat(
     from rich.console import Console
 
     from dsr1 import settings
-    from dsr1.chat import ChatSession, start_server
     from dsr1.errors import UsageError
+    from dsr1.serve.child import running
 
     if bool(model) == bool(url):
         raise UsageError("give either MODEL or --url", hint="dsr1 chat MODEL  or  dsr1 chat --url http://127.0.0.1:8000")
     console = Console(highlight=False)
-    proc = None
     key = settings.api_key(api_key)
-    if model:
-        console.print(f"[dim]starting a server for {model}...[/]")
-        extra = ["--profile", profile] if profile else []
-        proc, url = start_server(model, extra, api_key=key)
-    try:
-        session = ChatSession(url, api_key=key, max_tokens=max_tokens)
-        name = session.connect()
-        console.print(f"[dim]chatting with {name} at {url}; /reset clears, /exit leaves[/]")
-        while True:
-            try:
-                text = console.input("[bold green]> [/]")
-            except EOFError:
-                break
-            if text.strip() in ("/exit", "/quit"):
-                break
-            if text.strip() == "/reset":
-                session.reset()
-                console.print("[dim](conversation cleared)[/]")
-                continue
-            if not text.strip():
-                continue
-            kind_before = None
-            for kind, delta in session.send(text):
-                if kind != kind_before and kind == "content" and kind_before == "reasoning":
-                    console.print()
-                console.print(delta, end="", style="dim" if kind == "reasoning" else None, markup=False)
-                kind_before = kind
-            r = session.last
-            console.print()
-            note = f" · stopped: {r.finish_reason}" if r.finish_reason == "length" else ""
-            console.print(f"[dim]{r.completion_tokens} tokens in {r.seconds:.1f}s · {r.tokens_per_second:.1f} tok/s{note}[/]")
-    finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except Exception:
-                proc.kill()
+    with contextlib.ExitStack() as server:
+        if model:
+            log = settings.home() / "logs" / "chat-server.log"
+            console.print(f"[dim]starting a server for {model} (log: {log})...[/]")
+            url = server.enter_context(running(model, log=log, extra_args=["--profile", profile] if profile else [],
+                                               api_key=key))
+        _talk(console, url, key, max_tokens)
+
+
+def _talk(console, url: str, key: str | None, max_tokens: int | None) -> None:
+    from dsr1.chat import ChatSession
+
+    session = ChatSession(url, api_key=key, max_tokens=max_tokens)
+    name = session.connect()
+    console.print(f"[dim]chatting with {name} at {url}; /reset clears, /exit leaves[/]")
+    while True:
+        try:
+            text = console.input("[bold green]> [/]")
+        except EOFError:
+            break
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            session.reset()
+            console.print("[dim](conversation cleared)[/]")
+            continue
+        if not text.strip():
+            continue
+        kind_before = None
+        for kind, delta in session.send(text):
+            if kind == "content" and kind_before == "reasoning":
+                console.print()
+            console.print(delta, end="", style="dim" if kind == "reasoning" else None, markup=False)
+            kind_before = kind
+        r = session.last
+        console.print()
+        note = f" · stopped: {r.finish_reason}" if r.finish_reason == "length" else ""
+        console.print(f"[dim]{r.completion_tokens} tokens in {r.seconds:.1f}s · {r.tokens_per_second:.1f} tok/s{note}[/]")
