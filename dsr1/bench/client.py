@@ -218,10 +218,8 @@ class Client:
     async def preflight(self) -> ServerInfo:
         """Check the server is reachable, accepts the key and serves the model; raise a clear error if not."""
         try:
-            resp = await self.pool.request("GET", "/v1/models", headers=self.headers)
-            status, server = resp.status, resp.headers.get("server")
-            raw = await resp.read()
-            resp.release()
+            status, headers, raw = await self._get("/v1/models")
+            server = headers.get("server")
         except HTTPFailure as exc:
             raise NetworkError(f"cannot reach the server at {self.base_url}: {exc.detail}",
                                hint="start the server, or fix --url (e.g. http://127.0.0.1:8000)") from None
@@ -267,12 +265,10 @@ class Client:
         """The server's Prometheus counters with "token" in their name, summed over labels; None without
         /metrics. Deltas around a point cross-check the client's token totals (guidellm #272)."""
         try:
-            resp = await self.pool.request("GET", "/metrics", headers=self.headers)
-            raw = await resp.read()
-            resp.release()
+            status, _, raw = await self._get("/metrics")
         except HTTPFailure:
             return None
-        if resp.status != 200:
+        if status != 200:
             return None
         out: dict[str, float] = {}
         for line in raw.decode("utf-8", "replace").splitlines():
@@ -288,12 +284,19 @@ class Client:
             out[name] = out.get(name, 0.0) + value
         return out
 
+    async def _get(self, path: str) -> tuple[int, Any, bytes]:
+        """GET path: (status, headers, body). The connection goes back to the pool, or is closed
+        when the body could not be read."""
+        resp = await self.pool.request("GET", path, headers=self.headers)
+        try:
+            return resp.status, resp.headers, await resp.read()
+        finally:
+            resp.release()
+
     async def _get_json(self, path: str) -> Any:
         try:
-            resp = await self.pool.request("GET", path, headers=self.headers)
-            raw = await resp.read()
-            resp.release()
-            return json.loads(raw) if resp.status == 200 else None
+            status, _, raw = await self._get(path)
+            return json.loads(raw) if status == 200 else None
         except (HTTPFailure, ValueError):
             return None
 

@@ -186,7 +186,7 @@ class ShareGPTWorkload:
 def token_counter(tokenizer: Any | None) -> Callable[[str], int] | None:
     if tokenizer is None:
         return None
-    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+    return Counter_(tokenizer, chat=False).text_tokens
 
 
 def tokenizer_source(tokenizer: str | None, serve_model: str | None, model: str | None) -> tuple[str | None, bool]:
