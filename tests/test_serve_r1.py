@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -244,6 +245,18 @@ def test_chat_model_starts_its_own_server_with_the_environment_key(r1_models, tm
                          input="hello\n/exit\n", capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Let me think" in out.stdout and "tok/s" in out.stdout
+
+
+def test_busy_port_is_a_server_error_that_names_the_port(r1_models, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(r1_models[True]), "--port", str(port),
+                              "--dtype", "fp32"], capture_output=True, text=True, timeout=300,
+                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "DSR1_HOME": str(tmp_path)})
+    assert out.returncode == 10, out.stderr  # ServerError, not uvicorn's own exit code 3 (dsr1's config error)
+    assert f"could not listen on 127.0.0.1:{port}" in out.stderr and "--port" in out.stderr
 
 
 def test_chat_needs_model_or_url():

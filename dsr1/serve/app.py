@@ -7,7 +7,6 @@ error is OpenAI-shaped (FastAPI's own validation answers 422 in its format).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -347,7 +346,7 @@ class _Ctx:
     t0: float
 
 
-def create_app(scheduler: Scheduler, cfg: AppConfig, metrics, on_startup=None, on_shutdown=None) -> tuple[Starlette, Api]:
+def create_app(scheduler: Scheduler, cfg: AppConfig, metrics) -> tuple[Starlette, Api]:
     api = Api(scheduler, cfg, metrics)
 
     def guarded(handler):
@@ -367,14 +366,4 @@ def create_app(scheduler: Scheduler, cfg: AppConfig, metrics, on_startup=None, o
         Route("/v1/chat/completions", guarded(api.chat), methods=["POST"]),
         Route("/v1/completions", guarded(api.completions), methods=["POST"]),
     ]
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        if on_startup:
-            on_startup()
-        try:
-            yield
-        finally:
-            if on_shutdown:
-                on_shutdown()
-
-    return Starlette(routes=routes, lifespan=lifespan), api
+    return Starlette(routes=routes), api

@@ -225,14 +225,7 @@ def run(opts: ServeOptions, p: Plan, sched, cfg, metrics, on_ready: Callable[[st
 
     from dsr1.serve.app import create_app
 
-    def startup() -> None:
-        sched.start()
-
-    def shutdown() -> None:
-        sched.cancel_all()
-        sched.shutdown()
-
-    app, api = create_app(sched, cfg, metrics, on_startup=startup, on_shutdown=shutdown)
+    app, api = create_app(sched, cfg, metrics)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -252,9 +245,14 @@ def run(opts: ServeOptions, p: Plan, sched, cfg, metrics, on_ready: Callable[[st
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=int(max(1, opts.grace)), lifespan="on")
     server = _Server(config)
+    sched.start()
     try:
         server.run()
-    finally:
+    except SystemExit:
+        if server.started:
+            raise
+        # uvicorn exits the process (code 3) when it cannot bind; say it in dsr1's terms below
+    finally:  # after uvicorn's graceful drain (or a failed start): stop what is left, end the engine loop
         sched.cancel_all()
         sched.shutdown()
     if not server.started:
