@@ -77,12 +77,9 @@ def raw_latency(url: str, n: int, tokens: int) -> tuple[list[float], list[float]
 
 
 async def dsr1_run(url: str, n: int, conc: int, tokens: int) -> tuple[float, list, list]:
-    c = Client(url, "loopback")
-    try:
+    async with Client(url, "loopback") as c:
         await run_closed(c.send, lambda i: RequestSpec("hello world", tokens), conc, count=min(200, n))  # warm-up
         run = await run_closed(c.send, lambda i: RequestSpec("hello world", tokens), conc, count=n)
-    finally:
-        await c.close()
     bad = [r for r in run.results if not r.ok]
     assert not bad, bad[0].detail
     assert all(len(r.chunk_times) == tokens for r in run.results)

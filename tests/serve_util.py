@@ -20,8 +20,9 @@ class ServerProc:
     """A `python -m dsr1 serve ...` child on 127.0.0.1 with a free port."""
 
     def __init__(self, args: list[str], home: Path, env: dict[str, str] | None = None, timeout: float = 180):
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home), **(env or {})}
-        full_env.pop("DSR1_API_KEY", None) if "DSR1_API_KEY" not in (env or {}) else None
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home)}
+        full_env.pop("DSR1_API_KEY", None)  # only the key a test asks for
+        full_env.update(env or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "dsr1", "serve", *args, "--port", "0"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
         self.lines: list[str] = []

@@ -24,11 +24,8 @@ def run(coro_fn):
 
 def send_one(url, spec, **kw):
     async def go():
-        c = Client(url, kw.pop("model", "loopback"), **kw)
-        try:
+        async with Client(url, kw.pop("model", "loopback"), **kw) as c:
             return await c.send(spec)
-        finally:
-            await c.close()
 
     return run(go)
 
@@ -63,11 +60,8 @@ def test_completions_endpoint_and_multi_token_chunks():
 def test_server_errors_are_recorded_not_raised():
     with LoopbackServer(behaviour=Behaviour(fail_every=2)) as srv:
         async def go():
-            c = Client(srv.url, "loopback")
-            try:
+            async with Client(srv.url, "loopback") as c:
                 return [await c.send(RequestSpec("x", 3)) for _ in range(4)]
-            finally:
-                await c.close()
 
         results = run(go)
     assert [r.ok for r in results] == [True, False, True, False]
@@ -124,11 +118,8 @@ def test_timeout_is_counted():
 
 def preflight(url, model="loopback", **kw):
     async def go():
-        c = Client(url, model, **kw)
-        try:
+        async with Client(url, model, **kw) as c:
             return await c.preflight()
-        finally:
-            await c.close()
 
     return run(go)
 
@@ -168,13 +159,10 @@ def test_normalize_url():
 def test_keepalive_connections_are_reused():
     with LoopbackServer() as srv:
         async def go():
-            c = Client(srv.url, "loopback")
-            try:
+            async with Client(srv.url, "loopback") as c:
                 for _ in range(20):
                     assert (await c.send(RequestSpec("x", 2))).ok
                 return len(c.pool._idle)
-            finally:
-                await c.close()
 
         assert run(go) == 1
 
@@ -225,11 +213,8 @@ def test_token_counters_from_prometheus_text():
     sock, url = _broken_server(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(text) + text)
     try:
         async def go():
-            c = Client(url, "m")
-            try:
+            async with Client(url, "m") as c:
                 return await c.token_counters()
-            finally:
-                await c.close()
 
         counters = run(go)
     finally:

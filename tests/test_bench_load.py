@@ -39,11 +39,8 @@ def test_constant_and_infinite_arrivals_and_duration_bound():
 def test_closed_loop_never_exceeds_concurrency():
     with LoopbackServer(behaviour=Behaviour(token_delay_s=0.002)) as srv:
         async def go():
-            client = Client(srv.url, "loopback")
-            try:
+            async with Client(srv.url, "loopback") as client:
                 return await run_closed(client.send, lambda i: RequestSpec("hi there", 5), 4, count=40)
-            finally:
-                await client.close()
 
         run = asyncio.run(go())
     assert len(run.results) == 40 and all(r.ok for r in run.results)
@@ -55,11 +52,8 @@ def test_closed_loop_never_exceeds_concurrency():
 def test_closed_loop_duration_bound_stops_issuing():
     with LoopbackServer(behaviour=Behaviour(token_delay_s=0.01)) as srv:
         async def go():
-            client = Client(srv.url, "loopback")
-            try:
+            async with Client(srv.url, "loopback") as client:
                 return await run_closed(client.send, lambda i: RequestSpec("x", 3), 2, duration=0.5)
-            finally:
-                await client.close()
 
         t = time.perf_counter()
         run = asyncio.run(go())
@@ -73,11 +67,8 @@ def test_closed_loop_duration_bound_stops_issuing():
 def test_open_loop_sends_on_schedule_and_respects_max_concurrency():
     with LoopbackServer(behaviour=Behaviour(token_delay_s=0.02)) as srv:
         async def go(offsets, cap):
-            client = Client(srv.url, "loopback")
-            try:
+            async with Client(srv.url, "loopback") as client:
                 return await run_open(client.send, lambda i: RequestSpec("x", 4), offsets, max_concurrency=cap)
-            finally:
-                await client.close()
 
         # constant 50 req/s for 30 requests: the last is sent ~0.58 s after the first
         offs = arrival_offsets(50.0, "constant", random.Random(0), count=30)
@@ -96,12 +87,9 @@ def test_open_loop_sends_on_schedule_and_respects_max_concurrency():
 def test_open_loop_duration_bound_stops_sending():
     with LoopbackServer() as srv:
         async def go():
-            client = Client(srv.url, "loopback")
-            try:
+            async with Client(srv.url, "loopback") as client:
                 offs = arrival_offsets(40.0, "constant", random.Random(0), count=80)  # 2 s of arrivals
                 return await run_open(client.send, lambda i: RequestSpec("x", 2), offs, duration=0.5)
-            finally:
-                await client.close()
 
         run = asyncio.run(go())
     assert 18 <= len(run.results) <= 21  # arrivals at 0, 25 ms, ... < 500 ms

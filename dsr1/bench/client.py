@@ -302,3 +302,9 @@ class Client:
 
     async def close(self) -> None:
         await self.pool.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

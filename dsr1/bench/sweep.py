@@ -171,8 +171,7 @@ async def _point(cfg: BenchConfig, client: Client, idx: int, mode: str, x: float
 async def _run(cfg: BenchConfig, workload: Callable[[int], RequestSpec], encode: Callable[[str], int] | None,
                doc: dict[str, Any], out_dir: Path | None, hooks: Hooks, server_extra: dict[str, Any],
                info: ServerInfo | None) -> None:
-    client = cfg.client()
-    try:
+    async with cfg.client() as client:
         if info is None:
             info = await client.preflight()
         doc["server"] = {**asdict(info), **server_extra}
@@ -195,19 +194,14 @@ async def _run(cfg: BenchConfig, workload: Callable[[int], RequestSpec], encode:
             if out_dir is not None:
                 report.write(doc, out_dir)
             hooks.point_done(point)
-    finally:
-        await client.close()
 
 
 def check_server(cfg: BenchConfig) -> ServerInfo:
     """The preflight alone (reachable, key accepted, model served); sets `cfg.model` to the served name."""
 
     async def go() -> ServerInfo:
-        client = cfg.client()
-        try:
+        async with cfg.client() as client:
             return await client.preflight()
-        finally:
-            await client.close()
 
     info = asyncio.run(go())
     cfg.model = info.model
