@@ -60,34 +60,50 @@ class ServerProc:
 def build_tiny_r1(src: Path, out: Path, *, forced_think: bool) -> Path:
     """A tiny Qwen2 with R1's special tokens and chat template whose greedy output is fixed.
 
-    The decoder layers' output projections are zeroed, so each position's hidden
-    state is its own token's embedding: the model is a bigram table. Embeddings and
-    lm_head rows are set so that after "<｜Assistant｜>" it writes
-    "<think>\\nLet me think</think>The answer<｜end▁of▁sentence｜>" (with logits
-    large enough that sampling at temperature 0.6 follows the chain too).
+    After "<｜Assistant｜>" it writes "<think>\\nLet me think</think>The answer<｜end▁of▁sentence｜>";
+    with `forced_think` the template ends the prompt with "<think>\\n" itself (DeepSeek's current
+    template), and the model goes on from there.
+    """
+    from dsr1.serve.engine import R1_CHAT_TEMPLATE
+
+    script = ["<｜Assistant｜>", "<think>", "\n", *CHAIN_WORDS[:3], "</think>", *CHAIN_WORDS[3:], R1_SPECIAL[1]]
+    template = R1_CHAT_TEMPLATE if forced_think else R1_CHAT_TEMPLATE.replace("<think>\\n", "")
+    return build_scripted_r1(src, out, [script], chat_template=template)
+
+
+def build_scripted_r1(src: Path, out: Path, scripts: list[list[str]], *, chat_template: str) -> Path:
+    """A tiny Qwen2 with R1's special tokens and `<think>`/`</think>` whose greedy output follows scripts.
+
+    A script is a list of pieces, each exactly one token (a tag, a special token or one BPE
+    token of the base tokenizer). The first piece is its trigger: when it is the last prompt
+    token, the model writes the rest, one piece per step, up to "<｜end▁of▁sentence｜>".
+    The decoder layers' output projections are zeroed, so each position's hidden state is
+    its own token's embedding: the model is a bigram table, one hidden dimension per
+    (token, next token) pair, with logits large enough that sampling at temperature 0.6
+    follows it too. Hence a token has one successor: scripts may share a tail (they merge
+    at a common token) but never branch.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dsr1.serve.engine import R1_CHAT_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(src)
     tok.add_special_tokens({"additional_special_tokens": R1_SPECIAL})
     tok.add_tokens(["<think>", "</think>"])  # not special in R1's tokenizer: they show in decoded text
     tok.bos_token, tok.eos_token = R1_SPECIAL[0], R1_SPECIAL[1]
-    tok.chat_template = R1_CHAT_TEMPLATE if forced_think else R1_CHAT_TEMPLATE.replace("<think>\\n", "")
+    tok.chat_template = chat_template
     model = AutoModelForCausalLM.from_pretrained(src)
     model.resize_token_embeddings(len(tok))
-    ids = tok.convert_tokens_to_ids
-    chain = [ids("<｜Assistant｜>"), ids("<think>"), tok.encode("\n", add_special_tokens=False)[0]]
-    for w in CHAIN_WORDS[:3]:
-        chain += tok.encode(w, add_special_tokens=False)
-    chain.append(ids("</think>"))
-    for w in CHAIN_WORDS[3:]:
-        chain += tok.encode(w, add_special_tokens=False)
-    chain.append(ids(R1_SPECIAL[1]))
-    assert len(chain) == 10 and len(set(chain)) == 10, chain
+    successor: dict[int, int] = {}
+    for script in scripts:
+        ids = []
+        for piece in script:
+            one = tok.encode(piece, add_special_tokens=False)
+            assert len(one) == 1, f"script piece {piece!r} is {len(one)} tokens: {one}"
+            ids += one
+        for t, nxt in zip(ids, ids[1:]):
+            assert successor.setdefault(t, nxt) == nxt, f"{tok.decode([t])!r} would have two successors"
     hidden = model.config.hidden_size
+    assert len(successor) <= hidden, f"{len(successor)} transitions need a hidden size of at least that"
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -96,14 +112,12 @@ def build_tiny_r1(src: Path, out: Path, *, forced_think: bool) -> Path:
         head = model.get_output_embeddings().weight
         emb.zero_()
         head.zero_()
-        for i, (t, nxt) in enumerate(zip(chain, chain[1:])):
-            emb[t, i % hidden] = 10.0
-            head[nxt, i % hidden] = 10.0
-    eos = ids(R1_SPECIAL[1])
-    model.config.eos_token_id = eos
-    model.config.bos_token_id = ids(R1_SPECIAL[0])
-    model.generation_config.eos_token_id = eos
-    model.generation_config.bos_token_id = ids(R1_SPECIAL[0])
+        for i, (t, nxt) in enumerate(successor.items()):
+            emb[t, i] = 10.0
+            head[nxt, i] = 10.0
+    eos, bos = tok.convert_tokens_to_ids(R1_SPECIAL[1]), tok.convert_tokens_to_ids(R1_SPECIAL[0])
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id, cfg.bos_token_id = eos, bos
     model.config.tie_word_embeddings = False
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -1,4 +1,7 @@
-"""Pure-logic tests of serve's pieces: reasoning split, sampling, request validation, sizing."""
+"""Pure-logic tests of serve's pieces: reasoning parser choice, sampling, request validation, sizing.
+
+The reasoning split itself: tests/test_reasoning.py.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +9,19 @@ import pytest
 
 from dsr1.errors import HardwareError, NotFoundError
 from dsr1.serve import schema
-from dsr1.serve.reasoning import ReasoningParser, split_full
 
 
-def _stream(chunks, opened):
-    p = ReasoningParser(opened)
-    r_all = c_all = ""
-    for c in chunks:
-        r, t = p.feed(c)
-        r_all, c_all = r_all + r, c_all + t
-    r, t = p.finish()
-    return r_all + r, c_all + t
+def test_reasoning_parser_choice():
+    from dsr1.errors import UsageError
+    from dsr1.serve.server import choose_reasoning_parser
 
-
-@pytest.mark.parametrize("chunks,opened,expected", [
-    (["<th", "ink>\nhm", "m </th", "ink>\n\nAns", "wer"], False, ("hmm ", "Answer")),  # tags split across chunks
-    (["\nhm", "m </th", "ink>\n\nAns", "wer"], True, ("hmm ", "Answer")),  # template opened <think>
-    (["<think>\nhmm", "</think>ok"], True, ("hmm", "ok")),  # model repeats the opened tag
-    (["never closed <"], True, ("never closed <", "")),  # max_tokens hit inside reasoning
-    (["Hello", " world"], False, ("", "Hello world")),  # no tags: stays content (sglang #4539)
-    (["<think>\n\n</think>\n\nHi"], False, ("", "Hi")),  # R1 skipping its reasoning
-    (["a < b and <thinking> is not a tag"], False, ("", "a < b and <thinking> is not a tag")),
-])
-def test_reasoning_stream_split(chunks, opened, expected):
-    assert _stream(chunks, opened) == expected
-    # one-shot split agrees with the streamed one
-    r, c = split_full("".join(chunks), opened)
-    assert ((r or ""), c) == expected
-
-
-def test_reasoning_full_close_without_open_moves_text():
-    assert split_full("thinking</think>\n\nanswer", False) == ("thinking", "answer")
-    assert split_full("plain", False) == (None, "plain")
+    assert choose_reasoning_parser("auto", has_think=True)[0] == "deepseek_r1"
+    assert choose_reasoning_parser("auto", has_think=False)[0] == "none"
+    assert choose_reasoning_parser("none", has_think=True)[0] == "none"
+    assert choose_reasoning_parser("deepseek_r1", has_think=True)[0] == "deepseek_r1"
+    with pytest.raises(UsageError) as e:
+        choose_reasoning_parser("deepseek_r1", has_think=False)
+    assert "</think>" in str(e.value) and "--reasoning-parser auto" in e.value.hint
 
 
 def test_sampling_seed_is_per_request_and_top_p_exact():

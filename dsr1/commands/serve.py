@@ -45,6 +45,7 @@ def serve(
     prefill_chunk: int = typer.Option(256, "--prefill-chunk", help="Prompt tokens processed between decode steps (bounds stalls)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Name clients pass as `model`."),
+    reasoning_parser: str = typer.Option("auto", "--reasoning-parser", help="deepseek_r1 (text before </think> is reasoning), none (no split); auto: deepseek_r1 if the tokenizer has </think>."),
     reasoning_field: str = typer.Option("both", "--reasoning-field", help="reasoning_content (DeepSeek), reasoning (vLLM 0.11+) or both."),
     system_prompt: str = typer.Option("auto", "--system-prompt", help="keep, merge (into the first user turn, DeepSeek's R1 advice), drop; auto: merge for R1."),
     audit_log: Optional[Path] = typer.Option(None, "--audit-log", help="Append a JSONL line per request (no keys, no text)."),
@@ -61,6 +62,8 @@ def serve(
     from dsr1.output import Output
     from dsr1.serve import server
 
+    if reasoning_parser not in server.REASONING_PARSERS:
+        raise UsageError(f"--reasoning-parser {reasoning_parser!r}", hint="use auto, deepseek_r1 or none")
     if reasoning_field not in ("reasoning_content", "reasoning", "both"):
         raise UsageError(f"--reasoning-field {reasoning_field!r}", hint="use reasoning_content, reasoning or both")
     if system_prompt not in ("auto", "keep", "merge", "drop"):
@@ -71,8 +74,9 @@ def serve(
         model=model, profile=profile, host=host, port=port, api_key=_api_key(api_key, api_key_file),
         max_concurrent=max_concurrent, max_queue=max_queue, max_model_len=max_model_len, dtype=dtype,
         device_map=device_map, max_memory=max_memory, offload_dir=offload_dir, stream_interval=stream_interval,
-        prefill_chunk=prefill_chunk, threads=threads, served_name=served_model_name, reasoning_field=reasoning_field,
-        system_prompt=system_prompt, audit_log=audit_log, audit_content=audit_content, grace=grace)
+        prefill_chunk=prefill_chunk, threads=threads, served_name=served_model_name, reasoning_parser=reasoning_parser,
+        reasoning_field=reasoning_field, system_prompt=system_prompt, audit_log=audit_log, audit_content=audit_content,
+        grace=grace)
     out = Output(json, quiet)
     p, sched, cfg, metrics = server.plan(opts, progress=out.info)
     for w in p.warnings:
@@ -84,8 +88,9 @@ def serve(
              f"prefill chunk {p.prefill_chunk}")
     out.info(f"kv cache   {p.kv_cache_bytes / gib:.2f} GiB ({p.kv_bytes_per_token} B/token) of a "
              f"{p.memory_budget_bytes / gib:.1f} GiB budget")
-    out.info(f"reasoning  {'split into ' + reasoning_field if p.reasoning else 'off (no </think> token)'}; "
-             f"system prompt: {p.system_prompt}")
+    fields = "reasoning_content and reasoning" if reasoning_field == "both" else reasoning_field
+    split = f"{p.reasoning_parser}, into {fields}" if p.reasoning_parser != "none" else "off, everything in content"
+    out.info(f"reasoning  {split} ({p.reasoning_why}); system prompt: {p.system_prompt}")
 
     def ready(url: str) -> None:
         if json:

@@ -35,6 +35,7 @@ class AppConfig:
     max_model_len: int
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    reasoning_parser: str = "none"  # deepseek_r1 | none, as chosen by server.plan
     reasoning_field: str = "both"  # reasoning_content | reasoning | both
     system_prompt: str = "keep"  # keep | merge | drop
     audit_log: Path | None = None
@@ -70,7 +71,7 @@ class Api:
     def __init__(self, scheduler: Scheduler, cfg: AppConfig, metrics):
         self.sched, self.cfg, self.metrics = scheduler, cfg, metrics
         self.tok = scheduler.model.tokenizer
-        self.reasoning_on = scheduler.model.has_think
+        self.reasoning_on = cfg.reasoning_parser == "deepseek_r1"
         self.audit = Audit(cfg.audit_log, cfg.audit_content)
         self.ready = False
 
@@ -124,7 +125,7 @@ class Api:
             raise schema.ApiError(503, "Server is shutting down", type="server_error", code="shutting_down",
                                   headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
 
-    def _chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], bool]:
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         msgs = [dict(m) for m in messages]
         mode = self.cfg.system_prompt
         if mode != "keep" and any(m["role"] == "system" for m in msgs):
@@ -144,13 +145,9 @@ class Api:
         except Exception as e:  # jinja errors from the model's own template (e.g. role order rules)
             raise schema.ApiError(400, f"the model's chat template rejected these messages: {e}",
                                   param="messages") from None
-        ids = self.tok(text, add_special_tokens=False).input_ids
-        opened = self.reasoning_on and text.rstrip().endswith("<think>")
-        return ids, opened
+        return self.tok(text, add_special_tokens=False).input_ids
 
-    def _reasoning_fields(self, text: str | None) -> dict[str, str]:
-        if text is None or not self.reasoning_on:
-            return {}
+    def _reasoning_fields(self, text: str) -> dict[str, str]:
         f = self.cfg.reasoning_field
         out = {}
         if f in ("reasoning_content", "both"):
@@ -189,10 +186,9 @@ class Api:
             c = schema.parse_chat(body) if kind == "chat" else schema.parse_completion(body)
             self._check_model(c.model)
             if kind == "chat":
-                ids, opened = self._chat_prompt(c.messages)
+                ids = self._chat_prompt(c.messages)
                 param, prompt_text = "messages", c.messages
             else:
-                opened = False
                 if isinstance(c.prompt, str):
                     ids = self.tok(c.prompt).input_ids
                 else:
@@ -209,7 +205,7 @@ class Api:
             self.audit.write(client=client, endpoint=endpoint, model=self.cfg.model_name, status=e.status,
                              error=e.message)
             return _error(e)
-        ctx = _Ctx(kind, c, ids, opened, handle, queue, endpoint, client, prompt_text, t0)
+        ctx = _Ctx(kind, c, ids, handle, queue, endpoint, client, prompt_text, t0)
         if c.stream:
             return StreamingResponse(self._stream(ctx), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -246,11 +242,10 @@ class Api:
         u = schema.usage(ev.prompt_tokens, ev.completion_tokens)
         finish = ev.finish_reason
         if x.kind == "chat":
-            if self.reasoning_on:
-                reasoning, content = split_full(text, x.opened)
-            else:
-                reasoning, content = None, text
-            msg = {"role": "assistant", "content": content, **self._reasoning_fields(reasoning)}
+            msg = {"role": "assistant", "content": text, "refusal": None}
+            if self.reasoning_on:  # always present, "" when there was none: what the streamed deltas add up to
+                reasoning, msg["content"] = split_full(text)
+                msg.update(self._reasoning_fields(reasoning))
             body = {"id": schema.new_id("chatcmpl"), "object": "chat.completion", "created": schema.now(),
                     "model": self.cfg.model_name,
                     "choices": [{"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}], "usage": u}
@@ -264,7 +259,7 @@ class Api:
     async def _stream(self, x: "_Ctx") -> AsyncIterator[bytes]:
         rid, created = schema.new_id("chatcmpl" if x.kind == "chat" else "cmpl"), schema.now()
         obj = "chat.completion.chunk" if x.kind == "chat" else "text_completion"
-        parser = ReasoningParser(x.opened) if (x.kind == "chat" and self.reasoning_on) else None
+        parser = ReasoningParser() if (x.kind == "chat" and self.reasoning_on) else None
         text, ev, finished = "", None, False
 
         def chunk(delta: dict | None, finish: str | None = None, text_part: str | None = None) -> bytes:
@@ -337,7 +332,6 @@ class _Ctx:
     kind: str
     c: Any
     ids: list[int]
-    opened: bool
     handle: Request
     queue: asyncio.Queue
     endpoint: str

@@ -1,15 +1,23 @@
-"""Split R1 output into reasoning (inside <think>...</think>) and answer, as it streams.
+"""Split R1 output into reasoning and answer as it streams (`--reasoning-parser deepseek_r1`).
 
-Rules (see docs/serve.md, and vllm #12999 / PR #14841, sglang #4539):
-- If the prompt already ends inside <think> (DeepSeek's template appends "<think>\\n"),
-  everything up to </think> is reasoning, whether or not the model repeats <think>.
-- Otherwise the output is reasoning only if it starts (after whitespace) with <think>;
-  with no tags at all the text stays in `content`.
-- If </think> never comes (max_tokens reached), all of it stays reasoning and the
-  response's finish_reason says "length".
-- A </think> appearing in an answer that never opened <think> stays in content when
-  streaming (already sent); in a non-streaming response the text before it is
-  moved to reasoning.
+The rules are those of vLLM's deepseek_r1 parser (vllm PR #14841) and DeepSeek's API:
+- Everything before `</think>` is reasoning, whether or not the output opened `<think>`.
+  DeepSeek's current template ends the prompt with "<think>\\n", so the model never writes
+  the tag (vllm #12999, #13125; DeepSeek-R1 #350); older R1-Distill templates (and many GGUF
+  copies) do not, and the model often starts without it anyway and closes it later.
+- A leading `<think>` (after whitespace) is dropped, with the newlines after it; leading
+  whitespace is dropped too. The newlines right after `</think>` are layout, not content.
+- Text after the first `</think>` is content verbatim, even if it contains the tags again.
+- If `</think>` never comes (max_tokens, or an output with no tags at all) all of it is
+  reasoning and content is ""; finish_reason says whether it was "stop" or "length".
+  The parser cannot know in advance that no `</think>` will come (sglang #4539 kept such
+  answers in content, at the price of streaming them differently); a model that does not
+  think is served with `--reasoning-parser none`.
+
+A non-streaming response is the same parser fed the whole text (`split_full`), so the
+streamed deltas always concatenate to exactly the non-streaming fields. While streaming,
+only text that may still turn out to be a tag is held back (a `</think>` split across
+chunks), and `finish` flushes it.
 """
 
 from __future__ import annotations
@@ -26,68 +34,56 @@ def _partial_suffix(text: str, tag: str) -> int:
 
 
 class ReasoningParser:
-    def __init__(self, prompt_opened: bool):
-        self.state = "reasoning" if prompt_opened else "start"
-        self.buf = ""
-        self._strip_content = False
-        self._fresh = True  # nothing emitted as reasoning yet: a repeated <think> may still come
+    """Feed text as it comes; get (reasoning delta, content delta) back. Call `finish` at the end."""
+
+    def __init__(self) -> None:
+        # lead: before any reasoning (whitespace, an optional <think>); opened: newlines after <think>;
+        # reasoning: until </think>; closed: newlines after </think>; content: the rest.
+        self._state = "lead"
+        self._buf = ""  # held back: leading whitespace, a partial <think>, or a partial </think>
 
     def feed(self, text: str) -> tuple[str, str]:
-        """New text in; (reasoning delta, content delta) out."""
-        self.buf += text
-        reasoning, content = "", ""
-        if self.state == "start":
-            lead = self.buf.lstrip()
-            if lead.startswith(OPEN):
-                self.buf = lead[len(OPEN):]
-                self.state = "reasoning"
-            elif OPEN.startswith(lead):
-                return "", ""  # could still become <think>
-            else:
-                self.state = "content"
-        if self.state == "reasoning":
-            lead = self.buf
-            if self._fresh and lead.lstrip().startswith(OPEN):  # model repeated the tag the template opened
-                lead = lead.lstrip()[len(OPEN):]
-            elif self._fresh and OPEN.startswith(lead.lstrip()):
-                return "", ""
-            if self._fresh:  # the newline after <think> is layout, not reasoning
-                lead = lead.lstrip("\n")
-                if not lead:
-                    self.buf = ""
-                    return "", ""
-            self._fresh = False
-            i = lead.find(CLOSE)
-            if i == -1:
-                keep = _partial_suffix(lead, CLOSE)
-                reasoning, self.buf = lead[: len(lead) - keep], lead[len(lead) - keep :]
-                return reasoning, ""
-            reasoning, self.buf = lead[:i], lead[i + len(CLOSE):]
-            self.state, self._strip_content = "content", True
-        if self.state == "content":
-            content, self.buf = self.buf, ""
-            if self._strip_content:  # R1 puts "\n\n" between </think> and the answer
-                content = content.lstrip("\n")
-                self._strip_content = not content
-        return reasoning, content
+        self._buf += text
+        return self._drain(final=False)
 
     def finish(self) -> tuple[str, str]:
-        """Flush what was held back (a partial tag at the very end)."""
-        rest, self.buf = self.buf, ""
-        if self.state == "reasoning":
-            return rest, ""
-        return "", rest
+        """Flush what was held back (whitespace, or a partial tag at the very end)."""
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> tuple[str, str]:
+        reasoning = ""
+        if self._state == "lead":
+            self._buf = self._buf.lstrip()
+            if self._buf.startswith(OPEN):
+                self._buf, self._state = self._buf[len(OPEN):], "opened"
+            elif OPEN.startswith(self._buf) and not final:
+                return "", ""  # nothing yet, or could still become <think>
+            else:
+                self._state = "reasoning"
+        if self._state == "opened":
+            self._buf = self._buf.lstrip("\n")
+            if not self._buf:
+                return "", ""
+            self._state = "reasoning"
+        if self._state == "reasoning":
+            i = self._buf.find(CLOSE)
+            if i == -1:
+                keep = 0 if final else _partial_suffix(self._buf, CLOSE)
+                reasoning, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+                return reasoning, ""
+            reasoning, self._buf, self._state = self._buf[:i], self._buf[i + len(CLOSE):], "closed"
+        if self._state == "closed":  # R1 writes "\n\n" between </think> and the answer
+            self._buf = self._buf.lstrip("\n")
+            if not self._buf:
+                return reasoning, ""
+            self._state = "content"
+        content, self._buf = self._buf, ""
+        return reasoning, content
 
 
-def split_full(text: str, prompt_opened: bool) -> tuple[str | None, str]:
-    """Non-streaming split: (reasoning or None, content)."""
-    p = ReasoningParser(prompt_opened)
+def split_full(text: str) -> tuple[str, str]:
+    """Non-streaming split: (reasoning, content), exactly what streaming `text` would send."""
+    p = ReasoningParser()
     r1, c1 = p.feed(text)
     r2, c2 = p.finish()
-    reasoning, content = r1 + r2, c1 + c2
-    if p.state in ("content",) and not reasoning and CLOSE in content:
-        head, _, tail = content.partition(CLOSE)
-        return head.strip(), tail.lstrip("\n")
-    if p.state == "start":  # nothing but whitespace or a bare partial tag
-        return None, content
-    return (reasoning if reasoning or p.state == "reasoning" else None), content
+    return r1 + r2, c1 + c2

@@ -20,6 +20,7 @@ from dsr1.errors import HardwareError, NotFoundError, ServerError, UsageError
 log = logging.getLogger("dsr1.serve")
 
 MIN_CONTEXT = 256
+REASONING_PARSERS = ("auto", "deepseek_r1", "none")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ServeOptions:
     threads: int | None = None
     served_name: str | None = None
     reasoning_field: str = "both"
+    reasoning_parser: str = "auto"
     system_prompt: str = "auto"
     audit_log: Path | None = None
     audit_content: bool = False
@@ -66,7 +68,8 @@ class Plan:
     memory_budget_bytes: int
     prefill_chunk: int
     system_prompt: str
-    reasoning: bool
+    reasoning_parser: str  # "deepseek_r1" or "none", as run
+    reasoning_why: str
     load_seconds: float
     warnings: list[str] = field(default_factory=list)
 
@@ -119,6 +122,18 @@ def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int) -> t
     if bf16_cpu:
         return "fp32", "one request at a time: fp32 decodes faster than bf16 at batch 1 on this CPU"
     return "fp32", "CPU without bf16 units"
+
+
+def choose_reasoning_parser(requested: str, *, has_think: bool) -> tuple[str, str]:
+    """The parser that runs ("deepseek_r1" or "none") and why. `requested` is one of REASONING_PARSERS."""
+    if requested == "auto":
+        if has_think:
+            return "deepseek_r1", "auto: the tokenizer has </think>"
+        return "none", "auto: no </think> token"
+    if requested == "deepseek_r1" and not has_think:
+        raise UsageError("--reasoning-parser deepseek_r1: this model's tokenizer has no </think> token, so there "
+                         "is no reasoning to split", hint="use --reasoning-parser auto or none")
+    return requested, f"--reasoning-parser {requested}"
 
 
 def _parse_max_memory(spec: str | None) -> dict[Any, str] | None:
@@ -184,6 +199,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
     max_mem = _parse_max_memory(opts.max_memory)
     model = worker.submit(EmbeddedModel, model_dir, dtype=parse_dtype(dtype), device_map=device_map,
                           max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads).result()
+    parser, parser_why = choose_reasoning_parser(opts.reasoning_parser, has_think=model.has_think)
     per_token = model.kv_bytes_per_token()
     if cuda:
         free, _ = torch.cuda.mem_get_info()
@@ -211,10 +227,10 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
                           stream_interval=opts.stream_interval, metrics=metrics, worker=worker).result()
     metrics.bind(sched.counts, sched.kv_usage, sched.cache.total_bytes)
     cfg = AppConfig(model_name=name, max_model_len=max_len, api_key=opts.api_key,
-                    max_body_bytes=opts.max_body_bytes, reasoning_field=opts.reasoning_field, system_prompt=system,
-                    audit_log=opts.audit_log, audit_content=opts.audit_content)
+                    max_body_bytes=opts.max_body_bytes, reasoning_parser=parser, reasoning_field=opts.reasoning_field,
+                    system_prompt=system, audit_log=opts.audit_log, audit_content=opts.audit_content)
     p = Plan(str(model_dir), name, prof.name, dtype, why, str(model.input_device), max_concurrent, max_queue, max_len,
-             sched.cache.total_bytes, per_token, budget, opts.prefill_chunk, system, model.has_think,
+             sched.cache.total_bytes, per_token, budget, opts.prefill_chunk, system, parser, parser_why,
              round(model.load_seconds, 2), warnings)
     return p, sched, cfg, metrics
 
@@ -259,4 +275,5 @@ def run(opts: ServeOptions, p: Plan, sched, cfg, metrics, on_ready: Callable[[st
         raise ServerError(f"could not listen on {opts.host}:{opts.port}", hint="pick another --port")
 
 
-__all__ = ["ServeOptions", "Plan", "plan", "run", "resolve_model_dir", "choose_dtype", "size_context"]
+__all__ = ["ServeOptions", "Plan", "plan", "run", "resolve_model_dir", "choose_dtype", "choose_reasoning_parser",
+           "size_context"]
