@@ -10,10 +10,15 @@ template) comes from the GGUF metadata too.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from dsr1.errors import IntegrityError, NotFoundError, UsageError
+
+if TYPE_CHECKING:
+    from dsr1 import gguf_meta
 
 GGUF_MAGIC = b"GGUF"
 
@@ -24,6 +29,9 @@ class GgufInfo:
     architecture: str
     name: str | None
     size: int
+    header: "gguf_meta.Header | None" = field(default=None, repr=False)
+    tokenizer_repairs: list[str] = field(default_factory=list)
+    tokenizer_checked: int = 0  # control/user-defined tokens checked against the file's ids
 
 
 def inspect(path: Path) -> GgufInfo:
@@ -35,21 +43,14 @@ def inspect(path: Path) -> GgufInfo:
     if magic != GGUF_MAGIC:
         raise UsageError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')",
                          hint="pass a .gguf model file, e.g. from Ollama's blobs or LM Studio's models folder")
-    from gguf import GGUFReader
+    from dsr1 import gguf_meta
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # truncated or damaged header: gguf raises assorted errors
+        header = gguf_meta.read(path)
+    except gguf_meta.GgufFormatError as exc:  # truncated download, damaged header
         raise IntegrityError(f"{path} is a damaged GGUF file ({exc})", hint="download the file again") from None
-
-    def field(key: str) -> str | None:
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-
-    return GgufInfo(path=str(path), architecture=field("general.architecture") or "?",
-                    name=field("general.name"), size=path.stat().st_size)
+    return GgufInfo(path=str(path), architecture=header.get("general.architecture") or "?",
+                    name=header.get("general.name"), size=path.stat().st_size, header=header)
 
 
 def supported_architectures() -> list[str]:
@@ -83,7 +84,32 @@ def import_gguf(path: Path, out_dir: Path, dtype: str = "bfloat16") -> GgufInfo:
     try:
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
+        _match_file_tokenizer(info, out_dir, model.get_input_embeddings().weight.shape[0])
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return info
+
+
+def _match_file_tokenizer(info: GgufInfo, out_dir: Path, embedding_rows: int) -> None:
+    """Repair the saved tokenizer to the GGUF's own token ids, then reload and check it (a guard like
+    quantization's reload check): a tokenizer that still disagrees is refused, never stored."""
+    from transformers import AutoTokenizer
+
+    from dsr1 import gguf_tokenizer
+
+    table = gguf_tokenizer.TokenTable.from_header(info.header)
+    if not table.tokens:
+        return
+    try:
+        info.tokenizer_repairs = gguf_tokenizer.repair_saved(out_dir, table)
+    except ValueError as exc:
+        raise IntegrityError(f"{info.path}: its token table cannot be matched ({exc})",
+                             hint="the file's tokenizer metadata is inconsistent; get the GGUF from another source") from None
+    problems = gguf_tokenizer.check(AutoTokenizer.from_pretrained(out_dir), table, embedding_rows)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise IntegrityError(f"{info.path}: the imported tokenizer disagrees with the file's token ids: {shown}",
+                             hint="this GGUF's tokenizer is not one dsr1 can import faithfully; pull the model's "
+                                  "safetensors repo instead (dsr1 pull REPO_ID)")
+    info.tokenizer_checked = len(table.added())

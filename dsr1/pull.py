@@ -204,8 +204,10 @@ def _from_gguf(src, work, method, reporter, manifest) -> Path:
                              f"{free / 1e9:.2f} GB free", hint="free space there or set DSR1_HOME to a bigger disk")
     reporter.stage(f"importing GGUF ({info.architecture}) from {src.path}")
     with _silenced(reporter):
-        gguf_import.import_gguf(src.path, work / "imported")
+        imported = gguf_import.import_gguf(src.path, work / "imported")
     manifest.dtype = "bfloat16"
+    manifest.checks = {"tokenizer_tokens_checked": imported.tokenizer_checked,
+                       "tokenizer_repairs": imported.tokenizer_repairs}
     return work / "imported"
 
 
