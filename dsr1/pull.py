@@ -19,8 +19,6 @@ from dsr1.download import DEFAULT_WORKERS, MAX_WORKERS, Reporter
 from dsr1.errors import DiskSpaceError, NotFoundError, UsageError
 from dsr1.quantize import METHODS, OUTPUT_RATIO
 
-PROFILE_QUANT = {"int4": "nf4", "nf4": "nf4", "int8": "int8"}  # profile precision -> --quant
-
 
 @dataclass
 class Source:
@@ -75,27 +73,33 @@ def classify(source: str) -> Source:
 
 
 def resolve_quant(quant: str | None, profile: str | None, model: str | None = None) -> tuple[str, str]:
-    """--quant flag > DSR1_QUANT > what doctor's profile picks for this model > none.
+    """--quant flag > DSR1_QUANT > what the deployment plan quantizes to > none.
 
-    For a catalog model the profile's recommendation for that model decides (the best
-    precision that fits this machine); otherwise the profile's default precision."""
+    For a catalog model the plan (dsr1.plan, the one serve runs) decides: bitsandbytes
+    int8/nf4 when the embedded engine runs it and bf16 does not fit; vLLM and SGLang load
+    unquantized or AWQ checkpoints, so nothing. Otherwise the profile's precision, when the
+    profile's engine is the embedded one."""
     profile_value = None
     if quant is None and settings.resolve("quant").value is None:
-        profile_value = PROFILE_QUANT.get(_profile_precision(profile, model) or "", "none")
+        profile_value = _planned_quant(profile, model)
     r = settings.resolve("quant", flag=quant, profile=profile_value, default="none", kind=str)
     if r.value not in METHODS:
         raise UsageError(f"unknown quantization {r.value!r}", hint=f"use --quant {'|'.join(METHODS)}")
     return r.value, r.source
 
 
-def _profile_precision(profile: str | None, model: str | None) -> str | None:
-    from dsr1 import doctor, profiles
+def _planned_quant(profile: str | None, model: str | None) -> str:
+    from dsr1 import plan, sizing
+    from dsr1.errors import Dsr1Error
 
-    report = doctor.run(profile)
-    rec = next((r for r in report.recommendations if r.model == model), None)
-    if rec is not None and rec.fits:
-        return rec.precision
-    return profiles.get(report.profile).settings.precision
+    if model is not None:
+        try:
+            return plan.make_plan(model, profile, plan.Overrides(engine_port=1)).quant
+        except Dsr1Error:  # nothing fits here: the profile's own precision below
+            pass
+    gpus, host = plan.probe()
+    prof = plan.choose_profile(profile, gpus, host)[0].settings
+    return sizing.PULL_QUANT.get(prof.precision, "none") if prof.engine == "embedded" else "none"
 
 
 def pull(source: str, *, name: str | None = None, revision: str | None = None, endpoint: str | None = None,
@@ -118,7 +122,8 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
     result = PullResult(name=name, model_dir="", source=source, source_kind=src.kind, resolved_revision=None,
                         quantization=method, quantization_source=method_source, total_bytes=0)
     manifest = store.Manifest(name=name, source=source, source_kind="hub" if src.repo_id else src.kind,
-                              model_dir="", files=[], quantization=method)
+                              model_dir="", files=[], quantization=method,
+                              source_path=str(src.path) if src.path else None)
     work = entry / f".tmp-{os.getpid()}"
     try:
         if src.repo_id:

@@ -8,7 +8,7 @@ snapshot or a `--local-dir`), so other tools reuse the same files.
 
 Public API other commands rely on (keep stable):
     resolve_model_dir(name_or_path) -> Path   a stored name or a model directory
-    load(name) -> Manifest, list_models(), remove(name), verify(name)
+    load(name) -> Manifest, find(name_or_repo_id), list_models(), remove(name), verify(name)
 """
 
 from __future__ import annotations
@@ -59,10 +59,19 @@ class Manifest:
     dsr1_version: str = __version__
     created: str = ""
     manifest_version: int = MANIFEST_VERSION
+    source_path: str | None = None  # gguf/dir: `source` as an absolute path (it may have been relative)
 
     @property
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def label(self) -> str:
+        """What identifies the model to a person: the repo id, the GGUF file's name, the directory's name.
+        Short enough to show whole in a table; `source_path` has the full path."""
+        if self.repo_id:
+            return self.repo_id
+        return Path(self.source_path or self.source).name or self.source
 
 
 def store_root() -> Path:
@@ -125,6 +134,19 @@ def load(name: str) -> Manifest:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc})", hint=f"`dsr1 rm {name}` and pull again") from None
     return _from_json(data, path)
+
+
+def find(ref: str) -> Manifest | None:
+    """The stored model named `ref`, else the one pulled from hub repo `ref` (vLLM and others serve a
+    model under its repo id); None when neither. Never raises for a name that is not a valid store name."""
+    if _NAME_RE.match(ref) and ".." not in ref and (store_root() / ref / MANIFEST).is_file():
+        try:
+            return load(ref)
+        except ConfigError:
+            return None
+    if "/" in ref:
+        return next((m for m in list_models() if m.repo_id and m.repo_id.lower() == ref.lower()), None)
+    return None
 
 
 def _missing_hint(name: str) -> str:

@@ -100,14 +100,37 @@ def test_missing_tokenizer_is_not_found(tmp_path):
     assert "--tokenizer" in e.value.hint
 
 
-def test_tokenizer_source_order(tmp_path):
-    from dsr1 import catalog
-    from dsr1.bench.workload import tokenizer_source
+def test_tokenizer_source_order(tmp_path, demo_model_dir):
+    """--tokenizer alone; else a model directory, then dsr1's store (by name, or a hub id by repo), then the
+    Hugging Face cache (catalog repos and hub ids, never downloaded). The server's /tokenize comes last:
+    tests/test_bench_tokenizer_sources.py."""
+    from dsr1 import catalog, store
+    from dsr1.bench.tokenizer import candidates, choose
 
     spec = catalog.models()[0]
-    assert tokenizer_source("/my/tok", str(tmp_path), "m") == ("/my/tok", True)  # --tokenizer wins, may download
-    assert tokenizer_source(None, str(tmp_path), None) == (str(tmp_path), False)  # MODEL directory
-    assert tokenizer_source(None, None, str(tmp_path)) == (str(tmp_path), False)  # --model directory
-    assert tokenizer_source(None, spec.name, None) == (spec.repo, False)  # catalog name -> its repo, cache only
-    assert tokenizer_source(None, None, "org/served-name") == ("org/served-name", False)
-    assert tokenizer_source(None, None, "loopback") == (None, False)  # a bare alias is no tokenizer
+    found, _ = candidates("/my/tok", [str(tmp_path), "m"])
+    assert [(c.source, c.ref, c.local_only) for c in found] == [("flag", "/my/tok", False)]  # may download
+    for name, repo in (("served", None), ("pulled", "Org/Repo")):
+        store.write_manifest(store.Manifest(name=name, source=repo or str(demo_model_dir), repo_id=repo,
+                                            source_kind="hub" if repo else "dir", model_dir=str(demo_model_dir),
+                                            files=[]))
+    found, missed = candidates(None, [str(tmp_path), "served", spec.name, None])
+    assert [(c.source, c.ref) for c in found] == [("directory", str(tmp_path)), ("store", str(demo_model_dir)),
+                                                  ("hf-cache", spec.repo)]
+    assert all(c.local_only for c in found)
+    assert missed == [f"no stored model {spec.name!r} in {store.store_root()}"]
+    found, _ = candidates(None, ["org/repo"])  # vLLM serves a repo id: the model pulled from it
+    assert [(c.source, c.ref) for c in found] == [("store", str(demo_model_dir)), ("hf-cache", "org/repo")]
+    assert candidates(None, ["loopback"])[0] == []  # a bare alias names no tokenizer
+    found, _ = candidates("served", [])  # --tokenizer takes a stored name too
+    assert [(c.source, c.ref) for c in found] == [("flag", str(demo_model_dir))]
+
+    choice = choose(None, [spec.name, "served"])  # the catalog repo is not cached here: the store's is used
+    assert (choice.source, choice.ref) == ("store", str(demo_model_dir)) and choice.tokenizer is not None
+    assert not any("Hugging Face cache" in t for t in choice.tried)  # the store came first
+    choice = choose(None, [spec.name])
+    assert choice.tokenizer is None and choice.source is None
+    assert choice.tried[-1] == f"{spec.repo}: not in the Hugging Face cache (a guessed tokenizer is never downloaded)"
+    with pytest.raises(NotFoundError) as e:
+        choose(str(tmp_path / "nothing-here"), ["served"])  # asked for explicitly: no quiet fallback
+    assert "--tokenizer" in str(e.value) and "--tokenizer" in e.value.hint

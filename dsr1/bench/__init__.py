@@ -3,6 +3,7 @@
 client.py / http.py  streaming client that timestamps chunks as they arrive
 load.py              closed-loop (concurrency) and open-loop (rate) generators
 workload.py          random prompts of exact token length, ShareGPT datasets
+tokenizer.py         which tokenizer counts: --tokenizer, the store, the HF cache, the server's /tokenize
 metrics.py           TTFT / TPOT / ITL / E2EL, percentiles, goodput, token accounting
 sweep.py             run_sweep(): preflight, warm-up, points, files after each point
 report.py / plots.py results JSON + CSV, tables, compare; PNG plots

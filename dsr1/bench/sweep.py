@@ -123,11 +123,15 @@ def environment() -> dict[str, Any]:
             "gpu_driver": gpus.driver_version}
 
 
-def new_document(cfg: BenchConfig) -> dict[str, Any]:
-    return {"schema_version": report.SCHEMA_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "interrupted": False, "config": cfg.public(), "environment": environment(), "server": {},
-            "definitions": DEFINITIONS, "points": []}
+def new_document(cfg: BenchConfig, tokenizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An empty results document. `tokenizer`: `TokenizerChoice.public()`, where the client's counts came from."""
+    doc = {"schema_version": report.SCHEMA_VERSION,
+           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "interrupted": False, "config": cfg.public(), "environment": environment(), "server": {},
+           "definitions": DEFINITIONS, "points": []}
+    if tokenizer is not None:
+        doc["tokenizer"] = tokenizer
+    return doc
 
 
 def _plan(cfg: BenchConfig) -> list[tuple[str, float]]:

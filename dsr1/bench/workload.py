@@ -3,8 +3,9 @@
 Random prompts are built so their length is exact *after the chat template* (vllm
 #10847: asked 10000 tokens, got ~5827), from words that re-tokenize stably, and each
 request gets fresh text after the optional shared prefix, so a warm prefix cache
-cannot inflate throughput (vllm #52884). The tokenizer (transformers) is imported
-only here, inside functions: `dsr1 bench --help` never loads it.
+cannot inflate throughput (vllm #52884). Where the tokenizer comes from (a local one
+through transformers, imported inside functions, or the server's /tokenize) is
+dsr1/bench/tokenizer.py's business; `counter()` gives either the same three counts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dsr1.bench.client import RequestSpec
+from dsr1.bench.tokenizer import ServerRef, ServerTokenizer, TokenizerChoice, choose, load_tokenizer
 from dsr1.errors import ConfigError, NotFoundError, UsageError
+
+__all__ = ["Length", "RandomWorkload", "ShareGPTWorkload", "build_workload", "load_tokenizer", "token_counter"]
 
 
 @dataclass(frozen=True)
@@ -45,20 +49,6 @@ class Length:
         return str(self.lo) if self.lo == self.hi else f"{self.lo}-{self.hi}"
 
 
-def load_tokenizer(name_or_path: str, *, local_only: bool = False) -> Any:
-    """AutoTokenizer from a local directory or a hub id. `local_only`: the HF cache only, never the network
-    (for a tokenizer dsr1 guesses from the model name; an offline retry loop would stall the run)."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        raise ConfigError("transformers is not installed", hint="pip install transformers") from None
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
-    except Exception as exc:  # transformers raises OSError/ValueError/HF errors alike
-        raise NotFoundError(f"cannot load a tokenizer from {name_or_path!r}: {str(exc).splitlines()[0][:200]}",
-                            hint="pass --tokenizer with a local model directory (with tokenizer.json)") from None
-
-
 class Counter_:
     """Counts tokens the way the server does: the whole prompt through the chat template."""
 
@@ -77,32 +67,14 @@ class Counter_:
     def text_tokens(self, text: str) -> int:
         return len(self.tok.encode(text, add_special_tokens=False))
 
-
-class RandomWorkload:
-    """Random prompts with an exact token count (template included) and sampled output lengths."""
-
-    def __init__(self, tokenizer: Any, input_len: Length, output_len: Length, *, prefix_len: int = 0,
-                 chat: bool = True, seed: int = 0):
-        self.count = Counter_(tokenizer, chat)
-        self.tok = tokenizer
-        self.input_len, self.output_len, self.prefix_len = input_len, output_len, prefix_len
-        self.rng = random.Random(seed)
-        self.overhead = self.count.prompt_tokens("")
-        if input_len.lo <= self.overhead + prefix_len:
-            raise UsageError(f"--input-len {input_len} leaves no room: the chat template alone is {self.overhead} "
-                             f"tokens and the shared prefix {prefix_len}",
-                             hint=f"use --input-len above {self.overhead + prefix_len}")
-        self.words = self._stable_words()
-        self.prefix = "".join(self._words(prefix_len))
-
-    def _stable_words(self) -> list[str]:
+    def plain_words(self) -> list[str]:
         """Vocabulary entries that decode to ' word' and re-encode to exactly one token."""
         rng = random.Random(1234)
         vocab = len(self.tok)
         words: list[str] = []
         for i in rng.sample(range(vocab), min(vocab, 6000)):
             w = self.tok.decode([i])
-            if len(w) > 2 and w[0] == " " and w[1:].isalpha() and w[1:].isascii() and self.count.text_tokens(w) == 1:
+            if len(w) > 2 and w[0] == " " and w[1:].isalpha() and w[1:].isascii() and self.text_tokens(w) == 1:
                 words.append(w)
             if len(words) >= 1500:
                 break
@@ -110,6 +82,28 @@ class RandomWorkload:
             raise ConfigError("could not find plain-word tokens in this tokenizer to build random prompts",
                               hint="use --dataset with a ShareGPT JSON file instead")
         return words
+
+
+def counter(tokenizer: Any, chat: bool) -> Any:
+    """Counter_ for a local tokenizer, tokenizer.ServerCounter for the server's (same three methods)."""
+    return tokenizer.counter(chat) if isinstance(tokenizer, ServerTokenizer) else Counter_(tokenizer, chat)
+
+
+class RandomWorkload:
+    """Random prompts with an exact token count (template included) and sampled output lengths."""
+
+    def __init__(self, tokenizer: Any, input_len: Length, output_len: Length, *, prefix_len: int = 0,
+                 chat: bool = True, seed: int = 0):
+        self.count = counter(tokenizer, chat)
+        self.input_len, self.output_len, self.prefix_len = input_len, output_len, prefix_len
+        self.rng = random.Random(seed)
+        self.overhead = self.count.prompt_tokens("")
+        if input_len.lo <= self.overhead + prefix_len:
+            raise UsageError(f"--input-len {input_len} leaves no room: the chat template alone is {self.overhead} "
+                             f"tokens and the shared prefix {prefix_len}",
+                             hint=f"use --input-len above {self.overhead + prefix_len}")
+        self.words = self.count.plain_words()
+        self.prefix = "".join(self._words(prefix_len))
 
     def _words(self, n: int) -> list[str]:
         return [self.rng.choice(self.words) for _ in range(max(n, 0))]
@@ -140,7 +134,7 @@ class ShareGPTWorkload:
                  seed: int = 0, prefix: str = ""):
         self.rng = random.Random(seed)
         self.output_len = output_len
-        self.count = Counter_(tokenizer, chat) if tokenizer is not None else None
+        self.count = counter(tokenizer, chat) if tokenizer is not None else None
         self.prefix = prefix
         if output_len is None and tokenizer is None:
             raise UsageError("a ShareGPT dataset needs a tokenizer to size outputs from the replies",
@@ -186,46 +180,22 @@ class ShareGPTWorkload:
 def token_counter(tokenizer: Any | None) -> Callable[[str], int] | None:
     if tokenizer is None:
         return None
-    return Counter_(tokenizer, chat=False).text_tokens
+    return counter(tokenizer, chat=False).text_tokens
 
 
-def tokenizer_source(tokenizer: str | None, serve_model: str | None, model: str | None) -> tuple[str | None, bool]:
-    """Where to load the tokenizer from, and whether that was asked for (else: HF cache only, no download).
-
-    --tokenizer; else MODEL or --model when it is a local directory; else a catalog model's repo;
-    else a served name that looks like a hub id (vLLM serves "org/name"). A bare alias gives None.
-    """
-    if tokenizer:
-        return tokenizer, True
-    for cand in (serve_model, model):
-        if cand and Path(cand).is_dir():
-            return cand, False
-    from dsr1 import catalog
-
-    for cand in (serve_model, model):
-        spec = catalog.find(cand) if cand else None
-        if spec is not None:
-            return spec.repo, False
-    return (model, False) if model and "/" in model else (None, False)
-
-
-def build_workload(cfg: Any, serve_model: str | None = None) -> tuple[Callable[[int], RequestSpec], Any, list[str]]:
-    """The workload a `BenchConfig` asks for, its tokenizer (or None) and notes for the user."""
-    src, explicit = tokenizer_source(cfg.tokenizer, serve_model, cfg.model)
-    tok, notes = None, []
-    if src:
-        try:
-            tok = load_tokenizer(src, local_only=not explicit)
-        except NotFoundError as exc:
-            if cfg.dataset is None:
-                raise UsageError(f"random prompts need the model's tokenizer: {exc}",
-                                 hint="pass --tokenizer with a local model directory") from None
-            notes.append(f"{exc}; token counts come from the server's usage only")
-    elif cfg.dataset is None:
-        raise UsageError("random prompts need the model's tokenizer", hint="pass --tokenizer PATH")
+def build_workload(cfg: Any, serve_model: str | None = None) -> tuple[Callable[[int], RequestSpec], TokenizerChoice]:
+    """The workload a `BenchConfig` asks for, and the tokenizer it counts with (`choice.tokenizer`; None for a
+    dataset run with nothing found) with its source. Call after the preflight: `cfg.model` is then the
+    served name, and the server is there to ask."""
     chat = cfg.endpoint == "chat"
+    server = ServerRef(cfg.url, cfg.model, cfg.api_key) if cfg.url else None
+    choice = choose(cfg.tokenizer, [serve_model, cfg.model], server=server, chat=chat)
+    if choice.tokenizer is None and cfg.dataset is None:
+        raise UsageError("random prompts need the model's tokenizer, and none was found (tried: "
+                         f"{'; '.join(choice.tried) or 'nothing to try'})", hint=choice.fix)
+    tok = choice.tokenizer
     if cfg.dataset:
         out = Length.parse(cfg.output_len, "--output-len") if cfg.output_len else None
-        return ShareGPTWorkload(Path(cfg.dataset), tokenizer=tok, chat=chat, seed=cfg.seed, output_len=out), tok, notes
+        return ShareGPTWorkload(Path(cfg.dataset), tokenizer=tok, chat=chat, seed=cfg.seed, output_len=out), choice
     return RandomWorkload(tok, Length.parse(cfg.input_len, "--input-len"), Length.parse(cfg.output_len, "--output-len"),
-                          prefix_len=cfg.prefix_len, chat=chat, seed=cfg.seed), tok, notes
+                          prefix_len=cfg.prefix_len, chat=chat, seed=cfg.seed), choice

@@ -43,7 +43,8 @@ def bench(
                                              "with --dataset: the dataset reply's length)."),
     prefix_len: int = typer.Option(0, "--prefix-len", help="Tokens of a prefix shared by every random prompt."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="ShareGPT-format JSON file instead of random prompts."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the model's)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer: a model directory, a stored model's "
+                                            "name or a hub id (default: the model's; see docs/bench.md)."),
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Ask the server to generate exactly the output length."),
     think_tags: bool = typer.Option(False, "--think-tags", help="Count content before </think> as reasoning (R1 "
                                     "served without a reasoning parser)."),
@@ -106,6 +107,7 @@ def bench(
 
 def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mode: bool, quiet: bool,
          server_extra: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dsr1.bench import report
@@ -120,9 +122,11 @@ def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mod
     if cfg.ignore_eos and info.ignore_eos_honoured is False:
         o.warn("the server stopped before max_tokens with ignore_eos set: output lengths will be short "
                "(see short_outputs in the results)")
-    workload, tok, notes = build_workload(cfg, serve_model)
-    for note in notes:
-        o.warn(note)
+    workload, choice = build_workload(cfg, serve_model)
+    if choice.tokenizer is None:  # a dataset run can do without: the server's usage counts
+        o.info(f"tokenizer: none found ({escape('; '.join(choice.tried))}); token counts come from the server's usage")
+    else:
+        o.info(f"tokenizer: {escape(choice.label)}")
 
     show = not (json_mode or quiet)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -150,10 +154,10 @@ def _run(cfg: Any, serve_model: str | None, out_dir: Path, plots: bool, json_mod
     hooks = Hooks(preparing=preparing, point_start=point_start, request_done=request_done, point_done=point_done)
     # Ours, not run_sweep's: on Ctrl-C it still holds the finished points (already written to
     # out_dir by run_sweep), whatever an earlier run left in out_dir.
-    doc = new_document(cfg)
+    doc = new_document(cfg, tokenizer=choice.public())
     try:
         with progress:
-            run_sweep(cfg, workload, encode=token_counter(tok), out_dir=out_dir, hooks=hooks,
+            run_sweep(cfg, workload, encode=token_counter(choice.tokenizer), out_dir=out_dir, hooks=hooks,
                       server_extra=server_extra, info=info, doc=doc)
     except KeyboardInterrupt:
         if doc["points"]:

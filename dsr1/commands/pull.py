@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -11,6 +11,9 @@ from rich.console import Console
 from dsr1.commands.options import JsonOpt, ProfileOpt, QuietOpt
 from dsr1.download import DEFAULT_WORKERS, MAX_WORKERS, Reporter
 from dsr1.output import Output
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 NameArg = typer.Argument(..., help="A stored model's name (see `dsr1 list`).")
 
@@ -114,27 +117,44 @@ def verify(name: str = NameArg, json: bool = JsonOpt, quiet: bool = QuietOpt) ->
 
 def list_models(json: bool = JsonOpt) -> None:
     """Models in the store (DSR1_HOME/models), with source, revision, quantization and size."""
-    from rich.table import Table
-
     from dsr1 import store
 
-    rows = [{"name": m.name, "source": m.source, "source_kind": m.source_kind, "repo_id": m.repo_id,
-             "resolved_revision": m.resolved_revision, "quantization": m.quantization, "size_bytes": m.total_size,
-             "files": len(m.files), "model_dir": m.model_dir, "created": m.created} for m in store.list_models()]
+    rows = [{"name": m.name, "source": m.source, "source_kind": m.source_kind, "source_path": m.source_path,
+             "label": m.label, "repo_id": m.repo_id, "resolved_revision": m.resolved_revision,
+             "quantization": m.quantization, "size_bytes": m.total_size, "files": len(m.files),
+             "model_dir": m.model_dir, "created": m.created} for m in store.list_models()]
 
     def render(c: Console) -> None:
         if not rows:
             c.print("no stored models; get one with `dsr1 pull NAME` (`dsr1 models` lists the catalog)")
             return
-        t = Table(title=f"Stored models in {store.store_root()}", title_justify="left")
-        for col in ("name", "source", "revision", "quant", "size", "created"):
-            t.add_column(col)
-        for r in rows:
-            t.add_row(r["name"], r["source"], (r["resolved_revision"] or "-")[:12], r["quantization"],
-                      f"{r['size_bytes'] / 1e9:.2f} GB", r["created"])
-        c.print(t)
+        c.print(stored_models_table(rows, title=f"Stored models in {store.store_root()}"))
 
     Output(json).result({"store": str(store.store_root()), "models": rows}, render)
+
+
+def stored_models_table(rows: list[dict], title: str) -> "Table":
+    """One row per model: its name, with what it came from (repo id or GGUF file name) and the revision
+    on lines below it. As a column of its own the source was squeezed and cut (`SmolLM2-135M-I…`) in an
+    80-column terminal; sharing the name's column it has all the width the short columns leave. Those
+    keep their width; a source longer than the terminal folds onto the next line rather than being cut.
+    The full path is in `dsr1 list --json` (source_path)."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    short = [(r["quantization"], f"{r['size_bytes'] / 1e9:.2f} GB", (r["created"] or "-")[:10]) for r in rows]
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    t.add_column("model", overflow="fold")
+    for i, (head, justify) in enumerate((("quant", "left"), ("size", "right"), ("created", "left"))):
+        t.add_column(head, justify=justify, no_wrap=True, min_width=max(len(head), *(len(s[i]) for s in short)))
+    for r, s in zip(rows, short):
+        cell = Text(r["name"], style="bold")
+        cell.append(f"\n  {r['label']}", style="cyan")
+        if r["resolved_revision"]:
+            cell.append(f"\n  @ {r['resolved_revision'][:12]}", style="dim")
+        t.add_row(cell, *s)
+    return t
 
 
 def rm(name: str = NameArg, json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
