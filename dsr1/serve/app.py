@@ -67,6 +67,53 @@ def _error(e: schema.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+def models_body(name: str, max_model_len: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": schema.now(), "owned_by": "dsr1",
+                                        "max_model_len": max_model_len}]}
+
+
+def unknown_model(name: str, served: str) -> schema.ApiError:
+    return schema.ApiError(404, f"The model '{name}' does not exist; this server serves '{served}'",
+                           param="model", code="model_not_found")
+
+
+def authorized(req: HttpRequest, api_key: str | None) -> bool:
+    if not api_key:
+        return True
+    header = req.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    # constant-time comparison of bytes so key length/prefix timing leaks nothing useful
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
+
+
+def guard(handler, api_key: str | None, metrics):
+    """The route `handler`, answering 401 first when the request lacks the API key."""
+    async def route(req: HttpRequest) -> Response:
+        if not authorized(req, api_key):
+            metrics.requests.labels(req.url.path, "401").inc()
+            return _error(schema.ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                                          code="invalid_api_key"))
+        return await handler(req)
+
+    return route
+
+
+async def read_json(req: HttpRequest, limit: int) -> Any:
+    """The request body as JSON, refusing bodies over `limit` bytes before reading them whole."""
+    length = req.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise schema.ApiError(413, f"request body is {length} bytes; the limit is {limit}", code="request_too_large")
+    data = bytearray()
+    async for chunk in req.stream():
+        data += chunk
+        if len(data) > limit:
+            raise schema.ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise schema.ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+
+
 class Api:
     def __init__(self, scheduler: Scheduler, cfg: AppConfig, metrics):
         self.sched, self.cfg, self.metrics = scheduler, cfg, metrics
@@ -76,34 +123,12 @@ class Api:
         self.ready = False
 
     # -- plumbing --------------------------------------------------------------------------------
-    def _authorized(self, req: HttpRequest) -> bool:
-        if not self.cfg.api_key:
-            return True
-        header = req.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        # constant-time comparison of bytes so key length/prefix timing leaks nothing useful
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.cfg.api_key.encode())
-
     async def _body(self, req: HttpRequest) -> Any:
-        length = req.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.cfg.max_body_bytes:
-            raise schema.ApiError(413, f"request body is {length} bytes; the limit is {self.cfg.max_body_bytes}",
-                                  code="request_too_large")
-        data = bytearray()
-        async for chunk in req.stream():
-            data += chunk
-            if len(data) > self.cfg.max_body_bytes:
-                raise schema.ApiError(413, f"request body exceeds the limit of {self.cfg.max_body_bytes} bytes",
-                                      code="request_too_large")
-        try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise schema.ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        return await read_json(req, self.cfg.max_body_bytes)
 
     def _check_model(self, name: str) -> None:
         if name != self.cfg.model_name:
-            raise schema.ApiError(404, f"The model '{name}' does not exist; this server serves '{self.cfg.model_name}'",
-                                  param="model", code="model_not_found")
+            raise unknown_model(name, self.cfg.model_name)
 
     def _budget(self, prompt_len: int, asked: int | None, param: str) -> int:
         room = self.cfg.max_model_len - prompt_len
@@ -164,9 +189,7 @@ class Api:
         return JSONResponse({"status": "ok", "model": self.cfg.model_name, "running": running, "waiting": waiting})
 
     async def models(self, req: HttpRequest) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": self.cfg.model_name, "object": "model",
-                                                        "created": schema.now(), "owned_by": "dsr1",
-                                                        "max_model_len": self.cfg.max_model_len}]})
+        return JSONResponse(models_body(self.cfg.model_name, self.cfg.max_model_len))
 
     async def metrics_route(self, req: HttpRequest) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -344,14 +367,7 @@ def create_app(scheduler: Scheduler, cfg: AppConfig, metrics) -> tuple[Starlette
     api = Api(scheduler, cfg, metrics)
 
     def guarded(handler):
-        async def route(req: HttpRequest) -> Response:
-            if not api._authorized(req):
-                metrics.requests.labels(req.url.path, "401").inc()
-                return _error(schema.ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
-                                              code="invalid_api_key"))
-            return await handler(req)
-
-        return route
+        return guard(handler, cfg.api_key, metrics)
 
     routes = [
         Route("/health", api.health, methods=["GET"]),
