@@ -81,46 +81,12 @@ def target_for(gpus: GpuReport, host: Host, profile: profiles.Profile, *, cpu_dt
                       engine="embedded", supports_bf16=bf16)
 
 
-def _candidates(spec: catalog.ModelSpec, target: fit.Target) -> list[str]:
-    """Precisions to try, best quality first, that this target's engines can run."""
-    if target.kind == "cpu":
-        return ["bf16" if target.supports_bf16 else "fp32", "int8", "nf4"]
-    out = []
-    if spec.native_dtype == "fp8":
-        out += ["fp8"] if target.supports_fp8 else []
-    out += ["bf16" if target.supports_bf16 else "fp16"]
-    if spec.native_dtype != "fp8" and target.supports_fp8:
-        out += ["fp8"]
-    # Embedded engine quantizes with bitsandbytes; vLLM/SGLang load AWQ int4.
-    out += ["int8", "nf4"] if target.engine == "embedded" else ["int4"]
-    return out
-
-
-def command_for(spec: catalog.ModelSpec, precision: str, profile: profiles.Profile, tp: int) -> str:
-    """The exact next command. The embedded engine is dsr1's own (pull, then serve);
-    multi-GPU profiles hand the model to the distributed engine they name."""
-    engine = profile.settings.engine
-    if engine == "vllm":
-        quant = " --quantization fp8" if precision == "fp8" and spec.native_dtype != "fp8" else ""
-        return f"vllm serve {spec.repo} --tensor-parallel-size {tp}{quant}"
-    if engine == "sglang":
-        return f"python -m sglang.launch_server --model-path {spec.repo} --tp {tp} --trust-remote-code"
-    quant = f" --quant {precision}" if precision in ("int8", "nf4") else ""
-    return f"dsr1 pull {spec.name}{quant} && dsr1 serve {spec.name}"
-
-
 def recommend(spec: catalog.ModelSpec, target: fit.Target, profile: profiles.Profile) -> Recommendation:
+    """One row of doctor's table: the precision dsr1.plan would pick for `spec` on all devices."""
+    from dsr1.plan import choose_precision
+
     want = min(profile.settings.context_length, spec.max_context)
-    best: fit.Fit | None = None
-    for precision in _candidates(spec, target):
-        f = fit.estimate(spec, precision, target)
-        if f.fits and best is None:
-            best = f
-        if f.fits and f.max_context >= want:
-            best = f
-            break
-        last = f
-    chosen = best or last
+    chosen = choose_precision(spec, target, want)
     context = min(want, chosen.max_context) if chosen.fits else want
     return Recommendation(
         model=spec.name,
@@ -134,8 +100,27 @@ def recommend(spec: catalog.ModelSpec, target: fit.Target, profile: profiles.Pro
         max_context=chosen.max_context,
         max_sequences=chosen.max_sequences(context),
         reason=chosen.reason,
-        command=command_for(spec, chosen.precision, profile, chosen.tp) if chosen.fits else "",
+        command=f"dsr1 serve {spec.name}" if chosen.fits else "",
     )
+
+
+def next_command(model: str, profile_name: str | None, gpus: GpuReport, host: Host,
+                 installed: dict | None = None) -> str:
+    """`dsr1 serve MODEL`, from the same plan serve runs. `--engine` only when the user must
+    choose: the engine auto picks is not installed here and the other GPU engine is."""
+    from dsr1 import plan as planner
+    from dsr1.errors import Dsr1Error
+
+    try:
+        p = planner.make_plan(model, profile_name, planner.Overrides(engine_port=1), gpus=gpus, host=host,
+                              installed=installed)
+    except Dsr1Error:
+        return f"dsr1 serve {model}"
+    if p.engine in ("vllm", "sglang") and p.engine_version is None:
+        other = "sglang" if p.engine == "vllm" else "vllm"
+        if planner.installed_engine(other, None, installed) is not None:
+            return f"dsr1 serve {model} --engine {other}"
+    return p.serve_command()
 
 
 def checks_for(gpus: GpuReport, host: Host, sw: Software, rec_default: Recommendation | None) -> list[Finding]:
@@ -193,7 +178,7 @@ def checks_for(gpus: GpuReport, host: Host, sw: Software, rec_default: Recommend
 
 
 def run(profile_name: str | None = None, *, gpus: GpuReport | None = None, host: Host | None = None,
-        software: Software | None = None) -> Report:
+        software: Software | None = None, installed: dict | None = None) -> Report:
     """Probe (or take the given probes), select or check a profile, and recommend."""
     gpus = gpus if gpus is not None else probe_gpus()
     host = host if host is not None else probe_host(settings.home())
@@ -232,7 +217,7 @@ def run(profile_name: str | None = None, *, gpus: GpuReport | None = None, host:
         software=software,
         checks=checks,
         recommendations=recs,
-        next_command=default.command if default and can_serve else "",
+        next_command=next_command(default.model, profile_name, gpus, host, installed) if default and can_serve else "",
         can_serve=can_serve,
         notes=list(profile.settings.notes),
     )

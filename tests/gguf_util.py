@@ -39,8 +39,15 @@ def r1_qwen_metadata(cache: Path) -> dict[str, gguf_meta.Field]:
 
 
 def build_tiny_gguf(meta: dict[str, gguf_meta.Field], out: Path, *, hidden: int = 16,
-                    seed: int = 0) -> Path:
-    """A 1-layer model of the metadata's architecture (qwen2 or llama) carrying its tokenizer keys verbatim."""
+                    seed: int = 0, script: list[str] | None = None) -> Path:
+    """A 1-layer model of the metadata's architecture (qwen2 or llama) carrying its tokenizer keys verbatim.
+
+    With `script` (tokens as the file spells them, e.g. "Ġme"), the model is a bigram table whose
+    greedy output follows it: attention and MLP outputs are zero, so each position's hidden state is
+    its own token's embedding, and embedding/output rows chain each script token to the next (as
+    tests/serve_util.build_scripted_r1 does for safetensors models). Any engine reading the file,
+    llama.cpp included, writes the script after its first token.
+    """
     import numpy as np
     from gguf import GGUFValueType, GGUFWriter
 
@@ -64,12 +71,27 @@ def build_tiny_gguf(meta: dict[str, gguf_meta.Field], out: Path, *, hidden: int 
     rng = np.random.default_rng(seed)
     head_dim, kv = hidden // 2, hidden // 2
 
-    def t(name: str, *shape: int, ones: bool = False) -> None:
+    zero = {"blk.0.attn_output.weight", "blk.0.ffn_down.weight"} if script else set()
+
+    def t(name: str, *shape: int, ones: bool = False, value=None) -> None:
         a = np.ones(shape, np.float32) if ones else rng.normal(0, 0.05, shape).astype(np.float32)
+        if value is not None:
+            a = value
+        elif name in zero:
+            a = np.zeros(shape, np.float32)
         w.add_tensor(name, a.astype(np.float16) if len(shape) == 2 else a)
 
-    t("token_embd.weight", vocab, hidden)
-    t("output.weight", vocab, hidden)
+    emb = out_rows = None
+    if script:
+        index = {tok: i for i, tok in enumerate(meta["tokenizer.ggml.tokens"].value)}
+        ids = [index[p] for p in script]
+        assert len(ids) - 1 <= hidden, "one hidden dimension per transition"
+        emb, out_rows = np.zeros((vocab, hidden), np.float32), np.zeros((vocab, hidden), np.float32)
+        for k, (a, b) in enumerate(zip(ids, ids[1:])):
+            emb[a, k] = 10.0
+            out_rows[b, k] = 10.0
+    t("token_embd.weight", vocab, hidden, value=emb)
+    t("output.weight", vocab, hidden, value=out_rows)
     t("output_norm.weight", hidden, ones=True)
     t("blk.0.attn_norm.weight", hidden, ones=True)
     t("blk.0.ffn_norm.weight", hidden, ones=True)

@@ -62,7 +62,8 @@ def test_enterprise_recommends_quantized_r1_not_fp8(tmp_path):
     report = run_snapshot("h100x8-ib", tmp_path)
     r1 = rec(report, "r1")
     assert r1.fits and r1.precision == "int4" and r1.tensor_parallel == 8
-    assert report.next_command.startswith("python -m sglang.launch_server --model-path deepseek-ai/DeepSeek-R1 --tp 8")
+    # Next is dsr1's own front door; the SGLang command it runs is the plan's (tests/test_plan.py).
+    assert report.next_command == "dsr1 serve r1"
     assert any("does NOT fit one 8x H100 node" in n for n in report.notes)
     assert report.machine.infiniband and len(report.host.infiniband) == 8
     assert report.host.infiniband[0].rate_gbps == 400
@@ -135,7 +136,7 @@ def test_doctor_on_this_machine_picks_cpu():
     assert data["profile"] == "cpu" and data["machine"]["gpus"] == 0
     fits = {r["model"] for r in data["recommendations"] if r["fits"]}
     assert "r1-distill-qwen-1.5b" in fits and "r1" not in fits
-    assert data["next_command"] == "dsr1 pull r1-distill-qwen-1.5b && dsr1 serve r1-distill-qwen-1.5b"
+    assert data["next_command"] == "dsr1 serve r1-distill-qwen-1.5b"  # serve pulls what is not stored yet
 
 
 def test_doctor_human_report_names_distills_and_next_command():

@@ -354,8 +354,11 @@ def test_quant_precedence_flag_env_profile(monkeypatch):
     monkeypatch.delenv("DSR1_QUANT")
     # This CPU machine gets the cpu profile, which runs the demo model in bf16: no quantization.
     assert resolve_quant(None, None, "smollm2-135m") == ("none", "profile")
-    # A profile whose precision is int4 maps to bitsandbytes nf4.
-    assert resolve_quant(None, "enterprise") == ("nf4", "profile")
+    # bitsandbytes is the embedded engine's quantizer: a profile served by SGLang (enterprise: R1 in
+    # int4 means an AWQ checkpoint) gets nothing from pull; the embedded single-gpu profile does when
+    # bf16 does not fit its 24 GB (planned on that profile's hardware from this CPU machine).
+    assert resolve_quant(None, "enterprise") == ("none", "profile")
+    assert resolve_quant(None, "single-gpu", "r1-distill-qwen-14b") == ("int8", "profile")
     with pytest.raises(UsageError, match="unknown quantization"):
         resolve_quant("fp3", None)
 

@@ -1,7 +1,11 @@
-"""`dsr1 serve`: an OpenAI-compatible R1 server on the embedded engine."""
+"""`dsr1 serve`: an OpenAI-compatible R1 server; the deployment plan (dsr1.plan) picks the engine.
+
+The embedded engine runs in this process (dsr1.serve.server); vLLM, SGLang and llama.cpp
+run as a supervised child behind dsr1's own front (dsr1.serve.external)."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -51,13 +55,23 @@ def serve(
     audit_log: Optional[Path] = typer.Option(None, "--audit-log", help="Append a JSONL line per request (no keys, no text)."),
     audit_content: bool = typer.Option(False, "--audit-content", help="Also record prompts and outputs in --audit-log."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds running requests get to finish after SIGTERM/SIGINT."),
+    engine: str = typer.Option("auto", "--engine", help="auto, embedded, vllm, sglang or llamacpp (auto: see docs/engines.md)."),
+    engine_python: Optional[str] = typer.Option(None, "--engine-python", help="Python of an environment with vLLM or SGLang, used as is."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Weights precision (bf16, fp8, int8, nf4, int4, ...; default: the best that fits)."),
+    memory_utilization: Optional[float] = typer.Option(None, "--memory-utilization", help="Share of each GPU (or of RAM) the engine may use (profile default)."),
+    tensor_parallel: Optional[int] = typer.Option(None, "--tensor-parallel", help="Tensor-parallel size (default: the smallest that fits)."),
+    pipeline_parallel: Optional[int] = typer.Option(None, "--pipeline-parallel", help="Pipeline-parallel size (default 1; nodes with vLLM)."),
+    data_parallel: Optional[int] = typer.Option(None, "--data-parallel", help="Data-parallel replicas (default: GPUs left over)."),
+    engine_port: int = typer.Option(0, "--engine-port", help="Private port of an external engine on 127.0.0.1 (0 picks a free one)."),
+    nodes: int = typer.Option(1, "--nodes", help="Nodes the deployment spans (vLLM or SGLang)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank, 0 being the head."),
+    head: Optional[str] = typer.Option(None, "--head", help="HOST:PORT of node 0's rendezvous, reachable from every node."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (with --json as JSON) and run nothing."),
+    emit: Optional[Path] = typer.Option(None, "--emit", help="Write one launch script per node into this folder; run nothing."),
     json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Serve MODEL over HTTP with the OpenAI API (chat, completions, models, health, metrics). R1 reasoning comes back in `reasoning_content`. Stops cleanly on SIGTERM/Ctrl-C. See docs/serve.md."""
-    import json as _json
-    import sys
-
+    """Serve MODEL over HTTP with the OpenAI API (chat, completions, models, health, metrics). R1 reasoning comes back in `reasoning_content`. Stops cleanly on SIGTERM/Ctrl-C. The engine and its settings come from one plan (`--dry-run` prints it): docs/serve.md, docs/engines.md."""
     from dsr1.errors import UsageError
     from dsr1.output import Output
     from dsr1.serve import server
@@ -76,9 +90,54 @@ def serve(
         device_map=device_map, max_memory=max_memory, offload_dir=offload_dir, stream_interval=stream_interval,
         prefill_chunk=prefill_chunk, threads=threads, served_name=served_model_name, reasoning_parser=reasoning_parser,
         reasoning_field=reasoning_field, system_prompt=system_prompt, audit_log=audit_log, audit_content=audit_content,
-        grace=grace)
+        grace=grace, engine=engine, engine_python=engine_python)
+    from dsr1 import plan as planner
+
+    overrides = planner.Overrides(
+        engine=engine, engine_python=engine_python, precision=precision, tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel, data_parallel=data_parallel, max_model_len=max_model_len,
+        max_concurrent=max_concurrent, memory_utilization=memory_utilization, served_name=served_model_name,
+        host=host, port=port, engine_port=engine_port, nodes=nodes, node_rank=node_rank, head=head,
+        device_map=device_map)
     out = Output(json, quiet)
-    p, sched, cfg, metrics = server.plan(opts, progress=out.info)
+    deployment = planner.make_plan(model, profile, overrides)
+    if dry_run or emit:
+        if emit:
+            from dsr1.emit import write_scripts
+
+            for path in write_scripts(deployment, emit):
+                out.info(f"wrote {path}")
+        if dry_run or json:
+            out.result(deployment, lambda c: render_plan(c, deployment))
+        return
+    for w in deployment.warnings:
+        out.warn(w)
+    if deployment.engine != "embedded":
+        if deployment.needs_pull:
+            deployment = _pull_then_plan(model, profile, overrides, out)
+        from dsr1.serve.external import serve_external
+
+        serve_external(deployment, opts, out)
+        return
+    _serve_embedded(opts, deployment, out, precision=precision, json=json)
+    out.info("dsr1 serve: stopped")
+
+
+def _serve_embedded(opts, deployment, out, *, precision: Optional[str], json: bool) -> None:
+    """The embedded engine, in this process: load, print every choice, serve until a signal."""
+    import json as _json
+    import sys
+
+    from dsr1.serve import server
+
+    if precision is not None:  # --precision picks the dtype, or what pull quantizes to
+        if opts.dtype == "auto" and precision in ("bf16", "fp16", "fp32"):
+            opts.dtype = precision
+        if deployment.needs_pull and deployment.quant != "none":
+            from dsr1.pull import pull
+
+            pull(opts.model, profile=opts.profile, quant=deployment.quant)
+    p, sched, cfg, metrics = server.plan(opts, progress=out.info, deployment=deployment)
     for w in p.warnings:
         out.warn(w)
     gib = 2**30
@@ -88,19 +147,60 @@ def serve(
              f"prefill chunk {p.prefill_chunk}")
     out.info(f"kv cache   {p.kv_cache_bytes / gib:.2f} GiB ({p.kv_bytes_per_token} B/token) of a "
              f"{p.memory_budget_bytes / gib:.1f} GiB budget")
-    fields = "reasoning_content and reasoning" if reasoning_field == "both" else reasoning_field
+    fields = "reasoning_content and reasoning" if opts.reasoning_field == "both" else opts.reasoning_field
     split = f"{p.reasoning_parser}, into {fields}" if p.reasoning_parser != "none" else "off, everything in content"
     out.info(f"reasoning  {split} ({p.reasoning_why}); system prompt: {p.system_prompt}")
 
     def ready(url: str) -> None:
         if json:
-            sys.stdout.write(_json.dumps({"event": "ready", "url": url, "plan": _plan_dict(p)}) + "\n")
+            event = {"event": "ready", "url": url, "plan": _plan_dict(p), "deployment": _plan_dict(deployment)}
+            sys.stdout.write(_json.dumps(event) + "\n")
             sys.stdout.flush()
         # Always on stderr, unconditionally: scripts and tests wait for this line.
         print(f"dsr1 serve: ready on {url}", file=sys.stderr, flush=True)
 
     server.run(opts, p, sched, cfg, metrics, ready)
-    out.info("dsr1 serve: stopped")
+
+
+def _pull_then_plan(model: str, profile, overrides, out):
+    """An external engine loads what is in the store: pull the model first (no bitsandbytes:
+    vLLM/SGLang load unquantized or AWQ checkpoints), then plan on the stored copy."""
+    from dsr1 import plan as planner
+    from dsr1.pull import pull
+
+    out.info(f"dsr1 serve: {model} is not in the store; pulling it first")
+    pull(model, profile=profile, quant="none")
+    return planner.make_plan(model, profile, overrides)
+
+
+def render_plan(c, p) -> None:
+    """The plan for people: what runs where, and why."""
+    gib = 2**30
+    c.rule(f"[bold]dsr1 serve plan: {p.model}")
+    c.print(f"[bold]engine[/]     {p.engine}{' ' + p.engine_version if p.engine_version else ''} ({p.engine_reason}); "
+            f"flags checked against: {p.checked_against or 'nothing installed'}")
+    where = f"{p.gpus_per_node}x {p.gpu_name}" if p.device == "cuda" else "CPU"
+    c.print(f"[bold]hardware[/]   {p.nodes_count} node(s) x {where}; profile {p.profile} ({p.profile_source})")
+    c.print(f"[bold]model[/]      {p.model_path} as {p.served_name}; precision {p.precision}"
+            f"{', --quantization ' + p.quantization if p.quantization else ''}; reasoning parser {p.reasoning_parser}")
+    c.print(f"[bold]parallel[/]   TP {p.tensor_parallel} x PP {p.pipeline_parallel} x DP {p.data_parallel}"
+            f"{f', DP attention {p.dp_attention}' if p.dp_attention > 1 else ''}")
+    c.print(f"[bold]memory[/]     utilization {p.memory_utilization:g} ({p.memory_utilization_reason}); weights "
+            f"{p.weights_bytes_per_device / gib:.1f} GiB per device; KV {p.kv_budget_bytes / gib:.1f} GiB = "
+            f"{p.kv_capacity_tokens:,} tokens per device")
+    c.print(f"[bold]context[/]    {p.max_model_len:,} tokens; {p.max_num_seqs} concurrent sequences "
+            f"({p.sequences_at_full_context} at full context)")
+    for n in p.nodes:
+        c.print(f"[bold]node {n.rank}[/] ({n.role})")
+        for k, v in sorted(n.env.items()):
+            c.print(f"  {k}={v}", soft_wrap=True, markup=False)
+        for cmd in n.setup:
+            c.print("  " + shlex.join(cmd), soft_wrap=True, markup=False)
+        c.print("  " + shlex.join(n.argv), soft_wrap=True, markup=False)
+    for note in p.notes:
+        c.print(f"[dim]note: {note}[/]")
+    for w in p.warnings:
+        c.print(f"[yellow]warning:[/] {w}")
 
 
 def _plan_dict(p) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dsr1 import catalog, profiles, settings
+from dsr1 import catalog, settings
 from dsr1.errors import HardwareError, NotFoundError, ServerError, UsageError
 
 log = logging.getLogger("dsr1.serve")
@@ -48,6 +48,8 @@ class ServeOptions:
     audit_content: bool = False
     grace: float = 30.0
     max_body_bytes: int = 4 * 1024 * 1024
+    engine: str = "auto"  # the deployment plan's engine request (dsr1.plan); embedded runs here
+    engine_python: str | None = None
 
 
 @dataclass
@@ -100,13 +102,14 @@ def resolve_model_dir(name_or_path: str, profile: str | None = None) -> Path:
     return Path(result.model_dir)
 
 
-def _profile(name: str | None, host) -> profiles.Profile:
-    if name:
-        return profiles.get(name)
-    from dsr1.doctor import machine_from
-    from dsr1.probe.gpu import probe_gpus
+def deployment_for(opts: ServeOptions):
+    """The deployment plan (dsr1.plan) for the embedded engine when the caller has none: the one
+    place the profile is chosen, shared with pull and doctor."""
+    from dsr1 import plan as planner
 
-    return profiles.select(machine_from(probe_gpus(), host)).profile
+    return planner.make_plan(opts.model, opts.profile, planner.Overrides(
+        engine="embedded", max_concurrent=opts.max_concurrent, max_model_len=opts.max_model_len,
+        served_name=opts.served_name, host=opts.host, port=opts.port, device_map=opts.device_map))
 
 
 def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int) -> tuple[str, str]:
@@ -167,8 +170,12 @@ def size_context(*, slots: int, per_token: int, wanted: int | None, model_max: i
     return ctx
 
 
-def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
-    """Load the model and choose every setting. Returns (Plan, scheduler, app config, metrics)."""
+def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, deployment=None):
+    """Load the model and choose every setting. Returns (Plan, scheduler, app config, metrics).
+
+    `deployment` is the dsr1.plan.Plan `dsr1 serve` made (profile, concurrency, memory share);
+    without it one is made here. What only a loaded model tells (dtype, KV bytes, context) is
+    decided below."""
     import torch
 
     from dsr1.probe.host import available_ram, probe_host
@@ -179,11 +186,8 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
 
     model_dir = resolve_model_dir(opts.model, opts.profile)
     host = probe_host(settings.home())
-    prof = _profile(opts.profile, host)
-    s = prof.settings
-    max_concurrent = settings.resolve("max_concurrent", flag=opts.max_concurrent, profile=s.max_concurrent).value
-    if max_concurrent < 1:
-        raise UsageError("--max-concurrent must be at least 1")
+    dep = deployment or deployment_for(opts)
+    max_concurrent = dep.max_num_seqs  # --max-concurrent > DSR1_MAX_CONCURRENT > profile
     max_queue = settings.resolve("max_queue", flag=opts.max_queue, default=4 * max_concurrent).value
     if max_queue < 0:
         raise UsageError("--max-queue must be 0 or more")
@@ -203,11 +207,11 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
     per_token = model.kv_bytes_per_token()
     if cuda:
         free, _ = torch.cuda.mem_get_info()
-        budget = int(free * s.memory_utilization)
+        budget = int(free * dep.memory_utilization)
     else:
-        budget = int(available_ram() * s.memory_utilization)  # after loading; within a container's limit
+        budget = int(available_ram() * dep.memory_utilization)  # after loading; within a container's limit
     max_len = size_context(slots=max_concurrent, per_token=per_token, wanted=opts.max_model_len,
-                           model_max=model.max_position, default=s.context_length, budget=budget)
+                           model_max=model.max_position, default=dep.profile_context, budget=budget)
     system = opts.system_prompt
     if system == "auto":
         # DeepSeek: "avoid adding a system prompt" for R1; put instructions in the user turn.
@@ -229,7 +233,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
     cfg = AppConfig(model_name=name, max_model_len=max_len, api_key=opts.api_key,
                     max_body_bytes=opts.max_body_bytes, reasoning_parser=parser, reasoning_field=opts.reasoning_field,
                     system_prompt=system, audit_log=opts.audit_log, audit_content=opts.audit_content)
-    p = Plan(str(model_dir), name, prof.name, dtype, why, str(model.input_device), max_concurrent, max_queue, max_len,
+    p = Plan(str(model_dir), name, dep.profile, dtype, why, str(model.input_device), max_concurrent, max_queue, max_len,
              sched.cache.total_bytes, per_token, budget, opts.prefill_chunk, system, parser, parser_why,
              round(model.load_seconds, 2), warnings)
     return p, sched, cfg, metrics
@@ -237,43 +241,24 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None):
 
 def run(opts: ServeOptions, p: Plan, sched, cfg, metrics, on_ready: Callable[[str], None]) -> None:
     """Serve until a signal; drain for opts.grace seconds; return normally (exit 0)."""
-    import uvicorn
-
+    from dsr1.serve import listen
     from dsr1.serve.app import create_app
 
     app, api = create_app(sched, cfg, metrics)
 
-    class _Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            sched.stop_accepting()
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises captured signals after shutdown, which would end the
-            # process with -SIGTERM; a drained server exits 0 instead.
-            self._captured_signals.clear()
+    def ready(url: str) -> None:
+        api.ready = True
+        on_ready(url)
 
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:
-                api.ready = True
-                sock = self.servers[0].sockets[0].getsockname()
-                on_ready(f"http://{sock[0]}:{sock[1]}")
-
-    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=int(max(1, opts.grace)), lifespan="on")
-    server = _Server(config)
+    server = listen.make_server(app, host=opts.host, port=opts.port, grace=opts.grace, on_ready=ready,
+                                on_signal=sched.stop_accepting)
     sched.start()
     try:
-        server.run()
-    except SystemExit:
-        if server.started:
-            raise
-        # uvicorn exits the process (code 3) when it cannot bind; say it in dsr1's terms below
+        listen.run(server, host=opts.host, port=opts.port)
     finally:  # after uvicorn's graceful drain (or a failed start): stop what is left, end the engine loop
         sched.cancel_all()
         sched.shutdown()
-    if not server.started:
-        raise ServerError(f"could not listen on {opts.host}:{opts.port}", hint="pick another --port")
 
 
 __all__ = ["ServeOptions", "Plan", "plan", "run", "resolve_model_dir", "choose_dtype", "choose_reasoning_parser",
-           "size_context"]
+           "size_context", "deployment_for"]

@@ -1,0 +1,64 @@
+"""llama.cpp's `llama-server` for a GGUF served as GGUF.
+
+Continuous batching over `-np` slots; `-c` is the KV size all slots share, so the plan
+asks for max_model_len x slots; `--jinja` applies the GGUF's chat template;
+`--reasoning-format deepseek` splits R1's thinking into `reasoning_content`.
+(`llama-cpp-python`'s own server serves one request at a time and ignores `ignore_eos`:
+anchors/engines.md.) Health: `/health` answers 200 once the model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Sequence
+
+from dsr1.engines import base
+from dsr1.engines.base import NodeCommand
+
+if TYPE_CHECKING:
+    from dsr1.engines.envs import InstalledEngine
+    from dsr1.plan import Plan
+
+REFERENCE = ""  # no llama-server --help recorded yet: a missing flag asks for a newer build
+SINCE: dict[str, str] = {}
+
+
+class LlamaCppEngine:
+    name = "llamacpp"
+    label = "llama.cpp"
+    health_path = "/health"
+
+    def commands(self, plan: "Plan", installed: "InstalledEngine | None") -> tuple[NodeCommand, ...]:
+        if plan.nodes_count > 1:
+            from dsr1.errors import UsageError
+
+            raise UsageError("llama-server runs on one machine", hint="drop --nodes, or use --engine vllm or sglang")
+        flags = base.flags_for(self.name, self.label, installed, since=SINCE, reference=REFERENCE)
+        slots = plan.max_num_seqs
+        args = ["-m", plan.model_path, "-a", plan.served_name, "-np", str(slots),
+                "-c", str(plan.max_model_len * slots), "--jinja"]
+        if plan.threads:
+            args += ["-t", str(plan.threads)]
+        if plan.device == "cuda":
+            args += ["-ngl", "999"]  # every layer on the GPUs
+        if plan.reasoning_parser == "deepseek_r1":
+            args += ["--reasoning-format", "deepseek"]
+        args += ["--host", plan.engine_host, "--port", str(plan.engine_port), "--metrics"]
+        flags.check(args)
+        binary = (installed.binary if installed is not None else None) or "llama-server"
+        return (NodeCommand(0, "head", (binary, *args), base.env_dict(plan.env)),)
+
+    def diagnose(self, log_tail: Sequence[str], plan: "Plan | None" = None) -> str | None:
+        text = "\n".join(log_tail)
+        if re.search(r"failed to allocate|unable to allocate|out of memory", text, re.I):
+            seqs = max(1, plan.max_num_seqs // 2) if plan else 1
+            return (f"llama-server could not allocate its KV cache: lower --max-model-len or --max-concurrent "
+                    f"(e.g. {seqs} slots)")
+        if "couldn't bind" in text or "bind" in text and "failed" in text.lower():
+            return base.diagnose_common("address already in use", plan, self.label)
+        if re.search(r"failed to (load|open) (model|gguf)|invalid magic", text, re.I):
+            return "llama-server could not read the GGUF: check the file is whole (`dsr1 pull FILE` verifies a GGUF)"
+        return base.diagnose_common(text, plan, self.label)
+
+
+ENGINE = LlamaCppEngine()

@@ -1,0 +1,171 @@
+"""What a MODEL argument names and what it is, without loading it.
+
+A catalog name, a stored model (dsr1.store), a model directory, a .gguf file or a hub
+repo id. The architecture comes from the catalog, else from the directory's config.json,
+else from the GGUF header (dsr1.gguf_meta): plain file reads, no torch, no network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsr1 import catalog
+from dsr1.catalog import ModelSpec
+
+THINK_END = "</think>"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    arg: str  # what the user typed
+    kind: str  # catalog | store | dir | gguf | hub
+    name: str  # short name: catalog/store name, directory or file stem, repo id
+    spec: ModelSpec | None  # None: size unknown (a hub repo not pulled yet)
+    path: str | None  # local directory or .gguf file the engine loads; None = not local yet
+    repo: str | None  # hub repo id, when known
+    catalog_name: str | None
+    head_dim: int | None
+    reasoning: bool | None  # tokenizer has </think> (None = unknown)
+    quantized: str | None  # bitsandbytes/awq/... when the checkpoint is already quantized
+
+    @property
+    def local(self) -> bool:
+        return self.path is not None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def spec_from_config(cfg: dict, name: str) -> ModelSpec | None:
+    """A ModelSpec from a transformers config.json (llama/qwen2/deepseek_v3 style keys)."""
+    text = cfg.get("text_config") or cfg
+    try:
+        hidden, layers, heads = int(text["hidden_size"]), int(text["num_hidden_layers"]), int(text["num_attention_heads"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    arch = str(text.get("model_type") or "llama")
+    mla = text.get("kv_lora_rank") is not None
+    dtype = str(text.get("torch_dtype") or text.get("dtype") or "bfloat16")
+    quant = (cfg.get("quantization_config") or {}).get("quant_method")
+    native = "fp8" if quant == "fp8" else {"float32": "fp32", "float16": "fp16"}.get(dtype, "bf16")
+    fields = dict(
+        name=name, repo=str(cfg.get("_name_or_path") or name), description="", architecture=arch, params_b=0.0,
+        layers=layers, hidden=hidden, intermediate=int(text.get("intermediate_size") or 4 * hidden), heads=heads,
+        kv_heads=int(text.get("num_key_value_heads") or heads), vocab=int(text.get("vocab_size") or 32000),
+        max_context=int(text.get("max_position_embeddings") or 4096), native_dtype=native, hub_size_gb=0.0,
+        licence="", reasoning=False, tie_embeddings=bool(text.get("tie_word_embeddings", False)),
+        attention_bias=bool(text.get("attention_bias", arch == "qwen2")), head_dim=text.get("head_dim"),
+    )
+    if mla:
+        fields.update(mtp_layers=int(text.get("num_nextn_predict_layers") or 0),
+                      moe_intermediate=text.get("moe_intermediate_size"), routed_experts=int(text.get("n_routed_experts") or 0),
+                      shared_experts=int(text.get("n_shared_experts") or 0),
+                      experts_per_token=int(text.get("num_experts_per_tok") or 0),
+                      first_dense_layers=int(text.get("first_k_dense_replace") or 0),
+                      q_lora_rank=text.get("q_lora_rank") or hidden, kv_lora_rank=text.get("kv_lora_rank"),
+                      qk_nope_head_dim=text.get("qk_nope_head_dim"), qk_rope_head_dim=text.get("qk_rope_head_dim"),
+                      v_head_dim=text.get("v_head_dim"))
+    spec = ModelSpec(**fields)
+    return spec
+
+
+def _head_dim(spec: ModelSpec | None) -> int | None:
+    if spec is None:
+        return None
+    if spec.is_mla:
+        return (spec.qk_nope_head_dim or 0) + (spec.qk_rope_head_dim or 0)
+    return spec.head_dim or spec.hidden // spec.heads
+
+
+def _has_think(model_dir: Path) -> bool | None:
+    """Whether the tokenizer knows </think> (what serve's `auto` reasoning parser asks too)."""
+    seen = False
+    for fname in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json"):
+        f = model_dir / fname
+        if f.is_file():
+            seen = True
+            try:
+                with open(f, encoding="utf-8", errors="replace") as fh:
+                    if THINK_END in fh.read():
+                        return True
+            except OSError:
+                continue
+    return False if seen else None
+
+
+def _from_dir(arg: str, kind: str, name: str, model_dir: Path, repo: str | None) -> ModelRef:
+    cfg = _read_json(model_dir / "config.json") or {}
+    spec = catalog.find(repo) if repo else None
+    cat = spec.name if spec else None
+    quant = (cfg.get("quantization_config") or {}).get("quant_method")
+    local_spec = spec_from_config(cfg, name)
+    if spec is None:
+        spec = local_spec
+    return ModelRef(arg, kind, name, spec, str(model_dir), repo, cat, _head_dim(local_spec or spec),
+                    _has_think(model_dir), quant if quant and quant != "fp8" else None)
+
+
+def _from_gguf(arg: str, path: Path) -> ModelRef:
+    spec, think = None, None
+    try:
+        from dsr1 import gguf_meta
+
+        fields = gguf_meta.read(path, check_size=False).fields
+        spec = _spec_from_gguf(fields, path)
+        tokens = fields.get("tokenizer.ggml.tokens")
+        think = THINK_END in tokens.value if tokens is not None else None
+    except Exception:  # an unreadable header only costs the size check; llama-server reports it properly
+        spec = None
+    return ModelRef(arg, "gguf", path.stem, spec, str(path), None, None, _head_dim(spec), think, "gguf")
+
+
+def _spec_from_gguf(fields: dict, path: Path) -> ModelSpec | None:
+    def get(key, default=None):
+        f = fields.get(key)
+        return f.value if f is not None else default
+
+    arch = str(get("general.architecture", "llama"))
+    try:
+        layers, hidden, heads = int(get(f"{arch}.block_count")), int(get(f"{arch}.embedding_length")), int(get(f"{arch}.attention.head_count"))
+    except (TypeError, ValueError):
+        return None
+    kv = int(get(f"{arch}.attention.head_count_kv", heads) or heads)
+    return ModelSpec(name=path.stem, repo=path.name, description="", architecture=arch, params_b=0.0, layers=layers,
+                     hidden=hidden, intermediate=int(get(f"{arch}.feed_forward_length", 4 * hidden) or 4 * hidden),
+                     heads=heads, kv_heads=kv, vocab=32000, max_context=int(get(f"{arch}.context_length", 4096) or 4096),
+                     native_dtype="bf16", hub_size_gb=path.stat().st_size / 1e9, licence="", reasoning=False,
+                     head_dim=get(f"{arch}.attention.key_length"))
+
+
+def resolve(arg: str) -> ModelRef:
+    """MODEL as the user typed it. Never downloads; a catalog model not in the store yet
+    comes back with `path=None` (serve pulls it before starting an engine)."""
+    from dsr1 import store
+
+    p = Path(arg).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return _from_gguf(arg, p.resolve())
+    if p.is_dir() and (p / "config.json").is_file():
+        return _from_dir(arg, "dir", p.resolve().name, p.resolve(), None)
+    spec = catalog.find(arg)
+    manifest = store.find(arg)
+    if manifest is None and spec is not None:  # pulled earlier under a quantized name (e.g. NAME-nf4)
+        manifest = next((m for m in store.list_models() if m.name in (spec.name, f"{spec.name}-int8", f"{spec.name}-nf4")), None)
+    if manifest is not None and (Path(manifest.model_dir) / "config.json").is_file():
+        ref = _from_dir(arg, "store", manifest.name, Path(manifest.model_dir), manifest.repo_id or (spec.repo if spec else None))
+        if manifest.quantization not in (None, "none"):
+            return ModelRef(**{**ref.__dict__, "quantized": manifest.quantization})
+        return ref
+    if spec is not None:
+        return ModelRef(arg, "catalog", spec.name, spec, None, spec.repo, spec.name, _head_dim(spec),
+                        True if spec.reasoning else None, None)
+    if arg.count("/") == 1 and all(arg.split("/")) and not arg.startswith((".", "/", "~")):
+        return ModelRef(arg, "hub", arg, None, None, arg, None, None, None, None)
+    store.resolve_model_dir(arg)  # raises NotFoundError with the fix (`dsr1 pull ...`, `dsr1 list`)
+    raise AssertionError("unreachable")

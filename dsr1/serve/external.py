@@ -1,0 +1,145 @@
+"""`dsr1 serve --engine vllm|sglang|llamacpp` on this node: the engine as a supervised child
+on 127.0.0.1, dsr1's OpenAI front (dsr1.serve.front) on the address the user asked for.
+
+Order matters at both ends. At start the engine must answer its health endpoint before
+the front listens, so the ready line means the model answers. At stop (SIGTERM/SIGINT)
+the front stops accepting and drains its running requests while the engine still
+serves them; only then is the engine stopped, with its own grace. If the engine dies
+while serving, the front stops and dsr1 exits 10 with the engine's last lines and a
+diagnosis.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from dsr1.errors import ServerError
+
+
+@dataclass
+class EngineLaunch:
+    """What to run for one engine process on this node, and how to know it is up."""
+
+    engine: str  # vllm | sglang | llamacpp
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0  # where the engine listens on 127.0.0.1 (bound into argv)
+    health_path: str = "/health"
+    start_timeout: float = 900.0
+    diagnose: Callable[[list[str]], str | None] = lambda lines: None
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for an engine that needs its port named up front."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_engine(launch: EngineLaunch, front_cfg, *, host: str, port: int, grace: float,
+               on_ready: Callable[[str], None], progress: Callable[[str], None] = lambda m: None) -> None:
+    """Start the engine, wait until healthy, serve the front until a signal or the engine's death."""
+    from dsr1.serve import listen
+    from dsr1.serve.front import create_front
+    from dsr1.serve.metrics import Metrics
+    from dsr1.supervise import Child
+
+    progress(f"starting {launch.engine}: {' '.join(launch.argv)}")
+    child = Child(launch.argv, launch.env, prefix=launch.engine)
+    try:
+        took = child.wait_healthy(f"http://127.0.0.1:{launch.port}{launch.health_path}",
+                                  timeout=launch.start_timeout, progress=progress, diagnose=launch.diagnose)
+        progress(f"{launch.engine} is up after {took:.0f}s")
+        app, front = create_front(front_cfg, Metrics(front_cfg.model_name))
+        died = threading.Event()
+
+        def draining() -> None:
+            front.draining = True
+
+        server = listen.make_server(app, host=host, port=port, grace=grace, on_ready=on_ready, on_signal=draining)
+
+        def watch() -> None:
+            while not server.should_exit:
+                if not child.alive():
+                    died.set()
+                    server.should_exit = True
+                    return
+                time.sleep(0.5)
+
+        threading.Thread(target=watch, name="dsr1-engine-watch", daemon=True).start()
+        listen.run(server, host=host, port=port)
+        if died.is_set():
+            raise child.failure(f"{launch.engine} exited with code {child.proc.returncode} while serving",
+                                launch.diagnose)
+    except BaseException:
+        child.stop(5)
+        raise
+    code = child.stop(grace)
+    if code not in (0, -15, 143, None):
+        progress(f"{launch.engine} stopped with exit code {code}")
+
+
+def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run this node's part of `plan` (dsr1.plan.Plan): setup commands, then the engine; on the head
+    node dsr1's front too. `opts` is the command's ServeOptions (key, queue, reasoning field, grace)."""
+    import subprocess
+    import sys
+
+    from dsr1.engines import base
+    from dsr1.errors import UsageError
+    from dsr1.serve.front import FrontConfig
+
+    node = plan.local
+    if node is None:
+        raise UsageError(f"the plan has no command for node rank {plan.node_rank}",
+                         hint="check --nodes and --node-rank")
+    engine = base.get(plan.engine)
+    env = {**plan.env, **node.env}
+    for cmd in node.setup:  # e.g. `ray start --head`: returns once the daemon is up
+        out.info(f"running {' '.join(cmd)}")
+        done = subprocess.run(list(cmd), env={**os.environ, **env}, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+            raise ServerError(f"`{' '.join(cmd)}` failed with exit code {done.returncode}:\n" + "\n".join(tail),
+                              hint=engine.diagnose(tail, plan) or "read the lines above")
+    launch = EngineLaunch(engine=plan.engine, argv=list(node.argv), env=env, port=plan.engine_port,
+                          health_path=plan.health_path, diagnose=lambda lines: engine.diagnose(lines, plan))
+    if node.role != "head":  # a worker rank: the engine process only; the head node's front serves clients
+        run_worker(launch, grace=opts.grace, progress=out.info)
+        return
+    running = opts.max_concurrent or plan.max_num_seqs
+    cfg = FrontConfig(model_name=plan.served_name, engine=plan.engine,
+                      engine_url=f"http://127.0.0.1:{plan.engine_port}", engine_health_path=plan.health_path,
+                      max_model_len=plan.max_model_len, max_concurrent=running,
+                      max_queue=opts.max_queue if opts.max_queue is not None else 4 * running,
+                      api_key=opts.api_key, max_body_bytes=opts.max_body_bytes, reasoning_field=opts.reasoning_field,
+                      reasoning_on=plan.reasoning_parser != "none")
+
+    def ready(url: str) -> None:
+        print(f"dsr1 serve: ready on {url}", file=sys.stderr, flush=True)
+
+    run_engine(launch, cfg, host=opts.host, port=opts.port, grace=opts.grace, on_ready=on_ready or ready,
+               progress=out.info)
+
+
+def run_worker(launch: EngineLaunch, *, grace: float, progress: Callable[[str], None]) -> None:
+    """A non-head rank: run the engine process until SIGTERM/SIGINT or its exit."""
+    import signal
+
+    from dsr1.supervise import Child
+
+    progress(f"starting {launch.engine} worker: {' '.join(launch.argv)}")
+    child = Child(launch.argv, launch.env, prefix=launch.engine)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set() and child.alive():
+        stop.wait(0.5)
+    if not child.alive() and not stop.is_set():
+        raise child.failure(f"{launch.engine} worker exited with code {child.proc.returncode}", launch.diagnose)
+    child.stop(grace)

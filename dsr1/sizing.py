@@ -1,0 +1,297 @@
+"""The plan's sizing: precision, parallel sizes, context, KV budget and concurrency.
+
+Numbers come from dsr1.fit (weights, overheads, KV bytes per token; formulas and their
+measured accuracy in docs/performance.md). What each engine adds:
+
+- vLLM fails at start when `--max-model-len` tokens do not fit its KV cache
+  (vllm #12865), and its default is the model's full 128K/160K context: the plan
+  always passes a context that fits, with the numbers.
+- With pipeline parallel each stage holds only its layers' KV; with tensor parallel
+  the MLA latent of R1 is replicated on every rank, GQA heads are split.
+- SGLang's data-parallel attention keeps one copy of each sequence's KV (not one per
+  TP rank), so its capacity in sequences grows with the DP attention size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from dsr1 import fit
+from dsr1.errors import HardwareError, UsageError
+
+if TYPE_CHECKING:
+    from dsr1.catalog import ModelSpec
+
+GiB = 1024**3
+PULL_QUANT = {"int4": "nf4", "nf4": "nf4", "int8": "int8"}  # plan precision -> `dsr1 pull --quant` (bitsandbytes)
+KV_MARGIN = 0.95  # engines measure activations themselves at start; keep 5% of the KV estimate spare
+VLLM_CPU_RUNTIME = 2 * GiB  # vLLM's CPU server process (torch, vllm, its front end) beyond fit's embedded runtime
+# R1 checkpoints for precisions other than the FP8 it ships in, from SGLang's DeepSeek page
+# (sgl-project/sglang docs/basic_usage/deepseek_v3.md @ f6af149): the hub ids it links.
+R1_CHECKPOINTS = {
+    "bf16": "unsloth/DeepSeek-R1-0528-BF16",
+    "int8": "meituan/DeepSeek-R1-Channel-INT8",
+    "int4": "QuixiAI/DeepSeek-R1-0528-AWQ",
+}
+MIN_CONTEXT = 4096
+
+
+def _round_ctx(tokens: int) -> int:
+    return tokens // 256 * 256 if tokens >= 1024 else tokens // 16 * 16
+
+
+def _target(engine: str, device: str, gpus, host, util: float, count: int) -> fit.Target:
+    if device == "cuda":
+        devs = gpus.gpus
+        return fit.Target(kind="cuda", count=count, memory_bytes=min(g.memory_total for g in devs),
+                          utilization=util, engine=engine, supports_fp8=all(g.supports_fp8 for g in devs),
+                          supports_bf16=all(g.supports_bf16 for g in devs))
+    return fit.Target(kind="cpu", count=1, memory_bytes=host.usable_ram, utilization=util, engine="embedded",
+                      supports_bf16=host.bf16_fast)
+
+
+def size(ref, engine, device, gpus, host, prof, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:
+    spec = ref.spec
+    if spec is None:
+        return _unknown(ref, engine, device, gpus, prof, o, want_seqs, ctx_flag, ctx_default, d)
+    if engine == "embedded":
+        return _embedded(spec, ref, device, gpus, host, prof, o, util, want_seqs, ctx_flag, ctx_default, d)
+    if engine == "llamacpp":
+        return _llamacpp(spec, ref, device, gpus, host, o, util, want_seqs, ctx_flag, ctx_default, d)
+    if device == "cpu":
+        if engine != "vllm":
+            raise UsageError(f"--engine {engine} needs GPUs here; on a CPU machine use --engine vllm (its CPU build) "
+                             "or embedded", hint="pick --engine auto")
+        return _vllm_cpu(spec, host, o, util, want_seqs, ctx_flag, ctx_default, d)
+    return _gpu_engine(spec, ref, engine, gpus, o, util, want_seqs, ctx_flag, ctx_default, d)
+
+
+def _fields(**kw) -> dict:
+    base = dict(precision="bf16", quant="none", quantization=None, dtype="bf16", tensor_parallel=1, pipeline_parallel=1,
+                data_parallel=1, dp_attention=1, expert_parallel=False, max_model_len=0, max_num_seqs=1,
+                kv_bytes_per_token=0.0, kv_budget_bytes=0, kv_capacity_tokens=0, sequences_at_full_context=0,
+                weights_bytes_per_device=0, mem_fraction_static=None, threads=None)
+    base.update(kw)
+    return base
+
+
+def _unknown(ref, engine, device, gpus, prof, o, want_seqs, ctx_flag, ctx_default, d) -> dict:
+    d.warnings.append(f"{ref.name}'s size is unknown until it is pulled: the context ({ctx_flag or ctx_default}) is "
+                      "not checked against memory")
+    tp = o.tensor_parallel or (len(gpus.gpus) if device == "cuda" and engine in ("vllm", "sglang") else 1)
+    return _fields(precision=o.precision or prof.settings.precision, tensor_parallel=tp,
+                   pipeline_parallel=o.pipeline_parallel or 1, max_model_len=ctx_flag or ctx_default,
+                   max_num_seqs=want_seqs)
+
+
+def _embedded(spec, ref, device, gpus, host, prof, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:
+    """An estimate: the embedded engine measures memory once the model is loaded and sizes its
+    KV cache then (dsr1.serve.server.size_context); the plan never refuses what it would run."""
+    target = _target("embedded", device, gpus, host, util, len(gpus.gpus) if device == "cuda" else 1)
+    want = min(ctx_flag or ctx_default, spec.max_context)
+    f = fit.estimate(spec, o.precision, target) if o.precision else choose(spec, target, want)
+    quant = ref.quantized if ref.quantized in ("int8", "nf4", "nf4-dq") else PULL_QUANT.get(f.precision, "none")
+    free = max(0.0, f.kv_free_per_device) * f.tp
+    kv_tok = spec.kv_bytes_per_token(fit.DTYPE_BYTES.get(f.precision, 2.0))
+    capacity = int(free // kv_tok) if kv_tok else 0
+    ctx = min(want, _round_ctx(capacity // max(1, want_seqs))) if capacity else want
+    if not f.fits:
+        d.warnings.append(f"{spec.name} does not fit here at {f.precision}: {f.reason}")
+    elif ctx_flag and ctx < ctx_flag:
+        d.warnings.append(f"--max-model-len {ctx_flag} x {want_seqs} sequences may not fit: about {capacity} tokens "
+                          f"of KV cache are free")
+    dtype = f.precision if f.precision in ("bf16", "fp16", "fp32") else ("bf16" if target.supports_bf16 else "fp16")
+    return _fields(precision=f.precision, quant=quant, dtype=dtype, max_model_len=max(ctx, 0), max_num_seqs=want_seqs,
+                   kv_bytes_per_token=kv_tok, kv_budget_bytes=int(free), kv_capacity_tokens=capacity,
+                   sequences_at_full_context=capacity // max(1, ctx) if ctx else 0,
+                   weights_bytes_per_device=int(f.weights_per_device))
+
+
+def choose(spec, target: fit.Target, want: int) -> fit.Fit:
+    from dsr1.plan import choose_precision
+
+    return choose_precision(spec, target, want)
+
+
+def _fit_context(spec: "ModelSpec", free: float, kv_tok: float, ctx_flag, ctx_default, d, *, what: str,
+                 fix: str) -> tuple[int, int]:
+    """(max_model_len, capacity tokens): the flag's context if it fits (else an error with the
+    numbers), else the profile's default lowered to what fits."""
+    capacity = int(free * KV_MARGIN // kv_tok) if free > 0 else 0
+    need = min(MIN_CONTEXT, spec.max_context)
+    if ctx_flag:
+        if ctx_flag > spec.max_context:
+            raise UsageError(f"--max-model-len {ctx_flag} is beyond {spec.name}'s {spec.max_context} tokens",
+                             hint=f"use --max-model-len {spec.max_context} or less")
+        if ctx_flag > capacity:
+            raise HardwareError(f"--max-model-len {ctx_flag} needs {ctx_flag * kv_tok / GiB:.1f} GiB of KV cache "
+                                f"{what}; {free * KV_MARGIN / GiB:.1f} GiB is left after the weights",
+                                hint=f"use --max-model-len {_round_ctx(capacity)} or less, or {fix}")
+        return ctx_flag, capacity
+    want = min(ctx_default, spec.max_context)
+    if capacity < need:
+        raise HardwareError(f"{spec.name}: room for {capacity} tokens of KV cache {what}, {need} needed",
+                            hint=fix)
+    ctx = min(want, _round_ctx(capacity))
+    if ctx < want:
+        d.notes.append(f"context lowered from {want} to {ctx} tokens: what fits the KV cache {what}")
+    return ctx, capacity
+
+
+def _gpu_engine(spec, ref, engine, gpus, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:
+    per_node = len(gpus.gpus)
+    nodes = o.nodes
+    total = per_node * nodes
+    mla_moe = spec.architecture == "deepseek_v3"
+    if nodes > 1:
+        # vLLM's docs: TP = GPUs per node, PP = nodes; SGLang's: TP across all GPUs (--tp 16 on 2x8).
+        tp = o.tensor_parallel or (per_node if engine == "vllm" else total)
+        pp = o.pipeline_parallel or (nodes if engine == "vllm" else 1)
+    else:
+        tp, pp = o.tensor_parallel, o.pipeline_parallel or 1
+    target = _target(engine, "cuda", gpus, None, util, total)
+    want = min(ctx_flag or ctx_default, spec.max_context)
+    f, tp = _precision_and_tp(spec, target, want, tp, pp, o.precision, per_node)
+    if tp * pp > total:
+        raise UsageError(f"tensor parallel {tp} x pipeline parallel {pp} needs {tp * pp} GPUs; "
+                         f"{nodes} node(s) x {per_node} have {total}", hint="lower --tensor-parallel/--pipeline-parallel or add --nodes")
+    kv_tok = spec.kv_bytes_per_token(2.0, tp=tp) / pp  # bf16/fp16 KV cache
+    free = f.kv_free_per_device
+    gpu_gb = target.memory_bytes / 1e9
+    if free <= 0:
+        alt = f"a 4-bit checkpoint (e.g. {R1_CHECKPOINTS['int4']})" if mla_moe else "a quantized checkpoint"
+        raise HardwareError(f"{spec.name} at {f.precision} needs {f.weights_per_device / GiB:.1f} GiB of weights per GPU "
+                            f"over {tp * pp} GPUs; {f.budget_per_device / GiB:.1f} GiB usable per {gpu_gb:.0f} GB GPU "
+                            f"at utilization {util:g}",
+                            hint=f"add nodes (--nodes 2 --head HOST:PORT), or use {alt}")
+    what = f"per GPU at utilization {util:g}"
+    fix = "raise --memory-utilization, add GPUs, or lower --max-concurrent"
+    ctx, capacity = _fit_context(spec, free, kv_tok, ctx_flag, ctx_default, d, what=what, fix=fix)
+    dp_attn = 1
+    if engine == "sglang" and mla_moe and (want_seqs >= 64 or nodes > 1):
+        dp_attn = nodes if nodes > 1 else tp
+        d.notes.append(f"SGLang data-parallel attention x{dp_attn}: one KV copy per sequence instead of one per TP rank "
+                       f"(throughput setting for {want_seqs} concurrent sequences)")
+    dp = o.data_parallel or (1 if mla_moe else max(1, total // (tp * pp)))
+    if dp * tp * pp > total:
+        raise UsageError(f"--data-parallel {dp} x tensor {tp} x pipeline {pp} needs {dp * tp * pp} GPUs; {total} here")
+    if dp > 1:
+        d.notes.append(f"{spec.name} fits {tp * pp} GPU(s): {dp} replicas (data parallel) use all {total}")
+    if nodes > 1 and f.fits and _fits_one_node(spec, f.precision, target, per_node, want):
+        d.warnings.append(f"{spec.name} fits on one node: independent replicas (one `dsr1 serve` per node behind a load "
+                          "balancer) avoid cross-node traffic")
+    seqs_full = capacity // ctx * dp_attn if ctx else 0
+    if seqs_full < want_seqs:
+        d.notes.append(f"at the full {ctx}-token context {seqs_full} sequence(s) fit at once; the engine queues the "
+                       f"rest of --max-concurrent {want_seqs} (shorter requests share the cache)")
+    quantization = None
+    if f.precision == "fp8" and spec.native_dtype != "fp8":
+        quantization = "fp8"  # online FP8 of a bf16 checkpoint (Hopper/Ada)
+    _checkpoint_notes(spec, ref, f.precision, target.supports_fp8, d)
+    frac = None
+    if engine == "sglang":
+        # --mem-fraction-static covers weights + KV only; CUDA graphs and activations live outside it.
+        frac = round(max(0.5, util - f.overhead_per_device / target.memory_bytes), 2)
+    return _fields(precision=f.precision, quant="none", quantization=quantization,
+                   dtype="bf16" if target.supports_bf16 else "fp16", tensor_parallel=tp, pipeline_parallel=pp,
+                   data_parallel=dp, dp_attention=dp_attn, expert_parallel=mla_moe and engine == "vllm",
+                   max_model_len=ctx, max_num_seqs=want_seqs, kv_bytes_per_token=kv_tok, kv_budget_bytes=int(free),
+                   kv_capacity_tokens=capacity, sequences_at_full_context=seqs_full,
+                   weights_bytes_per_device=int(f.weights_per_device), mem_fraction_static=frac)
+
+
+def _fits_one_node(spec, precision, target, per_node, want) -> bool:
+    one = fit.Target(kind="cuda", count=per_node, memory_bytes=target.memory_bytes, utilization=target.utilization,
+                     engine=target.engine, supports_fp8=target.supports_fp8, supports_bf16=target.supports_bf16)
+    f = fit.estimate(spec, precision, one)
+    return f.fits and f.max_context >= want
+
+
+def _precision_and_tp(spec, target: fit.Target, want: int, tp: int | None, pp: int, precision: str | None,
+                      per_node: int) -> tuple[fit.Fit, int]:
+    """Best precision first; for it, the smallest tensor-parallel size that holds `want` tokens
+    (the rest of the GPUs become data-parallel replicas). Falls back to what fits at all."""
+    from dsr1.plan import _tp_options, candidates
+
+    tps = [tp] if tp else _tp_options(spec, per_node)
+    precs = [precision] if precision else candidates(spec, target)
+    fallback: tuple[fit.Fit, int] | None = None
+    last: tuple[fit.Fit, int] | None = None
+    for prec in precs:
+        for t in tps:
+            f = fit.estimate(spec, prec, target, tp=t * pp)
+            kv_tok = spec.kv_bytes_per_token(2.0, tp=t) / pp
+            cap = f.kv_free_per_device * KV_MARGIN / kv_tok if f.kv_free_per_device > 0 else 0
+            last = (f, t)
+            if f.kv_free_per_device > 0 and cap >= min(MIN_CONTEXT, spec.max_context) and fallback is None:
+                fallback = (f, t)
+            if f.kv_free_per_device > 0 and cap >= want:
+                return f, t
+    assert last is not None
+    return fallback or last
+
+
+def _checkpoint_notes(spec, ref, precision: str, fp8_units: bool, d) -> None:
+    """Precisions that need a different checkpoint than the one named."""
+    if ref.quantized and ref.quantized not in ("none",):
+        return
+    if spec.native_dtype == "fp8" and precision != "fp8":
+        alt = R1_CHECKPOINTS.get(precision)
+        why = ("the FP8 weights do not fit these GPUs" if fp8_units else
+               "these GPUs have no FP8 units (vLLM can still run the FP8 checkpoint with slower weight-only Marlin kernels)")
+        d.warnings.append(f"{spec.name} ships FP8 and {why}: {precision} needs a {precision} checkpoint"
+                          f"{f' (e.g. {alt}, as SGLang documents)' if alt else ''}; pass its repo or directory as MODEL")
+    elif precision == "int4":
+        d.warnings.append(f"int4 means an AWQ checkpoint of {spec.name}: pass its repo or directory as MODEL "
+                          "(vLLM and SGLang read the quantization from its config; no flag is passed)")
+
+
+def _vllm_cpu(spec, host, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:
+    """vLLM's CPU build: weights in RAM, a KV cache of VLLM_CPU_KVCACHE_SPACE GiB."""
+    precision = o.precision or ("bf16" if host.bf16_fast else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise UsageError(f"vLLM's CPU build runs bf16 or fp32, not {precision}", hint="drop --precision or use bf16")
+    target = fit.Target(kind="cpu", count=1, memory_bytes=host.usable_ram, utilization=util, engine="vllm",
+                        supports_bf16=host.bf16_fast)
+    f = fit.estimate(spec, precision, target)
+    free = f.kv_free_per_device - VLLM_CPU_RUNTIME
+    kv_tok = spec.kv_bytes_per_token(fit.DTYPE_BYTES[precision])
+    if free <= 0:
+        raise HardwareError(f"{spec.name} at {precision} needs {f.weights_per_device / GiB:.1f} GiB of weights plus "
+                            f"~{(f.overhead_per_device + VLLM_CPU_RUNTIME) / GiB:.1f} GiB for vLLM; "
+                            f"{f.budget_per_device / GiB:.1f} GiB of RAM is usable", hint="use a smaller model or --engine embedded with --precision int8")
+    ctx, capacity = _fit_context(spec, free, kv_tok, ctx_flag, ctx_default, d, what="in RAM",
+                                 fix="lower --max-concurrent, or free RAM")
+    space = min(free, kv_tok * ctx * want_seqs)
+    gib = max(1, math.ceil(space / GiB))  # VLLM_CPU_KVCACHE_SPACE is whole GiB
+    capacity = int(gib * GiB // kv_tok)
+    return _fields(precision=precision, dtype=precision, max_model_len=ctx, max_num_seqs=want_seqs,
+                   kv_bytes_per_token=kv_tok, kv_budget_bytes=gib * GiB, kv_capacity_tokens=capacity,
+                   sequences_at_full_context=capacity // ctx if ctx else 0,
+                   weights_bytes_per_device=int(f.weights_per_device))
+
+
+def _llamacpp(spec, ref, device, gpus, host, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:
+    """llama-server: `-c` is the KV size shared by the `-np` slots, so each slot gets c/np
+    tokens: the plan asks for max_model_len x slots, lowered to what fits."""
+    from pathlib import Path
+
+    weights = Path(ref.path).stat().st_size if ref.path else 0
+    kv_tok = spec.kv_bytes_per_token(2.0)  # f16 KV, llama.cpp's default
+    if device == "cuda":
+        budget = sum(g.memory_total for g in gpus.gpus) * util - len(gpus.gpus) * fit.CUDA_OVERHEAD_BYTES
+    else:
+        budget = host.usable_ram * util - fit.CPU_RUNTIME_BYTES
+    free = budget - weights
+    if free <= 0:
+        raise HardwareError(f"{ref.name} needs {weights / GiB:.1f} GiB; {budget / GiB:.1f} GiB is usable here",
+                            hint="use a smaller GGUF quantization")
+    per_slot_free = free / max(1, want_seqs)
+    ctx, capacity = _fit_context(spec, per_slot_free, kv_tok, ctx_flag, ctx_default, d,
+                                 what=f"per slot ({want_seqs} slots)", fix="lower --max-concurrent (fewer -np slots)")
+    return _fields(precision="gguf", quant="none", dtype="f16", max_model_len=ctx, max_num_seqs=want_seqs,
+                   threads=max(1, host.cores_physical),
+                   kv_bytes_per_token=kv_tok, kv_budget_bytes=int(free), kv_capacity_tokens=int(free * KV_MARGIN // kv_tok),
+                   sequences_at_full_context=int(free * KV_MARGIN // kv_tok) // ctx if ctx else 0,
+                   weights_bytes_per_device=weights)

@@ -1,0 +1,271 @@
+"""The deployment plan (dsr1.plan): engine choice, sizing, environment, and its faces
+(`dsr1 serve --dry-run/--emit`, doctor's Next line, pull's quantization, dsr1.Deployer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsr1 import doctor, plan
+from dsr1.engines import envs
+from dsr1.engines.envs import InstalledEngine
+from dsr1.errors import HardwareError, UsageError
+from dsr1.netenv import Interface
+from tests.fake_nvml import load_snapshot
+from tests.hardware import probes_for
+
+REPO = Path(__file__).resolve().parent.parent
+HELP = (Path(__file__).parent / "data" / "vllm-0.32.0-help.txt").read_text()
+VLLM_CPU = InstalledEngine("vllm", "0.32.0", python="/opt/vllm/bin/python", binary=None, location="/opt/vllm",
+                           origin="dsr1")
+
+
+@pytest.fixture(autouse=True)
+def recorded_help(monkeypatch):
+    monkeypatch.setattr(envs, "help_text", lambda eng: HELP if eng.name == "vllm" else "")
+
+
+def make(snapshot, model="r1-distill-qwen-7b", tmp_path=None, *, installed=None, snap=None, profile=None, **kw):
+    gpus, host, _ = probes_for(snapshot, tmp_path, snap)
+    return plan.make_plan(model, profile, plan.Overrides(engine_port=8100, **kw), gpus=gpus, host=host,
+                          installed=installed or {}, interfaces=[Interface("eth0", (("10.0.0.2", "255.255.255.0"),))])
+
+
+# --- how auto chooses ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("snapshot,model,engine", [
+    ("h100x8-ib", "r1", "sglang"),                    # R1 671B: SGLang, as DeepSeek recommends
+    ("h100x8-ib", "r1-distill-llama-70b", "sglang"),  # the enterprise profile's engine
+    ("h100x4-sxm", "r1-distill-llama-70b", "vllm"),   # pro
+    ("a100x2-sxm", "r1-distill-qwen-32b", "vllm"),    # base
+    ("rtx4090", "r1-distill-qwen-7b", "embedded"),    # single-gpu
+    ("driver-missing", "r1-distill-qwen-1.5b", "embedded"),  # cpu, no vLLM installed
+])
+def test_auto_engine_by_profile_and_model(snapshot, model, engine, tmp_path):
+    p = make(snapshot, model, tmp_path)
+    assert p.engine == engine and p.engine_reason.startswith("auto:")
+
+
+def test_auto_picks_vllm_cpu_when_installed_unless_its_attention_cannot(tmp_path):
+    p = make("driver-missing", "smollm2-135m", tmp_path, installed={"vllm": VLLM_CPU})
+    assert p.engine == "vllm" and p.device == "cpu" and "0.32.0" in p.engine_reason
+    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-31"  # every core of the 32-core host: no core held back
+    kv_gib = int(p.env["VLLM_CPU_KVCACHE_SPACE"])
+    assert kv_gib >= 1 and kv_gib * 2**30 >= p.max_model_len * p.kv_bytes_per_token
+    argv = p.nodes[0].argv
+    assert argv[:3] == ("/opt/vllm/bin/python", "-m", "vllm.entrypoints.launchers.api_server.entry")
+    assert "--gpu-memory-utilization" not in argv and argv[argv.index("--dtype") + 1] == "float32"  # no bf16 units
+    assert p.checked_against == "vllm 0.32.0 --help"
+
+
+def test_tiny_head_size_keeps_the_embedded_engine(tmp_path):
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                                                   "num_attention_heads": 8, "num_key_value_heads": 2,
+                                                   "intermediate_size": 128, "vocab_size": 1000}))
+    p = make("driver-missing", str(model), tmp_path, installed={"vllm": VLLM_CPU})
+    assert p.engine == "embedded" and "head size 8" in p.engine_reason
+
+
+def test_gguf_is_served_by_llama_server(demo_gguf, tmp_path):
+    p = make("driver-missing", str(demo_gguf), tmp_path)
+    assert p.engine == "llamacpp" and p.model_kind == "gguf" and p.precision == "gguf"
+    argv = p.nodes[0].argv
+    assert argv[0] == "llama-server" and argv[argv.index("-m") + 1] == str(demo_gguf)
+    slots, ctx = int(argv[argv.index("-np") + 1]), int(argv[argv.index("-c") + 1])
+    assert slots == p.max_num_seqs and ctx == p.max_model_len * slots  # -c is shared by the -np slots
+    assert argv[argv.index("-t") + 1] == "32" and "--jinja" in argv and "--metrics" in argv
+    assert p.max_model_len <= 8192  # SmolLM2's trained context (GGUF header)
+    with pytest.raises(UsageError, match="serves GGUF files"):
+        make("driver-missing", "r1-distill-qwen-1.5b", tmp_path, engine="llamacpp")
+
+
+# --- sizing ----------------------------------------------------------------------------------------
+
+def test_context_is_fitted_to_the_kv_budget(tmp_path):
+    p = make("h100x4-sxm", "r1-distill-llama-70b", tmp_path)
+    assert p.max_model_len == 65536 <= p.kv_capacity_tokens  # pro's context fits TP=4
+    kv = p.kv_bytes_per_token * p.max_model_len
+    assert kv <= p.kv_budget_bytes and p.sequences_at_full_context == p.kv_capacity_tokens // 65536
+    # Asking for the model's full 128K on 2x A100 (32B in bf16): refused with the number that fits.
+    with pytest.raises(HardwareError) as e:
+        make("a100x2-sxm", "r1-distill-qwen-32b", tmp_path, max_model_len=131072, tensor_parallel=1, precision="bf16")
+    hint = e.value.hint
+    fits = int(hint.split("--max-model-len ")[1].split()[0])
+    assert 0 < fits < 131072
+    ok = make("a100x2-sxm", "r1-distill-qwen-32b", tmp_path, max_model_len=fits, tensor_parallel=1, precision="bf16")
+    assert ok.max_model_len == fits
+
+
+def test_default_context_is_lowered_not_refused(tmp_path):
+    p = make("a100x2-sxm", "r1-distill-qwen-32b", tmp_path, tensor_parallel=1, precision="bf16")
+    assert p.max_model_len < 32768 and any("context lowered" in n for n in p.notes)
+
+
+def test_small_models_become_data_parallel_replicas(tmp_path):
+    p = make("h100x8-ib", "r1-distill-qwen-7b", tmp_path, engine="vllm")
+    assert (p.tensor_parallel, p.data_parallel) == (1, 8)
+    forced = make("h100x8-ib", "r1-distill-qwen-7b", tmp_path, engine="vllm", tensor_parallel=4)
+    assert (forced.tensor_parallel, forced.data_parallel) == (4, 2)  # 28 heads: TP must divide them
+
+
+def test_utilization_is_lowered_when_other_processes_hold_gpu_memory(tmp_path):
+    snap = load_snapshot("a100x2-sxm")
+    g = snap["nvml"]["gpus"][1]
+    g["processes"] = [[4242, 20 * 10**9]]
+    g["memory_free"] = g["memory_total"] - 20 * 10**9
+    p = make("a100x2-sxm", "r1-distill-qwen-32b", tmp_path, snap=snap)
+    assert p.memory_utilization == int((g["memory_free"] / g["memory_total"] - 0.02) * 100) / 100 < 0.9
+    assert "other processes hold" in p.memory_utilization_reason
+    assert p.nodes[0].argv[p.nodes[0].argv.index("--gpu-memory-utilization") + 1] == f"{p.memory_utilization:g}"
+
+
+def test_embedded_plan_never_refuses_what_serve_would_measure(tmp_path):
+    p = make("driver-missing", "r1-distill-qwen-1.5b", tmp_path, max_model_len=10**6)
+    assert p.engine == "embedded" and p.checked_against == "dsr1 (in process)"
+    assert p.nodes[0].argv[1:5] == ("-m", "dsr1", "serve", "r1-distill-qwen-1.5b")
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(nodes=2), "--head"), (dict(nodes=2, head="10.0.0.1"), "HOST:PORT"),
+    (dict(nodes=2, node_rank=2, head="10.0.0.1:29500"), "--node-rank 2"), (dict(engine="tgi"), "--engine"),
+    (dict(precision="fp4"), "unknown precision"), (dict(tensor_parallel=0), "--tensor-parallel"),
+])
+def test_bad_flags_are_usage_errors(kw, words, tmp_path):
+    with pytest.raises(UsageError, match=words):
+        make("h100x8-ib", "r1", tmp_path, **kw)
+
+
+def test_one_node_model_on_two_nodes_is_warned(tmp_path):
+    p = make("h100x8-ib", "r1-distill-qwen-7b", tmp_path, engine="vllm", nodes=2, head="10.0.0.1:29500")
+    assert any("fits on one node" in w for w in p.warnings)
+    assert p.env["NCCL_SOCKET_IFNAME"] == "eth0"  # the interface on the head's subnet
+
+
+# --- doctor, pull and serve agree ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("snapshot,line", [
+    ("a100x2-sxm", "dsr1 serve r1-distill-qwen-32b"), ("h100x4-sxm", "dsr1 serve r1-distill-llama-70b"),
+    ("h100x8-ib", "dsr1 serve r1"), ("rtx4090", "dsr1 serve r1-distill-qwen-7b"),
+    ("driver-missing", "dsr1 serve r1-distill-qwen-1.5b"),
+])
+def test_doctor_next_line_is_dsr1_serve(snapshot, line, tmp_path):
+    gpus, host, sw = probes_for(snapshot, tmp_path)
+    assert doctor.run(gpus=gpus, host=host, software=sw, installed={}).next_command == line
+
+
+def test_doctor_names_the_engine_only_when_the_user_must_choose(tmp_path):
+    """base runs vLLM; with only SGLang installed, Next says so."""
+    gpus, host, sw = probes_for("a100x2-sxm", tmp_path)
+    sglang = InstalledEngine("sglang", "0.5.23", "/opt/sglang/bin/python", None, "/opt/sglang", "path")
+    report = doctor.run(gpus=gpus, host=host, software=sw, installed={"sglang": sglang})
+    assert report.next_command == "dsr1 serve r1-distill-qwen-32b --engine sglang"
+
+
+def test_pull_quantizes_what_the_plan_says(tmp_path):
+    from dsr1.pull import resolve_quant
+
+    assert resolve_quant(None, "single-gpu", "r1-distill-qwen-14b") == ("int8", "profile")  # embedded, 24 GB
+    assert resolve_quant(None, "base", "r1-distill-llama-70b") == ("none", "profile")  # vLLM loads AWQ, not bnb
+
+
+def _dsr1(*args, env=None):
+    e = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dsr1", *args], capture_output=True, text=True, env=e, timeout=120)
+
+
+def test_serve_dry_run_json_runs_nothing():
+    res = _dsr1("serve", "r1-distill-qwen-1.5b", "--dry-run", "--json", "--port", "9123")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["engine"] == "embedded" and data["profile"] == "cpu" and data["port"] == 9123
+    assert data["needs_pull"] is True and data["reasoning_parser"] == "deepseek_r1"
+    assert data["nodes"][0]["argv"][3:5] == ["serve", "r1-distill-qwen-1.5b"]
+    for key in ("served_name", "max_model_len", "max_num_seqs", "engine_port", "checked_against", "env"):
+        assert key in data
+
+
+def test_serve_dry_run_plans_a_cluster_from_here():
+    res = _dsr1("serve", "r1", "--profile", "enterprise", "--nodes", "2", "--head", "10.0.0.1:29500",
+                "--engine", "vllm", "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["checked_against"] is None and data["profile_source"] == "virtual"
+    assert [n["argv"][-1] for n in data["nodes"]] == [str(data["engine_port"]), "--headless"]
+    human = _dsr1("serve", "r1", "--profile", "enterprise", "--nodes", "2", "--head", "10.0.0.1:29500", "--dry-run")
+    assert human.returncode == 0 and "node 1 (worker)" in human.stdout and "--dist-init-addr 10.0.0.1:29500" in human.stdout
+
+
+def test_serve_emit_writes_one_executable_script_per_node(tmp_path):
+    out = tmp_path / "launch"
+    res = _dsr1("serve", "r1", "--profile", "enterprise", "--nodes", "2", "--head", "10.0.0.1:29500", "--emit", str(out))
+    assert res.returncode == 0, res.stderr
+    scripts = sorted(out.iterdir())
+    assert [s.name for s in scripts] == ["node-0.sh", "node-1.sh"]
+    for s in scripts:
+        assert s.stat().st_mode & stat.S_IXUSR
+        text = s.read_text()
+        assert text.startswith("#!/bin/sh") and "\nexec python3 -m sglang.launch_server " in text
+    assert "--node-rank 1" in scripts[1].read_text()
+    check = subprocess.run(["sh", "-n", str(scripts[0])], capture_output=True)
+    assert check.returncode == 0
+
+
+def test_deployer_is_the_plan_and_importing_dsr1_stays_light():
+    code = ("import sys, dsr1\nassert 'dsr1.api' not in sys.modules\nfrom dsr1 import Deployer\n"
+            "d = Deployer('r1-distill-qwen-7b', precision='bf16', device_map='auto')\np = d.plan(port=8123)\n"
+            "print(p.engine, p.precision, p.port, p.served_name)\n"
+            "print([m for m in ('torch', 'transformers') if m in sys.modules])\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["embedded bf16 8123 r1-distill-qwen-7b", "[]"]
+
+
+def test_engine_docs_show_the_commands_dsr1_generates():
+    """docs/engines.md and docs/multi-node.md carry generated blocks: regenerate, never hand-edit."""
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "engine_docs.py"), "--check"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_deployer_serves_the_demo_model_and_drains_on_sigterm(demo_model_dir, tmp_path):
+    """The seed's example, end to end: plan, serve, answer, SIGTERM drains, exit 0."""
+    import signal
+    import urllib.request
+
+    code = ("import sys\nfrom dsr1 import Deployer\n"
+            f"d = Deployer({str(demo_model_dir)!r}, precision='bf16', device_map='auto')\n"
+            "print('PLAN', d.plan().engine, flush=True)\n"
+            "d.serve(port=0, max_concurrent=16, stream_interval=1, on_ready=lambda u: print('READY', u, flush=True))\n"
+            "print('STOPPED', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("READY "):
+                break
+        assert lines[0].strip() == "PLAN embedded" and lines[-1].startswith("READY "), lines + [proc.stderr.read()]
+        url = lines[-1].split()[1]
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            assert r.status == 200
+        body = json.dumps({"model": demo_model_dir.name, "max_tokens": 4,
+                           "messages": [{"role": "user", "content": "Hi"}]}).encode()
+        req = urllib.request.Request(url + "/v1/chat/completions", body, {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0 and "STOPPED" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
