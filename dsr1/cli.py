@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("dsr1.commands.serve", "serve", "Serve a model with an OpenAI-compatible API and continuous batching."),
     "chat": ("dsr1.commands.chat", "chat", "Chat with a model in the terminal (starts it, or talks to --url)."),
     "bench": ("dsr1.commands.bench", "bench", "Benchmark an OpenAI-compatible server: latency/throughput sweeps, plots, compare."),
+    # A group: the module attribute is a dict of subcommand name -> function.
+    "engine": ("dsr1.commands.engine", "SUBCOMMANDS", "Install inference engines (vLLM, SGLang, llama.cpp) in their own environments; list them."),
 }
 
 
@@ -94,8 +96,14 @@ def build_app(only: str | None = None) -> typer.Typer:
     for name, (module, func, help_text) in COMMANDS.items():
         if only is not None and name != only:
             continue
-        fn = getattr(importlib.import_module(module), func)
-        app.command(name, help=help_text + "\n\n" + inspect.cleandoc(fn.__doc__ or ""))(_guarded(fn))
+        target = getattr(importlib.import_module(module), func)
+        if isinstance(target, dict):
+            group = typer.Typer(name=name, help=help_text, no_args_is_help=True, rich_markup_mode=None)
+            for sub, fn in target.items():
+                group.command(sub, help=inspect.cleandoc(fn.__doc__ or ""))(_guarded(fn))
+            app.add_typer(group, name=name, help=help_text)
+        else:
+            app.command(name, help=help_text + "\n\n" + inspect.cleandoc(target.__doc__ or ""))(_guarded(target))
     return app
 
 
