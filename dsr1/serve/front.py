@@ -122,6 +122,7 @@ class Front:
     def _shape(self, body: dict[str, Any], layout: "_Layout") -> dict[str, Any]:
         body["model"] = self.cfg.model_name
         for choice in body.get("choices") or []:
+            choice.setdefault("logprobs", None)  # required (nullable) by OpenAI's schema; llama-server omits it
             if isinstance(choice.get("message"), dict):
                 msg = choice["message"]
                 self._rename(msg, layout, whole=True)

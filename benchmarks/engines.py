@@ -1,0 +1,117 @@
+"""The engines side by side, in one run: the same `dsr1 bench` sweep against each, ratios printed.
+
+For the same model and dtype, `dsr1 bench MODEL --serve-arg ...` starts `dsr1 serve` once per
+engine and sweeps concurrency 1, 4 and 16 (random prompts of --input-len tokens, --output-len
+tokens out, EOS ignored):
+  embedded  dsr1's own engine (`--engine embedded`)
+  vllm      vLLM's CPU build behind dsr1's front (`--engine vllm`), from `dsr1 engine install vllm`
+  llamacpp  llama.cpp's llama-server behind dsr1's front (`--engine llamacpp`) on a GGUF of the
+            same weights (`--gguf`; a BF16 one for the same dtype, made with llama.cpp's
+            convert_hf_to_gguf.py --outtype bf16)
+Every engine runs behind the same front, so the comparison includes the same serving path a
+user gets. This is the comparison users make before choosing an engine, and the target for
+the embedded engine.
+
+    python benchmarks/engines.py --model .cache/test-models/smollm2-135m-bf16 \\
+        --gguf /path/smollm2-135m-bf16.gguf --engines-home .cache/engines-home
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def installed(engines_home: Path, name: str) -> dict | None:
+    env = {**os.environ, "DSR1_HOME": str(engines_home), "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "dsr1", "engine", "list", "--json"], capture_output=True, text=True,
+                       env=env)
+    if r.returncode != 0:
+        return None
+    return next((e for e in json.loads(r.stdout)["engines"] if e["name"] == name), None)
+
+
+def sweep(label: str, model: str, serve_args: list[str], args, env: dict) -> dict[int, dict]:
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{label}-"))
+    cmd = [sys.executable, "-m", "dsr1", "bench", model, "--concurrency", args.concurrency,
+           "--requests", str(args.requests), "--input-len", str(args.input_len), "--output-len",
+           str(args.output_len), "--out", str(out), "--no-plots", "--json", "--server-timeout", "900"]
+    for a in serve_args:
+        cmd += ["--serve-arg", a]
+    print(f"# {label}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        print(f"# {label} failed (exit {r.returncode}):\n{r.stderr[-3000:]}", file=sys.stderr)
+        return {}
+    doc = json.loads((out / "results.json").read_text())
+    points = {}
+    for p in doc["points"]:
+        points[int(p["concurrency"])] = p
+    return points
+
+
+def tput(point: dict) -> float:
+    return point["summary"]["output_throughput"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(Path(os.environ.get("DSR1_TEST_CACHE", REPO / ".cache/test-models"))
+                                           / "smollm2-135m-bf16"), help="safetensors model directory")
+    ap.add_argument("--gguf", help="GGUF of the same weights for llama-server (BF16 for the same dtype)")
+    ap.add_argument("--engines-home", default=str(REPO / ".cache" / "engines-home"),
+                    help="DSR1_HOME where `dsr1 engine install` put vllm and llamacpp")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--only", default="embedded,vllm,llamacpp")
+    args = ap.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="bench-home-"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home)}
+    env.pop("DSR1_API_KEY", None)
+    runs: dict[str, dict[int, dict]] = {}
+    wanted = args.only.split(",")
+    if "embedded" in wanted:
+        runs["embedded"] = sweep("embedded", args.model, ["--engine", "embedded", "--dtype", args.dtype], args, env)
+    vllm = installed(Path(args.engines_home), "vllm")
+    if "vllm" in wanted and vllm:
+        runs["vllm"] = sweep("vllm", args.model, ["--engine", "vllm", "--engine-python", vllm["python"],
+                                                  "--dtype", args.dtype], args, env)
+    llama = installed(Path(args.engines_home), "llamacpp")
+    if "llamacpp" in wanted and llama and args.gguf:
+        lenv = {**env, "PATH": str(Path(llama["binary"]).parent) + os.pathsep + env.get("PATH", "")}
+        runs["llamacpp"] = sweep("llamacpp", args.gguf, ["--engine", "llamacpp"], args, lenv)
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    print(f"\noutput tokens/s (mean TPOT ms), {args.input_len} in / {args.output_len} out, EOS ignored, "
+          f"{args.requests} requests per point, dtype {args.dtype}")
+    print(f"{'engine':<10}" + "".join(f"{'c=' + str(c):>20}" for c in levels))
+    for name, pts in runs.items():
+        cells = []
+        for c in levels:
+            p = pts.get(c)
+            cells.append(f"{tput(p):>9.1f} ({p['summary']['tpot_ms']['mean']:>6.1f})" if p else "-")
+        print(f"{name:<10}" + "".join(f"{x:>20}" for x in cells))
+    base = runs.get("embedded", {})
+    for other in ("vllm", "llamacpp"):
+        if other in runs and base:
+            ratios = []
+            for c in levels:
+                a, b = base.get(c), runs[other].get(c)
+                ratios.append(f"{tput(a) / tput(b):.2f}" if a and b else "-")
+            print(f"embedded / {other}: " + ", ".join(f"c={c}: {r}" for c, r in zip(levels, ratios)))
+    return 0 if runs and all(runs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

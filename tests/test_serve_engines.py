@@ -1,0 +1,319 @@
+"""`dsr1 serve --engine llamacpp|vllm`: real engines behind dsr1's front, through the official client.
+
+The engines are the real ones, installed by scripts/engines.sh with `dsr1 engine install`
+into DSR1_TEST_ENGINES_HOME (llama.cpp's llama-server built from source; vLLM's CPU build
+in its own venv): `DSR1_TEST_ENGINES=1 bash scripts/test.sh`. Without
+DSR1_TEST_ENGINES_HOME these tests skip; with it, a missing engine fails them, so a broken
+install cannot pass as green.
+
+The R1 reasoning cases use bigram-table models whose greedy output is a fixed script
+(tests/gguf_util.build_tiny_gguf with `script=`, tests/serve_util.build_scripted_r1),
+so what the engine's own reasoning parser returns, and what dsr1's front makes of it,
+can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import CACHE
+from tests.gguf_util import build_tiny_gguf, r1_qwen_metadata
+from tests.serve_util import REPO, ServerProc
+
+pytestmark = pytest.mark.slow
+KEY = "sk-engine-test-42"
+R1_SCRIPT = ["<｜Assistant｜>", "<think>", "Ċ", "Let", "Ġme", "Ġthink", "</think>", "The", "Ġanswer",
+             "<｜end▁of▁sentence｜>"]
+
+
+def _engines_home() -> Path | None:
+    home = os.environ.get("DSR1_TEST_ENGINES_HOME")
+    return Path(home) if home else None
+
+
+def _installed(name: str) -> dict | None:
+    """The engine as `dsr1 engine list --json` reports it in DSR1_TEST_ENGINES_HOME."""
+    home = _engines_home()
+    if home is None:
+        return None
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home)}
+    r = subprocess.run([sys.executable, "-m", "dsr1", "engine", "list", "--json"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    if r.returncode != 0:
+        return None
+    for e in json.loads(r.stdout).get("engines", []):
+        if e.get("name") == name and e.get("origin") == "dsr1":
+            return e
+    return None
+
+
+def _need(name: str) -> dict:
+    e = _installed(name)
+    if e is None:
+        if _engines_home() is None:
+            pytest.skip("no DSR1_TEST_ENGINES_HOME: run DSR1_TEST_ENGINES=1 bash scripts/test.sh")
+        pytest.fail(f"{name} is not installed in DSR1_TEST_ENGINES_HOME={_engines_home()} (run scripts/engines.sh)")
+    return e
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    return _need("llamacpp")
+
+
+def _serve(args: list[str], home: Path, engine: dict, *, key: str | None = KEY, timeout: float = 900) -> ServerProc:
+    env = {}
+    if key:
+        env["DSR1_API_KEY"] = key
+    if engine.get("binary"):  # llama-server from dsr1's engine dir, found on PATH as a user's would be
+        env["PATH"] = str(Path(engine["binary"]).parent) + os.pathsep + os.environ.get("PATH", "")
+    if engine.get("python"):
+        args = [*args, "--engine-python", engine["python"]]
+    return ServerProc(args, home, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def llama_demo(llama_server, demo_gguf, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home-llama")
+    srv = _serve([str(demo_gguf), "--engine", "llamacpp", "--served-model-name", "demo", "--max-concurrent", "4",
+                  "--max-queue", "0", "--max-model-len", "1024"], home, llama_server)
+    yield srv
+    srv.stop()
+
+
+def _client(srv: ServerProc, key: str | None = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key or "unused", max_retries=0, timeout=300)
+
+
+def test_llamacpp_answers_through_dsr1s_front(llama_demo):
+    c = _client(llama_demo)
+    r = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                  max_tokens=24, temperature=0)
+    # the Q4_1 file's greedy answer is not the bf16 model's; that it answers in words is what is checked
+    assert len(r.choices[0].message.content.split()) >= 3
+    assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("stop", "length")
+    text = ""
+    for chunk in c.chat.completions.create(model="demo", stream=True, max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": "Count to five."}]):
+        text += "".join(ch.delta.content or "" for ch in chunk.choices)
+    assert text.strip()
+    cr = c.completions.create(model="demo", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert cr.choices[0].text
+    assert [m.id for m in c.models.list().data] == ["demo"]
+
+
+def test_llamacpp_front_keeps_dsr1s_rules(llama_demo):
+    url = llama_demo.url
+    assert httpx.get(f"{url}/health").json()["engine"] == "llamacpp"
+    # the key is dsr1's, checked at the front
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    # the same validation as the embedded engine, before the engine sees anything
+    r = httpx.post(f"{url}/v1/chat/completions", headers=auth, json={"model": "other", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{url}/v1/chat/completions", headers=auth, json={"model": "demo", "messages": [{"role": "user", "content": "x"}], "n": 2})
+    assert r.status_code == 400
+    metrics = httpx.get(f"{url}/metrics", headers=auth).text
+    assert "dsr1_requests_total" in metrics and "llamacpp:" in metrics
+
+
+def test_llamacpp_responses_fit_openais_schema(llama_demo):
+    """What llama-server answers, as dsr1's front relays it, validates against OpenAI's OpenAPI document."""
+    from tests.test_openai_schema import check, stream
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+    r = httpx.post(f"{llama_demo.url}/v1/chat/completions", headers=auth, json=body, timeout=300)
+    check("CreateChatCompletionResponse", r.json())
+    chunks = stream(llama_demo, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}}, KEY)
+    for c in chunks:
+        check("CreateChatCompletionStreamResponse", c)
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+    r = httpx.post(f"{llama_demo.url}/v1/chat/completions", headers=auth, json={**body, "model": "nope"})
+    check("ErrorResponse", r.json())
+
+
+def test_llamacpp_overload_is_429(llama_demo):
+    """4 running, no queue: the fifth and later concurrent requests get 429 with Retry-After."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 64,
+            "ignore_eos": True}
+    codes: list[int] = []
+
+    def one() -> None:
+        codes.append(httpx.post(f"{llama_demo.url}/v1/chat/completions", headers=auth, json=body, timeout=300)
+                     .status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes.count(200) >= 4 and codes.count(429) >= 1 and set(codes) <= {200, 429}
+
+
+def test_llamacpp_sigterm_drains_and_stops_the_engine(llama_server, demo_gguf, tmp_path):
+    srv = _serve([str(demo_gguf), "--engine", "llamacpp", "--served-model-name", "demo", "--max-model-len", "1024"],
+                 tmp_path / "home", llama_server, key=None)
+    got: dict = {}
+
+    def ask() -> None:
+        r = _client(srv, None).chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Tell a story."}], max_tokens=48, temperature=0,
+            extra_body={"ignore_eos": True})
+        got["finish"], got["n"] = r.choices[0].finish_reason, r.usage.completion_tokens
+
+    t = threading.Thread(target=ask)
+    t.start()
+    time.sleep(1.0)
+    code = srv.stop(signal.SIGTERM, timeout=120)
+    t.join(60)
+    assert code == 0, "".join(srv.lines[-30:])
+    assert got == {"finish": "length", "n": 48}  # the running request finished before the engine stopped
+    port = int(next(l for l in srv.lines if "--port" in l).split("--port ")[1].split()[0])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_llamacpp_r1_reasoning_reaches_both_fields(llama_server, tmp_path):
+    """llama-server's deepseek reasoning format, renamed by dsr1's front into both field names."""
+    gguf = build_tiny_gguf(r1_qwen_metadata(CACHE), tmp_path / "scripted-r1.gguf", script=R1_SCRIPT)
+    srv = _serve([str(gguf), "--engine", "llamacpp", "--served-model-name", "r1", "--max-model-len", "512"],
+                 tmp_path / "home", llama_server)
+    try:
+        c = _client(srv)
+        msgs = [{"role": "user", "content": "hi"}]
+        m = c.chat.completions.create(model="r1", messages=msgs, max_tokens=20, temperature=0).choices[0].message
+        assert (m.model_extra["reasoning_content"], m.model_extra["reasoning"], m.content) == \
+            ("Let me think", "Let me think", "The answer")
+        reasoning = content = ""
+        for chunk in c.chat.completions.create(model="r1", messages=msgs, max_tokens=20, temperature=0, stream=True):
+            for ch in chunk.choices:
+                reasoning += (ch.delta.model_extra or {}).get("reasoning_content") or ""
+                content += ch.delta.content or ""
+        assert (reasoning, content) == ("Let me think", "The answer")
+    finally:
+        srv.stop()
+
+
+def test_llamacpp_impossible_context_is_diagnosed(llama_server, demo_gguf, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(tmp_path / "home"),
+           "PATH": str(Path(llama_server["binary"]).parent) + os.pathsep + os.environ.get("PATH", "")}
+    r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(demo_gguf), "--engine", "llamacpp",
+                        "--max-model-len", "100000000", "--port", "0"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "--max-model-len" in r.stderr  # the fix names the flag
+
+
+# --- vLLM (CPU build) ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm():
+    return _need("vllm")
+
+
+@pytest.fixture(scope="module")
+def vllm_demo(vllm, demo_model_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home-vllm")
+    srv = _serve([str(demo_model_dir), "--engine", "vllm", "--served-model-name", "demo", "--max-model-len", "1024",
+                  "--dtype", "bf16"], home, vllm)
+    yield srv
+    srv.stop()
+
+
+def test_vllm_answers_through_dsr1s_front(vllm_demo):
+    c = _client(vllm_demo)
+    r = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                  max_tokens=24, temperature=0)
+    assert len(r.choices[0].message.content.split()) >= 3 and r.usage.completion_tokens >= 1
+    text = ""
+    for chunk in c.chat.completions.create(model="demo", stream=True, max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": "Count to five."}],
+                                           stream_options={"include_usage": True}):
+        text += "".join(ch.delta.content or "" for ch in chunk.choices)
+    assert text.strip()
+    assert httpx.get(f"{vllm_demo.url}/health").json()["engine"] == "vllm"
+    metrics = httpx.get(f"{vllm_demo.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert "dsr1_requests_total" in metrics and "vllm:" in metrics
+
+
+@pytest.fixture(scope="module")
+def scripted_r1_for_vllm(demo_model_dir, tmp_path_factory):
+    """A bigram-table Qwen2 with R1's tokens whose greedy answer is "<think>\\nLet me think</think>The answer".
+    vLLM's CPU attention rejects head_dim 8 or 16, so the base model has head_dim 64."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from dsr1.serve.engine import R1_CHAT_TEMPLATE
+    from tests.serve_util import build_scripted_r1
+
+    d = tmp_path_factory.mktemp("vllm-r1")
+    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d / "base")
+    tok.save_pretrained(d / "base")
+    script = ["<｜Assistant｜>", "<think>", "\n", "Let", " me", " think", "</think>", "The", " answer",
+              "<｜end▁of▁sentence｜>"]
+    # the template without "<think>\n": the model opens the tag itself
+    return build_scripted_r1(d / "base", d / "r1", [script], chat_template=R1_CHAT_TEMPLATE.replace("<think>\\n", ""))
+
+
+def test_vllm_r1_reasoning_and_drain(vllm, scripted_r1_for_vllm, tmp_path):
+    """vLLM's deepseek_r1 parser (its field is `reasoning` since 0.11) reaches clients in both names;
+    SIGTERM lets a running request finish, then stops vLLM."""
+    srv = _serve([str(scripted_r1_for_vllm), "--engine", "vllm", "--served-model-name", "r1", "--max-model-len",
+                  "512", "--dtype", "fp32"], tmp_path / "home", vllm)
+    try:
+        c = _client(srv)
+        msgs = [{"role": "user", "content": "hi"}]
+        m = c.chat.completions.create(model="r1", messages=msgs, max_tokens=20, temperature=0).choices[0].message
+        assert (m.model_extra["reasoning_content"], m.model_extra["reasoning"], m.content) == \
+            ("Let me think", "Let me think", "The answer")
+        reasoning = content = ""
+        for chunk in c.chat.completions.create(model="r1", messages=msgs, max_tokens=20, temperature=0, stream=True):
+            for ch in chunk.choices:
+                reasoning += (ch.delta.model_extra or {}).get("reasoning") or ""
+                content += ch.delta.content or ""
+        assert (reasoning, content) == ("Let me think", "The answer")
+        got: dict = {}
+
+        def ask() -> None:
+            r = c.completions.create(model="r1", prompt="hi", max_tokens=200, temperature=0,
+                                     extra_body={"ignore_eos": True})
+            got["finish"], got["n"] = r.choices[0].finish_reason, r.usage.completion_tokens
+
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(1.0)
+        code = srv.stop(signal.SIGTERM, timeout=180)
+        t.join(60)
+        assert code == 0, "".join(srv.lines[-30:])
+        assert got == {"finish": "length", "n": 200}
+    finally:
+        srv.stop()
+
+
+def test_vllm_impossible_context_is_diagnosed(vllm, demo_model_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(demo_model_dir), "--engine", "vllm",
+                        "--engine-python", vllm["python"], "--max-model-len", "100000000", "--port", "0"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--max-model-len" in r.stderr
