@@ -159,3 +159,25 @@ def test_inconsistent_token_table_is_refused(r1_qwen_meta, tmp_path):
     assert "token table" in r.stderr and "<｜User｜>" in r.stderr
     assert not (home / "models" / "bad" / "manifest.json").exists()
     assert not list((home / "models").glob("bad/model/*"))
+
+
+def test_imported_scripted_r1_gguf_writes_its_script(r1_qwen_meta, tmp_path):
+    """A GGUF whose greedy output is a fixed token script (tests/gguf_util.build_tiny_gguf(script=)),
+    imported and served by the embedded engine, writes exactly that script: the rendered prompt must
+    end in the file's `<｜Assistant｜>` id for it to start at all, and the output detokenizes to R1's
+    answer split into reasoning and content. llama-server reads the same file to the same answer
+    (tests/test_serve_engines.py::test_llamacpp_r1_reasoning_reaches_both_fields)."""
+    from tests.test_serve_engines import R1_SCRIPT
+
+    gguf = build_tiny_gguf(r1_qwen_meta, tmp_path / "scripted-r1.gguf", script=R1_SCRIPT)
+    home = tmp_path / "home"
+    r = _pull(home, str(gguf), "--name", "scripted", "--quant", "none")
+    assert r.returncode == 0, r.stderr[-2000:]
+    srv = ServerProc(["scripted", "--dtype", "fp32", "--threads", "1", "--max-model-len", "512"], home)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        m = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=20, temperature=0).choices[0].message
+        assert (m.model_extra["reasoning_content"], m.content) == ("Let me think", "The answer")
+    finally:
+        assert srv.stop() == 0, "".join(srv.lines[-30:])
