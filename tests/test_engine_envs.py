@@ -165,7 +165,7 @@ def test_install_holds_a_lock(isolated_home, bare_path):
 def test_sglang_on_cpu_says_what_works(bare_path):
     res = dsr1("engine", "install", "sglang", "--device", "cpu", env=bare_path)
     assert res.returncode == 5  # HardwareError
-    assert "SGLang has no CPU build on PyPI" in res.stderr and "dsr1 engine install vllm" in res.stderr
+    assert "SGLang does not serve on a CPU from PyPI" in res.stderr and "dsr1 engine install vllm" in res.stderr
 
 
 def test_bad_device_is_usage_error(bare_path):
@@ -184,6 +184,23 @@ def test_help_text_is_cached_per_version(isolated_home):
     newer = envs.InstalledEngine("llamacpp", "b11500", None, gone, str(isolated_home), "path", "llama.cpp", (gone,))
     with pytest.raises(ServerError, match="--help failed"):
         envs.help_text(newer)  # another version is another cache entry: it has to run
+
+
+@pytest.mark.parametrize("out, want", [
+    ("version: 0.6.0-dev (build 11434, commit unknown)\nbuilt with GNU 12.2.0 for Linux x86_64", ("11434", "unknown")),
+    ("version: 4567 (515e855)\nbuilt with cc (Debian 12.2.0-14) 12.2.0 for x86_64-linux-gnu", ("4567", "515e855")),
+])
+def test_llama_server_version_formats(out, want):
+    """`--version` as llama.cpp prints it now (b11434) and before 2026 (b4567)."""
+    m = next(m for r in envs._LLAMA_VERSION if (m := r.search(out)))
+    assert m.groups() == want
+
+
+def test_engine_group_help(bare_path):
+    res = dsr1("engine", "--help", env=bare_path)
+    assert res.returncode == 0 and "install" in res.stdout and "list" in res.stdout
+    res = dsr1("engine", "install", "--help", env=bare_path)
+    assert all(f in res.stdout for f in ("--device", "--force", "--dry-run", "--jobs", "--json"))
 
 
 def test_engine_commands_import_no_torch(bare_path):

