@@ -188,6 +188,20 @@ def test_llamacpp_sigterm_drains_and_stops_the_engine(llama_server, demo_gguf, t
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def _assert_scripted_answer(c: openai.OpenAI, streamed_field: str) -> None:
+    """The scripted R1 model's answer, non-streamed (both field names) and streamed (`streamed_field`)."""
+    msgs = [{"role": "user", "content": "hi"}]
+    m = c.chat.completions.create(model="r1", messages=msgs, max_tokens=20, temperature=0).choices[0].message
+    assert (m.model_extra["reasoning_content"], m.model_extra["reasoning"], m.content) == \
+        ("Let me think", "Let me think", "The answer")
+    reasoning = content = ""
+    for chunk in c.chat.completions.create(model="r1", messages=msgs, max_tokens=20, temperature=0, stream=True):
+        for ch in chunk.choices:
+            reasoning += (ch.delta.model_extra or {}).get(streamed_field) or ""
+            content += ch.delta.content or ""
+    assert (reasoning, content) == ("Let me think", "The answer")
+
+
 def test_llamacpp_r1_reasoning_reaches_both_fields(llama_server, tmp_path):
     """llama-server's deepseek reasoning format, renamed by dsr1's front into both field names."""
     gguf = build_tiny_gguf(r1_qwen_metadata(CACHE), tmp_path / "scripted-r1.gguf", script=R1_SCRIPT)
@@ -195,16 +209,7 @@ def test_llamacpp_r1_reasoning_reaches_both_fields(llama_server, tmp_path):
                  tmp_path / "home", llama_server)
     try:
         c = _client(srv)
-        msgs = [{"role": "user", "content": "hi"}]
-        m = c.chat.completions.create(model="r1", messages=msgs, max_tokens=20, temperature=0).choices[0].message
-        assert (m.model_extra["reasoning_content"], m.model_extra["reasoning"], m.content) == \
-            ("Let me think", "Let me think", "The answer")
-        reasoning = content = ""
-        for chunk in c.chat.completions.create(model="r1", messages=msgs, max_tokens=20, temperature=0, stream=True):
-            for ch in chunk.choices:
-                reasoning += (ch.delta.model_extra or {}).get("reasoning_content") or ""
-                content += ch.delta.content or ""
-        assert (reasoning, content) == ("Let me think", "The answer")
+        _assert_scripted_answer(c, "reasoning_content")
     finally:
         srv.stop()
 
@@ -282,16 +287,7 @@ def test_vllm_r1_reasoning_and_drain(vllm, scripted_r1_for_vllm, tmp_path):
                   "512", "--dtype", "fp32"], tmp_path / "home", vllm)
     try:
         c = _client(srv)
-        msgs = [{"role": "user", "content": "hi"}]
-        m = c.chat.completions.create(model="r1", messages=msgs, max_tokens=20, temperature=0).choices[0].message
-        assert (m.model_extra["reasoning_content"], m.model_extra["reasoning"], m.content) == \
-            ("Let me think", "Let me think", "The answer")
-        reasoning = content = ""
-        for chunk in c.chat.completions.create(model="r1", messages=msgs, max_tokens=20, temperature=0, stream=True):
-            for ch in chunk.choices:
-                reasoning += (ch.delta.model_extra or {}).get("reasoning") or ""
-                content += ch.delta.content or ""
-        assert (reasoning, content) == ("Let me think", "The answer")
+        _assert_scripted_answer(c, "reasoning")
         got: dict = {}
 
         def ask() -> None:
