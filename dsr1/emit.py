@@ -31,10 +31,25 @@ def script(plan: Plan, rank: int) -> str:
         lines.append(f"# the engine listens on {plan.engine_host}:{plan.engine_port} for dsr1's front "
                      f"(`dsr1 serve {plan.model} --engine {plan.engine}` runs both)")
     lines.append("set -e")
+    if plan.nodes_count > 1:
+        lines.append("# pre-launch checks (dsr1.preflight): ports, --head, and this node's copy of the model")
+        lines.append(shlex.join(check_command(plan, rank)))
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(node.env.items())]
     lines += [shlex.join(cmd) for cmd in node.setup]
     lines.append("exec " + shlex.join(node.argv))
     return "\n".join(lines) + "\n"
+
+
+def check_command(plan: Plan, rank: int) -> list[str]:
+    """`dsr1 serve ... --check-only` for node `rank`: the same plan's checks, seconds before the engine."""
+    cmd = ["dsr1", "serve", plan.model, "--profile", plan.profile, "--engine", plan.engine,
+           "--precision", plan.precision, "--tensor-parallel", str(plan.tensor_parallel),
+           "--pipeline-parallel", str(plan.pipeline_parallel), "--nodes", str(plan.nodes_count),
+           "--node-rank", str(rank), "--head", plan.head or "", "--port", str(plan.port),
+           "--engine-port", str(plan.engine_port)]
+    if plan.model_fingerprint:
+        cmd += ["--expect-model", plan.model_fingerprint]
+    return cmd + ["--check-only"]
 
 
 def write_scripts(plan: Plan, directory: Path) -> list[Path]:

@@ -29,6 +29,10 @@ class ModelRef:
     head_dim: int | None
     reasoning: bool | None  # tokenizer has </think> (None = unknown)
     quantized: str | None  # bitsandbytes/awq/... when the checkpoint is already quantized
+    # A stored model imported from a GGUF file: that file, for `--engine llamacpp` (None: not an
+    # import); `gguf_problem` says why it cannot be used (moved, changed since the import).
+    gguf_file: str | None = None
+    gguf_problem: str | None = None
 
     @property
     def local(self) -> bool:
@@ -143,6 +147,29 @@ def _spec_from_gguf(fields: dict, path: Path) -> ModelSpec | None:
                      head_dim=get(f"{arch}.attention.key_length"))
 
 
+def _import_source(manifest) -> dict:
+    """The GGUF file a stored model was imported from, if it is still the file that was imported:
+    its size and modification time are recorded at import (hashing gigabytes on every serve
+    would cost more than it proves; `dsr1 verify` checks the store's own files)."""
+    src = manifest.source_path or manifest.source
+    p = Path(src)
+    if not p.is_file():
+        return {"gguf_file": None, "gguf_problem": f"it was imported from {src}, which is no longer there"}
+    st = p.stat()
+    size, mtime = manifest.checks.get("source_size"), manifest.checks.get("source_mtime_ns")
+    if (size is not None and size != st.st_size) or (mtime is not None and mtime != st.st_mtime_ns):
+        return {"gguf_file": None, "gguf_problem": f"{src} has changed since it was imported"}
+    return {"gguf_file": str(p.resolve()), "gguf_problem": None}
+
+
+def gguf_of(ref: ModelRef) -> ModelRef:
+    """`ref` (a stored GGUF import) as the GGUF file it came from, keeping the store's name."""
+    assert ref.gguf_file is not None
+    g = _from_gguf(ref.arg, Path(ref.gguf_file))
+    return ModelRef(**{**g.__dict__, "name": ref.name, "catalog_name": ref.catalog_name,
+                       "repo": ref.repo, "gguf_file": ref.gguf_file})
+
+
 def resolve(arg: str) -> ModelRef:
     """MODEL as the user typed it. Never downloads; a catalog model not in the store yet
     comes back with `path=None` (serve pulls it before starting an engine)."""
@@ -160,7 +187,9 @@ def resolve(arg: str) -> ModelRef:
     if manifest is not None and (Path(manifest.model_dir) / "config.json").is_file():
         ref = _from_dir(arg, "store", manifest.name, Path(manifest.model_dir), manifest.repo_id or (spec.repo if spec else None))
         if manifest.quantization not in (None, "none"):
-            return ModelRef(**{**ref.__dict__, "quantized": manifest.quantization})
+            ref = ModelRef(**{**ref.__dict__, "quantized": manifest.quantization})
+        if manifest.source_kind == "gguf":
+            ref = ModelRef(**{**ref.__dict__, **_import_source(manifest)})
         return ref
     if spec is not None:
         return ModelRef(arg, "catalog", spec.name, spec, None, spec.repo, spec.name, _head_dim(spec),
@@ -169,3 +198,32 @@ def resolve(arg: str) -> ModelRef:
         return ModelRef(arg, "hub", arg, None, None, arg, None, None, None, None)
     store.resolve_model_dir(arg)  # raises NotFoundError with the fix (`dsr1 pull ...`, `dsr1 list`)
     raise AssertionError("unreachable")
+
+
+_SAMPLE = 1 << 20
+
+
+def fingerprint(path: str | None) -> str | None:
+    """What identifies a model's files across nodes, in seconds: each file's relative name and size,
+    and 1 MiB read at its start, middle and end. Two copies of one revision agree; a different
+    revision, a fine-tune with the same shapes (its tensors differ in every sample) or a truncated
+    copy does not. Not a substitute for `dsr1 verify` (which hashes everything); None when the
+    model is not local."""
+    import hashlib
+
+    if path is None:
+        return None
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(
+        (p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        key=lambda p: p.relative_to(root).as_posix())
+    h = hashlib.sha256()
+    for f in files:
+        rel = f.name if f == root else f.relative_to(root).as_posix()
+        size = f.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            for at in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                fh.seek(at)
+                h.update(fh.read(_SAMPLE))
+    return h.hexdigest()[:16]

@@ -68,6 +68,7 @@ class Overrides:
     node_rank: int = 0
     head: str | None = None  # HOST:PORT of node 0's rendezvous
     device_map: str | None = None  # embedded: "cpu" plans without the GPUs
+    expect_model: str | None = None  # multi-node: the fingerprint every node's copy must have
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ class Plan:
     head: str | None
     env: dict[str, str]  # common to every node (NCCL, vLLM CPU, ...)
     nodes: tuple[NodeCommand, ...] = ()
+    # Multi-node: what identifies the model's files here (dsr1.modelref.fingerprint); every node
+    # checks its copy against it before launching (dsr1.preflight, `--expect-model`).
+    model_fingerprint: str | None = None
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -292,6 +296,9 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
     device = "cuda" if gpus.gpus and o.device_map != "cpu" else "cpu"
     engine, why, inst = _engine_for(o, ref, prof, device, installed)
     d = _Draft()
+    if engine == "llamacpp" and ref.kind == "store":  # a GGUF import: llama-server gets the file itself
+        ref = modelref.gguf_of(ref)
+        d.notes.append(f"{model} was imported from {ref.path}: llama-server serves that file")
     if prof_source == "virtual":
         d.warnings.append(f"planned for profile {prof.name}'s hardware ({prof.requires.gpus}x "
                           f"{prof.requires.gpu_memory_gb:g} GB), not this machine's")
@@ -319,7 +326,8 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
         host=o.host, port=o.port, engine_host=ENGINE_HOST if external else o.host,
         engine_port=(o.engine_port or free_port()) if external else o.port,
         health_path=base.get(engine).health_path, nodes_count=o.nodes, node_rank=o.node_rank, head=o.head, env=env,
-        profile_context=s.context_length, **sizes)
+        profile_context=s.context_length,
+        model_fingerprint=modelref.fingerprint(ref.path) if o.nodes > 1 and ref.local else None, **sizes)
     return _with_commands(plan, inst, d)
 
 
@@ -329,7 +337,10 @@ def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: s
     probe_vllm = device == "cpu" and o.engine == "auto" and ref.kind != "gguf"
     vllm_cpu = installed_engine("vllm", o.engine_python, installed) if probe_vllm else None
     engine, why = choose_engine(o.engine, ref, prof, device, vllm_cpu=vllm_cpu)
-    if engine == "llamacpp" and ref.kind != "gguf":
+    if engine == "llamacpp" and ref.kind == "store" and ref.gguf_problem:
+        raise UsageError(f"--engine llamacpp serves GGUF files; {ref.name} is stored as safetensors and "
+                         f"{ref.gguf_problem}", hint="pass the .gguf file as MODEL, or use --engine auto")
+    if engine == "llamacpp" and ref.kind != "gguf" and not ref.gguf_file:
         raise UsageError(f"--engine llamacpp serves GGUF files; {ref.arg} is not one",
                          hint="pass a .gguf file as MODEL, or use --engine auto")
     inst = installed_engine(engine, o.engine_python, installed) if engine != "embedded" else None

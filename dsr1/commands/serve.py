@@ -66,6 +66,8 @@ def serve(
     nodes: int = typer.Option(1, "--nodes", help="Nodes the deployment spans (vLLM or SGLang)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's rank, 0 being the head."),
     head: Optional[str] = typer.Option(None, "--head", help="HOST:PORT of node 0's rendezvous, reachable from every node."),
+    expect_model: Optional[str] = typer.Option(None, "--expect-model", help="Multi-node: refuse to start unless this node's copy of MODEL has this fingerprint (the plan's model_fingerprint; --emit writes it)."),
+    check_only: bool = typer.Option(False, "--check-only", help="Run this node's pre-launch checks (ports, --head, model fingerprint) and exit."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (with --json as JSON) and run nothing."),
     emit: Optional[Path] = typer.Option(None, "--emit", help="Write one launch script per node into this folder; run nothing."),
     json: bool = JsonOpt,
@@ -98,7 +100,7 @@ def serve(
         pipeline_parallel=pipeline_parallel, data_parallel=data_parallel, max_model_len=max_model_len,
         max_concurrent=max_concurrent, memory_utilization=memory_utilization, served_name=served_model_name,
         host=host, port=port, engine_port=engine_port, nodes=nodes, node_rank=node_rank, head=head,
-        device_map=device_map)
+        device_map=device_map, expect_model=expect_model)
     out = Output(json, quiet)
     deployment = planner.make_plan(model, profile, overrides)
     if dry_run or emit:
@@ -110,6 +112,12 @@ def serve(
         if dry_run or json:
             out.result(deployment, lambda c: render_plan(c, deployment))
         return
+    if check_only:
+        from dsr1 import preflight
+
+        done = preflight.run(deployment, api_host=host, expect_model=expect_model, progress=out.info)
+        out.result({"node_rank": node_rank, "checked": done}, lambda c: [c.print(f"ok: {x}") for x in done])
+        return
     for w in deployment.warnings:
         out.warn(w)
     if deployment.engine != "embedded":
@@ -117,7 +125,7 @@ def serve(
             deployment = _pull_then_plan(model, profile, overrides, out)
         from dsr1.serve.external import serve_external
 
-        serve_external(deployment, opts, out)
+        serve_external(deployment, opts, out, expect_model=expect_model)
         return
     _serve_embedded(opts, deployment, out, precision=precision, json=json)
     out.info("dsr1 serve: stopped")

@@ -55,7 +55,7 @@ def run_engine(launch: EngineLaunch, front_cfg, *, host: str, port: int, grace: 
         took = child.wait_healthy(f"http://127.0.0.1:{launch.port}{launch.health_path}",
                                   timeout=launch.start_timeout, progress=progress, diagnose=launch.diagnose)
         progress(f"{launch.engine} is up after {took:.0f}s")
-        app, front = create_front(front_cfg, Metrics(front_cfg.model_name))
+        app, front = create_front(front_cfg, Metrics(front_cfg.model_name, engine_gauges=False))
         died = threading.Event()
 
         def draining() -> None:
@@ -84,20 +84,22 @@ def run_engine(launch: EngineLaunch, front_cfg, *, host: str, port: int, grace: 
         progress(f"{launch.engine} stopped with exit code {code}")
 
 
-def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run this node's part of `plan` (dsr1.plan.Plan): setup commands, then the engine; on the head
-    node dsr1's front too. `opts` is the command's ServeOptions (key, queue, reasoning field, grace)."""
+def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = None, *,
+                   expect_model: str | None = None) -> None:
+    """Run this node's part of `plan` (dsr1.plan.Plan): pre-launch checks (dsr1.preflight), setup
+    commands, then the engine; on the head node dsr1's front too. `opts` is the command's
+    ServeOptions (key, queue, reasoning field, grace)."""
     import subprocess
     import sys
 
+    from dsr1 import preflight
     from dsr1.engines import base
-    from dsr1.errors import UsageError
     from dsr1.serve.front import FrontConfig
 
+    for line in preflight.run(plan, api_host=opts.host, expect_model=expect_model, progress=out.info):
+        out.info(f"checked: {line}")
     node = plan.local
-    if node is None:
-        raise UsageError(f"the plan has no command for node rank {plan.node_rank}",
-                         hint="check --nodes and --node-rank")
+    assert node is not None  # preflight.run refuses a rank the plan has no command for
     engine = base.get(plan.engine)
     env = {**plan.env, **node.env}
     for cmd in node.setup:  # e.g. `ray start --head`: returns once the daemon is up

@@ -11,23 +11,27 @@ _TPOT = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
 class Metrics:
-    def __init__(self, model: str):
+    def __init__(self, model: str, *, engine_gauges: bool = True):
+        """`engine_gauges=False` for the front of an external engine: the KV-cache and decode-step
+        series describe the embedded engine only (vLLM's and llama.cpp's own are appended to
+        /metrics by the front), and a gauge stuck at 0 would read as an idle cache."""
         r = self.registry = CollectorRegistry()
         self.model = model
         self.requests = Counter("dsr1_requests", "HTTP requests to the API by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.running = Gauge("dsr1_num_requests_running", "Requests in the running batch (incl. prefill)", registry=r)
         self.waiting = Gauge("dsr1_num_requests_waiting", "Requests queued for a slot", registry=r)
-        self.kv_usage = Gauge("dsr1_kv_cache_usage_ratio", "Fraction of KV-cache token slots in use", registry=r)
-        self.kv_bytes = Gauge("dsr1_kv_cache_capacity_bytes", "Bytes reserved for the KV cache", registry=r)
+        er = r if engine_gauges else None  # unregistered: kept as objects, never exported
+        self.kv_usage = Gauge("dsr1_kv_cache_usage_ratio", "Fraction of KV-cache token slots in use", registry=er)
+        self.kv_bytes = Gauge("dsr1_kv_cache_capacity_bytes", "Bytes reserved for the KV cache", registry=er)
         self.ttft = Histogram("dsr1_time_to_first_token_seconds", "Arrival to first generated token",
                               buckets=_LAT, registry=r)
         self.tpot = Histogram("dsr1_time_per_output_token_seconds", "Mean time per output token after the first",
                               buckets=_TPOT, registry=r)
         self.e2e = Histogram("dsr1_e2e_request_latency_seconds", "Arrival to finish", buckets=_LAT, registry=r)
         self.step = Histogram("dsr1_decode_step_seconds", "Wall time of one batched decode step",
-                              buckets=_TPOT, registry=r)
-        self.batch = Gauge("dsr1_decode_batch_size", "Requests in the last decode step", registry=r)
+                              buckets=_TPOT, registry=er)
+        self.batch = Gauge("dsr1_decode_batch_size", "Requests in the last decode step", registry=er)
         self.prompt_tokens = Counter("dsr1_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("dsr1_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("dsr1_request_finished", "Finished generations by finish reason", ["reason"],
