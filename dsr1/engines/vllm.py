@@ -49,6 +49,10 @@ class VllmEngine:
                 a += ["--dtype", "half"]
         else:
             a += ["--dtype", "bfloat16" if plan.dtype == "bf16" else "float32"]
+            if plan.tensor_parallel > 1:  # the CPU build's workers talk over gloo
+                a += ["--tensor-parallel-size", str(plan.tensor_parallel)]
+            if plan.pipeline_parallel > 1:
+                a += ["--pipeline-parallel-size", str(plan.pipeline_parallel)]
         if plan.quantization:  # never for R1: it ships FP8 (SGLang and vLLM docs: no --quantization fp8)
             a += ["--quantization", plan.quantization]
         if plan.reasoning_parser == "deepseek_r1":
