@@ -9,7 +9,9 @@ tokens out, EOS ignored):
             same weights (`--gguf`; a BF16 one for the same dtype, made with llama.cpp's
             convert_hf_to_gguf.py --outtype bf16)
 Every engine runs behind the same front, so the comparison includes the same serving path a
-user gets. This is the comparison users make before choosing an engine, and the target for
+user gets. The embedded engine also runs in the variants --embedded-variants names (default:
+`eager`, its transformers forward with every issue-10 option off: the floor the fast path is
+measured against; `fast`, the lean forward without torch.compile), so the gain of each step shows. This is the comparison users make before choosing an engine, and the target for
 the embedded engine.
 
     python benchmarks/engines.py --model .cache/test-models/smollm2-135m-bf16 \\
@@ -74,6 +76,8 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--only", default="embedded,vllm,llamacpp")
+    ap.add_argument("--embedded-variants", default="eager,fast",
+                    help="extra embedded rows: eager (--no-fast-path), fast (--compile off); '' for none")
     args = ap.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="bench-home-"))
@@ -81,7 +85,11 @@ def main() -> int:
     env.pop("DSR1_API_KEY", None)
     runs: dict[str, dict[int, dict]] = {}
     wanted = args.only.split(",")
+    variants = {"eager": ["--no-fast-path", "--compile", "off"], "fast": ["--compile", "off"]}
     if "embedded" in wanted:
+        for v in [x for x in args.embedded_variants.split(",") if x]:
+            runs[f"emb-{v}"] = sweep(f"emb-{v}", args.model, ["--engine", "embedded", "--dtype", args.dtype,
+                                                               *variants[v]], args, env)
         runs["embedded"] = sweep("embedded", args.model, ["--engine", "embedded", "--dtype", args.dtype], args, env)
     vllm = installed(Path(args.engines_home), "vllm")
     if "vllm" in wanted and vllm:
@@ -96,6 +104,7 @@ def main() -> int:
     print(f"\noutput tokens/s (mean TPOT ms), {args.input_len} in / {args.output_len} out, EOS ignored, "
           f"{args.requests} requests per point, dtype {args.dtype}")
     print(f"{'engine':<10}" + "".join(f"{'c=' + str(c):>20}" for c in levels))
+    print("(embedded: dsr1's defaults; emb-eager: the transformers forward; emb-fast: lean forward, not compiled)")
     for name, pts in runs.items():
         cells = []
         for c in levels:
@@ -103,7 +112,7 @@ def main() -> int:
             cells.append(f"{tput(p):>9.1f} ({p['summary']['tpot_ms']['mean']:>6.1f})" if p else "-")
         print(f"{name:<10}" + "".join(f"{x:>20}" for x in cells))
     base = runs.get("embedded", {})
-    for other in ("vllm", "llamacpp"):
+    for other in ("emb-eager", "emb-fast", "vllm", "llamacpp"):
         if other in runs and base:
             ratios = []
             for c in levels:

@@ -366,3 +366,16 @@ def test_vllm_cpu_tensor_parallel_two_nodes_on_one_host(vllm, demo_model_dir, tm
         wlog.close()
     text = (tmp_path / "worker.log").read_text()
     assert "node 0 reachable" in text or "waiting for node 0" in text, text[-3000:]
+
+
+def test_llamacpp_segfault_while_loading_is_retried_without_repacking():
+    """The retry rule alone (whether this CPU crashes depends on the CPU: an AVX512/AMX Xeon does with
+    the demo Q4_1 GGUF, and then every llama-server test above goes through the retry)."""
+    from dsr1.engines.llamacpp import ENGINE
+
+    lines = ["load_model: loading model 'x.gguf'", "init: llama threadpool init, n_threads = 2"]
+    argv, why = ENGINE.start_fallback(-11, lines, ["llama-server", "-m", "x.gguf"])
+    assert argv[-1] == "--no-repack" and "SIGSEGV" in why
+    assert ENGINE.start_fallback(-11, lines, argv) is None  # once only
+    assert ENGINE.start_fallback(1, lines, ["llama-server"]) is None  # not a crash
+    assert ENGINE.start_fallback(-11, lines + ["llama_server: model loaded"], ["llama-server"]) is None

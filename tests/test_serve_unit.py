@@ -96,7 +96,8 @@ def test_size_context_bounds_memory():
 def test_dtype_choice_by_hardware_and_batch():
     from dsr1.serve.server import choose_dtype
 
-    assert choose_dtype("auto", cuda=False, bf16_cpu=True, batch=16)[0] == "bf16"
+    assert choose_dtype("auto", cuda=False, bf16_cpu=True, batch=16, measure=lambda: ("fp32", "timed"))[0] == "fp32"
+    assert choose_dtype("auto", cuda=False, bf16_cpu=True, batch=16)[0] == "bf16"  # nothing measured: the rule
     assert choose_dtype("auto", cuda=False, bf16_cpu=True, batch=1)[0] == "fp32"
     assert choose_dtype("auto", cuda=False, bf16_cpu=False, batch=16)[0] == "fp32"
     assert choose_dtype("fp16", cuda=False, bf16_cpu=True, batch=16) == ("fp16", "flag")
@@ -125,3 +126,22 @@ def test_serve_and_chat_commands_import_no_torch():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_dtype_calibration_times_both_dtypes_once_per_machine(tmp_path):
+    """The real measurement on this CPU, with the demo model's shapes (576 x 1536): both dtypes timed,
+    kept in the cache file, and the second call reads it instead of timing again."""
+    import json
+
+    from dsr1.serve import calibrate
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 576, "intermediate_size": 1536}))
+    first = calibrate.measure(576, 1536, (1, 4), tmp_path / "cache")
+    assert not first["cached"] and all(first[d][b] > 0 for d in ("bf16", "fp32") for b in (1, 4))
+    again = calibrate.measure(576, 1536, (1, 4), tmp_path / "cache")
+    assert again["cached"] and again["fp32"] == first["fp32"]
+    dtype, why = calibrate.choose(model, 4, tmp_path / "cache")
+    faster = "bf16" if first["bf16"][4] <= first["fp32"][4] else "fp32"
+    assert dtype == faster and "cached measurement" in why and "batch 4" in why

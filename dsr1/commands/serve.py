@@ -55,6 +55,11 @@ def serve(
     audit_log: Optional[Path] = typer.Option(None, "--audit-log", help="Append a JSONL line per request (no keys, no text)."),
     audit_content: bool = typer.Option(False, "--audit-content", help="Also record prompts and outputs in --audit-log."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds running requests get to finish after SIGTERM/SIGINT."),
+    fast_path: bool = typer.Option(True, "--fast-path/--no-fast-path", help="Embedded engine: the lean Llama/Qwen2 forward (fused projections, no per-module overhead) when the model takes it."),
+    compile: Optional[str] = typer.Option(None, "--compile", help="Embedded engine: torch.compile the decode step (auto, on, off, or DSR1_COMPILE; auto: on with the fast path and a C++ compiler). Compiling takes a minute or two at start-up; the cache under DSR1_HOME makes restarts quick."),
+    prefix_cache_mb: Optional[int] = typer.Option(None, "--prefix-cache-mb", help="Embedded engine: memory for reusing the KV of shared prompt beginnings (0: off; default a quarter of the KV cache)."),
+    speculative: str = typer.Option("off", "--speculative", help="Embedded engine: off or ngram (prompt-lookup drafts, greedy requests only; output unchanged)."),
+    num_speculative_tokens: int = typer.Option(4, "--num-speculative-tokens", help="Draft tokens checked per step with --speculative."),
     engine: str = typer.Option("auto", "--engine", help="auto, embedded, vllm, sglang or llamacpp (auto: see docs/engines.md)."),
     engine_python: Optional[str] = typer.Option(None, "--engine-python", help="Python of an environment with vLLM or SGLang, used as is."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Weights precision (bf16, fp8, int8, nf4, int4, ...; default: the best that fits)."),
@@ -92,7 +97,8 @@ def serve(
         device_map=device_map, max_memory=max_memory, offload_dir=offload_dir, stream_interval=stream_interval,
         prefill_chunk=prefill_chunk, threads=threads, served_name=served_model_name, reasoning_parser=reasoning_parser,
         reasoning_field=reasoning_field, system_prompt=system_prompt, audit_log=audit_log, audit_content=audit_content,
-        grace=grace, engine=engine, engine_python=engine_python)
+        grace=grace, engine=engine, engine_python=engine_python, fast_path=fast_path, compile=compile,
+        prefix_cache_mb=prefix_cache_mb, speculative=speculative, num_speculative_tokens=num_speculative_tokens)
     from dsr1 import plan as planner
 
     overrides = planner.Overrides(
@@ -158,6 +164,10 @@ def _serve_embedded(opts, deployment, out, *, precision: Optional[str], json: bo
     fields = "reasoning_content and reasoning" if opts.reasoning_field == "both" else opts.reasoning_field
     split = f"{p.reasoning_parser}, into {fields}" if p.reasoning_parser != "none" else "off, everything in content"
     out.info(f"reasoning  {split} ({p.reasoning_why}); system prompt: {p.system_prompt}")
+    compiled = f", compiled in {p.compile_seconds}s" if p.forward == "compiled" else ""
+    extras = [f"prefix cache {p.prefix_cache_bytes / 2**20:.0f} MiB" if p.prefix_cache_bytes else "prefix cache off",
+              f"speculative {p.speculative}"]
+    out.info(f"forward    {p.forward} ({p.forward_reason}{compiled}); {'; '.join(extras)}")
 
     def ready(url: str) -> None:
         if json:

@@ -48,6 +48,17 @@ class LlamaCppEngine:
         binary = (installed.binary if installed is not None else None) or "llama-server"
         return (NodeCommand(0, "head", (binary, *args), base.env_dict(plan.env)),)
 
+    def start_fallback(self, code: int, log_tail: Sequence[str], argv: list[str]):
+        """llama.cpp b11434 built with GGML_NATIVE segfaults while repacking Q4_1 weights for the CPU's
+        extra buffer types on an AVX512/AMX Xeon (measured here: exit -11 right after "llama threadpool
+        init"; the same file loads with --no-repack). Such a crash is retried once without repacking:
+        slower prompt processing for quantized weights beats no server."""
+        text = "\n".join(log_tail)
+        if code in (-11, 139) and "load_model" in text and "model loaded" not in text and "--no-repack" not in argv:
+            return [*argv, "--no-repack"], ("llama-server crashed (SIGSEGV) while loading the weights, as llama.cpp "
+                                             "does when repacking some quantized types on AVX512/AMX CPUs")
+        return None
+
     def diagnose(self, log_tail: Sequence[str], plan: "Plan | None" = None) -> str | None:
         text = "\n".join(log_tail)
         if re.search(r"failed to allocate|unable to allocate|out of memory", text, re.I):

@@ -54,7 +54,8 @@ class EmbeddedModel:
     """One loaded model plus its tokenizer; `prefill`/`decode` run one forward each."""
 
     def __init__(self, model_dir: Path, *, dtype: torch.dtype, device_map: str | None = None,
-                 max_memory: dict[Any, str] | None = None, offload_dir: Path | None = None, threads: int | None = None):
+                 max_memory: dict[Any, str] | None = None, offload_dir: Path | None = None, threads: int | None = None,
+                 fast_path: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -92,6 +93,12 @@ class EmbeddedModel:
         if self.is_r1 and not self.tokenizer.chat_template:
             self.tokenizer.chat_template = R1_CHAT_TEMPLATE
         self.max_position = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        # The lean forward (dsr1.serve.fastpath) when this model takes it; made with the cache,
+        # which fixes the longest position its RoPE tables need.
+        from dsr1.serve.fastpath import unsupported_reason
+
+        self.fast = None
+        self.fast_reason = unsupported_reason(self.model) if fast_path else "turned off (--no-fast-path)"
         self.load_seconds = time.perf_counter() - t0
 
     def _layer_devices(self) -> list[torch.device]:
@@ -102,7 +109,18 @@ class EmbeddedModel:
         return devs
 
     def make_cache(self, slots: int, max_len: int) -> SlotCache:
+        if self.fast_reason is None and (self.fast is None or self.fast.max_len < max_len):
+            from dsr1.serve.fastpath import FastForward
+
+            self.fast = FastForward(self.model, max_len)
         return SlotCache(self.layers, slots, self.kv_heads, max_len, self.head_dim, self.dtype, self._layer_devices())
+
+    @property
+    def path(self) -> str:
+        """Which forward runs: "compiled", "fast" (lean eager) or "transformers"."""
+        if self.fast is None:
+            return "transformers"
+        return "compiled" if self.fast.compiled else "fast"
 
     def kv_bytes_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
@@ -110,6 +128,8 @@ class EmbeddedModel:
     @torch.inference_mode()
     def prefill(self, cache: SlotCache, slot: int, tokens: list[int], start: int) -> torch.Tensor:
         """Append `tokens` to row `slot` after `start` cached positions; logits of the last one."""
+        if self.fast is not None:
+            return self.fast.prefill(cache, slot, tokens, start)
         c = len(tokens)
         dev = self.input_device
         ids = torch.tensor([tokens], device=dev)
@@ -124,6 +144,8 @@ class EmbeddedModel:
     @torch.inference_mode()
     def prefill_rows(self, cache: SlotCache, first: int, prompts: list[list[int]]) -> torch.Tensor:
         """Whole prompts into rows first.. in one forward (right-padded); logits of each last token."""
+        if self.fast is not None:
+            return self.fast.prefill_rows(cache, first, prompts)
         n, L = len(prompts), max(len(p) for p in prompts)
         dev = self.input_device
         ids = torch.zeros(n, L, dtype=torch.long)
@@ -143,6 +165,8 @@ class EmbeddedModel:
     @torch.inference_mode()
     def decode(self, cache: SlotCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows 0..n-1; row i's token sits at positions[i]. Logits [n, vocab]."""
+        if self.fast is not None:
+            return self.fast.decode(cache, tokens, positions)
         n = len(tokens)
         dev = self.input_device
         ids = torch.tensor(tokens, device=dev).view(n, 1)
@@ -153,6 +177,12 @@ class EmbeddedModel:
         out = self.model(input_ids=ids, position_ids=pos.view(n, 1), attention_mask=mask, cache=cache,
                          use_cache=True)
         return out.logits[:, -1].float()
+
+    def verify(self, cache: SlotCache, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Row i appends rows[i] at starts[i].. (speculative decoding); logits [n, t, vocab]. Fast path only."""
+        if self.fast is None:
+            raise ConfigError(f"speculative decoding needs the embedded engine's fast path: {self.fast_reason}")
+        return self.fast.verify(cache, rows, starts)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -32,6 +32,9 @@ class EngineLaunch:
     health_path: str = "/health"
     start_timeout: float = 900.0
     diagnose: Callable[[list[str]], str | None] = lambda lines: None
+    # (exit code, last log lines) -> (argv to try once more, why) when a known start-up crash has
+    # a known way around it (llama.cpp: SIGSEGV while repacking weights -> --no-repack), else None
+    fallback: Callable[[int, list[str]], tuple[list[str], str] | None] = lambda code, lines: None
 
 
 def free_port() -> int:
@@ -51,9 +54,20 @@ def run_engine(launch: EngineLaunch, front_cfg, *, host: str, port: int, grace: 
 
     progress(f"starting {launch.engine}: {' '.join(launch.argv)}")
     child = Child(launch.argv, launch.env, prefix=launch.engine)
+    health = f"http://127.0.0.1:{launch.port}{launch.health_path}"
     try:
-        took = child.wait_healthy(f"http://127.0.0.1:{launch.port}{launch.health_path}",
-                                  timeout=launch.start_timeout, progress=progress, diagnose=launch.diagnose)
+        try:
+            took = child.wait_healthy(health, timeout=launch.start_timeout, progress=progress,
+                                      diagnose=launch.diagnose)
+        except ServerError:
+            retry = None if child.alive() else launch.fallback(child.proc.returncode, child.last_lines(60))
+            if retry is None:
+                raise
+            argv, why = retry
+            progress(f"warning: {why}; starting again: {' '.join(argv)}")
+            child = Child(argv, launch.env, prefix=launch.engine)
+            took = child.wait_healthy(health, timeout=launch.start_timeout, progress=progress,
+                                      diagnose=launch.diagnose)
         progress(f"{launch.engine} is up after {took:.0f}s")
         app, front = create_front(front_cfg, Metrics(front_cfg.model_name, engine_gauges=False))
         died = threading.Event()
@@ -110,7 +124,8 @@ def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = Non
             raise ServerError(f"`{' '.join(cmd)}` failed with exit code {done.returncode}:\n" + "\n".join(tail),
                               hint=engine.diagnose(tail, plan) or "read the lines above")
     launch = EngineLaunch(engine=plan.engine, argv=list(node.argv), env=env, port=plan.engine_port,
-                          health_path=plan.health_path, diagnose=lambda lines: engine.diagnose(lines, plan))
+                          health_path=plan.health_path, diagnose=lambda lines: engine.diagnose(lines, plan),
+                          fallback=lambda code, lines: _fallback(engine, code, lines, list(node.argv)))
     if node.role != "head":  # a worker rank: the engine process only; the head node's front serves clients
         run_worker(launch, grace=opts.grace, progress=out.info)
         return
@@ -127,6 +142,11 @@ def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = Non
 
     run_engine(launch, cfg, host=opts.host, port=opts.port, grace=opts.grace, on_ready=on_ready or ready,
                progress=out.info)
+
+
+def _fallback(engine, code: int, lines: list[str], argv: list[str]):
+    fn = getattr(engine, "start_fallback", None)
+    return fn(code, lines, argv) if fn else None
 
 
 def run_worker(launch: EngineLaunch, *, grace: float, progress: Callable[[str], None]) -> None:

@@ -36,6 +36,19 @@ class Metrics:
         self.generation_tokens = Counter("dsr1_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("dsr1_request_finished", "Finished generations by finish reason", ["reason"],
                                 registry=r)
+        # prefix caching and speculative decoding (embedded engine; exported when turned on)
+        self.prefix_hit_rate = Gauge("dsr1_kv_cache_hit_rate", "Share of prompt tokens whose KV came from the "
+                                     "prefix cache instead of being computed", registry=None)
+        self.prefix_hits = Gauge("dsr1_prefix_cache_hit_tokens", "Prompt tokens loaded from the prefix cache "
+                                 "(total)", registry=None)
+        self.prefix_queries = Gauge("dsr1_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix "
+                                    "cache (total)", registry=None)
+        self.spec_drafted = Counter("dsr1_spec_decode_draft_tokens", "Tokens proposed by speculative decoding",
+                                    registry=None)
+        self.spec_accepted = Counter("dsr1_spec_decode_accepted_tokens", "Proposed tokens the model agreed with",
+                                     registry=None)
+        self.spec_rate = Gauge("dsr1_spec_decode_acceptance_rate", "Accepted share of drafted tokens so far",
+                               registry=None)
 
     def bind(self, counts: Callable[[], tuple[int, int]], kv_usage: Callable[[], float], kv_bytes: int) -> None:
         self.running.set_function(lambda: counts()[0])
@@ -56,6 +69,25 @@ class Metrics:
         for i in range(torch.cuda.device_count()):
             used.labels(str(i)).set_function(lambda i=i: torch.cuda.memory_allocated(i))
             util.labels(str(i)).set_function(lambda i=i: _utilization(i))
+
+    def bind_prefix_cache(self, pc) -> None:
+        for g in (self.prefix_hit_rate, self.prefix_hits, self.prefix_queries):
+            self.registry.register(g)
+        self.prefix_hit_rate.set_function(pc.hit_rate)
+        self.prefix_hits.set_function(lambda: pc.hit_tokens)
+        self.prefix_queries.set_function(lambda: pc.queried_tokens)
+
+    def bind_speculative(self) -> None:
+        for m in (self.spec_drafted, self.spec_accepted, self.spec_rate):
+            self.registry.register(m)
+        self._drafted = self._accepted = 0
+
+    def observe_spec(self, drafted: int, accepted: int) -> None:
+        self.spec_drafted.inc(drafted)
+        self.spec_accepted.inc(accepted)
+        self._drafted += drafted
+        self._accepted += accepted
+        self.spec_rate.set(self._accepted / self._drafted if self._drafted else 0.0)
 
     def observe_step(self, batch: int, seconds: float) -> None:
         self.step.observe(seconds)

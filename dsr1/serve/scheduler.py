@@ -71,13 +71,15 @@ class Request:
     first_token_at: float | None = None
     finish_reason: str | None = None
     gen: torch.Generator | None = None
+    spec_state: object = None  # the n-gram proposer's index (dsr1.serve.speculative)
+    written: int = 0  # positions whose K/V are in the cache; ahead of `cached` while a verify step is accepted
     _pfx: int = 0
     _read: int = 0
 
 
 class Scheduler:
     def __init__(self, model, *, max_concurrent: int, max_queue: int, max_model_len: int, prefill_chunk: int = 256,
-                 stream_interval: int = 1, metrics=None, worker):
+                 stream_interval: int = 1, metrics=None, worker, prefix_cache=None, proposer=None):
         self.model = model
         self.tok = model.tokenizer
         self.max_concurrent = max_concurrent
@@ -87,6 +89,11 @@ class Scheduler:
         self.stream_interval = max(1, stream_interval)
         self.metrics = metrics
         self.cache = model.make_cache(max_concurrent, max_model_len)
+        # a callable (cache) -> PrefixCache, made after the slot cache so it can size itself from it
+        self.prefix = prefix_cache(self.cache) if prefix_cache else None
+        self.proposer = proposer  # dsr1.serve.speculative.NgramProposer, or None
+        self.drafted = 0
+        self.accepted = 0
         self._lock = threading.Condition()
         self._inbox: list[Request] = []
         self._aborts: set[Request] = set()
@@ -178,7 +185,8 @@ class Scheduler:
 
     def _prefill_some(self) -> None:
         """Spend up to `prefill_chunk` prompt tokens: first on a part-prefilled long prompt, then on
-        whole short prompts together in one forward, then on the first chunk of the next long one."""
+        whole short prompts together in one forward, then on the next prompt that is long or whose
+        beginning the prefix cache holds (loaded, then computed from there in chunks)."""
         budget = self.prefill_chunk
         if not any(r.state == RUNNING for r in self._rows):
             # Nobody is streaming, so nobody stalls: take a burst of arrivals in one forward.
@@ -190,11 +198,14 @@ class Scheduler:
                 return
         fresh: list[Request] = []
         used = 0
-        while (self._waiting and len(self._rows) + len(fresh) < self.max_concurrent
-               and used + len(self._waiting[0].prompt_ids) <= budget):
-            req = self._waiting.popleft()
-            used += len(req.prompt_ids)
-            fresh.append(req)
+        hits: list[int] = []
+        while self._waiting and len(self._rows) + len(fresh) < self.max_concurrent:
+            head = self._waiting[0]
+            hits = self.prefix.match(head.prompt_ids) if self.prefix else []
+            if hits or used + len(head.prompt_ids) > budget:
+                break
+            used += len(self._waiting.popleft().prompt_ids)
+            fresh.append(head)
         if fresh:
             first = len(self._rows)
             for i, req in enumerate(fresh):
@@ -204,16 +215,21 @@ class Scheduler:
             logits = self.model.prefill_rows(self.cache, first, [r.prompt_ids for r in fresh])
             for req in fresh:
                 req.cached, req.state = len(req.prompt_ids), RUNNING
+                if self.prefix:
+                    self.prefix.load(self.cache, req.slot, [], len(req.prompt_ids))  # a miss, counted
+                    self.prefix.store(self.cache, req.slot, req.prompt_ids)
             tokens = sample(logits, [r.params for r in fresh], [r.gen for r in fresh])
             for req, tok in zip(fresh, tokens):
                 self._accept(req, tok)
             budget -= used
         if budget > 0 and self._waiting and len(self._rows) < self.max_concurrent \
-                and len(self._waiting[0].prompt_ids) > budget:
+                and (hits or len(self._waiting[0].prompt_ids) > budget):
             req = self._waiting.popleft()
             req.state, req.slot = PREFILL, len(self._rows)
             req.gen = None if req.params.greedy else make_generator(req.params.seed)
             self._rows.append(req)
+            if self.prefix:
+                req.cached = self.prefix.load(self.cache, req.slot, hits, len(req.prompt_ids))
             self._prefill_chunk(req, budget)
 
     def _prefill_chunk(self, pre: Request, budget: int) -> int:
@@ -223,6 +239,8 @@ class Scheduler:
         pre.cached += len(chunk)
         if pre.cached == len(pre.prompt_ids):
             pre.state = RUNNING
+            if self.prefix:
+                self.prefix.store(self.cache, pre.slot, pre.prompt_ids)
             self._accept(pre, sample(logits[None], [pre.params], [pre.gen])[0])
         return len(chunk)
 
@@ -231,14 +249,58 @@ class Scheduler:
         if not batch:
             return
         t0 = time.perf_counter()
-        logits = self.model.decode(self.cache, [r.out_ids[-1] for r in batch], [r.cached for r in batch])
-        for r in batch:
-            r.cached += 1
-        tokens = sample(logits, [r.params for r in batch], [r.gen for r in batch])
-        for r, t in zip(batch, tokens):
-            self._accept(r, t)
+        drafts = self._drafts(batch) if self.proposer else None
+        if drafts is None:
+            logits = self.model.decode(self.cache, [r.out_ids[-1] for r in batch], [r.cached for r in batch])
+            for r in batch:
+                r.cached += 1
+            tokens = sample(logits, [r.params for r in batch], [r.gen for r in batch])
+            for r, t in zip(batch, tokens):
+                self._accept(r, t)
+        else:
+            self._verify_step(batch, drafts)
         if self.metrics:
             self.metrics.observe_step(len(batch), time.perf_counter() - t0)
+
+    def _drafts(self, batch: list[Request]) -> list[list[int]] | None:
+        """Draft tokens per row (greedy rows only), or None when no row has any."""
+        drafts = []
+        for r in batch:
+            room = min(r.params.max_tokens - len(r.out_ids) - 1, self.max_model_len - r.cached - 2)
+            drafts.append(self.proposer.propose(r, room) if r.params.greedy else [])
+        return drafts if any(drafts) else None
+
+    def _verify_step(self, batch: list[Request], drafts: list[list[int]]) -> None:
+        """One forward over each row's last token plus its draft; keep the drafted tokens that equal
+        the model's greedy choice, then the model's own next token (greedy-exact)."""
+        logits = self.model.verify(self.cache, [[r.out_ids[-1]] + d for r, d in zip(batch, drafts)],
+                                   [r.cached for r in batch])
+        sampled = [i for i, r in enumerate(batch) if not r.params.greedy]
+        first = sample(logits[sampled, 0], [batch[i].params for i in sampled], [batch[i].gen for i in sampled]) \
+            if sampled else []
+        picks = dict(zip(sampled, first))
+        best = logits.argmax(-1).tolist()
+        outs = []
+        for i, (r, d) in enumerate(zip(batch, drafts)):
+            if i in picks:
+                out = [picks[i]]
+            else:
+                m = 0
+                while m < len(d) and d[m] == best[i][m]:
+                    m += 1
+                out = d[:m] + [best[i][m]]
+                self.drafted += len(d)
+                self.accepted += m
+                if self.metrics and d:
+                    self.metrics.observe_spec(len(d), m)
+            outs.append(out)
+            r.written = r.cached + len(out)  # a row moved while earlier rows finish keeps these
+        for r, out in zip(batch, outs):
+            for tok in out:
+                if r.state != RUNNING:
+                    break
+                r.cached += 1
+                self._accept(r, tok)
 
     # -- per-token bookkeeping ----------------------------------------------------------------
     def _accept(self, req: Request, token: int) -> None:
@@ -313,11 +375,11 @@ class Scheduler:
         n = len(running)
         free = sorted(set(range(n)) - {r.slot for r in running})
         for r, s in zip([r for r in running if r.slot >= n], free):
-            self.cache.move(r.slot, s, r.cached)
+            self.cache.move(r.slot, s, max(r.cached, r.written))
             r.slot = s
         for r in pre:
             if r.slot != n:
-                self.cache.move(r.slot, n, r.cached)
+                self.cache.move(r.slot, n, max(r.cached, r.written))
                 r.slot = n
         self._rows = sorted(running, key=lambda r: r.slot) + pre
 

@@ -8,6 +8,8 @@ requests finish for `grace` seconds, cancels the rest and returns (exit 0).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dsr1 import catalog, settings
-from dsr1.errors import HardwareError, NotFoundError, ServerError, UsageError
+from dsr1.errors import ConfigError, HardwareError, NotFoundError, ServerError, UsageError
 
 log = logging.getLogger("dsr1.serve")
 
@@ -49,6 +51,11 @@ class ServeOptions:
     grace: float = 30.0
     max_body_bytes: int = 4 * 1024 * 1024
     engine: str = "auto"  # the deployment plan's engine request (dsr1.plan); embedded runs here
+    fast_path: bool = True  # the lean Llama/Qwen2 forward (dsr1.serve.fastpath) when the model takes it
+    compile: str | None = None  # auto, on, off (None: DSR1_COMPILE, else auto): torch.compile of the decode step
+    prefix_cache_mb: int | None = None  # None: a quarter of the slot cache; 0: off
+    speculative: str = "off"  # off or ngram
+    num_speculative_tokens: int = 4
     engine_python: str | None = None
 
 
@@ -73,6 +80,11 @@ class Plan:
     reasoning_parser: str  # "deepseek_r1" or "none", as run
     reasoning_why: str
     load_seconds: float
+    forward: str = "transformers"  # compiled, fast or transformers
+    forward_reason: str = ""
+    compile_seconds: float = 0.0
+    prefix_cache_bytes: int = 0
+    speculative: str = "off"
     warnings: list[str] = field(default_factory=list)
 
 
@@ -112,19 +124,62 @@ def deployment_for(opts: ServeOptions):
         served_name=opts.served_name, host=opts.host, port=opts.port, device_map=opts.device_map))
 
 
-def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int) -> tuple[str, str]:
-    """Default dtype by hardware and load (measured: docs/performance.md)."""
+def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int,
+                 measure: Callable[[], tuple[str, str]] | None = None) -> tuple[str, str]:
+    """Default dtype by hardware and load. On a CPU with bf16 units the two candidates are timed on
+    this machine (`measure`: dsr1.serve.calibrate.choose, cached per machine), because which one
+    wins depends on the CPU and the batch (docs/performance.md)."""
     if requested != "auto":
         return requested, "flag"
     if cuda:
         import torch
 
         return ("bf16", "GPU supports bf16") if torch.cuda.is_bf16_supported() else ("fp16", "GPU lacks bf16")
-    if bf16_cpu and batch > 1:
-        return "bf16", "CPU has AVX512-BF16/AMX: bf16 decodes ~1.5x faster than fp32 at batch 16"
-    if bf16_cpu:
-        return "fp32", "one request at a time: fp32 decodes faster than bf16 at batch 1 on this CPU"
-    return "fp32", "CPU without bf16 units"
+    if not bf16_cpu:
+        return "fp32", "CPU without bf16 units"
+    if measure is not None:
+        return measure()
+    return ("bf16", "CPU has bf16 units; batching") if batch > 1 else ("fp32", "CPU, one request at a time")
+
+
+def choose_compile(requested: str, model, *, cuda: bool) -> tuple[bool, str]:
+    """Whether to torch.compile the decode step, and why (measured: docs/performance.md)."""
+    requested = settings.resolve("compile", flag=requested, default="auto", kind=str).value
+    if requested not in ("auto", "on", "off"):
+        raise UsageError(f"--compile {requested!r}", hint="use auto, on or off")
+    if model.fast is None:
+        if requested == "on":
+            raise ConfigError(f"--compile on needs the embedded engine's fast path: {model.fast_reason}",
+                              hint="drop --compile")
+        return False, f"transformers forward: {model.fast_reason}"
+    if requested != "auto":
+        return requested == "on", f"compile {requested}"
+    if not cuda and not shutil.which(os.environ.get("CXX", "g++")):
+        return False, "no C++ compiler for torch.compile on CPU (install g++ or pass --compile off)"
+    return True, "auto: compiled decode measured faster than eager (docs/performance.md)"
+
+
+def _inductor_cache() -> None:
+    """Keep torch.compile's artifacts under DSR1_HOME, so a restart reuses them (seconds, not minutes)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.home() / "cache" / "inductor"))
+
+
+def _prefix_cache_factory(model, mb: int | None, memory_budget: int):
+    """(slot cache) -> PrefixCache, or None when off. Default size: a quarter of the slot cache,
+    within what the memory budget leaves after it."""
+    if mb is not None and mb < 0:
+        raise UsageError("--prefix-cache-mb must be 0 or more")
+    if mb == 0:
+        return None
+    from dsr1.serve.prefixcache import PrefixCache
+
+    def make(cache):
+        budget = mb * 2**20 if mb is not None else min(cache.total_bytes // 4,
+                                                           max(0, memory_budget - cache.total_bytes))
+        return PrefixCache(model.layers, model.kv_heads, model.head_dim, model.dtype, model._layer_devices(),
+                           budget_bytes=budget)
+
+    return make
 
 
 def choose_reasoning_parser(requested: str, *, has_think: bool) -> tuple[str, str]:
@@ -192,7 +247,11 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     if max_queue < 0:
         raise UsageError("--max-queue must be 0 or more")
     cuda = torch.cuda.is_available() and opts.device_map != "cpu"
-    dtype, why = choose_dtype(opts.dtype, cuda=cuda, bf16_cpu=host.bf16_fast, batch=max_concurrent)
+    from dsr1.serve import calibrate
+
+    dtype, why = choose_dtype(opts.dtype, cuda=cuda, bf16_cpu=host.bf16_fast, batch=max_concurrent,
+                              measure=lambda: calibrate.choose(model_dir, max_concurrent,
+                                                               calibrate.cache_dir_for(settings.home())))
     device_map = opts.device_map or ("auto" if cuda else "cpu")
     progress(f"loading {model_dir} ({dtype}, device_map={device_map})")
     # Every torch call runs on one dedicated thread, model loading included. With OpenMP each
@@ -202,7 +261,8 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     worker = ThreadPoolExecutor(1, thread_name_prefix="dsr1-engine")
     max_mem = _parse_max_memory(opts.max_memory)
     model = worker.submit(EmbeddedModel, model_dir, dtype=parse_dtype(dtype), device_map=device_map,
-                          max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads).result()
+                          max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads,
+                          fast_path=opts.fast_path).result()
     parser, parser_why = choose_reasoning_parser(opts.reasoning_parser, has_think=model.has_think)
     per_token = model.kv_bytes_per_token()
     if cuda:
@@ -226,16 +286,44 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
         warnings.append("the model has no chat template: /v1/chat/completions answers 400; use /v1/completions")
     name = opts.served_name or (opts.model if not Path(opts.model).expanduser().is_dir() else model_dir.name)
     metrics = Metrics(name)
+    if opts.speculative not in ("off", "ngram"):
+        raise UsageError(f"--speculative {opts.speculative!r}", hint="use off or ngram")
+    if opts.speculative != "off" and model.fast_reason is not None:
+        raise ConfigError(f"--speculative {opts.speculative} needs the embedded engine's fast path, which this "
+                          f"model cannot take: {model.fast_reason}", hint="drop --speculative")
+    if not 1 <= opts.num_speculative_tokens <= 16:
+        raise UsageError("--num-speculative-tokens must be 1-16")
+    prefix_factory = _prefix_cache_factory(model, opts.prefix_cache_mb, budget)
+    proposer = None
+    if opts.speculative == "ngram":
+        from dsr1.serve.speculative import NgramProposer
+
+        proposer = NgramProposer(k=opts.num_speculative_tokens)
+        metrics.bind_speculative()
     sched = worker.submit(Scheduler, model, max_concurrent=max_concurrent, max_queue=max_queue,
                           max_model_len=max_len, prefill_chunk=opts.prefill_chunk,
-                          stream_interval=opts.stream_interval, metrics=metrics, worker=worker).result()
+                          stream_interval=opts.stream_interval, metrics=metrics, worker=worker,
+                          prefix_cache=prefix_factory, proposer=proposer).result()
     metrics.bind(sched.counts, sched.kv_usage, sched.cache.total_bytes)
+    if sched.prefix is not None:
+        metrics.bind_prefix_cache(sched.prefix)
+    compile_on, compile_why = choose_compile(opts.compile, model, cuda=cuda)
+    compile_seconds = 0.0
+    if compile_on:
+        _inductor_cache()
+        model.fast.enable_compile()
+        tokens = (1, opts.num_speculative_tokens + 1) if proposer else (1,)
+        batches = (1, 2) if max_concurrent > 1 else (1,)
+        compile_seconds = worker.submit(model.fast.warm_up, sched.cache, batches=batches, tokens=tokens,
+                                        progress=progress).result()
+    forward_reason = model.fast_reason or compile_why
     cfg = AppConfig(model_name=name, max_model_len=max_len, api_key=opts.api_key,
                     max_body_bytes=opts.max_body_bytes, reasoning_parser=parser, reasoning_field=opts.reasoning_field,
                     system_prompt=system, audit_log=opts.audit_log, audit_content=opts.audit_content)
     p = Plan(str(model_dir), name, dep.profile, dtype, why, str(model.input_device), max_concurrent, max_queue, max_len,
              sched.cache.total_bytes, per_token, budget, opts.prefill_chunk, system, parser, parser_why,
-             round(model.load_seconds, 2), warnings)
+             round(model.load_seconds, 2), model.path, forward_reason, round(compile_seconds, 1),
+             sched.prefix.total_bytes if sched.prefix else 0, opts.speculative, warnings)
     return p, sched, cfg, metrics
 
 

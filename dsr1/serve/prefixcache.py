@@ -1,0 +1,95 @@
+"""Prefix caching for the embedded engine: prompts that share a beginning reuse its KV.
+
+A system prompt or the earlier turns of a chat arrive again with every request; recomputing
+their keys and values is most of the time to first token. After a prompt is prefilled, its full
+blocks of `block` tokens are copied out of the request's slot row into a pool; a later prompt
+whose first blocks carry the same tokens gets them copied back into its row and computes only
+the rest (the scheme of vLLM's automatic prefix caching: blocks keyed by their tokens and by
+everything before them, least recently used evicted first).
+
+The pool is a fixed allocation beside the slot cache (`budget_bytes`), so memory stays bounded;
+a block matches when its own tokens are equal and the 64-bit hash of its whole prefix is (as
+vLLM's default hashing; a collision is as likely as 2^-64 per lookup), and at least one prompt
+token is always computed, because the first output token needs its logits.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+
+class PrefixCache:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, devices: list[torch.device],
+                 *, budget_bytes: int, block: int = 64):
+        self.block = block
+        per_block = 2 * layers * kv_heads * block * head_dim * torch.empty(0, dtype=dtype).element_size()
+        self.capacity = max(0, budget_bytes // per_block)
+        self.k = [torch.empty(self.capacity, kv_heads, block, head_dim, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.empty(self.capacity, kv_heads, block, head_dim, dtype=dtype, device=d) for d in devices]
+        # (parent key, block tokens) -> pool index; ordered oldest use first
+        self._index: collections.OrderedDict[tuple, int] = collections.OrderedDict()
+        self._free = list(range(self.capacity - 1, -1, -1))
+        self.queried_tokens = 0
+        self.hit_tokens = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _keys(self, tokens: list[int], blocks: int):
+        parent = None
+        for i in range(blocks):
+            key = (hash(parent), tuple(tokens[i * self.block : (i + 1) * self.block]))
+            yield key
+            parent = key
+
+    def match(self, tokens: list[int]) -> list[int]:
+        """Pool indices of the longest cached prefix of `tokens`, leaving at least one token."""
+        if not self.capacity:
+            return []
+        hits = []
+        for key in self._keys(tokens, (len(tokens) - 1) // self.block):
+            idx = self._index.get(key)
+            if idx is None:
+                break
+            self._index.move_to_end(key)
+            hits.append(idx)
+        return hits
+
+    def load(self, cache, row: int, hits: list[int], prompt_tokens: int) -> int:
+        """Copy the matched blocks into positions 0.. of cache row `row`; returns the tokens loaded.
+        Counts the lookup for the hit rate (`prompt_tokens` asked, the returned number found)."""
+        n = len(hits) * self.block
+        if hits:
+            idx = torch.tensor(hits, device=self.k[0].device)
+            for li, (ck, cv) in enumerate(zip(cache.k, cache.v)):
+                src_k = self.k[li].index_select(0, idx.to(ck.device))  # [h, kv, B, d]
+                src_v = self.v[li].index_select(0, idx.to(cv.device))
+                ck[row, :, :n] = src_k.permute(1, 0, 2, 3).reshape(ck.shape[1], n, -1)
+                cv[row, :, :n] = src_v.permute(1, 0, 2, 3).reshape(cv.shape[1], n, -1)
+        self.queried_tokens += prompt_tokens
+        self.hit_tokens += n
+        return n
+
+    def store(self, cache, row: int, tokens: list[int]) -> None:
+        """Keep the full blocks of a prompt just prefilled into cache row `row`."""
+        if not self.capacity:
+            return
+        for i, key in enumerate(self._keys(tokens, len(tokens) // self.block)):
+            if key in self._index:
+                self._index.move_to_end(key)
+                continue
+            if self._free:
+                idx = self._free.pop()
+            else:  # evict the least recently used block (a child of it just becomes unreachable)
+                _, idx = self._index.popitem(last=False)
+            a, b = i * self.block, (i + 1) * self.block
+            for li, (ck, cv) in enumerate(zip(cache.k, cache.v)):
+                self.k[li][idx] = ck[row, :, a:b]
+                self.v[li][idx] = cv[row, :, a:b]
+            self._index[key] = idx
+
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
