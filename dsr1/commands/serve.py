@@ -56,7 +56,7 @@ def serve(
     audit_content: bool = typer.Option(False, "--audit-content", help="Also record prompts and outputs in --audit-log."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds running requests get to finish after SIGTERM/SIGINT."),
     fast_path: bool = typer.Option(True, "--fast-path/--no-fast-path", help="Embedded engine: the lean Llama/Qwen2 forward (fused projections, no per-module overhead) when the model takes it."),
-    compile: Optional[str] = typer.Option(None, "--compile", help="Embedded engine: torch.compile the decode step (auto, on, off, or DSR1_COMPILE; auto: on with the fast path and a C++ compiler). Compiling takes a minute or two at start-up; the cache under DSR1_HOME makes restarts quick."),
+    compile: Optional[str] = typer.Option(None, "--compile", help="Embedded engine: torch.compile the decode step (auto, on, off, or DSR1_COMPILE; auto: off, measured no faster than the lean forward on CPU). Compiling takes 10-40 s at start-up; the cache under DSR1_HOME makes restarts quicker."),
     prefix_cache_mb: Optional[int] = typer.Option(None, "--prefix-cache-mb", help="Embedded engine: memory for reusing the KV of shared prompt beginnings (0: off; default a quarter of the KV cache)."),
     speculative: str = typer.Option("off", "--speculative", help="Embedded engine: off or ngram (prompt-lookup drafts, greedy requests only; output unchanged)."),
     num_speculative_tokens: int = typer.Option(4, "--num-speculative-tokens", help="Draft tokens checked per step with --speculative."),
