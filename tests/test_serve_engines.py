@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -184,7 +185,9 @@ def test_llamacpp_sigterm_drains_and_stops_the_engine(llama_server, demo_gguf, t
     t.join(60)
     assert code == 0, "".join(srv.lines[-30:])
     assert got == {"finish": "length", "n": 48}  # the running request finished before the engine stopped
-    port = int(next(l for l in srv.lines if "--port" in l).split("--port ")[1].split()[0])
+    # rich wraps the long "starting llamacpp: ..." line anywhere: read the port with whitespace removed
+    flat = "".join("".join(srv.lines).split())
+    port = int(re.search(r"startingllamacpp:.*?--port(\d+)", flat).group(1))
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
