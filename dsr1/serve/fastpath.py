@@ -27,13 +27,10 @@ one real device takes this path; device_map offload keeps the transformers forwa
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger("dsr1.serve")
 
 ARCHS = ("llama", "qwen2")
 

@@ -92,8 +92,6 @@ class Scheduler:
         # a callable (cache) -> PrefixCache, made after the slot cache so it can size itself from it
         self.prefix = prefix_cache(self.cache) if prefix_cache else None
         self.proposer = proposer  # dsr1.serve.speculative.NgramProposer, or None
-        self.drafted = 0
-        self.accepted = 0
         self._lock = threading.Condition()
         self._inbox: list[Request] = []
         self._aborts: set[Request] = set()
@@ -289,8 +287,6 @@ class Scheduler:
                 while m < len(d) and d[m] == best[i][m]:
                     m += 1
                 out = d[:m] + [best[i][m]]
-                self.drafted += len(d)
-                self.accepted += m
                 if self.metrics and d:
                     self.metrics.observe_spec(len(d), m)
             outs.append(out)
