@@ -78,31 +78,47 @@ def main() -> int:
     ap.add_argument("--only", default="embedded,vllm,llamacpp")
     ap.add_argument("--embedded-variants", default="eager,fast",
                     help="extra embedded rows: eager (--no-fast-path), fast (--compile off); '' for none")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="sweeps per engine, taken in turns (engine A, B, C, A, B, C, ...); each point reports "
+                         "the median run, so a noisy neighbour on a shared VM hits every engine alike")
     args = ap.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="bench-home-"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home)}
     env.pop("DSR1_API_KEY", None)
-    runs: dict[str, dict[int, dict]] = {}
     wanted = args.only.split(",")
     variants = {"eager": ["--no-fast-path", "--compile", "off"], "fast": ["--compile", "off"]}
+    plan: list[tuple[str, str, list[str], dict]] = []  # (label, model, serve args, env)
     if "embedded" in wanted:
         for v in [x for x in args.embedded_variants.split(",") if x]:
-            runs[f"emb-{v}"] = sweep(f"emb-{v}", args.model, ["--engine", "embedded", "--dtype", args.dtype,
-                                                               *variants[v]], args, env)
-        runs["embedded"] = sweep("embedded", args.model, ["--engine", "embedded", "--dtype", args.dtype], args, env)
+            plan.append((f"emb-{v}", args.model, ["--engine", "embedded", "--dtype", args.dtype, *variants[v]], env))
+        plan.append(("embedded", args.model, ["--engine", "embedded", "--dtype", args.dtype], env))
     vllm = installed(Path(args.engines_home), "vllm")
     if "vllm" in wanted and vllm:
-        runs["vllm"] = sweep("vllm", args.model, ["--engine", "vllm", "--engine-python", vllm["python"],
-                                                  "--dtype", args.dtype], args, env)
+        plan.append(("vllm", args.model, ["--engine", "vllm", "--engine-python", vllm["python"], "--dtype", args.dtype],
+                     env))
     llama = installed(Path(args.engines_home), "llamacpp")
     if "llamacpp" in wanted and llama and args.gguf:
         lenv = {**env, "PATH": str(Path(llama["binary"]).parent) + os.pathsep + env.get("PATH", "")}
-        runs["llamacpp"] = sweep("llamacpp", args.gguf, ["--engine", "llamacpp"], args, lenv)
+        plan.append(("llamacpp", args.gguf, ["--engine", "llamacpp"], lenv))
+    tries: dict[str, list[dict[int, dict]]] = {label: [] for label, *_ in plan}
+    for rep in range(max(1, args.repeat)):
+        for label, model, serve_args, e in plan:
+            tries[label].append(sweep(label if args.repeat == 1 else f"{label} #{rep + 1}", model, serve_args, args, e))
+    runs: dict[str, dict[int, dict]] = {}
+    for label, sweeps in tries.items():
+        runs[label] = {}
+        for c in {c for s in sweeps for c in s}:
+            pts = sorted((s[c] for s in sweeps if c in s), key=tput)
+            runs[label][c] = pts[len(pts) // 2]  # the median run (upper median for an even count)
+        if args.repeat > 1:
+            spread = {c: [round(tput(s[c]), 1) for s in sweeps if c in s] for c in sorted(runs[label])}
+            print(f"# {label}: output tok/s of each run: {spread}", file=sys.stderr)
 
     levels = [int(c) for c in args.concurrency.split(",")]
     print(f"\noutput tokens/s (mean TPOT ms), {args.input_len} in / {args.output_len} out, EOS ignored, "
-          f"{args.requests} requests per point, dtype {args.dtype}")
+          f"{args.requests} requests per point, dtype {args.dtype}"
+          + (f", median of {args.repeat} runs taken in turns" if args.repeat > 1 else ""))
     print(f"{'engine':<10}" + "".join(f"{'c=' + str(c):>20}" for c in levels))
     print("(embedded: dsr1's defaults; emb-eager: the transformers forward; emb-fast: lean forward, not compiled)")
     for name, pts in runs.items():

@@ -2,9 +2,10 @@
 
 Whether bf16 or fp32 wins a decode step depends on the CPU: fp32 won at batch 1 on one AVX512
 CPU this project ran on, bf16 won at batch 1 and 16 on an AMD EPYC with AVX512-BF16 (issue 10).
-A decode step is dominated by the model's matrix-vector products, so this times exactly those:
-the model's own projection shapes (hidden x 2*intermediate, the fused gate|up; intermediate x
-hidden, down) at the batch sizes that matter, in each dtype, on the threads serve will use. It
+A decode step is dominated by the model's matrix-vector products, so this times exactly those,
+with the fast path's own matmul: the model's projection shapes (hidden x 2*intermediate, the
+fused gate|up; intermediate x hidden, down), streamed from memory as a step streams them, at the
+batch sizes that matter, in each dtype, on the threads serve will use. It
 takes about a second, and the result is kept in DSR1_HOME/cache/dtype-calibration.json under
 the CPU, torch version, thread count and shapes, so it is measured once per machine.
 """
@@ -34,22 +35,31 @@ def _cpu_name() -> str:
 
 def _time_matmuls(dtype_name: str, hidden: int, inter: int, batch: int, reps: int) -> float:
     import torch
-    import torch.nn.functional as F
+
+    from dsr1.serve.fastpath import linear  # the matmul the fast path runs, timed as it runs
 
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     g = torch.Generator().manual_seed(0)
-    w_up = torch.randn(2 * inter, hidden, generator=g).to(dt)
-    w_down = torch.randn(hidden, inter, generator=g).to(dt)
+    # A decode step streams every layer's weights from memory once; one small layer timed over
+    # and over would sit in cache and favour fp32. Enough copies to fill 256 MB,
+    # past most of a server CPU's L3 (this Xeon reports 480 MB shared).
+    size = 3 * hidden * inter * torch.empty(0, dtype=dt).element_size()
+    copies = max(1, min(64, -(-(256 << 20) // size)))
+    layers = [(torch.randn(2 * inter, hidden, generator=g).to(dt), torch.randn(hidden, inter, generator=g).to(dt))
+              for _ in range(copies)]
     x = torch.randn(batch, hidden, generator=g).to(dt)
+
+    def step():
+        for w_up, w_down in layers:
+            linear(linear(x, w_up)[:, :inter], w_down)
+
     with torch.inference_mode():
-        for _ in range(3):
-            F.linear(F.linear(x, w_up)[:, :inter], w_down)
+        step()
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
-            for _ in range(4):
-                F.linear(F.linear(x, w_up)[:, :inter], w_down)
-            best = min(best, (time.perf_counter() - t0) / 4)
+            step()
+            best = min(best, (time.perf_counter() - t0) / copies)
     return best
 
 
