@@ -10,6 +10,9 @@ openai client:
            and `--speculative ngram`, on prompts that ask the model to repeat and continue a text
            it was given (the case prompt lookup is for) and on open prompts (where it should cost
            little), with the acceptance rate from /metrics. Outputs are compared: greedy-exact.
+           The same with `--speculative draft`: a draft model (--draft-model; default: the first
+           --draft-layers layers of the model itself, a layer-skip draft, since no smaller model
+           shares the demo model's tokenizer).
 
     python benchmarks/serve_fastpath.py --model .cache/test-models/smollm2-135m-bf16
 """
@@ -107,6 +110,21 @@ def spec_run(model: str, extra: list[str], conc: int, prompts: list[str], args) 
         srv.stop()
 
 
+def layer_draft(model: str, layers: int) -> str:
+    """The first `layers` layers of `model` (with its final norm and head), saved as a model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(tempfile.mkdtemp(prefix="draft-")) / f"draft{layers}"
+    m = AutoModelForCausalLM.from_pretrained(model)
+    m.model.layers = m.model.layers[:layers]
+    m.config.num_hidden_layers = layers
+    if getattr(m.config, "layer_types", None):
+        m.config.layer_types = m.config.layer_types[:layers]
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return str(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path(os.environ.get("DSR1_TEST_CACHE", REPO / ".cache/test-models"))
@@ -115,6 +133,10 @@ def main() -> int:
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=96)
     ap.add_argument("--only", default="prefix,spec")
+    ap.add_argument("--spec-methods", default="ngram,draft")
+    ap.add_argument("--draft-model", help="draft for --speculative draft (default: a layer-skip draft)")
+    ap.add_argument("--draft-layers", type=int, default=6)
+    ap.add_argument("--num-speculative-tokens", type=int, default=4)
     args = ap.parse_args()
     if "prefix" in args.only:
         off, n = prefix_run(args.model, ["--prefix-cache-mb", "0"], args)
@@ -127,15 +149,21 @@ def main() -> int:
         open_ = [f"Write a short story about a {w} who finds a lost key." for w in
                  ("farmer", "sailor", "child", "baker", "doctor", "pilot", "teacher", "miner",
                   "painter", "singer", "cook", "judge", "guard", "tailor", "poet", "monk")]
+        methods = {"ngram": ["--speculative", "ngram"]}
+        if "draft" in args.spec_methods:
+            draft = args.draft_model or layer_draft(args.model, args.draft_layers)
+            methods["draft"] = ["--speculative", "draft", "--draft-model", draft]
+        k = ["--num-speculative-tokens", str(args.num_speculative_tokens)]
         for label, prompts in (("repeat", repeat), ("open", open_)):
             for conc in (1, 16):
                 ps = prompts[:4] if conc == 1 else prompts
                 base, want, _ = spec_run(args.model, ["--speculative", "off"], conc, ps, args)
-                fast, got, rate = spec_run(args.model, ["--speculative", "ngram"], conc, ps, args)
-                same = sum(a == b for a, b in zip(want, got))
-                print(f"speculative ngram, {label} prompts, c={conc}: off {base:.1f} tok/s, on {fast:.1f} tok/s, "
-                      f"ratio {fast / base:.2f}x, acceptance {rate:.2f}, identical outputs {same}/{len(want)}",
-                      flush=True)
+                for method in [m for m in args.spec_methods.split(",") if m in methods]:
+                    fast, got, rate = spec_run(args.model, methods[method] + k, conc, ps, args)
+                    same = sum(a == b for a, b in zip(want, got))
+                    print(f"speculative {method}, {label} prompts, c={conc}: off {base:.1f} tok/s, on {fast:.1f} "
+                          f"tok/s, ratio {fast / base:.2f}x, acceptance {rate:.2f}, identical outputs "
+                          f"{same}/{len(want)}", flush=True)
     return 0
 
 

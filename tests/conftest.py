@@ -87,6 +87,31 @@ def demo_model_dir(demo_gguf) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_draft_dir(demo_model_dir) -> Path:
+    """A draft for the demo model: its first 6 of 30 layers, final norm and head (a layer-skip
+    draft; no smaller model shares SmolLM2's tokenizer). Same tokenizer, real weights."""
+    out = CACHE / "smollm2-135m-draft6"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir)
+    model.model.layers = model.model.layers[:6]
+    model.config.num_hidden_layers = 6
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:6]
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(demo_model_dir).save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
 def _tiny(kind: str, path: Path, tokenizer_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, DeepseekV3Config, LlamaConfig, Qwen2Config, AutoModelForCausalLM

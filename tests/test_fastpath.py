@@ -136,36 +136,57 @@ def _metric(url: str, name: str) -> float:
     return float(m.group(1))
 
 
-def test_serve_options_leave_greedy_output_unchanged(demo_model_dir, tmp_path):
-    """One server on the transformers forward with nothing extra, one with every option on
-    (fast path, compiled decode, prefix cache, n-gram speculation): the same greedy text for
-    concurrent requests and for requests sharing a long prefix; the hit rate and the acceptance
-    rate are on /metrics."""
-    common = [str(demo_model_dir), "--dtype", "fp32", "--max-concurrent", "4", "--max-model-len", "1024"]
-    system = ("Answer briefly. Repeat the key facts of the question in your answer. " * 8).strip()
-    questions = ["What is the capital of France? The capital of France is", "List three colours: red, green,",
-                 "Count: one, two, three, four,", "Water boils at"]
+SYSTEM = ("Answer briefly. Repeat the key facts of the question in your answer. " * 8).strip()
+QUESTIONS = ["What is the capital of France? The capital of France is", "List three colours: red, green,",
+             "Count: one, two, three, four,", "Water boils at"]
 
-    def run(srv):
-        c = client(srv)
-        out = []
-        name = c.models.list().data[0].id
 
-        def ask(q):
-            r = c.completions.create(model=name, prompt=f"{system}\n{q}", max_tokens=40,
-                                     temperature=0)
-            return r.choices[0].text
+def _common(model_dir) -> list[str]:
+    return [str(model_dir), "--dtype", "fp32", "--max-concurrent", "4", "--max-model-len", "1024"]
 
-        with cf.ThreadPoolExecutor(4) as ex:
-            out += list(ex.map(ask, questions))
-        out += [ask(q) for q in questions]  # one at a time: every prompt after the first hits the prefix
-        return out
 
-    ref = ServerProc([*common, "--no-fast-path", "--compile", "off", "--prefix-cache-mb", "0"], tmp_path / "a")
+def _run(srv, sampled: bool = False) -> list[str]:
+    """Greedy completions: four at once, then one at a time (each after the first hits the
+    prefix). `sampled`: a seeded sampling request runs beside the concurrent ones, so greedy
+    rows share their batch with a row that is not drafted for."""
+    c = client(srv)
+    out = []
+    name = c.models.list().data[0].id
+
+    def ask(q):
+        r = c.completions.create(model=name, prompt=f"{SYSTEM}\n{q}", max_tokens=40, temperature=0)
+        return r.choices[0].text
+
+    def sample():
+        return c.completions.create(model=name, prompt="Tell me a story.", max_tokens=30, temperature=0.8,
+                                    seed=7).choices[0].finish_reason
+
+    with cf.ThreadPoolExecutor(5) as ex:
+        side = ex.submit(sample) if sampled else None
+        out += list(ex.map(ask, QUESTIONS))
+        if side is not None:
+            assert side.result() in ("stop", "length")
+    out += [ask(q) for q in QUESTIONS]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(demo_model_dir, tmp_path_factory) -> list[str]:
+    """What the transformers forward with nothing extra answers."""
+    ref = ServerProc([*_common(demo_model_dir), "--no-fast-path", "--compile", "off", "--prefix-cache-mb", "0"],
+                     tmp_path_factory.mktemp("ref"))
     try:
-        want = run(ref)
+        return _run(ref)
     finally:
         assert ref.stop() == 0
+
+
+def test_serve_options_leave_greedy_output_unchanged(demo_model_dir, reference_outputs, tmp_path):
+    """A server with every option on (fast path, compiled decode, prefix cache, n-gram
+    speculation) gives the reference's greedy text for concurrent requests and for requests
+    sharing a long prefix; the hit rate and the acceptance rate are on /metrics."""
+    common = _common(demo_model_dir)
+    run, want = _run, reference_outputs
     fast = ServerProc([*common, "--compile", "on", "--prefix-cache-mb", "64", "--speculative", "ngram"],
                       tmp_path / "b", timeout=600)
     try:
@@ -177,3 +198,35 @@ def test_serve_options_leave_greedy_output_unchanged(demo_model_dir, tmp_path):
         assert 0 < _metric(fast.url, "dsr1_spec_decode_acceptance_rate") <= 1
     finally:
         assert fast.stop() == 0
+
+
+def test_draft_model_speculation_is_greedy_exact(demo_model_dir, demo_draft_dir, reference_outputs, tmp_path):
+    """`--speculative draft` with a 6-layer draft of the demo model: the reference's greedy text,
+    with a sampled request sharing the batch (not drafted for) and rows finishing at different
+    times (the draft's cache moves with the target's rows); acceptance on /metrics."""
+    srv = ServerProc([*_common(demo_model_dir), "--speculative", "draft", "--draft-model", str(demo_draft_dir),
+                      "--num-speculative-tokens", "3"], tmp_path / "d")
+    try:
+        assert any("speculative" in line and "draft" in line for line in srv.lines), "".join(srv.lines)
+        assert _run(srv, sampled=True) == reference_outputs
+        assert _metric(srv.url, "dsr1_spec_decode_draft_tokens_total") > 0
+        assert 0 < _metric(srv.url, "dsr1_spec_decode_acceptance_rate") <= 1
+    finally:
+        assert srv.stop() == 0
+
+
+def test_draft_model_errors_are_actionable(demo_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DSR1_HOME": str(tmp_path)}
+
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "dsr1", "serve", str(demo_model_dir), *args], capture_output=True,
+                              text=True, env=env, timeout=120)
+
+    r = serve("--speculative", "draft")
+    assert r.returncode == 2 and "--draft-model" in r.stderr, r.stderr
+    r = serve("--draft-model", str(demo_model_dir))
+    assert r.returncode == 2 and "--speculative draft" in r.stderr, r.stderr

@@ -58,7 +58,8 @@ def serve(
     fast_path: bool = typer.Option(True, "--fast-path/--no-fast-path", help="Embedded engine: the lean Llama/Qwen2 forward (fused projections, no per-module overhead) when the model takes it."),
     compile: Optional[str] = typer.Option(None, "--compile", help="Embedded engine: torch.compile the decode step (auto, on, off, or DSR1_COMPILE; auto: off, measured no faster than the lean forward on CPU). Compiling takes 10-40 s at start-up; the cache under DSR1_HOME makes restarts quicker."),
     prefix_cache_mb: Optional[int] = typer.Option(None, "--prefix-cache-mb", help="Embedded engine: memory for reusing the KV of shared prompt beginnings (0: off; default a quarter of the KV cache)."),
-    speculative: str = typer.Option("off", "--speculative", help="Embedded engine: off or ngram (prompt-lookup drafts, greedy requests only; output unchanged)."),
+    speculative: str = typer.Option("off", "--speculative", help="Embedded engine: off, ngram (prompt-lookup drafts) or draft (a smaller model's drafts, --draft-model); greedy requests only, output unchanged."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="With --speculative draft: a smaller model of the same tokenizer (directory or stored name)."),
     num_speculative_tokens: int = typer.Option(4, "--num-speculative-tokens", help="Draft tokens checked per step with --speculative."),
     engine: str = typer.Option("auto", "--engine", help="auto, embedded, vllm, sglang or llamacpp (auto: see docs/engines.md)."),
     engine_python: Optional[str] = typer.Option(None, "--engine-python", help="Python of an environment with vLLM or SGLang, used as is."),
@@ -98,7 +99,8 @@ def serve(
         prefill_chunk=prefill_chunk, threads=threads, served_name=served_model_name, reasoning_parser=reasoning_parser,
         reasoning_field=reasoning_field, system_prompt=system_prompt, audit_log=audit_log, audit_content=audit_content,
         grace=grace, engine=engine, engine_python=engine_python, fast_path=fast_path, compile=compile,
-        prefix_cache_mb=prefix_cache_mb, speculative=speculative, num_speculative_tokens=num_speculative_tokens)
+        prefix_cache_mb=prefix_cache_mb, speculative=speculative, num_speculative_tokens=num_speculative_tokens,
+        draft_model=draft_model)
     from dsr1 import plan as planner
 
     overrides = planner.Overrides(

@@ -71,7 +71,7 @@ class Request:
     first_token_at: float | None = None
     finish_reason: str | None = None
     gen: torch.Generator | None = None
-    spec_state: object = None  # the n-gram proposer's index (dsr1.serve.speculative)
+    spec_state: object = None  # the proposer's per-request state (dsr1.serve.speculative)
     written: int = 0  # positions whose K/V are in the cache; ahead of `cached` while a verify step is accepted
     _pfx: int = 0
     _read: int = 0
@@ -91,7 +91,7 @@ class Scheduler:
         self.cache = model.make_cache(max_concurrent, max_model_len)
         # a callable (cache) -> PrefixCache, made after the slot cache so it can size itself from it
         self.prefix = prefix_cache(self.cache) if prefix_cache else None
-        self.proposer = proposer  # dsr1.serve.speculative.NgramProposer, or None
+        self.proposer = proposer  # dsr1.serve.speculative.NgramProposer or DraftProposer, or None
         self._lock = threading.Condition()
         self._inbox: list[Request] = []
         self._aborts: set[Request] = set()
@@ -262,10 +262,9 @@ class Scheduler:
 
     def _drafts(self, batch: list[Request]) -> list[list[int]] | None:
         """Draft tokens per row (greedy rows only), or None when no row has any."""
-        drafts = []
-        for r in batch:
-            room = min(r.params.max_tokens - len(r.out_ids) - 1, self.max_model_len - r.cached - 2)
-            drafts.append(self.proposer.propose(r, room) if r.params.greedy else [])
+        limits = [min(r.params.max_tokens - len(r.out_ids) - 1, self.max_model_len - r.cached - 2)
+                  if r.params.greedy else 0 for r in batch]
+        drafts = self.proposer.propose_batch(batch, limits)
         return drafts if any(drafts) else None
 
     def _verify_step(self, batch: list[Request], drafts: list[list[int]]) -> None:
@@ -371,13 +370,17 @@ class Scheduler:
         n = len(running)
         free = sorted(set(range(n)) - {r.slot for r in running})
         for r, s in zip([r for r in running if r.slot >= n], free):
-            self.cache.move(r.slot, s, max(r.cached, r.written))
-            r.slot = s
+            self._move(r, s)
         for r in pre:
             if r.slot != n:
-                self.cache.move(r.slot, n, max(r.cached, r.written))
-                r.slot = n
+                self._move(r, n)
         self._rows = sorted(running, key=lambda r: r.slot) + pre
+
+    def _move(self, r: Request, slot: int) -> None:
+        self.cache.move(r.slot, slot, max(r.cached, r.written))
+        if self.proposer:
+            self.proposer.move(r, r.slot, slot)
+        r.slot = slot
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

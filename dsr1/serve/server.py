@@ -54,8 +54,9 @@ class ServeOptions:
     fast_path: bool = True  # the lean Llama/Qwen2 forward (dsr1.serve.fastpath) when the model takes it
     compile: str | None = None  # auto, on, off (None: DSR1_COMPILE, else auto): torch.compile of the decode step
     prefix_cache_mb: int | None = None  # None: a quarter of the slot cache; 0: off
-    speculative: str = "off"  # off or ngram
+    speculative: str = "off"  # off, ngram or draft
     num_speculative_tokens: int = 4
+    draft_model: str | None = None  # --speculative draft: a directory or stored name, same tokenizer
     engine_python: str | None = None
 
 
@@ -244,6 +245,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     from dsr1.serve.metrics import Metrics
     from dsr1.serve.scheduler import Scheduler
 
+    _check_speculative(opts)
     model_dir = resolve_model_dir(opts.model, opts.profile)
     host = probe_host(settings.home())
     dep = deployment or deployment_for(opts)
@@ -269,7 +271,17 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
                           max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads,
                           fast_path=opts.fast_path).result()
     parser, parser_why = choose_reasoning_parser(opts.reasoning_parser, has_think=model.has_think)
-    per_token = model.kv_bytes_per_token()
+    if opts.speculative != "off" and model.fast_reason is not None:
+        raise ConfigError(f"--speculative {opts.speculative} needs the embedded engine's fast path, which this "
+                          f"model cannot take: {model.fast_reason}", hint="drop --speculative")
+    draft = None
+    if opts.speculative == "draft":
+        draft_dir = resolve_model_dir(opts.draft_model, opts.profile)
+        progress(f"loading the draft model {draft_dir} ({dtype})")
+        draft = worker.submit(EmbeddedModel, draft_dir, dtype=parse_dtype(dtype), device_map=device_map,
+                              threads=opts.threads, fast_path=True).result()
+    # the draft keeps its own cache, row for row: the context is sized for both
+    per_token = model.kv_bytes_per_token() + (draft.kv_bytes_per_token() if draft else 0)
     if cuda:
         free, _ = torch.cuda.mem_get_info()
         budget = int(free * dep.memory_utilization)
@@ -291,19 +303,18 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
         warnings.append("the model has no chat template: /v1/chat/completions answers 400; use /v1/completions")
     name = opts.served_name or (opts.model if not Path(opts.model).expanduser().is_dir() else model_dir.name)
     metrics = Metrics(name)
-    if opts.speculative not in ("off", "ngram"):
-        raise UsageError(f"--speculative {opts.speculative!r}", hint="use off or ngram")
-    if opts.speculative != "off" and model.fast_reason is not None:
-        raise ConfigError(f"--speculative {opts.speculative} needs the embedded engine's fast path, which this "
-                          f"model cannot take: {model.fast_reason}", hint="drop --speculative")
-    if not 1 <= opts.num_speculative_tokens <= 16:
-        raise UsageError("--num-speculative-tokens must be 1-16")
     prefix_factory = _prefix_cache_factory(model, opts.prefix_cache_mb, budget)
     proposer = None
     if opts.speculative == "ngram":
         from dsr1.serve.speculative import NgramProposer
 
         proposer = NgramProposer(k=opts.num_speculative_tokens)
+    elif draft is not None:
+        from dsr1.serve.speculative import DraftProposer
+
+        proposer = worker.submit(DraftProposer, draft, model, max_concurrent, max_len,
+                                 k=opts.num_speculative_tokens).result()
+    if proposer:
         metrics.bind_speculative()
     sched = worker.submit(Scheduler, model, max_concurrent=max_concurrent, max_queue=max_queue,
                           max_model_len=max_len, prefill_chunk=opts.prefill_chunk,
@@ -328,8 +339,23 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     p = Plan(str(model_dir), name, dep.profile, dtype, why, str(model.input_device), max_concurrent, max_queue, max_len,
              sched.cache.total_bytes, per_token, budget, opts.prefill_chunk, system, parser, parser_why,
              round(model.load_seconds, 2), model.path, forward_reason, round(compile_seconds, 1),
-             sched.prefix.total_bytes if sched.prefix else 0, opts.speculative, warnings)
+             sched.prefix.total_bytes if sched.prefix else 0,
+             f"draft ({opts.draft_model}, {opts.num_speculative_tokens} tokens)" if draft else
+             f"ngram ({opts.num_speculative_tokens} tokens)" if proposer else "off", warnings)
     return p, sched, cfg, metrics
+
+
+def _check_speculative(opts: ServeOptions) -> None:
+    """The speculative flags among themselves, before anything is loaded."""
+    if opts.speculative not in ("off", "ngram", "draft"):
+        raise UsageError(f"--speculative {opts.speculative!r}", hint="use off, ngram or draft (with --draft-model)")
+    if opts.speculative == "draft" and not opts.draft_model:
+        raise UsageError("--speculative draft needs --draft-model",
+                         hint="pass a smaller model of the same tokenizer, e.g. --draft-model r1-distill-qwen-1.5b")
+    if opts.draft_model and opts.speculative != "draft":
+        raise UsageError("--draft-model is only used with --speculative draft", hint="add --speculative draft")
+    if not 1 <= opts.num_speculative_tokens <= 16:
+        raise UsageError("--num-speculative-tokens must be 1-16")
 
 
 def run(opts: ServeOptions, p: Plan, sched, cfg, metrics, on_ready: Callable[[str], None]) -> None:
