@@ -41,7 +41,7 @@ def installed(engines_home: Path, name: str) -> dict | None:
 
 
 def sweep(label: str, model: str, serve_args: list[str], args, env: dict) -> dict[int, dict]:
-    out = Path(tempfile.mkdtemp(prefix=f"bench-{label}-"))
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{label.replace(' #', '-')}-"))
     cmd = [sys.executable, "-m", "dsr1", "bench", model, "--concurrency", args.concurrency,
            "--requests", str(args.requests), "--input-len", str(args.input_len), "--output-len",
            str(args.output_len), "--out", str(out), "--no-plots", "--json", "--server-timeout", "900"]

@@ -98,7 +98,8 @@ def load_file(path: Path) -> Profile:
 
 
 def _files(dirs: Iterable[Path]) -> list[Path]:
-    return [f for d in dirs if d.is_dir() for f in sorted(d.glob("*.toml"))]
+    # tuned-*.toml beside the user's profiles are `dsr1 bench tune`'s results (dsr1.tuned), not hardware profiles
+    return [f for d in dirs if d.is_dir() for f in sorted(d.glob("*.toml")) if not f.name.startswith("tuned-")]
 
 
 def load_all() -> dict[str, Profile]:

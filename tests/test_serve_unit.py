@@ -44,9 +44,21 @@ def test_sampling_seed_is_per_request_and_top_p_exact():
     assert {sample(row[None], [hot], [make_generator(s)])[0] for s in range(30)} == {7}
     wide = SamplingParams(max_tokens=5, temperature=1.0, top_p=0.9)
     assert {sample(row[None], [wide], [make_generator(s)])[0] for s in range(60)} == {7, 9}
-    flat = torch.zeros(1, 5000)  # the top-k shortcut does not reach top_p: falls back to the full sort
+    flat = torch.zeros(1, 5000)  # the top-k shortcut does not reach top_p: draws from the whole row
     drawn = {sample(flat, [wide], [make_generator(s)])[0] for s in range(20)}
     assert len(drawn) > 15 and all(0 <= t < 5000 for t in drawn)
+    # a wide top_p set (hundreds of tokens) is respected exactly: nothing outside it is drawn, and
+    # draws follow the renormalized probabilities inside it
+    slope = torch.linspace(2.0, -2.0, 1000)[None]
+    probs = torch.softmax(slope[0], -1)
+    kept = int(torch.searchsorted(probs.cumsum(0), torch.tensor(0.6))) + 1  # sorted already (descending)
+    half = SamplingParams(max_tokens=5, temperature=1.0, top_p=0.6)
+    draws = torch.tensor([sample(slope, [half], [make_generator(s)])[0] for s in range(600)])
+    assert 64 < kept < 1000 and int(draws.max()) < kept
+    want_low = float(probs[: kept // 2].sum() / probs[:kept].sum())  # share of the set's upper half
+    assert abs(float((draws < kept // 2).float().mean()) - want_low) < 0.07
+    full = SamplingParams(max_tokens=5, temperature=1.0, top_p=1.0)
+    assert max(sample(slope, [full], [make_generator(s)])[0] for s in range(300)) >= kept
 
 
 @pytest.mark.parametrize("body,param", [

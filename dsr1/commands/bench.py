@@ -26,7 +26,8 @@ def _rates(text: str) -> list[float]:
 def bench(
     target: Optional[list[str]] = typer.Argument(
         None, metavar="[MODEL | compare A.json B.json ...]",
-        help="A model for `dsr1 serve` to run for the benchmark (omit with --url); or `compare` and results files."),
+        help="A model for `dsr1 serve` to run for the benchmark (omit with --url); `compare` and results files; "
+             "or `tune` and a model."),
     url: Optional[str] = typer.Option(None, "--url", help="Base URL of a running OpenAI-compatible server."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name the server serves (default: its first)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer key the server expects (or DSR1_API_KEY)."),
@@ -54,6 +55,11 @@ def bench(
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for results.json, CSV and plots (default bench-results/<time>)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
     serve_arg: Optional[list[str]] = typer.Option(None, "--serve-arg", help="Extra argument for `dsr1 serve` (repeatable)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="tune: engines to try, e.g. embedded,vllm (default: the "
+                                         "embedded engine and every installed engine that can serve the model)."),
+    budget: str = typer.Option("30m", "--budget", help="tune: time allowed, e.g. 30m, 90s, 1h; candidates that would "
+                               "overrun it are skipped and listed."),
+    max_load: int = typer.Option(64, "--max-load", help="tune: highest concurrency tried on one candidate."),
     server_timeout: float = typer.Option(600.0, "--server-timeout", help="Seconds to wait for `dsr1 serve` to be ready."),
     json: bool = JsonOpt,
     quiet: bool = QuietOpt,
@@ -65,6 +71,14 @@ def bench(
     args = target or []
     if args and args[0] == "compare":
         return _compare(args[1:], json)
+    if args and args[0] == "tune":
+        if len(args) != 2 or url:
+            raise UsageError("tune measures servers it starts itself", hint="dsr1 bench tune MODEL --slo ttft_p99=2s,tpot_p99=100ms")
+        from dsr1.commands.tune import run_tune
+
+        return run_tune(args[1], slo=slo, engines=engine, budget=budget, input_len=input_len,
+                        output_len=output_len or "128", requests=requests, max_load=max_load, seed=seed, out=out,
+                        server_timeout=server_timeout, json_mode=json, quiet=quiet)
     if len(args) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(args[1:])}",
                          hint="pass one MODEL, or --url; or `dsr1 bench compare A.json B.json`")

@@ -32,6 +32,7 @@ def _api_key(flag: Optional[str], key_file: Optional[Path]) -> Optional[str]:
 
 
 def serve(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Model directory, stored model name, or catalog name."),
     profile: Optional[str] = ProfileOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but loopback needs --api-key."),
@@ -74,6 +75,7 @@ def serve(
     head: Optional[str] = typer.Option(None, "--head", help="HOST:PORT of node 0's rendezvous, reachable from every node."),
     expect_model: Optional[str] = typer.Option(None, "--expect-model", help="Multi-node: refuse to start unless this node's copy of MODEL has this fingerprint (the plan's model_fingerprint; --emit writes it)."),
     check_only: bool = typer.Option(False, "--check-only", help="Run this node's pre-launch checks (ports, --head, model fingerprint) and exit."),
+    use_tuned: bool = typer.Option(True, "--tuned/--no-tuned", help="Apply the tuned profile `dsr1 bench tune` wrote for this model on this hardware (DSR1_HOME/profiles/tuned-*.toml) to every option not given here."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (with --json as JSON) and run nothing."),
     emit: Optional[Path] = typer.Option(None, "--emit", help="Write one launch script per node into this folder; run nothing."),
     json: bool = JsonOpt,
@@ -92,6 +94,33 @@ def serve(
         raise UsageError(f"--system-prompt {system_prompt!r}", hint="use auto, keep, merge or drop")
     if audit_content and not audit_log:
         raise UsageError("--audit-content needs --audit-log", hint="add --audit-log PATH")
+    out = Output(json, quiet)
+    tuned_profile = None
+    if use_tuned:
+        from dsr1 import tuned
+
+        tuned_profile = tuned.find(model)
+    if tuned_profile is not None:
+        # Flags given on the command line win; the tuned profile replaces only defaults.
+        given = {n for n in tuned_profile.settings if (src := ctx.get_parameter_source(n)) is not None
+                 and src.name != "DEFAULT"}
+        applied = {k: v for k, v in tuned_profile.settings.items() if k not in given}
+        engine = applied.get("engine", engine)
+        max_concurrent = applied.get("max_concurrent", max_concurrent)
+        prefill_chunk = applied.get("prefill_chunk", prefill_chunk)
+        stream_interval = applied.get("stream_interval", stream_interval)
+        dtype = applied.get("dtype", dtype)
+        speculative = applied.get("speculative", speculative)
+        num_speculative_tokens = applied.get("num_speculative_tokens", num_speculative_tokens)
+        compile = applied.get("compile", compile)
+        threads = applied.get("threads", threads)
+        memory_utilization = applied.get("memory_utilization", memory_utilization)
+        precision = applied.get("precision", precision)
+        out.info(f"tuned profile {tuned_profile.path}: " + " ".join(
+            f"{k}={v}" for k, v in applied.items()) + (f" (measured {tuned_profile.goodput:.2f} req/s under "
+            f"{tuned_profile.slo}, {tuned_profile.default_goodput:.2f} with defaults)" if tuned_profile.goodput else "")
+            + ("; " + ", ".join(f"--{k.replace('_', '-')} given here" for k in sorted(given)) if given else "")
+            + "; --no-tuned ignores it")
     opts = server.ServeOptions(
         model=model, profile=profile, host=host, port=port, api_key=_api_key(api_key, api_key_file),
         max_concurrent=max_concurrent, max_queue=max_queue, max_model_len=max_model_len, dtype=dtype,
@@ -109,7 +138,6 @@ def serve(
         max_concurrent=max_concurrent, memory_utilization=memory_utilization, served_name=served_model_name,
         host=host, port=port, engine_port=engine_port, nodes=nodes, node_rank=node_rank, head=head,
         device_map=device_map, expect_model=expect_model)
-    out = Output(json, quiet)
     deployment = planner.make_plan(model, profile, overrides)
     if dry_run or emit:
         if emit:

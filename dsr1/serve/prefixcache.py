@@ -73,6 +73,10 @@ class PrefixCache:
         self.hit_tokens += n
         return n
 
+    def count_miss(self, prompt_tokens: int) -> None:
+        """A prompt prefilled from scratch (nothing matched): asked for, none found."""
+        self.queried_tokens += prompt_tokens
+
     def store(self, cache, row: int, tokens: list[int]) -> None:
         """Keep the full blocks of a prompt just prefilled into cache row `row`."""
         if not self.capacity:

@@ -44,6 +44,15 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """softmax over the last axis, in place on `x`. torch.softmax took 1.8-7.9 ms on [16, 49152]
+    fp32 on the 2-core Xeon (it parallelizes over rows only); max, exp_ and a sum take ~0.7 ms."""
+    x -= x.max(-1, keepdim=True).values
+    x.exp_()
+    x /= x.sum(-1, keepdim=True)
+    return x
+
+
 def _draw(probs: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Indices into each row of `probs` [m, k] (sorted descending): the smallest prefix whose mass
     reaches top_p (as HF's TopPLogitsWarper keeps it), then inverse CDF at u (in [0, 1))."""
@@ -62,7 +71,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     if not rows:
         return out
     temps = torch.tensor([params[i].temperature for i in rows]).unsqueeze(1)
-    probs = torch.softmax((logits if len(rows) == len(params) else logits[rows]) / temps, -1)
+    probs = _softmax((logits if len(rows) == len(params) else logits[rows]) / temps)
     top_p = torch.tensor([min(1.0, params[i].top_p) for i in rows])
     u = torch.cat([torch.rand(1, generator=gens[i]) for i in rows])
     picks = torch.empty(len(rows), dtype=torch.long)

@@ -214,7 +214,7 @@ class Scheduler:
             for req in fresh:
                 req.cached, req.state = len(req.prompt_ids), RUNNING
                 if self.prefix:
-                    self.prefix.load(self.cache, req.slot, [], len(req.prompt_ids))  # a miss, counted
+                    self.prefix.count_miss(len(req.prompt_ids))
                     self.prefix.store(self.cache, req.slot, req.prompt_ids)
             tokens = sample(logits, [r.params for r in fresh], [r.gen for r in fresh])
             for req, tok in zip(fresh, tokens):
