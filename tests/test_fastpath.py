@@ -230,3 +230,24 @@ def test_draft_model_errors_are_actionable(demo_model_dir, tmp_path):
     assert r.returncode == 2 and "--draft-model" in r.stderr, r.stderr
     r = serve("--draft-model", str(demo_model_dir))
     assert r.returncode == 2 and "--speculative draft" in r.stderr, r.stderr
+
+
+def test_draft_proposer_drafts_at_most_k_tokens_and_tracks_its_cache(fp32_models, demo_draft_dir):
+    """The scheduler passes the room each request has left (up to max_tokens); the draft model must
+    still propose at most k tokens, and only catch up on what was accepted since (no re-prefill)."""
+    from types import SimpleNamespace
+
+    from dsr1.serve.engine import EmbeddedModel
+    from dsr1.serve.speculative import DraftProposer
+
+    _, target = fp32_models
+    target.make_cache(1, 256)
+    draft = EmbeddedModel(demo_draft_dir, dtype=torch.float32)
+    prop = DraftProposer(draft, target, 1, 256, k=3)
+    ids = target.tokenizer(PROMPTS[0])["input_ids"]
+    r = SimpleNamespace(prompt_ids=ids, out_ids=[7], spec_state=None, slot=0)
+    d = prop.propose_batch([r], [200])[0]
+    assert 1 <= len(d) <= 3 and r.spec_state == len(ids) + 1
+    r.out_ids += d[:1] + [9]  # one drafted token accepted, then the target's own
+    assert len(prop.propose_batch([r], [2])[0]) == 2 and r.spec_state == len(ids) + 3
+    assert prop.propose_batch([r], [0])[0] == []

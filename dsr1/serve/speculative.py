@@ -94,6 +94,7 @@ class DraftProposer:
         """Rows 0..n-1 of `batch` are the target's running rows (slot i = batch[i])."""
         import torch
 
+        limits = [min(self.k, n) for n in limits]  # the scheduler's limits are room left, not draft length
         if not any(n > 0 for n in limits):
             return [[] for _ in batch]
         fast = self.draft.fast
