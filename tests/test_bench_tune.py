@@ -99,7 +99,8 @@ def test_tune_keeps_the_best_and_serve_uses_it(demo_model_dir, tmp_path):
     assert t.settings["engine"] == doc["best"]["engine"] and t.goodput == pytest.approx(doc["best"]["score"], 1e-3)
     plan = dsr1(["serve", str(demo_model_dir), "--dry-run", "--json"], home)
     assert plan.returncode == 0, plan.stderr
-    assert "tuned profile" in plan.stderr
+    shown = dsr1(["serve", str(demo_model_dir), "--dry-run"], home)  # --json keeps stderr quiet
+    assert "tuned profile" in shown.stderr, shown.stderr
     dep = json.loads(plan.stdout)
     assert dep["engine"] == t.settings["engine"]
     if "max_concurrent" in t.settings:
