@@ -28,7 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, demo_model  # noqa: E402
 
 
 def installed(engines_home: Path, name: str) -> dict | None:

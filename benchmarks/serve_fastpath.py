@@ -33,7 +33,8 @@ from pathlib import Path
 import httpx
 import openai
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, demo_model  # noqa: E402
 
 TEXT = ("The river rises in the northern hills, where snow melts each spring and feeds a hundred small "
         "streams. It runs south through farmland, past the old mill and the stone bridge, and reaches the "
@@ -110,25 +111,9 @@ def spec_run(model: str, extra: list[str], conc: int, prompts: list[str], args) 
         srv.stop()
 
 
-def layer_draft(model: str, layers: int) -> str:
-    """The first `layers` layers of `model` (with its final norm and head), saved as a model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = Path(tempfile.mkdtemp(prefix="draft-")) / f"draft{layers}"
-    m = AutoModelForCausalLM.from_pretrained(model)
-    m.model.layers = m.model.layers[:layers]
-    m.config.num_hidden_layers = layers
-    if getattr(m.config, "layer_types", None):
-        m.config.layer_types = m.config.layer_types[:layers]
-    m.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model).save_pretrained(out)
-    return str(out)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path(os.environ.get("DSR1_TEST_CACHE", REPO / ".cache/test-models"))
-                                           / "smollm2-135m-bf16"))
+    ap.add_argument("--model", default=demo_model())
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=96)
@@ -151,7 +136,10 @@ def main() -> int:
                   "painter", "singer", "cook", "judge", "guard", "tailor", "poet", "monk")]
         methods = {"ngram": ["--speculative", "ngram"]}
         if "draft" in args.spec_methods:
-            draft = args.draft_model or layer_draft(args.model, args.draft_layers)
+            from dsr1.serve.speculative import save_layer_draft
+
+            draft = args.draft_model or str(save_layer_draft(args.model, args.draft_layers,
+                                                             Path(tempfile.mkdtemp()) / "draft"))
             methods["draft"] = ["--speculative", "draft", "--draft-model", draft]
         k = ["--num-speculative-tokens", str(args.num_speculative_tokens)]
         for label, prompts in (("repeat", repeat), ("open", open_)):

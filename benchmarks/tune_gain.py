@@ -25,14 +25,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, demo_model  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path(os.environ.get("DSR1_TEST_CACHE", REPO / ".cache/test-models"))
-                                           / "smollm2-135m-bf16"))
+    ap.add_argument("--model", default=demo_model())
     ap.add_argument("--engines-home", default=str(REPO / ".cache" / "engines-home"),
                     help="a DSR1_HOME whose engines/ holds installed engines (linked, not written to)")
     ap.add_argument("--engines", help="engines to tune (default: embedded and every installed one)")

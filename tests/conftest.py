@@ -94,22 +94,9 @@ def demo_draft_dir(demo_model_dir) -> Path:
     out = CACHE / "smollm2-135m-draft6"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from dsr1.serve.speculative import save_layer_draft
 
-    model = AutoModelForCausalLM.from_pretrained(demo_model_dir)
-    model.model.layers = model.model.layers[:6]
-    model.config.num_hidden_layers = 6
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:6]
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(demo_model_dir).save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return save_layer_draft(demo_model_dir, 6, out)
 
 
 def _tiny(kind: str, path: Path, tokenizer_dir: Path) -> Path:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -138,7 +138,6 @@ class Result:
     levels: list[Level]
     seconds: float
     error: str = ""
-    defaults: dict[str, Any] = field(default_factory=dict)  # the engine's own values, from its start line
 
     def to_json(self) -> dict[str, Any]:
         return {"engine": self.candidate.engine, "settings": dict(self.candidate.settings), "key": self.candidate.key,

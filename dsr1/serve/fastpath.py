@@ -185,7 +185,10 @@ class FastForward:
         q = qk[:, :, : self.heads].transpose(1, 2).reshape(n, self.kv_heads, self.group * t, self.head_dim)
         o = F.scaled_dot_product_attention(q, ck[:n, :, :span], cv[:n, :, :span], attn_mask=mask, scale=self.scale)
         o = o.view(n, self.heads, t, self.head_dim).transpose(1, 2).reshape(n, t, self.q_size)
-        x = x + linear(o, wo, bo)
+        return self._mlp(x + linear(o, wo, bo), ln2, wgu, wd)
+
+    def _mlp(self, x, ln2, wgu, wd):
+        """The second half of a decoder layer, the same in the step and in prompt prefill."""
         h = self._norm(x, ln2)
         g, u = linear(h, wgu).split((self.inter, self.inter), -1)
         return x + linear(F.silu(g) * u, wd)
@@ -294,8 +297,5 @@ class FastForward:
             K, V = kv(li, k, v)
             o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=self.scale,
                                                enable_gqa=self.group > 1)
-            x = x + linear(o.transpose(1, 2).reshape(n, t, self.q_size), wo, bo)
-            h = self._norm(x, ln2)
-            g, u = linear(h, wgu).split((self.inter, self.inter), -1)
-            x = x + linear(F.silu(g) * u, wd)
+            x = self._mlp(x + linear(o.transpose(1, 2).reshape(n, t, self.q_size), wo, bo), ln2, wgu, wd)
         return x

@@ -20,6 +20,9 @@ dst)` (the scheduler compacted rows; a proposer with its own cache moves it too)
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class NgramProposer:
     """Per-request index of n-grams (n = 1..max_n) to the end of their latest occurrence."""
@@ -126,3 +129,26 @@ class DraftProposer:
             r.spec_state = e
         cols = torch.stack(drafts, 1).tolist()
         return [row[:n] if n > 0 else [] for row, n in zip(cols, limits)]
+
+
+def save_layer_draft(model_dir: str | Path, layers: int, out: Path) -> Path:
+    """Write a layer-skip draft of `model_dir` to `out`: its first `layers` decoder layers with its
+    own embeddings, final norm and head, and its tokenizer (so DraftProposer accepts it).
+
+    For a model with no smaller sibling of the same tokenizer (the demo model) this is the draft
+    there is; it shares the target's early computation, so its guesses are weak but real. The
+    directory appears whole or not at all."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dsr1.fsutil import replace_dir
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):  # per-layer attention kinds, newer configs
+        model.config.layer_types = model.config.layer_types[:layers]
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    replace_dir(tmp, out)
+    return out
