@@ -2,15 +2,20 @@
 
 What is measured. A candidate is an engine plus serve settings. For each, `dsr1 serve` runs with
 them and the load is raised (closed loop, concurrency 1, 2, 4, ...) until the SLO breaks: a
-percentile limit such as ttft_p99 <= 2 s or tpot_p99 <= 100 ms no longer holds. Between the last
-load that held and the first that broke, one bisection step tries the middle. The candidate's
+percentile limit such as ttft_p99 <= 2 s or tpot_p99 <= 100 ms no longer holds. A variant of the
+best candidate so far starts at the load that one held at instead of 1, and halves from there if
+it breaks at once. Between the last load that held and the first that broke, one bisection step
+tries the middle. The candidate's
 score is the highest goodput (requests/s whose own TTFT/TPOT meet the limits, vLLM's definition)
 at a load where the SLO held; 0 if it breaks at concurrency 1.
 
 How candidates are chosen (smarter than a grid, as vLLM's auto_tune and AIConfigurator are):
 1. each engine at its defaults (what `dsr1 serve MODEL --engine E` does): the baseline;
-2. coordinate descent, coarse: one knob at a time (the most influential first), each of its coarse
-   values tried on the best settings so far, kept when goodput rises by more than 3%;
+2. coordinate descent, coarse: one knob at a time (the most influential first) on the best
+   settings so far. A numeric knob is hill-climbed over its coarse values: the next value up,
+   on upwards while goodput rises by more than 3%, and downwards only when up did not gain (a full
+   sweep of every value measured what the climb skips: the neighbours of a loss). Other knobs try
+   each of their values;
 3. fine: for numeric knobs, the midpoints between the winner's value and its coarse neighbours.
 Every candidate's cost is known once one has run, so a candidate that would overrun `--budget` is
 skipped and reported as such, never started.
@@ -180,8 +185,12 @@ class Hooks:
 
 
 # -- measuring one candidate --------------------------------------------------------------------
-def measure(cfg: TuneConfig, cand: Candidate, workload, encode, hooks: Hooks) -> Result:
-    """Start `dsr1 serve` with the candidate's settings; raise the load until the SLO breaks."""
+def measure(cfg: TuneConfig, cand: Candidate, workload, encode, hooks: Hooks, start: int = 1) -> Result:
+    """Start `dsr1 serve` with the candidate's settings; find the highest load the SLO holds at.
+
+    From `start` (the load the best candidate so far held at, so a variant of it does not climb
+    1, 2, 4, ... again): double while the SLO holds, or halve until it holds; then one bisection
+    step between the last load that held and the first that broke."""
     from dsr1.bench.sweep import BenchConfig, check_server, run_sweep
     from dsr1.errors import Dsr1Error
     from dsr1.serve.child import running
@@ -209,13 +218,17 @@ def measure(cfg: TuneConfig, cand: Candidate, workload, encode, hooks: Hooks) ->
                 hooks.level_done(cand, lv)
                 return lv
 
-            c, last_ok, broke = 1, 0, 0
+            c, last_ok, broke = max(1, min(start, cfg.max_load)), 0, 0
             while c <= cfg.max_load:
                 if run(c).held:
                     last_ok, c = c, c * 2
+                    if broke:  # came down from a load that broke: the bracket is found
+                        break
                 else:
                     broke = c
-                    break
+                    if last_ok or c == 1:
+                        break
+                    c //= 2  # started too high: come down until the SLO holds
             if last_ok and broke and broke - last_ok > 1:  # one bisection step between held and broke
                 run((last_ok + broke) // 2)
     except Dsr1Error as e:  # a candidate that cannot start (e.g. fp32 does not fit) scores 0, tuning goes on
@@ -298,7 +311,7 @@ def tune(cfg: TuneConfig, hooks: Hooks | None = None) -> Outcome:
     skipped: list[tuple[str, str]] = []
     costs = [r.seconds for r in state.results.values()]
 
-    def run(cand: Candidate) -> Result | None:
+    def run(cand: Candidate, start: int = 1) -> Result | None:
         if cand.key in state.results:
             return state.results[cand.key]
         used = time.monotonic() - t0
@@ -308,7 +321,7 @@ def tune(cfg: TuneConfig, hooks: Hooks | None = None) -> Outcome:
                                       f"~{estimate:.0f} s"))
             return None
         hooks.candidate_start(cand, len(state.results) + 1, cfg.budget_s - used)
-        r = measure(cfg, cand, workload, encode, hooks)
+        r = measure(cfg, cand, workload, encode, hooks, start=max(1, start))
         costs.append(r.seconds)
         state.add(r)
         hooks.candidate_done(r)
@@ -330,14 +343,36 @@ def tune(cfg: TuneConfig, hooks: Hooks | None = None) -> Outcome:
         r = run(Candidate(engine))
         if r is not None:
             defaults[engine] = r
+    def climb(best: Result, knob: str, values: list[Any]) -> Result:
+        """Hill-climb one numeric knob over its coarse values: the neighbour above first (more
+        concurrency and larger prompt chunks are what usually raises goodput), on while it gains;
+        the other way only when that did not."""
+        cur = best.candidate.get(knob)
+        cur = own[best.candidate.engine].get(knob) if cur is None else cur
+        grid = sorted(set(values) | ({cur} if cur is not None else set()))
+        i = grid.index(cur) if cur is not None else len(grid) // 2
+        for step in (1, -1):
+            j, gained = i + step, False
+            while 0 <= j < len(grid):
+                r = run(vary(best.candidate, knob, grid[j]), start=best.best_load)
+                if r is None or r.score <= best.score * GAIN:
+                    break
+                best, gained, j = r, True, j + step
+            if gained:
+                break
+        return best
+
     for engine in sorted(defaults, key=lambda e: -defaults[e].score):  # 2. coarse, best engine first
         best = defaults[engine]
         for knob, _, values in knobs[engine]:
+            if knob in NUMERIC:
+                best = climb(best, knob, values)
+                continue
             for v in values:
                 cand = vary(best.candidate, knob, v)
                 if cand.key == best.candidate.key:
                     continue
-                r = run(cand)
+                r = run(cand, start=best.best_load)
                 if r is not None and r.score > best.score * GAIN:
                     best = r
         coarse = best
@@ -351,7 +386,7 @@ def tune(cfg: TuneConfig, hooks: Hooks | None = None) -> Outcome:
                 if 0 <= j < len(values):
                     mid = (cur + values[j]) // 2
                     if mid not in (cur, values[j]):
-                        r = run(vary(coarse.candidate, knob, mid))
+                        r = run(vary(coarse.candidate, knob, mid), start=coarse.best_load)
                         if r is not None and r.score > best.score * GAIN:
                             best = r
     done = list(state.results.values())
