@@ -60,6 +60,8 @@ class Overrides:
     max_model_len: int | None = None
     max_concurrent: int | None = None
     memory_utilization: float | None = None
+    max_batched_tokens: int | None = None  # prompt tokens per engine step (vLLM, SGLang, llama-server)
+    threads: int | None = None  # CPU threads (llama-server -t); None = one per physical core
     served_name: str | None = None
     host: str = "127.0.0.1"  # dsr1's front
     port: int = 8000
@@ -127,6 +129,9 @@ class Plan:
     # Multi-node: what identifies the model's files here (dsr1.modelref.fingerprint); every node
     # checks its copy against it before launching (dsr1.preflight, `--expect-model`).
     model_fingerprint: str | None = None
+    # tokens one engine step may take (vLLM --max-num-batched-tokens, SGLang --chunked-prefill-size,
+    # llama-server -b); None = the engine's own default. The embedded engine's is --prefill-chunk.
+    max_batched_tokens: int | None = None
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -313,6 +318,12 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
     env = netenv.environment(engine, device, host, gpus, o, sizes, interfaces, d, virtual=prof_source == "virtual")
     _model_notes(model, ref, engine, d)
     external = engine != "embedded"
+    for name in ("max_batched_tokens", "threads"):
+        value = getattr(o, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if o.threads is not None:
+        sizes["threads"] = o.threads
     plan = Plan(
         model=model, model_kind=ref.kind, model_path=ref.path or ref.repo or model, needs_pull=not ref.local,
         catalog_name=ref.catalog_name, architecture=spec.architecture if spec else None,
@@ -327,7 +338,8 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
         engine_port=(o.engine_port or free_port()) if external else o.port,
         health_path=base.get(engine).health_path, nodes_count=o.nodes, node_rank=o.node_rank, head=o.head, env=env,
         profile_context=s.context_length,
-        model_fingerprint=modelref.fingerprint(ref.path) if o.nodes > 1 and ref.local else None, **sizes)
+        model_fingerprint=modelref.fingerprint(ref.path) if o.nodes > 1 and ref.local else None,
+        max_batched_tokens=o.max_batched_tokens, **sizes)
     return _with_commands(plan, inst, d)
 
 

@@ -35,7 +35,7 @@ PREFIX = "tuned-"
 # The serve options a tuned profile may set, with their types; the CLI flag is --name-with-dashes.
 SETTINGS: dict[str, type] = {
     "engine": str, "max_concurrent": int, "prefill_chunk": int, "stream_interval": int, "dtype": str,
-    "speculative": str, "num_speculative_tokens": int, "compile": str, "threads": int,
+    "speculative": str, "num_speculative_tokens": int, "compile": str, "threads": int, "max_batched_tokens": int,
     "memory_utilization": float, "precision": str,
 }
 CHOICES = {"engine": ("embedded", "vllm", "sglang", "llamacpp"), "dtype": ("auto", "bf16", "fp16", "fp32"),

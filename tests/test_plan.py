@@ -269,3 +269,18 @@ def test_deployer_serves_the_demo_model_and_drains_on_sigterm(demo_model_dir, tm
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_batch_tokens_and_threads_reach_each_engine(demo_gguf, tmp_path):
+    """--max-batched-tokens and --threads (what `dsr1 bench tune` varies) land in each engine's own flag."""
+    v = make("driver-missing", "smollm2-135m", tmp_path, installed={"vllm": VLLM_CPU}, max_batched_tokens=2048)
+    argv = v.nodes[0].argv
+    assert v.engine == "vllm" and argv[argv.index("--max-num-batched-tokens") + 1] == "2048"
+    assert "--max-num-batched-tokens" not in make("driver-missing", "smollm2-135m", tmp_path,
+                                                  installed={"vllm": VLLM_CPU}).nodes[0].argv  # engine default
+    g = make("driver-missing", str(demo_gguf), tmp_path, max_batched_tokens=4096, threads=3).nodes[0].argv
+    assert g[g.index("-b") + 1] == "4096" and g[g.index("-t") + 1] == "3"
+    s = make("h100x8-ib", "r1-distill-llama-70b", tmp_path, max_batched_tokens=8192)
+    assert s.engine == "sglang" and s.nodes[0].argv[s.nodes[0].argv.index("--chunked-prefill-size") + 1] == "8192"
+    with pytest.raises(UsageError, match="--max-batched-tokens must be at least 1"):
+        make("driver-missing", "smollm2-135m", tmp_path, max_batched_tokens=0)

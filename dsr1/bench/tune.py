@@ -46,12 +46,19 @@ KNOBS: dict[str, list[tuple[str, str, list[Any]]]] = {
         ("dtype", "--dtype", ["bf16", "fp32"]),
         ("speculative", "--speculative", ["off", "ngram"]),
     ],
-    "vllm": [("max_concurrent", "--max-concurrent", [4, 8, 16, 32, 64])],
-    "sglang": [("max_concurrent", "--max-concurrent", [8, 16, 32, 64])],
-    "llamacpp": [("max_concurrent", "--max-concurrent", [2, 4, 8, 16, 32]), ("threads", "--threads", [1, 2])],
+    # max_batched_tokens: vLLM's --max-num-batched-tokens, SGLang's --chunked-prefill-size,
+    # llama-server's -b (their defaults differ by version and device, so every value is tried)
+    "vllm": [("max_concurrent", "--max-concurrent", [4, 8, 16, 32, 64]),
+             ("max_batched_tokens", "--max-batched-tokens", [512, 2048, 8192])],
+    "sglang": [("max_concurrent", "--max-concurrent", [8, 16, 32, 64]),
+               ("max_batched_tokens", "--max-batched-tokens", [2048, 8192])],
+    "llamacpp": [("max_concurrent", "--max-concurrent", [2, 4, 8, 16, 32]), ("threads", "--threads", [1, 2]),
+                 ("max_batched_tokens", "--max-batched-tokens", [512, 2048, 4096])],
 }
-CUDA_KNOBS = {"embedded": [("compile", "--compile", ["off", "on"])]}
-NUMERIC = {"max_concurrent", "prefill_chunk", "stream_interval", "threads"}
+CUDA_KNOBS = {"embedded": [("compile", "--compile", ["off", "on"])],
+              "vllm": [("memory_utilization", "--memory-utilization", [0.85, 0.9, 0.95])],
+              "sglang": [("memory_utilization", "--memory-utilization", [0.8, 0.85, 0.9])]}
+NUMERIC = {"max_concurrent", "prefill_chunk", "stream_interval", "threads", "max_batched_tokens"}
 GAIN = 1.03  # a change is kept only when it beats the best so far by more than noise
 
 
@@ -248,9 +255,15 @@ def engine_defaults(model: str, engine: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     try:
-        out["max_concurrent"] = planner.make_plan(model, None, planner.Overrides(engine=engine)).max_num_seqs
+        p = planner.make_plan(model, None, planner.Overrides(engine=engine))
     except Exception:  # an engine the plan refuses here still gets measured (and scores 0 with its error)
-        pass
+        p = None
+    if p is not None:
+        out["max_concurrent"] = p.max_num_seqs
+        if engine == "llamacpp" and p.threads:
+            out["threads"] = p.threads
+        if p.device == "cuda" and engine != "embedded":
+            out["memory_utilization"] = p.memory_utilization
     if engine == "embedded":
         o = ServeOptions(model=model)
         out.update(prefill_chunk=o.prefill_chunk, stream_interval=o.stream_interval, speculative=o.speculative)
@@ -349,8 +362,8 @@ def tune(cfg: TuneConfig, hooks: Hooks | None = None) -> Outcome:
         the other way only when that did not."""
         cur = best.candidate.get(knob)
         cur = own[best.candidate.engine].get(knob) if cur is None else cur
-        grid = sorted(set(values) | ({cur} if cur is not None else set()))
-        i = grid.index(cur) if cur is not None else len(grid) // 2
+        grid = sorted(set(values) | {cur})
+        i = grid.index(cur)
         for step in (1, -1):
             j, gained = i + step, False
             while 0 <= j < len(grid):
@@ -365,7 +378,8 @@ def tune(cfg: TuneConfig, hooks: Hooks | None = None) -> Outcome:
     for engine in sorted(defaults, key=lambda e: -defaults[e].score):  # 2. coarse, best engine first
         best = defaults[engine]
         for knob, _, values in knobs[engine]:
-            if knob in NUMERIC:
+            if knob in NUMERIC and (best.candidate.get(knob) is not None
+                                    or own[engine].get(knob) is not None):
                 best = climb(best, knob, values)
                 continue
             for v in values:

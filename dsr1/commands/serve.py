@@ -48,7 +48,8 @@ def serve(
     offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="Folder for weights offloaded to disk."),
     stream_interval: int = typer.Option(1, "--stream-interval", help="Tokens per streamed chunk."),
     prefill_chunk: int = typer.Option(256, "--prefill-chunk", help="Prompt tokens processed between decode steps (bounds stalls)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads: torch's (embedded), llama-server's -t (default: torch's choice; one per physical core for llama-server)."),
+    max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="Tokens one engine step may take: vLLM --max-num-batched-tokens, SGLang --chunked-prefill-size, llama-server -b (default: the engine's). The embedded engine's is --prefill-chunk."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Name clients pass as `model`."),
     reasoning_parser: str = typer.Option("auto", "--reasoning-parser", help="deepseek_r1 (text before </think> is reasoning), none (no split); auto: deepseek_r1 if the tokenizer has </think>."),
     reasoning_field: str = typer.Option("both", "--reasoning-field", help="reasoning_content (DeepSeek), reasoning (vLLM 0.11+) or both."),
@@ -114,6 +115,7 @@ def serve(
         num_speculative_tokens = applied.get("num_speculative_tokens", num_speculative_tokens)
         compile = applied.get("compile", compile)
         threads = applied.get("threads", threads)
+        max_batched_tokens = applied.get("max_batched_tokens", max_batched_tokens)
         memory_utilization = applied.get("memory_utilization", memory_utilization)
         precision = applied.get("precision", precision)
         out.info(f"tuned profile {tuned_profile.path}: " + " ".join(
@@ -136,7 +138,7 @@ def serve(
         engine=engine, engine_python=engine_python, precision=precision, tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel, data_parallel=data_parallel, max_model_len=max_model_len,
         max_concurrent=max_concurrent, memory_utilization=memory_utilization, served_name=served_model_name,
-        host=host, port=port, engine_port=engine_port, nodes=nodes, node_rank=node_rank, head=head,
+        max_batched_tokens=max_batched_tokens, threads=threads, host=host, port=port, engine_port=engine_port, nodes=nodes, node_rank=node_rank, head=head,
         device_map=device_map, expect_model=expect_model)
     deployment = planner.make_plan(model, profile, overrides)
     if dry_run or emit:

@@ -39,6 +39,8 @@ class LlamaCppEngine:
                 "-c", str(plan.max_model_len * slots), "--jinja"]
         if plan.threads:
             args += ["-t", str(plan.threads)]
+        if plan.max_batched_tokens:
+            args += ["-b", str(plan.max_batched_tokens)]  # logical batch: prompt tokens per decode call
         if plan.device == "cuda":
             args += ["-ngl", "999"]  # every layer on the GPUs
         if plan.reasoning_parser == "deepseek_r1":

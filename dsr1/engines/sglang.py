@@ -43,6 +43,8 @@ class SglangEngine:
             else:
                 a += ["--dp-size", str(plan.dp_attention), "--enable-dp-attention"]
         a += ["--context-length", str(plan.max_model_len), "--max-running-requests", str(plan.max_num_seqs)]
+        if plan.max_batched_tokens:
+            a += ["--chunked-prefill-size", str(plan.max_batched_tokens)]
         if plan.mem_fraction_static is not None:
             a += ["--mem-fraction-static", f"{plan.mem_fraction_static:g}"]
         if plan.dtype == "fp16":

@@ -36,6 +36,8 @@ class VllmEngine:
     def engine_args(self, plan: "Plan", flags: base.Flags) -> list[str]:
         a = ["--served-model-name", plan.served_name, "--max-model-len", str(plan.max_model_len),
              "--max-num-seqs", str(plan.max_num_seqs)]
+        if plan.max_batched_tokens:
+            a += ["--max-num-batched-tokens", str(plan.max_batched_tokens)]
         if plan.device == "cuda":
             a += ["--tensor-parallel-size", str(plan.tensor_parallel)]
             if plan.pipeline_parallel > 1:
