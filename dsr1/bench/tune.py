@@ -45,6 +45,9 @@ KNOBS: dict[str, list[tuple[str, str, list[Any]]]] = {
         ("stream_interval", "--stream-interval", [1, 4]),
         ("dtype", "--dtype", ["bf16", "fp32"]),
         ("speculative", "--speculative", ["off", "ngram"]),
+        # bitsandbytes while loading: leaves the fast path, so it rarely wins on a CPU (last, and
+        # the first to be skipped by a budget); on a GPU it frees memory for more sequences
+        ("precision", "--precision", ["int8", "nf4"]),
     ],
     # max_batched_tokens: vLLM's --max-num-batched-tokens, SGLang's --chunked-prefill-size,
     # llama-server's -b (their defaults differ by version and device, so every value is tried)

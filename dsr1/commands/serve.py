@@ -183,11 +183,15 @@ def _serve_embedded(opts, deployment, out, *, precision: Optional[str], json: bo
             from dsr1.pull import pull
 
             pull(opts.model, profile=opts.profile, quant=deployment.quant)
+        elif precision in ("int8", "nf4"):
+            opts.quantize = precision  # a model already here: quantized while loading
     p, sched, cfg, metrics = server.plan(opts, progress=out.info, deployment=deployment)
     for w in p.warnings:
         out.warn(w)
     gib = 2**30
-    out.info(f"model      {p.model_dir} as [cyan]{p.served_name}[/] ({p.dtype}: {p.dtype_reason}; loaded in {p.load_seconds}s)")
+    quantized = f"; {opts.quantize} (bitsandbytes) while loading" if opts.quantize != "none" else ""
+    out.info(f"model      {p.model_dir} as [cyan]{p.served_name}[/] ({p.dtype}: {p.dtype_reason}{quantized}; "
+             f"loaded in {p.load_seconds}s)")
     out.info(f"profile    {p.profile}; device {p.device}")
     out.info(f"batching   {p.max_concurrent} running, {p.max_queue} queued, context {p.max_model_len} tokens, "
              f"prefill chunk {p.prefill_chunk}")

@@ -55,7 +55,7 @@ class EmbeddedModel:
 
     def __init__(self, model_dir: Path, *, dtype: torch.dtype, device_map: str | None = None,
                  max_memory: dict[Any, str] | None = None, offload_dir: Path | None = None, threads: int | None = None,
-                 fast_path: bool = True):
+                 fast_path: bool = True, quantize: str = "none"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -71,6 +71,16 @@ class EmbeddedModel:
                 kwargs["max_memory"] = max_memory
             if offload_dir:
                 kwargs["offload_folder"] = str(offload_dir)
+        if quantize != "none":
+            # bitsandbytes while loading (what `dsr1 pull --quant` stores, without the stored copy);
+            # a checkpoint that is already quantized keeps its own config.
+            import json
+
+            from dsr1.quantize import bnb_config
+
+            cfg_json = json.loads((Path(model_dir) / "config.json").read_text())
+            if "quantization_config" not in cfg_json:
+                kwargs["quantization_config"] = bnb_config(quantize)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
         self.dtype = dtype

@@ -58,6 +58,7 @@ class ServeOptions:
     num_speculative_tokens: int = 4
     draft_model: str | None = None  # --speculative draft: a directory or stored name, same tokenizer
     engine_python: str | None = None
+    quantize: str = "none"  # int8 or nf4: bitsandbytes while loading (`--precision int8|nf4` on a local model)
 
 
 @dataclass
@@ -269,7 +270,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     max_mem = _parse_max_memory(opts.max_memory)
     model = worker.submit(EmbeddedModel, model_dir, dtype=parse_dtype(dtype), device_map=device_map,
                           max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads,
-                          fast_path=opts.fast_path).result()
+                          fast_path=opts.fast_path, quantize=opts.quantize).result()
     parser, parser_why = choose_reasoning_parser(opts.reasoning_parser, has_think=model.has_think)
     if opts.speculative != "off" and model.fast_reason is not None:
         raise ConfigError(f"--speculative {opts.speculative} needs the embedded engine's fast path, which this "
