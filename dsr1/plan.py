@@ -318,10 +318,6 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
     env = netenv.environment(engine, device, host, gpus, o, sizes, interfaces, d, virtual=prof_source == "virtual")
     _model_notes(model, ref, engine, d)
     external = engine != "embedded"
-    for name in ("max_batched_tokens", "threads"):
-        value = getattr(o, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if o.threads is not None:
         sizes["threads"] = o.threads
     plan = Plan(
@@ -394,7 +390,8 @@ def _check_overrides(o: Overrides) -> None:
         hostpart, _, portpart = o.head.rpartition(":")
         if not hostpart or not portpart.isdigit() or not 0 < int(portpart) < 65536:
             raise UsageError(f"--head {o.head!r} is not HOST:PORT", hint="e.g. --head 10.0.0.1:29500")
-    for key in ("tensor_parallel", "pipeline_parallel", "data_parallel", "max_model_len"):
+    for key in ("tensor_parallel", "pipeline_parallel", "data_parallel", "max_model_len", "max_batched_tokens",
+                "threads"):
         v = getattr(o, key)
         if v is not None and v < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be at least 1")
