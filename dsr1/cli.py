@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("dsr1.commands.bench", "bench", "Benchmark an OpenAI-compatible server: latency/throughput sweeps, plots, compare."),
     # A group: the module attribute is a dict of subcommand name -> function.
     "engine": ("dsr1.commands.engine", "SUBCOMMANDS", "Install inference engines (vLLM, SGLang, llama.cpp) in their own environments; list them."),
+    "monitor": ("dsr1.commands.monitor", "SUBCOMMANDS", "Monitoring for a running deployment: Prometheus config, alert rules, Grafana dashboard."),
 }
 
 

@@ -96,6 +96,11 @@ class FakeNvml:
     def nvmlDeviceGetTotalEccErrors(self, h, error_type, counter_type):
         return self._gpu(h)["ecc_uncorrected"]
 
+    def nvmlDeviceGetUtilizationRates(self, h):
+        # not in the recorded snapshots (it changes by the second): a test sets "utilization"
+        u = self._gpu(h).get("utilization")
+        return SimpleNamespace(gpu=u, memory=0) if u is not None else self._unsupported()
+
     def nvmlDeviceGetTemperature(self, h, sensor):
         return self._gpu(h)["temperature"]
 

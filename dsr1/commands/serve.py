@@ -56,6 +56,8 @@ def serve(
     system_prompt: str = typer.Option("auto", "--system-prompt", help="keep, merge (into the first user turn, DeepSeek's R1 advice), drop; auto: merge for R1."),
     audit_log: Optional[Path] = typer.Option(None, "--audit-log", help="Append a JSONL line per request (no keys, no text)."),
     audit_content: bool = typer.Option(False, "--audit-content", help="Also record prompts and outputs in --audit-log."),
+    log_format: str = typer.Option("human", "--log-format", help="Server log on stderr: human, or json (one object per line: request id, status, tokens, timings; for log shippers)."),
+    log_content: bool = typer.Option(False, "--log-content", help="Also put prompts and outputs in the request log (off: never logged)."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds running requests get to finish after SIGTERM/SIGINT."),
     fast_path: bool = typer.Option(True, "--fast-path/--no-fast-path", help="Embedded engine: the lean Llama/Qwen2 forward (fused projections, no per-module overhead) when the model takes it."),
     compile: Optional[str] = typer.Option(None, "--compile", help="Embedded engine: torch.compile the decode step (auto, on, off, or DSR1_COMPILE; auto: off, measured no faster than the lean forward on CPU). Compiling takes 10-40 s at start-up; the cache under DSR1_HOME makes restarts quicker."),
@@ -84,7 +86,6 @@ def serve(
 ) -> None:
     """Serve MODEL over HTTP with the OpenAI API (chat, completions, models, health, metrics). R1 reasoning comes back in `reasoning_content`. Stops cleanly on SIGTERM/Ctrl-C. The engine and its settings come from one plan (`--dry-run` prints it): docs/serve.md, docs/engines.md."""
     from dsr1.errors import UsageError
-    from dsr1.output import Output
     from dsr1.serve import server
 
     if reasoning_parser not in server.REASONING_PARSERS:
@@ -95,7 +96,10 @@ def serve(
         raise UsageError(f"--system-prompt {system_prompt!r}", hint="use auto, keep, merge or drop")
     if audit_content and not audit_log:
         raise UsageError("--audit-content needs --audit-log", hint="add --audit-log PATH")
-    out = Output(json, quiet)
+    from dsr1.serve import requestlog
+
+    requestlog.configure(log_format, content=log_content)
+    out = requestlog.output(json, quiet)
     tuned_profile = None
     if use_tuned:
         from dsr1 import tuned
@@ -211,7 +215,9 @@ def _serve_embedded(opts, deployment, out, *, precision: Optional[str], json: bo
             sys.stdout.write(_json.dumps(event) + "\n")
             sys.stdout.flush()
         # Always on stderr, unconditionally: scripts and tests wait for this line.
-        print(f"dsr1 serve: ready on {url}", file=sys.stderr, flush=True)
+        from dsr1.serve import requestlog
+
+        requestlog.ready(url)
 
     server.run(opts, p, sched, cfg, metrics, ready)
 

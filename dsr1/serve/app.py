@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -21,12 +20,11 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dsr1.serve import schema
+from dsr1.serve import requestlog, schema
 from dsr1.serve.reasoning import ReasoningParser, split_full
 from dsr1.serve.sampling import SamplingParams
 from dsr1.serve.scheduler import Draining, Event, Overloaded, Request, Scheduler
 
-log = logging.getLogger("dsr1.serve")
 
 
 @dataclass
@@ -70,6 +68,12 @@ def _error(e: schema.ApiError) -> JSONResponse:
 def models_body(name: str, max_model_len: int) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": name, "object": "model", "created": schema.now(), "owned_by": "dsr1",
                                         "max_model_len": max_model_len}]}
+
+
+def deployment_body(model: str, engine: str, metrics, nodes: list[dict] | None = None) -> dict[str, Any]:
+    """What runs here and what it exports: read by `dsr1 monitor init` to write a monitoring setup
+    with only the panels and alerts that will have data (dsr1.monitoring)."""
+    return {"model": model, "engine": engine, "metrics": metrics.features(), "nodes": nodes or []}
 
 
 def unknown_model(name: str, served: str) -> schema.ApiError:
@@ -194,6 +198,9 @@ class Api:
     async def metrics_route(self, req: HttpRequest) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def deployment(self, req: HttpRequest) -> Response:
+        return JSONResponse(deployment_body(self.cfg.model_name, "embedded", self.metrics))
+
     async def chat(self, req: HttpRequest) -> Response:
         return await self._handle(req, "chat")
 
@@ -227,6 +234,8 @@ class Api:
             self.metrics.requests.labels(endpoint, str(e.status)).inc()
             self.audit.write(client=client, endpoint=endpoint, model=self.cfg.model_name, status=e.status,
                              error=e.message)
+            requestlog.request(endpoint=endpoint, model=self.cfg.model_name, status=e.status, client=client,
+                               seconds=time.perf_counter() - t0, error=e.code or e.message)
             return _error(e)
         ctx = _Ctx(kind, c, ids, handle, queue, endpoint, client, prompt_text, t0)
         if c.stream:
@@ -341,13 +350,18 @@ class Api:
 
     def _done(self, x: "_Ctx", status: int, ev: Event | None, text: str) -> None:
         self.metrics.requests.labels(x.endpoint, str(status)).inc()
-        if ev is not None and ev.finish_reason == "length":
-            log.info("request %s hit max_tokens/context (%d tokens); finish_reason=length", x.handle.id,
-                     ev.completion_tokens)
+        seconds = time.perf_counter() - x.t0
         self.audit.write(client=x.client, endpoint=x.endpoint, model=self.cfg.model_name, status=status,
                          prompt_tokens=len(x.ids), completion_tokens=ev.completion_tokens if ev else 0,
                          finish_reason=ev.finish_reason if ev else None,
-                         seconds=round(time.perf_counter() - x.t0, 4), prompt=x.prompt, output=text)
+                         seconds=round(seconds, 4), prompt=x.prompt, output=text)
+        h = x.handle
+        requestlog.request(request_id=h.id, endpoint=x.endpoint, model=self.cfg.model_name, status=status,
+                           client=x.client, stream=bool(x.c.stream), prompt_tokens=len(x.ids),
+                           completion_tokens=ev.completion_tokens if ev else 0,
+                           finish_reason=ev.finish_reason if ev else None, seconds=seconds,
+                           ttft_s=h.first_token_at - h.arrived if h.first_token_at is not None else None,
+                           prompt=x.prompt, output=text)
 
 
 @dataclass
@@ -373,6 +387,7 @@ def create_app(scheduler: Scheduler, cfg: AppConfig, metrics) -> tuple[Starlette
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", guarded(api.models), methods=["GET"]),
         Route("/metrics", guarded(api.metrics_route), methods=["GET"]),
+        Route("/dsr1/deployment", guarded(api.deployment), methods=["GET"]),
         Route("/v1/chat/completions", guarded(api.chat), methods=["POST"]),
         Route("/v1/completions", guarded(api.completions), methods=["POST"]),
     ]

@@ -37,6 +37,10 @@ def _wait_ready(proc: subprocess.Popen, log: Path, offset: int, timeout: float) 
         with open(log, "rb") as f:
             f.seek(offset)
             for line in f.read().decode(errors="replace").splitlines():
+                if line.startswith("{") and '"event": "ready"' in line:  # dsr1 serve --log-format json
+                    import json
+
+                    return json.loads(line)["url"]
                 if line.startswith(READY):
                     return line[len(READY):].strip()
         if proc.poll() is not None:

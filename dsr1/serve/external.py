@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from dsr1.errors import ServerError
+from dsr1.serve import requestlog
 
 
 @dataclass
@@ -53,7 +54,7 @@ def run_engine(launch: EngineLaunch, front_cfg, *, host: str, port: int, grace: 
     from dsr1.supervise import Child
 
     progress(f"starting {launch.engine}: {' '.join(launch.argv)}")
-    child = Child(launch.argv, launch.env, prefix=launch.engine)
+    child = Child(launch.argv, launch.env, prefix=launch.engine, echo=requestlog.EngineEcho(launch.engine))
     health = f"http://127.0.0.1:{launch.port}{launch.health_path}"
     try:
         try:
@@ -65,7 +66,7 @@ def run_engine(launch: EngineLaunch, front_cfg, *, host: str, port: int, grace: 
                 raise
             argv, why = retry
             progress(f"warning: {why}; starting again: {' '.join(argv)}")
-            child = Child(argv, launch.env, prefix=launch.engine)
+            child = Child(argv, launch.env, prefix=launch.engine, echo=requestlog.EngineEcho(launch.engine))
             took = child.wait_healthy(health, timeout=launch.start_timeout, progress=progress,
                                       diagnose=launch.diagnose)
         progress(f"{launch.engine} is up after {took:.0f}s")
@@ -138,7 +139,7 @@ def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = Non
                       reasoning_on=plan.reasoning_parser != "none")
 
     def ready(url: str) -> None:
-        print(f"dsr1 serve: ready on {url}", file=sys.stderr, flush=True)
+        requestlog.ready(url)
 
     run_engine(launch, cfg, host=opts.host, port=opts.port, grace=opts.grace, on_ready=on_ready or ready,
                progress=out.info)
@@ -156,7 +157,7 @@ def run_worker(launch: EngineLaunch, *, grace: float, progress: Callable[[str], 
     from dsr1.supervise import Child
 
     progress(f"starting {launch.engine} worker: {' '.join(launch.argv)}")
-    child = Child(launch.argv, launch.env, prefix=launch.engine)
+    child = Child(launch.argv, launch.env, prefix=launch.engine, echo=requestlog.EngineEcho(launch.engine))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

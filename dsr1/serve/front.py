@@ -26,8 +26,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dsr1.serve import schema
-from dsr1.serve.app import _error, guard, models_body, read_json, unknown_model
+from dsr1.serve import requestlog, schema
+from dsr1.serve.app import _error, deployment_body, guard, models_body, read_json, unknown_model
 
 log = logging.getLogger("dsr1.serve")
 REASONING_NAMES = ("reasoning_content", "reasoning")
@@ -80,6 +80,7 @@ class Front:
         self.client: httpx.AsyncClient | None = None
         self.engine_up = False
         self.draining = False
+        self.nodes = None  # multi-node: () -> [{"rank", "address"}] of the node agents seen (dsr1.monitoring.nodeagent)
         metrics.running.set_function(lambda: self.admission.running if self.admission else 0)
         metrics.waiting.set_function(lambda: self.admission.waiting if self.admission else 0)
 
@@ -161,6 +162,10 @@ class Front:
             engine = b""
         return Response(own + engine, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def deployment(self, req: HttpRequest) -> Response:
+        return JSONResponse(deployment_body(self.cfg.model_name, self.cfg.engine, self.metrics,
+                                            self.nodes() if self.nodes else None))
+
     async def chat(self, req: HttpRequest) -> Response:
         return await self._forward(req, "/v1/chat/completions", schema.parse_chat)
 
@@ -182,14 +187,14 @@ class Front:
         except schema.ApiError as e:
             if e.status == 429:
                 e.headers.setdefault("Retry-After", str(self.cfg.retry_after_s))
-            self.metrics.requests.labels(path, str(e.status)).inc()
+            self._answered(path, e.status, t0, error=e.code or e.message)
             return _error(e)
         try:
             upstream = self.client.build_request("POST", path, json=body)
             resp = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as e:
             slot.release()
-            self.metrics.requests.labels(path, "502").inc()
+            self._answered(path, 502, t0, error=type(e).__name__)
             return _error(schema.ApiError(502, f"the {self.cfg.engine} engine did not answer ({type(e).__name__})",
                                           type="server_error", code="engine_unavailable"))
         if resp.status_code != 200:
@@ -198,8 +203,9 @@ class Front:
             finally:
                 await resp.aclose()
                 slot.release()
-            self.metrics.requests.labels(path, str(resp.status_code)).inc()
-            return _error(self._engine_error(resp.status_code, raw))
+            err = self._engine_error(resp.status_code, raw)
+            self._answered(path, resp.status_code, t0, error=err.message[:200])
+            return _error(err)
         if c.stream:
             return StreamingResponse(self._relay(resp, slot, path, t0), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -208,8 +214,11 @@ class Front:
         finally:
             await resp.aclose()
             slot.release()
-        self.metrics.requests.labels(path, "200").inc()
         self.metrics.e2e.observe(time.perf_counter() - t0)
+        u = (data.get("usage") or {}) if isinstance(data, dict) else {}
+        self._answered(path, 200, t0, request_id=data.get("id") if isinstance(data, dict) else None,
+                       prompt_tokens=u.get("prompt_tokens"), completion_tokens=u.get("completion_tokens"),
+                       finish_reason=_finish(data))
         return JSONResponse(self._shape(data, _Layout()))
 
     async def _relay(self, resp: httpx.Response, slot: Admission, path: str, t0: float) -> AsyncIterator[bytes]:
@@ -218,6 +227,8 @@ class Front:
         first = True
         status = "499"
         layout = _Layout()
+        ttft = rid = finish = None
+        usage: dict = {}
         try:
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
@@ -232,11 +243,15 @@ class Front:
                 except ValueError:
                     continue
                 if isinstance(event, dict) and "error" not in event:
+                    rid = rid or event.get("id")
+                    usage = event.get("usage") or usage
+                    finish = _finish(event) or finish
                     event = self._shape(event, layout)
                     if first and any(ch.get("delta", {}).get("content") or ch.get("text")
                                      or any(ch.get("delta", {}).get(n) for n in REASONING_NAMES)
                                      for ch in event.get("choices") or []):
-                        self.metrics.observe_ttft(time.perf_counter() - t0)
+                        ttft = time.perf_counter() - t0
+                        self.metrics.observe_ttft(ttft)
                         first = False
                 yield b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
             else:
@@ -244,8 +259,15 @@ class Front:
         finally:
             await resp.aclose()
             slot.release()
-            self.metrics.requests.labels(path, status).inc()
             self.metrics.e2e.observe(time.perf_counter() - t0)
+            self._answered(path, int(status), t0, request_id=rid, stream=True, ttft_s=ttft, finish_reason=finish,
+                           prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"))
+
+    def _answered(self, path: str, status: int, t0: float, **fields) -> None:
+        """Count one answer in /metrics and write its line to the request log."""
+        self.metrics.requests.labels(path, str(status)).inc()
+        requestlog.request(endpoint=path, model=self.cfg.model_name, engine=self.cfg.engine, status=status,
+                           seconds=time.perf_counter() - t0, **fields)
 
     def _engine_error(self, status: int, raw: bytes) -> schema.ApiError:
         """The engine's error, in OpenAI's shape whatever shape the engine used."""
@@ -286,6 +308,11 @@ class _Layout:
         return text
 
 
+def _finish(body: Any) -> str | None:
+    choices = body.get("choices") if isinstance(body, dict) else None
+    return next((c.get("finish_reason") for c in choices or [] if c.get("finish_reason")), None)
+
+
 def create_front(cfg: FrontConfig, metrics) -> tuple[Starlette, Front]:
     front = Front(cfg, metrics)
 
@@ -296,6 +323,7 @@ def create_front(cfg: FrontConfig, metrics) -> tuple[Starlette, Front]:
         Route("/health", front.health, methods=["GET"]),
         Route("/v1/models", guarded(front.models), methods=["GET"]),
         Route("/metrics", guarded(front.metrics_route), methods=["GET"]),
+        Route("/dsr1/deployment", guarded(front.deployment), methods=["GET"]),
         Route("/v1/chat/completions", guarded(front.chat), methods=["POST"]),
         Route("/v1/completions", guarded(front.completions), methods=["POST"]),
     ]

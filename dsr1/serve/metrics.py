@@ -1,24 +1,36 @@
-"""Prometheus metrics for the server (names follow vLLM's where one exists, prefixed dsr1_)."""
+"""Prometheus metrics for the server (names follow vLLM's where one exists, prefixed dsr1_).
+
+Every name here is documented in docs/metrics.md and used by the dashboard and alert rules
+`dsr1 monitor init` writes (dsr1.monitoring); renaming one breaks both, so don't.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LAT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TPOT = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+# Status codes whose series exist from the start, at 0: a dashboard's "429s per second" then
+# reads 0 instead of "no data" on a server that has never refused anything.
+_STATUSES = ("200", "429", "500")
+API_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
 class Metrics:
-    def __init__(self, model: str, *, engine_gauges: bool = True):
+    def __init__(self, model: str, *, engine_gauges: bool = True, nvml: Any = None):
         """`engine_gauges=False` for the front of an external engine: the KV-cache and decode-step
         series describe the embedded engine only (vLLM's and llama.cpp's own are appended to
         /metrics by the front), and a gauge stuck at 0 would read as an idle cache."""
         r = self.registry = CollectorRegistry()
         self.model = model
+        self.engine_gauges = engine_gauges
         self.requests = Counter("dsr1_requests", "HTTP requests to the API by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
+        for endpoint in API_ENDPOINTS:
+            for status in _STATUSES:
+                self.requests.labels(endpoint, status)
         self.running = Gauge("dsr1_num_requests_running", "Requests in the running batch (incl. prefill)", registry=r)
         self.waiting = Gauge("dsr1_num_requests_waiting", "Requests queued for a slot", registry=r)
         er = r if engine_gauges else None  # unregistered: kept as objects, never exported
@@ -28,6 +40,8 @@ class Metrics:
                               buckets=_LAT, registry=r)
         self.tpot = Histogram("dsr1_time_per_output_token_seconds", "Mean time per output token after the first",
                               buckets=_TPOT, registry=r)
+        self.itl = Histogram("dsr1_inter_token_latency_seconds", "Time between two tokens of one request",
+                             buckets=_TPOT, registry=er)
         self.e2e = Histogram("dsr1_e2e_request_latency_seconds", "Arrival to finish", buckets=_LAT, registry=r)
         self.step = Histogram("dsr1_decode_step_seconds", "Wall time of one batched decode step",
                               buckets=_TPOT, registry=er)
@@ -49,26 +63,23 @@ class Metrics:
                                      registry=None)
         self.spec_rate = Gauge("dsr1_spec_decode_acceptance_rate", "Accepted share of drafted tokens so far",
                                registry=None)
+        from dsr1.serve.gpustats import GpuCollector
+
+        self.gpus = GpuCollector(nvml)
+        if self.gpus.available:
+            r.register(self.gpus)
+
+    def features(self) -> dict[str, Any]:
+        """What this server exports, for `dsr1 monitor init` (GET /dsr1/deployment)."""
+        names = self.registry._names_to_collectors  # noqa: SLF001 - prometheus_client has no public lister
+        return {"gpus": len(self.gpus.handles), "prefix_cache": "dsr1_kv_cache_hit_rate" in names,
+                "speculative": "dsr1_spec_decode_acceptance_rate" in names, "engine_metrics": self.engine_gauges}
 
     def bind(self, counts: Callable[[], tuple[int, int]], kv_usage: Callable[[], float], kv_bytes: int) -> None:
         self.running.set_function(lambda: counts()[0])
         self.waiting.set_function(lambda: counts()[1])
         self.kv_usage.set_function(kv_usage)
         self.kv_bytes.set(kv_bytes)
-        self._bind_gpus()
-
-    def _bind_gpus(self) -> None:
-        import torch
-
-        if not torch.cuda.is_available():
-            return
-        used = Gauge("dsr1_gpu_memory_used_bytes", "Memory allocated by this process on each GPU", ["gpu"],
-                     registry=self.registry)
-        util = Gauge("dsr1_gpu_utilization_ratio", "GPU utilization (NVML) over the last sample period", ["gpu"],
-                     registry=self.registry)
-        for i in range(torch.cuda.device_count()):
-            used.labels(str(i)).set_function(lambda i=i: torch.cuda.memory_allocated(i))
-            util.labels(str(i)).set_function(lambda i=i: _utilization(i))
 
     def bind_prefix_cache(self, pc) -> None:
         for g in (self.prefix_hit_rate, self.prefix_hits, self.prefix_queries):
@@ -96,6 +107,9 @@ class Metrics:
     def observe_ttft(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 
+    def observe_itl(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
     def observe_finish(self, req, now: float) -> None:
         self.finished.labels(req.finish_reason or "unknown").inc()
         self.prompt_tokens.inc(len(req.prompt_ids))
@@ -108,11 +122,3 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-
-def _utilization(i: int) -> float:
-    try:
-        import torch
-
-        return torch.cuda.utilization(i) / 100.0
-    except Exception:  # NVML missing or unsupported: report nothing useful rather than fail the scrape
-        return float("nan")

@@ -69,6 +69,7 @@ class Request:
     pending_tokens: int = 0
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    last_token_at: float = 0.0
     finish_reason: str | None = None
     gen: torch.Generator | None = None
     spec_state: object = None  # the proposer's per-request state (dsr1.serve.speculative)
@@ -304,6 +305,9 @@ class Scheduler:
             req.first_token_at = now
             if self.metrics:
                 self.metrics.observe_ttft(now - req.arrived)
+        elif self.metrics:
+            self.metrics.observe_itl(now - req.last_token_at)
+        req.last_token_at = now
         p = req.params
         if token in self.model.eos_ids and not p.ignore_eos:
             self._finish(req, "stop")
