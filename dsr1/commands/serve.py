@@ -66,7 +66,7 @@ def serve(
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="With --speculative draft: a smaller model of the same tokenizer (directory or stored name)."),
     num_speculative_tokens: int = typer.Option(4, "--num-speculative-tokens", help="Draft tokens checked per step with --speculative."),
     engine: str = typer.Option("auto", "--engine", help="auto, embedded, vllm, sglang or llamacpp (auto: see docs/engines.md)."),
-    engine_python: Optional[str] = typer.Option(None, "--engine-python", help="Python of an environment with vLLM or SGLang, used as is."),
+    engine_python: Optional[str] = typer.Option(None, "--engine-python", envvar="DSR1_ENGINE_PYTHON", help="Python of an environment with vLLM or SGLang, used as is (or DSR1_ENGINE_PYTHON)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Weights precision (bf16, fp8, int8, nf4, int4, ...; default: the best that fits)."),
     memory_utilization: Optional[float] = typer.Option(None, "--memory-utilization", help="Share of each GPU (or of RAM) the engine may use (profile default)."),
     tensor_parallel: Optional[int] = typer.Option(None, "--tensor-parallel", help="Tensor-parallel size (default: the smallest that fits)."),

@@ -98,6 +98,11 @@ def check_name(name: str) -> str:
 
 
 def engines_root(environ: Mapping[str, str] | None = None) -> Path:
+    """DSR1_ENGINES_DIR, else DSR1_HOME/engines. A container image installs engines outside the
+    models volume mounted at DSR1_HOME (deploy/Dockerfile.*), where the mount would hide them."""
+    env = os.environ if environ is None else environ
+    if env.get("DSR1_ENGINES_DIR"):
+        return Path(env["DSR1_ENGINES_DIR"]).expanduser()
     return settings.home(environ) / "engines"
 
 
