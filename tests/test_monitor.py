@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from dsr1.bench.server import free_port, wait_healthy
 from dsr1.monitoring import dashboard, prometheus, setup, signals
@@ -323,3 +324,51 @@ def test_monitor_init_without_a_server_says_how_to_fix_it(tmp_path):
     assert not (tmp_path / "mon").exists()  # nothing half-written
     r = _monitor(tmp_path / "mon", "--scrape-interval", "often", home=tmp_path)
     assert r.returncode == 2 and "--scrape-interval" in r.stderr
+
+
+# -- multi-node: node agents on one machine -----------------------------------------------------------
+
+def test_node_agents_report_latency_and_prometheus_scrapes_every_node(tmp_path):
+    """Rank 0's agent and a worker's, both real HTTP servers on 127.0.0.1: the worker measures its
+    round trip to the head and announces itself; the head lists both; Prometheus, configured by
+    monitor init from that list, gets data for every node panel and node alert."""
+    from dsr1.monitoring.nodeagent import NodeAgent
+
+    head = NodeAgent(0, bind="127.0.0.1", port=0, nvml=_nvml("h100x8-ib")).start()
+    worker = NodeAgent(1, bind="127.0.0.1", port=0, head=("127.0.0.1", head.port), source="127.0.0.1",
+                       interval=0.5, nvml=_nvml("h100x8-ib")).start()
+    prom = None
+    try:
+        deadline = time.monotonic() + 10
+        while len(head.nodes()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [n["rank"] for n in head.nodes()] == [0, 1]
+        assert head.nodes()[1]["address"] == f"127.0.0.1:{worker.port}"
+        rtt = worker.probe()
+        assert rtt is not None and 0 < rtt < 1
+        d = Deployment("http://127.0.0.1:1", "r1", "vllm", gpus=8, nodes=head.nodes())
+        setup.write(tmp_path / "mon", d, setup.Options(scrape_interval="1s"))
+        prom = Prometheus(tmp_path / "mon/prometheus.yml", tmp_path / "tsdb")
+        node_row = next(r for r in signals.rows(d) if r.title == "Nodes")
+        gpu_row = next(r for r in signals.rows(d) if r.title == "GPUs")
+        exprs = [q.expr for r in (node_row, gpu_row) for p in r.panels for q in p.queries]
+        exprs += [a.quantity for a in signals.alerts(d, ttft_slo_s=2) if a.name.startswith("Dsr1Node")]
+        deadline = time.monotonic() + 30
+        empty = exprs
+        while empty and time.monotonic() < deadline:
+            time.sleep(1)
+            empty = [e for e in exprs if not prom.query(e)]
+        assert not empty, empty
+        assert float(prom.query('sum(up{job="dsr1-nodes"})')[0]["value"][1]) == 2
+        assert 0 < float(prom.query("dsr1_node_head_rtt_seconds")[0]["value"][1]) < 1
+        # the head going away is seen by the worker
+        head.stop()
+        head = None
+        assert worker.probe() is None
+        assert 'dsr1_node_head_reachable{node_rank="1"} 0.0' in generate_latest(worker.registry).decode()
+    finally:
+        if prom:
+            prom.stop()
+        worker.stop()
+        if head is not None:
+            head.stop()

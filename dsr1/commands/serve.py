@@ -75,6 +75,7 @@ def serve(
     engine_port: int = typer.Option(0, "--engine-port", help="Private port of an external engine on 127.0.0.1 (0 picks a free one)."),
     nodes: int = typer.Option(1, "--nodes", help="Nodes the deployment spans (vLLM or SGLang)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's rank, 0 being the head."),
+    node_metrics_port: int = typer.Option(8101, "--node-metrics-port", help="Multi-node: port of each node's metrics agent (GPUs, latency toward the head) on the NCCL interface; 0: off."),
     head: Optional[str] = typer.Option(None, "--head", help="HOST:PORT of node 0's rendezvous, reachable from every node."),
     expect_model: Optional[str] = typer.Option(None, "--expect-model", help="Multi-node: refuse to start unless this node's copy of MODEL has this fingerprint (the plan's model_fingerprint; --emit writes it)."),
     check_only: bool = typer.Option(False, "--check-only", help="Run this node's pre-launch checks (ports, --head, model fingerprint) and exit."),
@@ -135,7 +136,7 @@ def serve(
         reasoning_field=reasoning_field, system_prompt=system_prompt, audit_log=audit_log, audit_content=audit_content,
         grace=grace, engine=engine, engine_python=engine_python, fast_path=fast_path, compile=compile,
         prefix_cache_mb=prefix_cache_mb, speculative=speculative, num_speculative_tokens=num_speculative_tokens,
-        draft_model=draft_model)
+        draft_model=draft_model, node_metrics_port=node_metrics_port)
     from dsr1 import plan as planner
 
     overrides = planner.Overrides(

@@ -46,7 +46,8 @@ def free_port() -> int:
 
 
 def run_engine(launch: EngineLaunch, front_cfg, *, host: str, port: int, grace: float,
-               on_ready: Callable[[str], None], progress: Callable[[str], None] = lambda m: None) -> None:
+               on_ready: Callable[[str], None], progress: Callable[[str], None] = lambda m: None,
+               nodes: Callable[[], list[dict]] | None = None) -> None:
     """Start the engine, wait until healthy, serve the front until a signal or the engine's death."""
     from dsr1.serve import listen
     from dsr1.serve.front import create_front
@@ -70,7 +71,8 @@ def run_engine(launch: EngineLaunch, front_cfg, *, host: str, port: int, grace: 
             took = child.wait_healthy(health, timeout=launch.start_timeout, progress=progress,
                                       diagnose=launch.diagnose)
         progress(f"{launch.engine} is up after {took:.0f}s")
-        app, front = create_front(front_cfg, Metrics(front_cfg.model_name, engine_gauges=False))
+        app, front = create_front(front_cfg, Metrics(front_cfg.model_name, engine_gauges=False, gpus=nodes is None))
+        front.nodes = nodes
         died = threading.Event()
 
         def draining() -> None:
@@ -105,11 +107,9 @@ def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = Non
     commands, then the engine; on the head node dsr1's front too. `opts` is the command's
     ServeOptions (key, queue, reasoning field, grace)."""
     import subprocess
-    import sys
 
     from dsr1 import preflight
     from dsr1.engines import base
-    from dsr1.serve.front import FrontConfig
 
     for line in preflight.run(plan, api_host=opts.host, expect_model=expect_model, progress=out.info):
         out.info(f"checked: {line}")
@@ -127,6 +127,23 @@ def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = Non
     launch = EngineLaunch(engine=plan.engine, argv=list(node.argv), env=env, port=plan.engine_port,
                           health_path=plan.health_path, diagnose=lambda lines: engine.diagnose(lines, plan),
                           fallback=lambda code, lines: _fallback(engine, code, lines, list(node.argv)))
+    from dsr1.monitoring import nodeagent
+
+    agent = nodeagent.for_plan(plan, opts.node_metrics_port)
+    if agent is not None:
+        out.info(f"node agent for rank {plan.node_rank} on http://{agent.address}/metrics")
+    try:
+        _serve_node(plan, node, launch, opts, out, on_ready, agent)
+    finally:
+        if agent is not None:
+            agent.stop()
+
+
+def _serve_node(plan, node, launch, opts, out, on_ready, agent) -> None:
+    import sys
+
+    from dsr1.serve.front import FrontConfig
+
     if node.role != "head":  # a worker rank: the engine process only; the head node's front serves clients
         run_worker(launch, grace=opts.grace, progress=out.info)
         return
@@ -142,7 +159,7 @@ def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = Non
         requestlog.ready(url)
 
     run_engine(launch, cfg, host=opts.host, port=opts.port, grace=opts.grace, on_ready=on_ready or ready,
-               progress=out.info)
+               progress=out.info, nodes=agent.nodes if agent is not None else None)
 
 
 def _fallback(engine, code: int, lines: list[str], argv: list[str]):

@@ -19,7 +19,7 @@ API_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
 class Metrics:
-    def __init__(self, model: str, *, engine_gauges: bool = True, nvml: Any = None):
+    def __init__(self, model: str, *, engine_gauges: bool = True, nvml: Any = None, gpus: bool = True):
         """`engine_gauges=False` for the front of an external engine: the KV-cache and decode-step
         series describe the embedded engine only (vLLM's and llama.cpp's own are appended to
         /metrics by the front), and a gauge stuck at 0 would read as an idle cache."""
@@ -65,8 +65,9 @@ class Metrics:
                                registry=None)
         from dsr1.serve.gpustats import GpuCollector
 
+        # gpus=False on a multi-node head: its node agent exports this node's GPUs (counted here, not exported twice)
         self.gpus = GpuCollector(nvml)
-        if self.gpus.available:
+        if self.gpus.available and gpus:
             r.register(self.gpus)
 
     def features(self) -> dict[str, Any]:
@@ -121,4 +122,5 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
 

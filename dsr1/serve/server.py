@@ -58,6 +58,7 @@ class ServeOptions:
     num_speculative_tokens: int = 4
     draft_model: str | None = None  # --speculative draft: a directory or stored name, same tokenizer
     engine_python: str | None = None
+    node_metrics_port: int = 8101  # multi-node: each node's agent (dsr1.monitoring.nodeagent); 0: off
     quantize: str = "none"  # int8 or nf4: bitsandbytes while loading (`--precision int8|nf4` on a local model)
 
 
