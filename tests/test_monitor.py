@@ -359,6 +359,8 @@ def test_node_agents_report_latency_and_prometheus_scrapes_every_node(tmp_path):
             time.sleep(1)
             empty = [e for e in exprs if not prom.query(e)]
         assert not empty, empty
+        while float(prom.query('sum(up{job="dsr1-nodes"})')[0]["value"][1]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)  # each target's first scrape lands on its own schedule
         assert float(prom.query('sum(up{job="dsr1-nodes"})')[0]["value"][1]) == 2
         assert 0 < float(prom.query("dsr1_node_head_rtt_seconds")[0]["value"][1]) < 1
         # the head going away is seen by the worker
