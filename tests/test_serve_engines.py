@@ -382,3 +382,38 @@ def test_llamacpp_segfault_while_loading_is_retried_without_repacking():
     assert ENGINE.start_fallback(-11, lines, argv) is None  # once only
     assert ENGINE.start_fallback(1, lines, ["llama-server"]) is None  # not a crash
     assert ENGINE.start_fallback(-11, lines + ["llama_server: model loaded"], ["llama-server"]) is None
+
+
+def _names_missing_from_metrics(srv: ServerProc, engine: str) -> list[str]:
+    """Every metric name the monitoring setup for this deployment queries (dashboard and rules),
+    that the front's /metrics (dsr1's series plus the engine's own) does not have."""
+    import re
+
+    from dsr1.monitoring import deployment, signals
+
+    d = deployment.fetch(srv.url, KEY)
+    assert d.engine == engine
+    exprs = signals.all_queries(d) + [r.expr for r in signals.recordings(d)]
+    text = httpx.get(f"{srv.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    names = {n for e in exprs for n in re.findall(r"\b(?:dsr1_|vllm:|llamacpp:)[a-zA-Z0-9_:]+", e)}
+    assert any(n.startswith(f"{engine}:") for n in names)  # the engine's own names are on the dashboard
+    return sorted(n for n in names if n not in exported)
+
+
+def test_vllm_dashboard_queries_name_metrics_vllm_exports(vllm_demo):
+    c = _client(vllm_demo)
+    for stream in (False, True):
+        r = c.completions.create(model="demo", prompt="Hello there", max_tokens=8, stream=stream)
+        if stream:
+            list(r)
+    assert _names_missing_from_metrics(vllm_demo, "vllm") == []
+
+
+def test_llamacpp_dashboard_queries_name_metrics_llama_server_exports(llama_demo):
+    c = _client(llama_demo)
+    for stream in (False, True):
+        r = c.completions.create(model="demo", prompt="Hello there", max_tokens=8, stream=stream)
+        if stream:
+            list(r)
+    assert _names_missing_from_metrics(llama_demo, "llamacpp") == []
