@@ -22,6 +22,7 @@ How `--engine auto` chooses (docs/engines.md):
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -71,6 +72,7 @@ class Overrides:
     head: str | None = None  # HOST:PORT of node 0's rendezvous
     device_map: str | None = None  # embedded: "cpu" plans without the GPUs
     expect_model: str | None = None  # multi-node: the fingerprint every node's copy must have
+    lora: tuple[tuple[str, str], ...] = ()  # --lora NAME=ADAPTER (a directory or a stored adapter)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,9 @@ class Plan:
     # tokens one engine step may take (vLLM --max-num-batched-tokens, SGLang --chunked-prefill-size,
     # llama-server -b); None = the engine's own default. The embedded engine's is --prefill-chunk.
     max_batched_tokens: int | None = None
+    # LoRA adapters served beside the base model: (name, directory); the engine gets its own flags
+    lora: tuple[tuple[str, str], ...] = ()
+    lora_max_rank: int = 0
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -320,6 +325,7 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
     external = engine != "embedded"
     if o.threads is not None:
         sizes["threads"] = o.threads
+    lora, lora_rank = _adapters(o, engine, ref)
     plan = Plan(
         model=model, model_kind=ref.kind, model_path=ref.path or ref.repo or model, needs_pull=not ref.local,
         catalog_name=ref.catalog_name, architecture=spec.architecture if spec else None,
@@ -335,8 +341,27 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
         health_path=base.get(engine).health_path, nodes_count=o.nodes, node_rank=o.node_rank, head=o.head, env=env,
         profile_context=s.context_length,
         model_fingerprint=modelref.fingerprint(ref.path) if o.nodes > 1 and ref.local else None,
-        max_batched_tokens=o.max_batched_tokens, **sizes)
+        max_batched_tokens=o.max_batched_tokens, lora=lora, lora_max_rank=lora_rank, **sizes)
     return _with_commands(plan, inst, d)
+
+
+def _adapters(o: Overrides, engine: str, ref: "ModelRef") -> tuple[tuple[tuple[str, str], ...], int]:
+    """--lora NAME=ADAPTER resolved to directories and checked against the base model (when it is here)."""
+    if not o.lora:
+        return (), 0
+    from dsr1 import lora
+
+    if engine == "llamacpp":
+        raise UsageError("--lora is not supported with llama-server (it takes GGUF LoRA files, which dsr1 does "
+                         "not convert)", hint="serve the safetensors model with --engine embedded or vllm")
+    out, rank = [], 0
+    for name, where in o.lora:
+        adapter = lora.read(lora.resolve(where))
+        if ref.local and ref.path and (Path(ref.path) / "config.json").is_file():
+            lora.check(adapter, Path(ref.path))
+        out.append((name, str(adapter.path)))
+        rank = max(rank, adapter.r)
+    return tuple(out), rank
 
 
 def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: str,

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsr1 import settings, store
+from dsr1 import lora, settings, store
 from dsr1.download import DEFAULT_WORKERS, MAX_WORKERS, Reporter
 from dsr1.errors import DiskSpaceError, NotFoundError, UsageError
 from dsr1.quantize import METHODS, OUTPUT_RATIO
@@ -27,6 +27,7 @@ class Source:
     repo_id: str | None = None
     path: Path | None = None
     default_name: str = ""
+    adapter: bool = False  # a LoRA adapter directory (adapter_config.json, no config.json)
 
 
 @dataclass
@@ -46,6 +47,8 @@ class PullResult:
     cleaned: list[str] = field(default_factory=list)
     checks: dict = field(default_factory=dict)
     manifest: str = ""
+    kind: str = "model"  # model | lora
+    lora_base: str | None = None  # a stored adapter's base model
 
 
 def classify(source: str) -> Source:
@@ -58,8 +61,11 @@ def classify(source: str) -> Source:
                                                                    "name (`dsr1 models`) or a hub repo id org/name")
         return Source("gguf", source, path=p.resolve(), default_name=store.sanitize(p.stem))
     if p.is_dir():
+        if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+            return Source("dir", source, path=p.resolve(), default_name=store.sanitize(p.resolve().name), adapter=True)
         if not (p / "config.json").is_file():
-            raise UsageError(f"{p} is a directory without config.json", hint="pass a transformers model directory")
+            raise UsageError(f"{p} is a directory without config.json",
+                             hint="pass a transformers model directory, or a LoRA adapter (adapter_config.json)")
         return Source("dir", source, path=p.resolve(), default_name=store.sanitize(p.resolve().name))
     if source.lower().endswith(".gguf") or source.startswith((".", "/", "~")):
         raise NotFoundError(f"no such file or directory: {source}", hint="check the path")
@@ -104,7 +110,10 @@ def _planned_quant(profile: str | None, model: str | None) -> str:
 
 def pull(source: str, *, name: str | None = None, revision: str | None = None, endpoint: str | None = None,
          quant: str | None = None, profile: str | None = None, local_dir: Path | None = None,
-         allow_pickle: bool = False, reporter: Reporter | None = None, workers: int = DEFAULT_WORKERS) -> PullResult:
+         allow_pickle: bool = False, reporter: Reporter | None = None, workers: int = DEFAULT_WORKERS,
+         base: str | None = None, merge_lora: bool = False) -> PullResult:
+    """Store a model (or, for a LoRA adapter, the adapter checked against `base`; with `merge_lora`
+    the base with the adapter merged in, as a model of its own)."""
     reporter = reporter or Reporter()
     if not 1 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers {workers} is out of range", hint=f"use 1 to {MAX_WORKERS} (default {DEFAULT_WORKERS})")
@@ -113,9 +122,18 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
         raise UsageError("--revision applies to hub downloads only", hint="drop --revision for local files")
     if name is not None:
         store.validate_name(name)  # fail before any work
+    if (base or merge_lora) and src.kind in ("dir", "gguf") and not src.adapter:
+        raise UsageError("--base and --merge-lora are for LoRA adapters", hint=f"{source} is a model; drop them")
+    if src.adapter and not merge_lora:
+        if quant not in (None, "none"):
+            raise UsageError("--quant applies to models, not to a LoRA adapter", hint="add --merge-lora to quantize "
+                                                                                     "the merged model")
+        quant = "none"
     method, method_source = resolve_quant(quant, profile, src.default_name if src.kind == "catalog" else None)
-    base = name or (src.default_name + ("" if method == "none" or name else f"-{method}"))
-    name = store.validate_name(base)
+    stem = src.default_name
+    if src.adapter and merge_lora:
+        stem = f"{store.sanitize(Path(base).name if base else 'merged')}-{src.default_name}"
+    name = store.validate_name(name or (stem + ("" if method == "none" else f"-{method}")))
     entry = store.entry_dir(name)
     store.clean_stale()
     entry.mkdir(parents=True, exist_ok=True)
@@ -134,6 +152,10 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
         else:
             model_dir = src.path
             manifest.files = None  # hashed below
+        if lora.is_adapter(Path(model_dir)) and not (Path(model_dir) / "config.json").is_file():
+            model_dir = _adapter(Path(model_dir), base, merge_lora, work, entry, reporter, manifest)
+        elif base or merge_lora:
+            raise UsageError("--base and --merge-lora are for LoRA adapters", hint=f"{source} is a model; drop them")
         if method != "none":
             model_dir = _quantize(model_dir, work, entry, method, reporter, result, manifest)
         elif src.kind == "gguf":
@@ -152,6 +174,7 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
     result.model_dir = str(model_dir)
     result.total_bytes = manifest.total_size
     result.checks = manifest.checks
+    result.kind, result.lora_base = manifest.kind, manifest.lora_base if manifest.kind == "lora" else None
     return result
 
 
@@ -178,6 +201,33 @@ def _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter
     manifest.files = [store.FileRecord(path=f.path, size=f.size, sha256=f.sha256, git_oid=None if f.sha256 else f.git_oid)
                       for f in plan.files]
     return dl.model_dir
+
+
+def _adapter(adapter_dir: Path, base: str | None, merge: bool, work: Path, entry: Path, reporter, manifest) -> Path:
+    """A LoRA adapter: checked against its base model, then stored as an adapter, or merged into the
+    base and stored as a model (`--merge-lora`)."""
+    adapter = lora.read(adapter_dir)
+    base = base or adapter.base_model
+    if not base:
+        raise UsageError(f"{adapter_dir} is a LoRA adapter: name its base model", hint="add --base MODEL "
+                                                                                     "(a stored name or directory)")
+    try:
+        base_dir = store.resolve_model_dir(base)
+    except NotFoundError as e:
+        raise NotFoundError(f"the adapter's base model {base!r} is not here ({e})",
+                            hint="pull the base first, or pass --base with a stored name or directory") from None
+    reporter.stage(f"checking the adapter against {base_dir}")
+    lora.check(adapter, base_dir)
+    manifest.lora_base = str(base)
+    if not merge:
+        manifest.kind = "lora"
+        return adapter_dir
+    reporter.stage(f"merging the adapter into {base_dir} (peft)")
+    with _silenced(reporter):
+        lora.merge(base_dir, adapter_dir, work / "merged")
+    manifest.files = None
+    manifest.checks = {"merged_adapter": str(adapter_dir), "merged_into": str(base_dir)}
+    return _install(work / "merged", entry)
 
 
 def _silenced(reporter: Reporter):

@@ -60,6 +60,8 @@ class Manifest:
     created: str = ""
     manifest_version: int = MANIFEST_VERSION
     source_path: str | None = None  # gguf/dir: `source` as an absolute path (it may have been relative)
+    kind: str = "model"  # model | lora (a LoRA adapter; model_dir holds adapter_config.json)
+    lora_base: str | None = None  # lora: the base model it was checked against (stored name or path)
 
     @property
     def total_size(self) -> int:

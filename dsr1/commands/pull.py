@@ -62,6 +62,8 @@ def pull(
     local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Download here instead of the Hugging Face cache."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.pt) when a repo has no safetensors."),
     workers: int = typer.Option(DEFAULT_WORKERS, "--workers", help=f"Files downloaded at once, 1-{MAX_WORKERS}."),
+    base: Optional[str] = typer.Option(None, "--base", help="For a LoRA adapter: its base model (stored name or directory); checked against it (default: the adapter's base_model_name_or_path)."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="For a LoRA adapter: store the base model with the adapter merged in, as a model of its own."),
     profile: Optional[str] = ProfileOpt,
     json: bool = JsonOpt,
     quiet: bool = QuietOpt,
@@ -77,7 +79,7 @@ def pull(
     try:
         result = core.pull(source, name=name, revision=revision, endpoint=endpoint, quant=quant, profile=profile,
                            local_dir=local_dir, allow_pickle=allow_pickle, reporter=reporter,
-                           workers=workers)
+                           workers=workers, base=base, merge_lora=merge_lora)
     finally:
         if isinstance(reporter, RichReporter):
             reporter.close()
@@ -90,7 +92,11 @@ def pull(
             c.print(f"  downloaded {result.downloaded_bytes / 1e6:.1f} MB, reused {result.reused_bytes / 1e6:.1f} MB"
                     + (f", resumed from {result.resumed_bytes / 1e6:.1f} MB of partial files" if result.resumed_bytes else ""))
         c.print(f"  model dir: {result.model_dir}")
-        c.print(f"  next: [green]dsr1 verify {result.name}[/]")
+        if result.lora_base:
+            c.print(f"  LoRA adapter for {result.lora_base}; next: [green]dsr1 serve {result.lora_base} "
+                    f"--lora {result.name}={result.name}[/]")
+        else:
+            c.print(f"  next: [green]dsr1 verify {result.name}[/]")
 
     out.result(result, render)
 

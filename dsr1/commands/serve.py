@@ -51,6 +51,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads: torch's (embedded), llama-server's -t (default: torch's choice; one per physical core for llama-server)."),
     max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="Tokens one engine step may take: vLLM --max-num-batched-tokens, SGLang --chunked-prefill-size, llama-server -b (default: the engine's). The embedded engine's is --prefill-chunk."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Name clients pass as `model`."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help="NAME=ADAPTER (a peft LoRA directory or a stored adapter), repeatable: served as model NAME beside the base model, in the same batches (docs/lora.md)."),
     reasoning_parser: str = typer.Option("auto", "--reasoning-parser", help="deepseek_r1 (text before </think> is reasoning), none (no split); auto: deepseek_r1 if the tokenizer has </think>."),
     reasoning_field: str = typer.Option("both", "--reasoning-field", help="reasoning_content (DeepSeek), reasoning (vLLM 0.11+) or both."),
     system_prompt: str = typer.Option("auto", "--system-prompt", help="keep, merge (into the first user turn, DeepSeek's R1 advice), drop; auto: merge for R1."),
@@ -97,9 +98,11 @@ def serve(
         raise UsageError(f"--system-prompt {system_prompt!r}", hint="use auto, keep, merge or drop")
     if audit_content and not audit_log:
         raise UsageError("--audit-content needs --audit-log", hint="add --audit-log PATH")
+    from dsr1 import lora as _lora
     from dsr1.serve import requestlog
 
     requestlog.configure(log_format, content=log_content)
+    lora_specs = _lora.parse_specs(lora or [])
     out = requestlog.output(json, quiet)
     tuned_profile = None
     if use_tuned:
@@ -136,7 +139,7 @@ def serve(
         reasoning_field=reasoning_field, system_prompt=system_prompt, audit_log=audit_log, audit_content=audit_content,
         grace=grace, engine=engine, engine_python=engine_python, fast_path=fast_path, compile=compile,
         prefix_cache_mb=prefix_cache_mb, speculative=speculative, num_speculative_tokens=num_speculative_tokens,
-        draft_model=draft_model, node_metrics_port=node_metrics_port)
+        draft_model=draft_model, node_metrics_port=node_metrics_port, lora=lora_specs)
     from dsr1 import plan as planner
 
     overrides = planner.Overrides(
@@ -144,7 +147,7 @@ def serve(
         pipeline_parallel=pipeline_parallel, data_parallel=data_parallel, max_model_len=max_model_len,
         max_concurrent=max_concurrent, memory_utilization=memory_utilization, served_name=served_model_name,
         max_batched_tokens=max_batched_tokens, threads=threads, host=host, port=port, engine_port=engine_port, nodes=nodes, node_rank=node_rank, head=head,
-        device_map=device_map, expect_model=expect_model)
+        device_map=device_map, expect_model=expect_model, lora=tuple(lora_specs))
     deployment = planner.make_plan(model, profile, overrides)
     if dry_run or emit:
         if emit:

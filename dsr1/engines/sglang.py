@@ -53,6 +53,9 @@ class SglangEngine:
             a += ["--quantization", plan.quantization]
         if plan.reasoning_parser == "deepseek_r1":
             a += ["--reasoning-parser", "deepseek-r1"]
+        if plan.lora:
+            a += ["--enable-lora", "--lora-paths", *(f"{n}={p}" for n, p in plan.lora),
+                  "--max-lora-rank", str(plan.lora_max_rank), "--max-loras-per-batch", str(max(8, len(plan.lora)))]
         if plan.architecture == "deepseek_v3":
             a += ["--trust-remote-code"]  # as every DeepSeek command in SGLang's docs passes it
         return a

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from dsr1.plan import Plan
 
 REFERENCE = "0.32.0"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py: MaxLoRARanks
 SINCE = {"--reasoning-parser": "0.7"}  # 0.7-0.9 also wanted --enable-reasoning
 LAUNCHER_SINCE = (0, 32)  # vllm.entrypoints.launchers.api_server.entry
 
@@ -57,6 +58,11 @@ class VllmEngine:
                 a += ["--pipeline-parallel-size", str(plan.pipeline_parallel)]
         if plan.quantization:  # never for R1: it ships FP8 (SGLang and vLLM docs: no --quantization fp8)
             a += ["--quantization", plan.quantization]
+        if plan.lora:
+            # vLLM's own multi-LoRA batching (punica kernels); ranks are padded to one it allows
+            a += ["--enable-lora", "--lora-modules", *(f"{n}={p}" for n, p in plan.lora),
+                  "--max-lora-rank", str(next(r for r in VLLM_LORA_RANKS if r >= plan.lora_max_rank)),
+                  "--max-loras", str(len(plan.lora))]
         if plan.reasoning_parser == "deepseek_r1":
             a += ["--reasoning-parser", "deepseek_r1"]
             if flags.known is not None and "--enable-reasoning" in flags.known and base.version_tuple(flags.version) < (0, 10):

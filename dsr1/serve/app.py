@@ -11,7 +11,7 @@ import hmac
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -39,6 +39,7 @@ class AppConfig:
     audit_log: Path | None = None
     audit_content: bool = False
     retry_after_s: int = 1
+    adapters: dict[str, int] = field(default_factory=dict)  # LoRA: served name -> adapter id in the model
 
 
 class Audit:
@@ -65,9 +66,11 @@ def _error(e: schema.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def models_body(name: str, max_model_len: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": schema.now(), "owned_by": "dsr1",
-                                        "max_model_len": max_model_len}]}
+def models_body(name: str, max_model_len: int, adapters=()) -> dict[str, Any]:
+    """The base model, then each LoRA adapter with the base as its `parent` (as vLLM lists them)."""
+    base = {"id": name, "object": "model", "created": schema.now(), "owned_by": "dsr1", "max_model_len": max_model_len,
+            "root": name, "parent": None}
+    return {"object": "list", "data": [base] + [{**base, "id": a, "root": a, "parent": name} for a in adapters]}
 
 
 def deployment_body(model: str, engine: str, metrics, nodes: list[dict] | None = None) -> dict[str, Any]:
@@ -76,8 +79,9 @@ def deployment_body(model: str, engine: str, metrics, nodes: list[dict] | None =
     return {"model": model, "engine": engine, "metrics": metrics.features(), "nodes": nodes or []}
 
 
-def unknown_model(name: str, served: str) -> schema.ApiError:
-    return schema.ApiError(404, f"The model '{name}' does not exist; this server serves '{served}'",
+def unknown_model(name: str, served: str, adapters=()) -> schema.ApiError:
+    names = ", ".join(f"'{n}'" for n in [served, *adapters])
+    return schema.ApiError(404, f"The model '{name}' does not exist; this server serves {names}",
                            param="model", code="model_not_found")
 
 
@@ -130,9 +134,13 @@ class Api:
     async def _body(self, req: HttpRequest) -> Any:
         return await read_json(req, self.cfg.max_body_bytes)
 
-    def _check_model(self, name: str) -> None:
-        if name != self.cfg.model_name:
-            raise unknown_model(name, self.cfg.model_name)
+    def _check_model(self, name: str) -> int:
+        """The adapter id for model `name` (0: the base model)."""
+        if name == self.cfg.model_name:
+            return 0
+        if name in self.cfg.adapters:
+            return self.cfg.adapters[name]
+        raise unknown_model(name, self.cfg.model_name, list(self.cfg.adapters))
 
     def _budget(self, prompt_len: int, asked: int | None, param: str) -> int:
         room = self.cfg.max_model_len - prompt_len
@@ -142,11 +150,11 @@ class Api:
                                   param=param, code="context_length_exceeded")
         return room if asked is None else min(asked, room)
 
-    def _submit(self, ids: list[int], c: schema.Common, max_tokens: int, sink) -> Request:
+    def _submit(self, ids: list[int], c: schema.Common, max_tokens: int, sink, adapter: int = 0) -> Request:
         params = SamplingParams(max_tokens=max_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed,
                                 stop=c.stop, ignore_eos=c.ignore_eos)
         try:
-            return self.sched.submit(Request(ids, params, sink))
+            return self.sched.submit(Request(ids, params, sink, adapter=adapter))
         except Overloaded as e:
             raise schema.ApiError(429, f"Server is overloaded ({e}); retry later", type="rate_limit_error",
                                   code="overloaded", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
@@ -193,7 +201,7 @@ class Api:
         return JSONResponse({"status": "ok", "model": self.cfg.model_name, "running": running, "waiting": waiting})
 
     async def models(self, req: HttpRequest) -> Response:
-        return JSONResponse(models_body(self.cfg.model_name, self.cfg.max_model_len))
+        return JSONResponse(models_body(self.cfg.model_name, self.cfg.max_model_len, self.cfg.adapters))
 
     async def metrics_route(self, req: HttpRequest) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -214,7 +222,7 @@ class Api:
         try:
             body = await self._body(req)
             c = schema.parse_chat(body) if kind == "chat" else schema.parse_completion(body)
-            self._check_model(c.model)
+            adapter = self._check_model(c.model)
             if kind == "chat":
                 ids = self._chat_prompt(c.messages)
                 param, prompt_text = "messages", c.messages
@@ -229,7 +237,8 @@ class Api:
             max_tokens = self._budget(len(ids), c.max_tokens, param)
             queue: asyncio.Queue[Event] = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            handle = self._submit(ids, c, max_tokens, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+            handle = self._submit(ids, c, max_tokens, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+                                  adapter)
         except schema.ApiError as e:
             self.metrics.requests.labels(endpoint, str(e.status)).inc()
             self.audit.write(client=client, endpoint=endpoint, model=self.cfg.model_name, status=e.status,
@@ -279,12 +288,12 @@ class Api:
                 reasoning, msg["content"] = split_full(text)
                 msg.update(self._reasoning_fields(reasoning))
             body = {"id": schema.new_id("chatcmpl"), "object": "chat.completion", "created": schema.now(),
-                    "model": self.cfg.model_name,
+                    "model": x.c.model,
                     "choices": [{"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}], "usage": u}
         else:
             out = (x.prompt if isinstance(x.prompt, str) else "") + text if x.c.echo else text
             body = {"id": schema.new_id("cmpl"), "object": "text_completion", "created": schema.now(),
-                    "model": self.cfg.model_name,
+                    "model": x.c.model,
                     "choices": [{"index": 0, "text": out, "finish_reason": finish, "logprobs": None}], "usage": u}
         return JSONResponse(body)
 
@@ -300,7 +309,7 @@ class Api:
                 choice["delta"] = delta or {}
             else:
                 choice["text"] = text_part or ""
-            payload = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": [choice]}
+            payload = {"id": rid, "object": obj, "created": created, "model": x.c.model, "choices": [choice]}
             if x.c.include_usage:
                 payload["usage"] = None
             return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
@@ -337,7 +346,7 @@ class Api:
             else:
                 yield chunk({}, ev.finish_reason, "")
                 if x.c.include_usage:
-                    payload = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name,
+                    payload = {"id": rid, "object": obj, "created": created, "model": x.c.model,
                                "choices": [], "usage": schema.usage(ev.prompt_tokens, ev.completion_tokens)}
                     yield b"data: " + json.dumps(payload).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
@@ -351,12 +360,12 @@ class Api:
     def _done(self, x: "_Ctx", status: int, ev: Event | None, text: str) -> None:
         self.metrics.requests.labels(x.endpoint, str(status)).inc()
         seconds = time.perf_counter() - x.t0
-        self.audit.write(client=x.client, endpoint=x.endpoint, model=self.cfg.model_name, status=status,
+        self.audit.write(client=x.client, endpoint=x.endpoint, model=x.c.model, status=status,
                          prompt_tokens=len(x.ids), completion_tokens=ev.completion_tokens if ev else 0,
                          finish_reason=ev.finish_reason if ev else None,
                          seconds=round(seconds, 4), prompt=x.prompt, output=text)
         h = x.handle
-        requestlog.request(request_id=h.id, endpoint=x.endpoint, model=self.cfg.model_name, status=status,
+        requestlog.request(request_id=h.id, endpoint=x.endpoint, model=x.c.model, status=status,
                            client=x.client, stream=bool(x.c.stream), prompt_tokens=len(x.ids),
                            completion_tokens=ev.completion_tokens if ev else 0,
                            finish_reason=ev.finish_reason if ev else None, seconds=seconds,

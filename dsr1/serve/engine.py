@@ -109,6 +109,7 @@ class EmbeddedModel:
 
         self.fast = None
         self.fast_reason = unsupported_reason(self.model) if fast_path else "turned off (--no-fast-path)"
+        self.adapters: list[list[dict]] = []  # LoRA adapters, id i+1 (dsr1.lora.load's layout)
         self.load_seconds = time.perf_counter() - t0
 
     def _layer_devices(self) -> list[torch.device]:
@@ -123,6 +124,8 @@ class EmbeddedModel:
             from dsr1.serve.fastpath import FastForward
 
             self.fast = FastForward(self.model, max_len)
+            for per_layer in self.adapters:  # ids stay as they were: i+1
+                self.fast.add_adapter(per_layer)
         return SlotCache(self.layers, slots, self.kv_heads, max_len, self.head_dim, self.dtype, self._layer_devices())
 
     @property
@@ -136,10 +139,22 @@ class EmbeddedModel:
         return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
 
     @torch.inference_mode()
-    def prefill(self, cache: SlotCache, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+    def load_adapter(self, adapter) -> int:
+        """Load a LoRA adapter (dsr1.lora.Adapter, checked against this model) for per-row use; its id."""
+        from dsr1 import lora
+
+        if self.fast_reason is not None:
+            raise ConfigError(f"LoRA adapters need the embedded engine's fast path, which this model cannot take: "
+                              f"{self.fast_reason}", hint="serve the adapters with --engine vllm")
+        self.adapters.append(lora.load(adapter, layers=self.layers, dtype=self.dtype, device=self.input_device))
+        if self.fast is not None:
+            self.fast.add_adapter(self.adapters[-1])
+        return len(self.adapters)
+
+    def prefill(self, cache: SlotCache, slot: int, tokens: list[int], start: int, adapter: int = 0) -> torch.Tensor:
         """Append `tokens` to row `slot` after `start` cached positions; logits of the last one."""
         if self.fast is not None:
-            return self.fast.prefill(cache, slot, tokens, start)
+            return self.fast.prefill(cache, slot, tokens, start, adapter)
         c = len(tokens)
         dev = self.input_device
         ids = torch.tensor([tokens], device=dev)
@@ -152,10 +167,11 @@ class EmbeddedModel:
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
-    def prefill_rows(self, cache: SlotCache, first: int, prompts: list[list[int]]) -> torch.Tensor:
+    def prefill_rows(self, cache: SlotCache, first: int, prompts: list[list[int]],
+                     adapters: list[int] | None = None) -> torch.Tensor:
         """Whole prompts into rows first.. in one forward (right-padded); logits of each last token."""
         if self.fast is not None:
-            return self.fast.prefill_rows(cache, first, prompts)
+            return self.fast.prefill_rows(cache, first, prompts, adapters)
         n, L = len(prompts), max(len(p) for p in prompts)
         dev = self.input_device
         ids = torch.zeros(n, L, dtype=torch.long)
@@ -173,10 +189,11 @@ class EmbeddedModel:
         return head(last.to(head.weight.device)).float()
 
     @torch.inference_mode()
-    def decode(self, cache: SlotCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, cache: SlotCache, tokens: list[int], positions: list[int],
+               adapters: list[int] | None = None) -> torch.Tensor:
         """One token for each of rows 0..n-1; row i's token sits at positions[i]. Logits [n, vocab]."""
         if self.fast is not None:
-            return self.fast.decode(cache, tokens, positions)
+            return self.fast.decode(cache, tokens, positions, adapters)
         n = len(tokens)
         dev = self.input_device
         ids = torch.tensor(tokens, device=dev).view(n, 1)
@@ -188,11 +205,12 @@ class EmbeddedModel:
                          use_cache=True)
         return out.logits[:, -1].float()
 
-    def verify(self, cache: SlotCache, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def verify(self, cache: SlotCache, rows: list[list[int]], starts: list[int],
+               adapters: list[int] | None = None) -> torch.Tensor:
         """Row i appends rows[i] at starts[i].. (speculative decoding); logits [n, t, vocab]. Fast path only."""
         if self.fast is None:
             raise ConfigError(f"speculative decoding needs the embedded engine's fast path: {self.fast_reason}")
-        return self.fast.verify(cache, rows, starts)
+        return self.fast.verify(cache, rows, starts, adapters)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -153,7 +153,7 @@ def _serve_node(plan, node, launch, opts, out, on_ready, agent) -> None:
                       max_model_len=plan.max_model_len, max_concurrent=running,
                       max_queue=opts.max_queue if opts.max_queue is not None else 4 * running,
                       api_key=opts.api_key, max_body_bytes=opts.max_body_bytes, reasoning_field=opts.reasoning_field,
-                      reasoning_on=plan.reasoning_parser != "none")
+                      reasoning_on=plan.reasoning_parser != "none", adapters=tuple(n for n, _ in plan.lora))
 
     def ready(url: str) -> None:
         requestlog.ready(url)

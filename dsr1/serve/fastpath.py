@@ -136,6 +136,54 @@ class FastForward:
         self._layer_fn = self._layer
         self.compiled = False
         self.compile_seconds = 0.0
+        self.adapters: list[list[dict] | None] = [None]  # LoRA adapters by id; 0 is the base model
+
+    # -- LoRA ------------------------------------------------------------------------------------
+    def add_adapter(self, per_layer: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> int:
+        """Lay out one adapter (dsr1.lora.load: per layer {module: (A, B*scale)}) for the fused
+        projections and return its id. q/k/v (and gate/up) become one A stacked on the rank axis and
+        one block-diagonal B, so an adapted row costs two small matmuls per fused projection."""
+        layers = []
+        for mods in per_layer:
+            entry = {}
+            for key, names, sizes in (("qkv", ("q_proj", "k_proj", "v_proj"), (self.q_size, self.kv_size, self.kv_size)),
+                                      ("gu", ("gate_proj", "up_proj"), (self.inter, self.inter))):
+                present = [(n, off) for n, off in zip(names, [sum(sizes[:i]) for i in range(len(sizes))]) if n in mods]
+                if not present:
+                    continue
+                a = torch.cat([mods[n][0] for n, _ in present], 0)
+                b = torch.zeros(sum(sizes), a.shape[0], dtype=a.dtype, device=a.device)
+                r0 = 0
+                for (n, off), size in ((p, sizes[names.index(p[0])]) for p in present):
+                    r = mods[n][0].shape[0]
+                    b[off : off + size, r0 : r0 + r] = mods[n][1]
+                    r0 += r
+                entry[key] = (a, b)
+            for key, name in (("o", "o_proj"), ("d", "down_proj")):
+                if name in mods:
+                    entry[key] = mods[name]
+            layers.append(entry)
+        self.adapters.append(layers)
+        return len(self.adapters) - 1
+
+    def _groups(self, adapters: list[int] | None):
+        """Rows by adapter for one forward: [(adapter's layers, row indices)], base rows left out."""
+        if not adapters or not any(adapters):
+            return None
+        by: dict[int, list[int]] = {}
+        for row, a in enumerate(adapters):
+            if a:
+                by.setdefault(a, []).append(row)
+        return [(self.adapters[a], torch.tensor(rows, device=self.device)) for a, rows in by.items()]
+
+    @staticmethod
+    def _lora(y: torch.Tensor, x: torch.Tensor, lora, key: str) -> torch.Tensor:
+        """y (= x @ W.T) plus each adapted row's x @ A.T @ B.T, rows indexed on the first axis."""
+        for layer, rows in lora:
+            ab = layer.get(key)
+            if ab is not None:
+                y[rows] += linear(linear(x[rows], ab[0]), ab[1])
+        return y
 
     # -- pieces --------------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -153,7 +201,7 @@ class FastForward:
 
     # -- the decode / verify step ----------------------------------------------------------------
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, ks: list[torch.Tensor],
-              vs: list[torch.Tensor]) -> torch.Tensor:
+              vs: list[torch.Tensor], groups=None) -> torch.Tensor:
         """tokens/pos [n, t]: the t new tokens of cache rows 0..n-1 and their positions; cols =
         arange(span), the cached columns attended (span > every position). Each query sees the
         columns up to its own position. Writes K/V in place; returns logits [n, t, vocab] (fp32)."""
@@ -167,16 +215,22 @@ class FastForward:
             mask = mask.repeat(1, 1, self.group, 1)  # the query heads of one KV head ride along t
         rows = torch.arange(n, device=tokens.device).view(n, 1)
         for li, weights in enumerate(self.layers):
-            x = self._layer_fn(x, cos, sin, mask, rows, pos, ks[li], vs[li], *weights)
+            if groups:
+                x = self._layer(x, cos, sin, mask, rows, pos, ks[li], vs[li], *weights,
+                                lora=[(ad[li], idx) for ad, idx in groups])
+            else:
+                x = self._layer_fn(x, cos, sin, mask, rows, pos, ks[li], vs[li], *weights)
         return self.logits(x)
 
-    def _layer(self, x, cos, sin, mask, rows, pos, ck, cv, ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd):
+    def _layer(self, x, cos, sin, mask, rows, pos, ck, cv, ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd, lora=None):
         """One decoder layer for the decode/verify step (the unit torch.compile compiles: one small
         graph reused by every layer, instead of one graph per layer)."""
         n, t = pos.shape
         span = mask.shape[-1]
         h = self._norm(x, ln1)
         qkv = linear(h, wqkv, bqkv, True)
+        if lora:
+            qkv = self._lora(qkv, h, lora, "qkv")
         # RoPE on q and k heads together, in [n, t, heads, d] (one set of ops instead of two)
         qk = self._rope(qkv[..., : self.q_size + self.kv_size].view(n, t, self.heads + self.kv_heads,
                                                                       self.head_dim), cos, sin)
@@ -185,13 +239,22 @@ class FastForward:
         q = qk[:, :, : self.heads].transpose(1, 2).reshape(n, self.kv_heads, self.group * t, self.head_dim)
         o = F.scaled_dot_product_attention(q, ck[:n, :, :span], cv[:n, :, :span], attn_mask=mask, scale=self.scale)
         o = o.view(n, self.heads, t, self.head_dim).transpose(1, 2).reshape(n, t, self.q_size)
-        return self._mlp(x + linear(o, wo, bo), ln2, wgu, wd)
+        return self._mlp(x + self._out(o, wo, bo, lora), ln2, wgu, wd, lora)
 
-    def _mlp(self, x, ln2, wgu, wd):
+    def _out(self, o, wo, bo, lora):
+        y = linear(o, wo, bo)
+        return self._lora(y, o, lora, "o") if lora else y
+
+    def _mlp(self, x, ln2, wgu, wd, lora=None):
         """The second half of a decoder layer, the same in the step and in prompt prefill."""
         h = self._norm(x, ln2)
-        g, u = linear(h, wgu).split((self.inter, self.inter), -1)
-        return x + linear(F.silu(g) * u, wd)
+        gu = linear(h, wgu)
+        if lora:
+            gu = self._lora(gu, h, lora, "gu")
+        g, u = gu.split((self.inter, self.inter), -1)
+        a = F.silu(g) * u
+        y = linear(a, wd)
+        return x + (self._lora(y, a, lora, "d") if lora else y)
 
     def enable_compile(self) -> None:
         """Compile the decoder layer of the decode/verify step (torch.compile, inductor, dynamic
@@ -219,16 +282,17 @@ class FastForward:
 
     # -- what the engine calls -----------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, cache, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each of rows 0..n-1; row i's token sits at positions[i]. Logits [n, vocab]."""
+    def decode(self, cache, tokens: list[int], positions: list[int], adapters: list[int] | None = None) -> torch.Tensor:
+        """One token for each of rows 0..n-1; row i's token sits at positions[i]. Logits [n, vocab].
+        `adapters`: row i's LoRA adapter id (0: the base model)."""
         dev = self.device
         ids = torch.tensor(tokens, device=dev).view(-1, 1)
         pos = torch.tensor(positions, device=dev).view(-1, 1)
         cols = torch.arange(max(positions) + 1, device=dev)
-        return self._step(ids, pos, cols, cache.k, cache.v)[:, 0]
+        return self._step(ids, pos, cols, cache.k, cache.v, self._groups(adapters))[:, 0]
 
     @torch.inference_mode()
-    def verify(self, cache, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def verify(self, cache, rows: list[list[int]], starts: list[int], adapters: list[int] | None = None) -> torch.Tensor:
         """Row i appends rows[i] (its last token and its draft) at starts[i]..; logits [n, t, vocab].
         Shorter rows are padded by repeating their last token one position further each time; the
         padded K/V land past the row's end, where nothing reads them before they are overwritten."""
@@ -238,10 +302,10 @@ class FastForward:
         pos = [[min(s + j, self.max_len - 1) for j in range(t)] for s in starts]
         span = min(self.max_len, max(p[-1] for p in pos) + 1)
         return self._step(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
-                             torch.arange(span, device=dev), cache.k, cache.v)
+                          torch.arange(span, device=dev), cache.k, cache.v, self._groups(adapters))
 
     @torch.inference_mode()
-    def prefill(self, cache, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+    def prefill(self, cache, slot: int, tokens: list[int], start: int, adapter: int = 0) -> torch.Tensor:
         """Append `tokens` to row `slot` after `start` cached positions; logits of the last one.
         Eager: a prompt chunk is a few large matmuls, where Python overhead does not matter."""
         dev = self.device
@@ -258,11 +322,11 @@ class FastForward:
             cv[slot, :, start:end] = v[0]
             return ck[slot : slot + 1, :, :end], cv[slot : slot + 1, :, :end]
 
-        x = self._prompt_layers(x, cos, sin, kv, mask, 1, c)
+        x = self._prompt_layers(x, cos, sin, kv, mask, 1, c, self._groups([adapter]))
         return self.logits(x[0, -1])
 
     @torch.inference_mode()
-    def prefill_rows(self, cache, first: int, prompts: list[list[int]]) -> torch.Tensor:
+    def prefill_rows(self, cache, first: int, prompts: list[list[int]], adapters: list[int] | None = None) -> torch.Tensor:
         """Whole prompts into rows first.. in one forward (right-padded); logits of each last token."""
         dev = self.device
         n, L = len(prompts), max(len(p) for p in prompts)
@@ -284,18 +348,23 @@ class FastForward:
             cv[a:b, :, :L] = v
             return ck[a:b, :, :L], cv[a:b, :, :L]
 
-        x = self._prompt_layers(self.embed[ids], cos, sin, kv, mask, n, L)
+        x = self._prompt_layers(self.embed[ids], cos, sin, kv, mask, n, L, self._groups(adapters))
         return self.logits(x[torch.arange(n, device=dev), lens - 1])
 
-    def _prompt_layers(self, x, cos, sin, kv, mask, n: int, t: int):
+    def _prompt_layers(self, x, cos, sin, kv, mask, n: int, t: int, groups=None):
         for li, (ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd) in enumerate(self.layers):
+            lora = [(ad[li], idx) for ad, idx in groups] if groups else None
             h = self._norm(x, ln1)
-            q, k, v = linear(h, wqkv, bqkv, True).split((self.q_size, self.kv_size, self.kv_size), -1)
+            qkv = linear(h, wqkv, bqkv, True)
+            if lora:
+                qkv = self._lora(qkv, h, lora, "qkv")
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), -1)
             q = self._rope(q.view(n, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
             k = self._rope(k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             v = v.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
             K, V = kv(li, k, v)
             o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=self.scale,
                                                enable_gqa=self.group > 1)
-            x = self._mlp(x + linear(o.transpose(1, 2).reshape(n, t, self.q_size), wo, bo), ln2, wgu, wd)
+            x = self._mlp(x + self._out(o.transpose(1, 2).reshape(n, t, self.q_size), wo, bo, lora), ln2, wgu, wd,
+                          lora)
         return x

@@ -47,6 +47,7 @@ class FrontConfig:
     reasoning_field: str = "both"  # reasoning_content | reasoning | both
     reasoning_on: bool = True
     retry_after_s: int = 1
+    adapters: tuple[str, ...] = ()  # LoRA adapters the engine serves by these names
 
 
 class Admission:
@@ -151,7 +152,7 @@ class Front:
                              "running": a.running if a else 0, "waiting": a.waiting if a else 0})
 
     async def models(self, req: HttpRequest) -> Response:
-        return JSONResponse(models_body(self.cfg.model_name, self.cfg.max_model_len))
+        return JSONResponse(models_body(self.cfg.model_name, self.cfg.max_model_len, self.cfg.adapters))
 
     async def metrics_route(self, req: HttpRequest) -> Response:
         own = self.metrics.render()
@@ -180,8 +181,8 @@ class Front:
                                       headers={"Retry-After": str(self.cfg.retry_after_s)})
             body = await read_json(req, self.cfg.max_body_bytes)
             c = parse(body)  # the same validation and errors as the embedded engine
-            if c.model != self.cfg.model_name:
-                raise unknown_model(c.model, self.cfg.model_name)
+            if c.model != self.cfg.model_name and c.model not in self.cfg.adapters:
+                raise unknown_model(c.model, self.cfg.model_name, self.cfg.adapters)
             slot = self.admission
             await slot.acquire()
         except schema.ApiError as e:

@@ -72,6 +72,7 @@ class Request:
     last_token_at: float = 0.0
     finish_reason: str | None = None
     gen: torch.Generator | None = None
+    adapter: int = 0  # LoRA adapter id in the model (0: the base model)
     spec_state: object = None  # the proposer's per-request state (dsr1.serve.speculative)
     written: int = 0  # positions whose K/V are in the cache; ahead of `cached` while a verify step is accepted
     _pfx: int = 0
@@ -200,7 +201,8 @@ class Scheduler:
         hits: list[int] = []
         while self._waiting and len(self._rows) + len(fresh) < self.max_concurrent:
             head = self._waiting[0]
-            hits = self.prefix.match(head.prompt_ids) if self.prefix else []
+            # the prefix cache holds base-model KV; an adapted request computes its own
+            hits = self.prefix.match(head.prompt_ids) if self.prefix and not head.adapter else []
             if hits or used + len(head.prompt_ids) > budget:
                 break
             used += len(self._waiting.popleft().prompt_ids)
@@ -211,10 +213,11 @@ class Scheduler:
                 req.state, req.slot = PREFILL, first + i
                 req.gen = None if req.params.greedy else make_generator(req.params.seed)
                 self._rows.append(req)
-            logits = self.model.prefill_rows(self.cache, first, [r.prompt_ids for r in fresh])
+            logits = self.model.prefill_rows(self.cache, first, [r.prompt_ids for r in fresh],
+                                             [r.adapter for r in fresh])
             for req in fresh:
                 req.cached, req.state = len(req.prompt_ids), RUNNING
-                if self.prefix:
+                if self.prefix and not req.adapter:
                     self.prefix.count_miss(len(req.prompt_ids))
                     self.prefix.store(self.cache, req.slot, req.prompt_ids)
             tokens = sample(logits, [r.params for r in fresh], [r.gen for r in fresh])
@@ -227,18 +230,18 @@ class Scheduler:
             req.state, req.slot = PREFILL, len(self._rows)
             req.gen = None if req.params.greedy else make_generator(req.params.seed)
             self._rows.append(req)
-            if self.prefix:
+            if self.prefix and not req.adapter:
                 req.cached = self.prefix.load(self.cache, req.slot, hits, len(req.prompt_ids))
             self._prefill_chunk(req, budget)
 
     def _prefill_chunk(self, pre: Request, budget: int) -> int:
         """One chunk of a long prompt into its row; returns the tokens used."""
         chunk = pre.prompt_ids[pre.cached : pre.cached + budget]
-        logits = self.model.prefill(self.cache, pre.slot, chunk, pre.cached)
+        logits = self.model.prefill(self.cache, pre.slot, chunk, pre.cached, pre.adapter)
         pre.cached += len(chunk)
         if pre.cached == len(pre.prompt_ids):
             pre.state = RUNNING
-            if self.prefix:
+            if self.prefix and not pre.adapter:
                 self.prefix.store(self.cache, pre.slot, pre.prompt_ids)
             self._accept(pre, sample(logits[None], [pre.params], [pre.gen])[0])
         return len(chunk)
@@ -250,7 +253,8 @@ class Scheduler:
         t0 = time.perf_counter()
         drafts = self._drafts(batch) if self.proposer else None
         if drafts is None:
-            logits = self.model.decode(self.cache, [r.out_ids[-1] for r in batch], [r.cached for r in batch])
+            logits = self.model.decode(self.cache, [r.out_ids[-1] for r in batch], [r.cached for r in batch],
+                                       [r.adapter for r in batch])
             for r in batch:
                 r.cached += 1
             tokens = sample(logits, [r.params for r in batch], [r.gen for r in batch])
@@ -272,7 +276,7 @@ class Scheduler:
         """One forward over each row's last token plus its draft; keep the drafted tokens that equal
         the model's greedy choice, then the model's own next token (greedy-exact)."""
         logits = self.model.verify(self.cache, [[r.out_ids[-1]] + d for r, d in zip(batch, drafts)],
-                                   [r.cached for r in batch])
+                                   [r.cached for r in batch], [r.adapter for r in batch])
         sampled = [i for i, r in enumerate(batch) if not r.params.greedy]
         first = sample(logits[sampled, 0], [batch[i].params for i in sampled], [batch[i].gen for i in sampled]) \
             if sampled else []

@@ -58,6 +58,7 @@ class ServeOptions:
     num_speculative_tokens: int = 4
     draft_model: str | None = None  # --speculative draft: a directory or stored name, same tokenizer
     engine_python: str | None = None
+    lora: list[tuple[str, str]] = field(default_factory=list)  # (served name, adapter directory or stored name)
     node_metrics_port: int = 8101  # multi-node: each node's agent (dsr1.monitoring.nodeagent); 0: off
     quantize: str = "none"  # int8 or nf4: bitsandbytes while loading (`--precision int8|nf4` on a local model)
 
@@ -124,7 +125,8 @@ def deployment_for(opts: ServeOptions):
 
     return planner.make_plan(opts.model, opts.profile, planner.Overrides(
         engine="embedded", max_concurrent=opts.max_concurrent, max_model_len=opts.max_model_len,
-        served_name=opts.served_name, host=opts.host, port=opts.port, device_map=opts.device_map))
+        served_name=opts.served_name, host=opts.host, port=opts.port, device_map=opts.device_map,
+        lora=tuple(opts.lora)))
 
 
 def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int,
@@ -273,6 +275,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
                           max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads,
                           fast_path=opts.fast_path, quantize=opts.quantize).result()
     parser, parser_why = choose_reasoning_parser(opts.reasoning_parser, has_think=model.has_think)
+    adapters = _load_adapters(dep.lora, model, model_dir, worker, progress)
     if opts.speculative != "off" and model.fast_reason is not None:
         raise ConfigError(f"--speculative {opts.speculative} needs the embedded engine's fast path, which this "
                           f"model cannot take: {model.fast_reason}", hint="drop --speculative")
@@ -304,6 +307,9 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     if not model.tokenizer.chat_template:
         warnings.append("the model has no chat template: /v1/chat/completions answers 400; use /v1/completions")
     name = opts.served_name or (opts.model if not Path(opts.model).expanduser().is_dir() else model_dir.name)
+    if name in adapters:
+        raise UsageError(f"--lora {name}=...: the base model is served as {name!r} already",
+                         hint="give the adapter another name")
     metrics = Metrics(name)
     prefix_factory = _prefix_cache_factory(model, opts.prefix_cache_mb, budget)
     proposer = None
@@ -337,7 +343,8 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     forward_reason = model.fast_reason or compile_why
     cfg = AppConfig(model_name=name, max_model_len=max_len, api_key=opts.api_key,
                     max_body_bytes=opts.max_body_bytes, reasoning_parser=parser, reasoning_field=opts.reasoning_field,
-                    system_prompt=system, audit_log=opts.audit_log, audit_content=opts.audit_content)
+                    system_prompt=system, audit_log=opts.audit_log, audit_content=opts.audit_content,
+                    adapters=adapters)
     p = Plan(str(model_dir), name, dep.profile, dtype, why, str(model.input_device), max_concurrent, max_queue, max_len,
              sched.cache.total_bytes, per_token, budget, opts.prefill_chunk, system, parser, parser_why,
              round(model.load_seconds, 2), model.path, forward_reason, round(compile_seconds, 1),
@@ -345,6 +352,19 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
              f"draft ({opts.draft_model}, {opts.num_speculative_tokens} tokens)" if draft else
              f"ngram ({opts.num_speculative_tokens} tokens)" if proposer else "off", warnings)
     return p, sched, cfg, metrics
+
+
+def _load_adapters(specs, model, model_dir: Path, worker, progress) -> dict[str, int]:
+    """--lora NAME=DIR: each adapter checked against this base model, then loaded for per-row use."""
+    from dsr1 import lora
+
+    out: dict[str, int] = {}
+    for name, where in specs:
+        adapter = lora.read(lora.resolve(where))
+        lora.check(adapter, model_dir)
+        progress(f"loading LoRA adapter {name} ({adapter.path}, rank {adapter.r}, {', '.join(adapter.targets)})")
+        out[name] = worker.submit(model.load_adapter, adapter).result()
+    return out
 
 
 def _check_speculative(opts: ServeOptions) -> None:
