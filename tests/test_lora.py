@@ -144,7 +144,7 @@ def test_merge_lora_writes_a_model_that_generates_like_the_adapter(demo_model_di
     assert merged.argmax() == adapted.argmax() != plain.argmax()
     assert (merged - adapted).abs().max() < 0.1 * (adapted - plain).abs().max()
 
-def test_vllm_and_sglang_get_their_own_lora_flags(demo_model_dir, adapters, tmp_path):
+def test_vllm_and_sglang_get_their_own_lora_flags(demo_model_dir, demo_gguf, adapters, tmp_path):
     # SGLang runs on CUDA only: planned for the `pro` profile's GPUs (a virtual plan)
     for engine, extra, flags in (("vllm", [], ["--enable-lora", "--lora-modules", f"a={adapters['a']}",
                                                "--max-lora-rank", "8", "--max-loras", "1"]),
@@ -156,6 +156,6 @@ def test_vllm_and_sglang_get_their_own_lora_flags(demo_model_dir, adapters, tmp_
         argv = json.loads(r.stdout)["nodes"][0]["argv"]
         i = argv.index(flags[0])
         assert argv[i : i + len(flags)] == flags, argv
-    r = _dsr1("serve", demo_model_dir, "--engine", "llamacpp", "--lora", f"a={adapters['a']}", "--dry-run",
+    r = _dsr1("serve", demo_gguf, "--engine", "llamacpp", "--lora", f"a={adapters['a']}", "--dry-run",
               home=tmp_path / "home")
-    assert r.returncode != 0 and "--lora" in r.stderr
+    assert r.returncode == 2 and "--lora is not supported with llama-server" in r.stderr, r.stderr
