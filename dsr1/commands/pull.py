@@ -128,7 +128,8 @@ def list_models(json: bool = JsonOpt) -> None:
     rows = [{"name": m.name, "source": m.source, "source_kind": m.source_kind, "source_path": m.source_path,
              "label": m.label, "repo_id": m.repo_id, "resolved_revision": m.resolved_revision,
              "quantization": m.quantization, "size_bytes": m.total_size, "files": len(m.files),
-             "model_dir": m.model_dir, "created": m.created} for m in store.list_models()]
+             "model_dir": m.model_dir, "created": m.created, "kind": m.kind, "lora_base": m.lora_base}
+            for m in store.list_models()]
 
     def render(c: Console) -> None:
         if not rows:

@@ -84,6 +84,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, cont
     return y.view(*shape[:-1], w.shape[0])
 
 
+def _offsets(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
 def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One [sum(out), in] matrix holding the modules' weights; the modules now view into it."""
     w = torch.cat([m.weight.data for m in modules], 0)
@@ -136,54 +140,90 @@ class FastForward:
         self._layer_fn = self._layer
         self.compiled = False
         self.compile_seconds = 0.0
-        self.adapters: list[list[dict] | None] = [None]  # LoRA adapters by id; 0 is the base model
+        self._lora_src: list[list[dict]] = []  # LoRA adapters, id i+1 (0 is the base model)
+        self.lora_w: list[dict] = [{} for _ in self.layers]
+        self.lora_owner: dict[str, torch.Tensor] = {}
 
     # -- LoRA ------------------------------------------------------------------------------------
-    def add_adapter(self, per_layer: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> int:
-        """Lay out one adapter (dsr1.lora.load: per layer {module: (A, B*scale)}) for the fused
-        projections and return its id. q/k/v (and gate/up) become one A stacked on the rank axis and
-        one block-diagonal B, so an adapted row costs two small matmuls per fused projection."""
-        layers = []
-        for mods in per_layer:
-            entry = {}
-            for key, names, sizes in (("qkv", ("q_proj", "k_proj", "v_proj"), (self.q_size, self.kv_size, self.kv_size)),
-                                      ("gu", ("gate_proj", "up_proj"), (self.inter, self.inter))):
-                present = [(n, off) for n, off in zip(names, [sum(sizes[:i]) for i in range(len(sizes))]) if n in mods]
-                if not present:
-                    continue
-                a = torch.cat([mods[n][0] for n, _ in present], 0)
-                b = torch.zeros(sum(sizes), a.shape[0], dtype=a.dtype, device=a.device)
-                r0 = 0
-                for (n, off), size in ((p, sizes[names.index(p[0])]) for p in present):
-                    r = mods[n][0].shape[0]
-                    b[off : off + size, r0 : r0 + r] = mods[n][1]
-                    r0 += r
-                entry[key] = (a, b)
-            for key, name in (("o", "o_proj"), ("d", "down_proj")):
-                if name in mods:
-                    entry[key] = mods[name]
-            layers.append(entry)
-        self.adapters.append(layers)
-        return len(self.adapters) - 1
+    # Every adapter's A matrices are stacked on the rank axis and its B matrices side by side, per
+    # layer and projection ("site"): one x @ A_all.T gives every adapter's low-rank input for every
+    # row, a mask keeps each row's own adapter's columns (none for base-model rows), and one
+    # @ B_all.T adds the delta. Two small matmuls per site whatever the mix of adapters in the
+    # batch, no gather or scatter of rows (S-LoRA and punica get the same effect with custom kernels).
+    SITES = ("qkv", "o", "gu", "d")
 
-    def _groups(self, adapters: list[int] | None):
-        """Rows by adapter for one forward: [(adapter's layers, row indices)], base rows left out."""
+    def add_adapter(self, per_layer: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> int:
+        """Add one adapter (dsr1.lora.load: per layer {module: (A, B*scale)}); returns its id (1, 2, ...)."""
+        self._lora_src.append(per_layer)
+        self._stack()
+        return len(self._lora_src)
+
+    def _site(self, mods: dict, site: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One adapter's (A [w, in], B [out, w]) for a fused site of one layer, or None."""
+        parts = {"qkv": (("q_proj", self.q_size), ("k_proj", self.kv_size), ("v_proj", self.kv_size)),
+                 "gu": (("gate_proj", self.inter), ("up_proj", self.inter)),
+                 "o": (("o_proj", None),), "d": (("down_proj", None),)}[site]
+        present = [(n, size, off) for (n, size), off in zip(parts, _offsets([sz or 0 for _, sz in parts]))
+                   if n in mods]
+        if not present:
+            return None
+        if len(parts) == 1:
+            return mods[parts[0][0]]
+        a = torch.cat([mods[n][0] for n, _, _ in present], 0)
+        b = a.new_zeros(sum(sz for _, sz in parts), a.shape[0])
+        r0 = 0
+        for n, size, off in present:
+            r = mods[n][0].shape[0]
+            b[off : off + size, r0 : r0 + r] = mods[n][1]
+            r0 += r
+        return a, b
+
+    def _stack(self) -> None:
+        """Rebuild the stacked A_all/B_all per layer and site, and each site's column owners."""
+        fan = {"qkv": (self.embed.shape[1], self.q_size + 2 * self.kv_size), "o": (self.q_size, self.embed.shape[1]),
+               "gu": (self.embed.shape[1], 2 * self.inter), "d": (self.inter, self.embed.shape[1])}
+        dt, dev = self.embed.dtype, self.device
+        self.lora_w = [{} for _ in self.layers]
+        self.lora_owner = {}
+        for site in self.SITES:
+            per = [[self._site(ad[li], site) for li in range(len(self.layers))] for ad in self._lora_src]
+            widths = [max((p[0].shape[0] for p in layers if p is not None), default=0) for layers in per]
+            if not sum(widths):
+                continue
+            self.lora_owner[site] = torch.tensor([k + 1 for k, w in enumerate(widths) for _ in range(w)], device=dev)
+            fin, fout = fan[site]
+            for li in range(len(self.layers)):
+                a = torch.zeros(sum(widths), fin, dtype=dt, device=dev)
+                b = torch.zeros(fout, sum(widths), dtype=dt, device=dev)
+                off = 0
+                for k, w in enumerate(widths):
+                    p = per[k][li]
+                    if p is not None:
+                        a[off : off + p[0].shape[0]] = p[0]
+                        b[:, off : off + p[0].shape[0]] = p[1]
+                    off += w
+                self.lora_w[li][site] = (a, b)
+
+    def _masks(self, adapters: list[int] | None, t: int = 1):
+        """Per site, which stacked columns each row uses ([n, 1, w], or [n, t, w] broadcast over tokens);
+        None when no row has an adapter."""
         if not adapters or not any(adapters):
             return None
-        by: dict[int, list[int]] = {}
-        for row, a in enumerate(adapters):
-            if a:
-                by.setdefault(a, []).append(row)
-        return [(self.adapters[a], torch.tensor(rows, device=self.device)) for a, rows in by.items()]
+        rows = torch.tensor(adapters, device=self.device)
+        return {site: (owner[None, :] == rows[:, None]).to(self.embed.dtype).unsqueeze(1)
+                for site, owner in self.lora_owner.items()}
+
+    def _layer_lora(self, li: int, masks):
+        return {site: (*self.lora_w[li][site], m) for site, m in masks.items()} if masks else None
 
     @staticmethod
     def _lora(y: torch.Tensor, x: torch.Tensor, lora, key: str) -> torch.Tensor:
-        """y (= x @ W.T) plus each adapted row's x @ A.T @ B.T, rows indexed on the first axis."""
-        for layer, rows in lora:
-            ab = layer.get(key)
-            if ab is not None:
-                y[rows] += linear(linear(x[rows], ab[0]), ab[1])
-        return y
+        """y (= x @ W.T) plus each row's own adapter's x @ A.T @ B.T ([n, t, *] tensors)."""
+        site = lora.get(key)
+        if site is None:
+            return y
+        a, b, mask = site
+        return y + linear(linear(x, a) * mask, b)
 
     # -- pieces --------------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -216,8 +256,7 @@ class FastForward:
         rows = torch.arange(n, device=tokens.device).view(n, 1)
         for li, weights in enumerate(self.layers):
             if groups:
-                x = self._layer(x, cos, sin, mask, rows, pos, ks[li], vs[li], *weights,
-                                lora=[(ad[li], idx) for ad, idx in groups])
+                x = self._layer(x, cos, sin, mask, rows, pos, ks[li], vs[li], *weights, lora=self._layer_lora(li, groups))
             else:
                 x = self._layer_fn(x, cos, sin, mask, rows, pos, ks[li], vs[li], *weights)
         return self.logits(x)
@@ -289,7 +328,7 @@ class FastForward:
         ids = torch.tensor(tokens, device=dev).view(-1, 1)
         pos = torch.tensor(positions, device=dev).view(-1, 1)
         cols = torch.arange(max(positions) + 1, device=dev)
-        return self._step(ids, pos, cols, cache.k, cache.v, self._groups(adapters))[:, 0]
+        return self._step(ids, pos, cols, cache.k, cache.v, self._masks(adapters))[:, 0]
 
     @torch.inference_mode()
     def verify(self, cache, rows: list[list[int]], starts: list[int], adapters: list[int] | None = None) -> torch.Tensor:
@@ -302,7 +341,7 @@ class FastForward:
         pos = [[min(s + j, self.max_len - 1) for j in range(t)] for s in starts]
         span = min(self.max_len, max(p[-1] for p in pos) + 1)
         return self._step(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
-                          torch.arange(span, device=dev), cache.k, cache.v, self._groups(adapters))
+                          torch.arange(span, device=dev), cache.k, cache.v, self._masks(adapters))
 
     @torch.inference_mode()
     def prefill(self, cache, slot: int, tokens: list[int], start: int, adapter: int = 0) -> torch.Tensor:
@@ -322,7 +361,7 @@ class FastForward:
             cv[slot, :, start:end] = v[0]
             return ck[slot : slot + 1, :, :end], cv[slot : slot + 1, :, :end]
 
-        x = self._prompt_layers(x, cos, sin, kv, mask, 1, c, self._groups([adapter]))
+        x = self._prompt_layers(x, cos, sin, kv, mask, 1, c, self._masks([adapter]))
         return self.logits(x[0, -1])
 
     @torch.inference_mode()
@@ -348,12 +387,12 @@ class FastForward:
             cv[a:b, :, :L] = v
             return ck[a:b, :, :L], cv[a:b, :, :L]
 
-        x = self._prompt_layers(self.embed[ids], cos, sin, kv, mask, n, L, self._groups(adapters))
+        x = self._prompt_layers(self.embed[ids], cos, sin, kv, mask, n, L, self._masks(adapters))
         return self.logits(x[torch.arange(n, device=dev), lens - 1])
 
     def _prompt_layers(self, x, cos, sin, kv, mask, n: int, t: int, groups=None):
         for li, (ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd) in enumerate(self.layers):
-            lora = [(ad[li], idx) for ad, idx in groups] if groups else None
+            lora = self._layer_lora(li, groups)
             h = self._norm(x, ln1)
             qkv = linear(h, wqkv, bqkv, True)
             if lora:
