@@ -57,6 +57,10 @@ def serve(
     system_prompt: str = typer.Option("auto", "--system-prompt", help="keep, merge (into the first user turn, DeepSeek's R1 advice), drop; auto: merge for R1."),
     audit_log: Optional[Path] = typer.Option(None, "--audit-log", help="Append a JSONL line per request (no keys, no text)."),
     audit_content: bool = typer.Option(False, "--audit-content", help="Also record prompts and outputs in --audit-log."),
+    audit_max_mb: float = typer.Option(0, "--audit-max-mb", help="Rotate --audit-log when it passes this size (MiB; 0: never; logrotate also works, the file is reopened per line)."),
+    audit_backups: int = typer.Option(5, "--audit-backups", help="Rotated audit logs kept (audit.jsonl.1 ... .N)."),
+    guard: Optional[Path] = typer.Option(None, "--guard", help="Input/output policy (TOML): blocked patterns and topics, prompt size, PII block/mask/log; docs/guards.md."),
+    guard_plugin: Optional[str] = typer.Option(None, "--guard-plugin", help="module:function classifier run on inputs (and non-streamed outputs) off the event loop, with the policy's timeout and fail mode."),
     log_format: str = typer.Option("human", "--log-format", help="Server log on stderr: human, or json (one object per line: request id, status, tokens, timings; for log shippers)."),
     log_content: bool = typer.Option(False, "--log-content", help="Also put prompts and outputs in the request log (off: never logged)."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds running requests get to finish after SIGTERM/SIGINT."),
@@ -139,7 +143,8 @@ def serve(
         reasoning_field=reasoning_field, system_prompt=system_prompt, audit_log=audit_log, audit_content=audit_content,
         grace=grace, engine=engine, engine_python=engine_python, fast_path=fast_path, compile=compile,
         prefix_cache_mb=prefix_cache_mb, speculative=speculative, num_speculative_tokens=num_speculative_tokens,
-        draft_model=draft_model, node_metrics_port=node_metrics_port, lora=lora_specs)
+        draft_model=draft_model, node_metrics_port=node_metrics_port, lora=lora_specs, guard=guard,
+        guard_plugin=guard_plugin, audit_max_mb=audit_max_mb, audit_backups=audit_backups)
     from dsr1 import plan as planner
 
     overrides = planner.Overrides(
@@ -167,6 +172,9 @@ def serve(
     for w in deployment.warnings:
         out.warn(w)
     if deployment.engine != "embedded":
+        if guard or guard_plugin:
+            raise UsageError(f"--guard and --guard-plugin run in the embedded engine's server; dsr1's front for "
+                             f"{deployment.engine} does not apply them yet", hint="use --engine embedded, or drop them")
         if deployment.needs_pull:
             deployment = _pull_then_plan(model, profile, overrides, out)
         from dsr1.serve.external import serve_external

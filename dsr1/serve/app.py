@@ -40,16 +40,39 @@ class AppConfig:
     audit_content: bool = False
     retry_after_s: int = 1
     adapters: dict[str, int] = field(default_factory=dict)  # LoRA: served name -> adapter id in the model
+    guard: Any = None  # dsr1.guard.Policy (--guard), or None
+    guard_plugin: Any = None  # (text, where) -> allow?, from --guard-plugin
+    audit_max_bytes: int = 0  # rotate the audit log past this size (0: never)
+    audit_backups: int = 5
 
 
 class Audit:
-    """Opt-in JSONL audit log. Never records headers (API keys live there)."""
+    """Opt-in JSONL audit log. Never records headers (API keys live there).
 
-    def __init__(self, path: Path | None, content: bool):
+    Opened for each line, so an external logrotate can move the file away at any time; with
+    `max_bytes` it rotates itself (audit.jsonl -> audit.jsonl.1 -> ... .N), under the same lock
+    as the writes, so no line is lost or split."""
+
+    def __init__(self, path: Path | None, content: bool, max_bytes: int = 0, backups: int = 5):
         self.path, self.content = path, content
+        self.max_bytes, self.backups = max_bytes, backups
         self._lock = threading.Lock()
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _rotate(self) -> None:
+        import os
+
+        try:
+            if self.path.stat().st_size < self.max_bytes:
+                return
+        except FileNotFoundError:
+            return
+        for i in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
 
     def write(self, **rec: Any) -> None:
         if not self.path:
@@ -58,8 +81,11 @@ class Audit:
             rec.pop("prompt", None)
             rec.pop("output", None)
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **rec}, ensure_ascii=False)
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        with self._lock:
+            if self.max_bytes:
+                self._rotate()
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
 
 
 def _error(e: schema.ApiError) -> JSONResponse:
@@ -127,7 +153,7 @@ class Api:
         self.sched, self.cfg, self.metrics = scheduler, cfg, metrics
         self.tok = scheduler.model.tokenizer
         self.reasoning_on = cfg.reasoning_parser == "deepseek_r1"
-        self.audit = Audit(cfg.audit_log, cfg.audit_content)
+        self.audit = Audit(cfg.audit_log, cfg.audit_content, cfg.audit_max_bytes, cfg.audit_backups)
         self.ready = False
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -223,6 +249,8 @@ class Api:
             body = await self._body(req)
             c = schema.parse_chat(body) if kind == "chat" else schema.parse_completion(body)
             adapter = self._check_model(c.model)
+            if self.cfg.guard is not None or self.cfg.guard_plugin is not None:
+                await self._guard_input(c, kind, endpoint, client)
             if kind == "chat":
                 ids = self._chat_prompt(c.messages)
                 param, prompt_text = "messages", c.messages
@@ -252,8 +280,81 @@ class Api:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._complete(req, ctx)
 
+    # -- guards (dsr1.guard) ---------------------------------------------------------------------
+    def _audit_guard(self, d, endpoint: str, client: str, model: str) -> None:
+        self.audit.write(event="guard", client=client, endpoint=endpoint, model=model, where=d.where, action=d.action,
+                         rule=d.rule)
+
+    async def _guard_input(self, c, kind: str, endpoint: str, client: str) -> None:
+        """Check the request's text before it is tokenized; block (an error, no model call) or mask it."""
+        from dsr1 import guard
+
+        param = "messages" if kind == "chat" else "prompt"
+        texts = [m["content"] for m in c.messages] if kind == "chat" else \
+            ([c.prompt] if isinstance(c.prompt, str) else [])
+        d = guard.Decision("allow")
+        if self.cfg.guard is not None:
+            d = guard.check_input(self.cfg.guard, "\n".join(texts))
+        if not d.blocked and self.cfg.guard_plugin is not None:
+            d = await self._plugin("\n".join(texts), "input") or d
+        if d.action != "allow":
+            self._audit_guard(d, endpoint, client, c.model)
+        if d.blocked:
+            code = "prompt_too_large" if d.rule == "max_prompt_chars" else "content_filter"
+            raise schema.ApiError(400, f"The request was blocked by this server's content policy (rule "
+                                       f"'{d.rule}')", param=param, code=code)
+        if d.action == "mask":  # the model never sees the matched text
+            if kind == "chat":
+                for m in c.messages:
+                    m["content"] = guard.check_input(self.cfg.guard, m["content"]).text or m["content"]
+            else:
+                c.prompt = d.text
+
+    async def _plugin(self, text: str, where: str):
+        """The user's classifier, off the event loop, with the policy's timeout; None when it allows.
+        A hang or an error fails closed (block) or open, as the policy says."""
+        from dsr1 import guard
+
+        p = self.cfg.guard or guard.Policy()
+        loop = asyncio.get_running_loop()
+        try:
+            verdict = await asyncio.wait_for(loop.run_in_executor(None, self.cfg.guard_plugin, text, where),
+                                             timeout=p.plugin_timeout_s)
+        except asyncio.TimeoutError:
+            return guard.Decision("block" if p.plugin_on_error == "block" else "log", "plugin:timeout", where=where)
+        except Exception as e:  # noqa: BLE001 - any failure of user code is handled by policy
+            return guard.Decision("block" if p.plugin_on_error == "block" else "log",
+                                  f"plugin:error:{type(e).__name__}", where=where)
+        if verdict is True or verdict is None:
+            return None
+        return guard.Decision("block", f"plugin:{verdict}" if isinstance(verdict, str) else "plugin", where=where)
+
+    def _output_guard(self, x: "_Ctx"):
+        from dsr1 import guard
+
+        p = self.cfg.guard
+        if p is None or not any(r.applies("output") for r in p.rules) and p.pii_mode == "off":
+            return None
+        skip = "</think>" if self.reasoning_on and not p.check_reasoning and x.kind == "chat" else None
+        return guard.OutputGuard(p, skip_until=skip)
+
+    def _guard_stopped(self, x: "_Ctx", g) -> bool:
+        """After feeding the guard: True when it blocked (the request is aborted and audited once)."""
+        if g is None or g.decision is None:
+            return False
+        if not getattr(g, "_audited", False):
+            g._audited = True
+            self._audit_guard(g.decision, x.endpoint, x.client, x.c.model)
+        if g.decision.blocked:
+            self.sched.abort(x.handle)
+            return True
+        return False
+
     async def _complete(self, req: HttpRequest, x: "_Ctx") -> Response:
         text, ev = "", None
+        g = self._output_guard(x)
+        shown = ""  # what the guard let through (everything without one)
+        blocked = False
         next_check = time.monotonic() + 0.25
         try:
             while True:
@@ -271,22 +372,36 @@ class Api:
                 if ev is None:
                     continue
                 text += ev.text
+                if g is not None:
+                    shown += g.feed(ev.text) + (g.finish() if ev.finish_reason else "")
+                    if self._guard_stopped(x, g):
+                        blocked = True
+                        break
                 if ev.finish_reason:
                     break
         except asyncio.CancelledError:
             self.sched.abort(x.handle)
             raise
-        status = 500 if ev.finish_reason == "error" else 200
-        self._done(x, status, ev, text)
+        if g is None:
+            shown = text
+        if not blocked and ev.finish_reason != "error" and self.cfg.guard_plugin is not None:
+            d = await self._plugin(shown, "output")
+            if d is not None:
+                self._audit_guard(d, x.endpoint, x.client, x.c.model)
+                blocked, shown = d.blocked, "" if d.blocked else shown
+        text = shown
+        status = 500 if ev.finish_reason == "error" and not blocked else 200
+        finish = "content_filter" if blocked else ev.finish_reason
+        self._done(x, status, ev, text, finish)
         if status != 200:
             return _error(schema.ApiError(500, "generation failed; see the server log", type="server_error"))
         u = schema.usage(ev.prompt_tokens, ev.completion_tokens)
-        finish = ev.finish_reason
         if x.kind == "chat":
             msg = {"role": "assistant", "content": text, "refusal": None}
             if self.reasoning_on:  # always present, "" when there was none: what the streamed deltas add up to
                 reasoning, msg["content"] = split_full(text)
-                msg.update(self._reasoning_fields(reasoning))
+                if self.cfg.guard is None or self.cfg.guard.return_reasoning:
+                    msg.update(self._reasoning_fields(reasoning))
             body = {"id": schema.new_id("chatcmpl"), "object": "chat.completion", "created": schema.now(),
                     "model": x.c.model,
                     "choices": [{"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}], "usage": u}
@@ -314,6 +429,9 @@ class Api:
                 payload["usage"] = None
             return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
+        g = self._output_guard(x)
+        hide_reasoning = self.cfg.guard is not None and not self.cfg.guard.return_reasoning
+        finish = None
         try:
             if x.kind == "chat":
                 yield chunk({"role": "assistant", "content": ""})
@@ -321,15 +439,20 @@ class Api:
                 yield chunk(None, text_part=x.prompt)
             while True:
                 ev = await x.queue.get()
-                text += ev.text
                 last = ev.finish_reason is not None
-                parts = [parser.feed(ev.text)] if parser else [("", ev.text)]
+                piece = ev.text
+                if g is not None:  # only what the guard has checked goes on; a block ends the stream
+                    piece = g.feed(ev.text) + (g.finish() if last else "")
+                    if self._guard_stopped(x, g):
+                        last, finish = True, "content_filter"
+                text += piece
+                parts = [parser.feed(piece)] if parser else [("", piece)]
                 if last and parser:
                     parts.append(parser.finish())
                 for r, c in parts:
                     if x.kind == "chat":
                         delta: dict[str, str] = {}
-                        if r:
+                        if r and not hide_reasoning:
                             delta.update(self._reasoning_fields(r))
                         if c:
                             delta["content"] = c
@@ -340,11 +463,12 @@ class Api:
                 if last:
                     break
             finished = True
-            if ev.finish_reason == "error":
+            finish = finish or ev.finish_reason
+            if finish == "error":
                 err = schema.ApiError(500, "generation failed; see the server log", type="server_error")
                 yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
             else:
-                yield chunk({}, ev.finish_reason, "")
+                yield chunk({}, finish, "")
                 if x.c.include_usage:
                     payload = {"id": rid, "object": obj, "created": created, "model": x.c.model,
                                "choices": [], "usage": schema.usage(ev.prompt_tokens, ev.completion_tokens)}
@@ -354,21 +478,21 @@ class Api:
             # Client gone (generator closed or cancelled) before the end: free the slot now.
             if not finished:
                 self.sched.abort(x.handle)
-            self._done(x, 200 if finished and ev and ev.finish_reason != "error" else 499 if not finished else 500,
-                       ev, text)
+            self._done(x, 200 if finished and ev and finish != "error" else 499 if not finished else 500,
+                       ev, text, finish)
 
-    def _done(self, x: "_Ctx", status: int, ev: Event | None, text: str) -> None:
+    def _done(self, x: "_Ctx", status: int, ev: Event | None, text: str, finish: str | None = None) -> None:
         self.metrics.requests.labels(x.endpoint, str(status)).inc()
         seconds = time.perf_counter() - x.t0
         self.audit.write(client=x.client, endpoint=x.endpoint, model=x.c.model, status=status,
                          prompt_tokens=len(x.ids), completion_tokens=ev.completion_tokens if ev else 0,
-                         finish_reason=ev.finish_reason if ev else None,
+                         finish_reason=finish or (ev.finish_reason if ev else None),
                          seconds=round(seconds, 4), prompt=x.prompt, output=text)
         h = x.handle
         requestlog.request(request_id=h.id, endpoint=x.endpoint, model=x.c.model, status=status,
                            client=x.client, stream=bool(x.c.stream), prompt_tokens=len(x.ids),
                            completion_tokens=ev.completion_tokens if ev else 0,
-                           finish_reason=ev.finish_reason if ev else None, seconds=seconds,
+                           finish_reason=finish or (ev.finish_reason if ev else None), seconds=seconds,
                            ttft_s=h.first_token_at - h.arrived if h.first_token_at is not None else None,
                            prompt=x.prompt, output=text)
 

@@ -58,6 +58,10 @@ class ServeOptions:
     num_speculative_tokens: int = 4
     draft_model: str | None = None  # --speculative draft: a directory or stored name, same tokenizer
     engine_python: str | None = None
+    guard: Path | None = None  # --guard POLICY.toml (dsr1.guard)
+    guard_plugin: str | None = None  # --guard-plugin module:function
+    audit_max_mb: float = 0  # rotate the audit log past this size
+    audit_backups: int = 5
     lora: list[tuple[str, str]] = field(default_factory=list)  # (served name, adapter directory or stored name)
     node_metrics_port: int = 8101  # multi-node: each node's agent (dsr1.monitoring.nodeagent); 0: off
     quantize: str = "none"  # int8 or nf4: bitsandbytes while loading (`--precision int8|nf4` on a local model)
@@ -250,6 +254,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     from dsr1.serve.scheduler import Scheduler
 
     _check_speculative(opts)
+    policy, plugin = load_guards(opts)  # a bad policy fails before minutes of loading
     model_dir = resolve_model_dir(opts.model, opts.profile)
     host = probe_host(settings.home())
     dep = deployment or deployment_for(opts)
@@ -344,7 +349,8 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     cfg = AppConfig(model_name=name, max_model_len=max_len, api_key=opts.api_key,
                     max_body_bytes=opts.max_body_bytes, reasoning_parser=parser, reasoning_field=opts.reasoning_field,
                     system_prompt=system, audit_log=opts.audit_log, audit_content=opts.audit_content,
-                    adapters=adapters)
+                    adapters=adapters, guard=policy, guard_plugin=plugin,
+                    audit_max_bytes=int(opts.audit_max_mb * 2**20), audit_backups=opts.audit_backups)
     p = Plan(str(model_dir), name, dep.profile, dtype, why, str(model.input_device), max_concurrent, max_queue, max_len,
              sched.cache.total_bytes, per_token, budget, opts.prefill_chunk, system, parser, parser_why,
              round(model.load_seconds, 2), model.path, forward_reason, round(compile_seconds, 1),
@@ -352,6 +358,17 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
              f"draft ({opts.draft_model}, {opts.num_speculative_tokens} tokens)" if draft else
              f"ngram ({opts.num_speculative_tokens} tokens)" if proposer else "off", warnings)
     return p, sched, cfg, metrics
+
+
+def load_guards(opts: ServeOptions):
+    """(policy, plugin) from --guard and --guard-plugin; (None, None) without them."""
+    from dsr1 import guard
+
+    policy = guard.load(opts.guard) if opts.guard else None
+    plugin = guard.load_plugin(opts.guard_plugin) if opts.guard_plugin else None
+    if opts.audit_max_mb < 0 or opts.audit_backups < 1:
+        raise UsageError("--audit-max-mb must be 0 or more and --audit-backups at least 1")
+    return policy, plugin
 
 
 def _load_adapters(specs, model, model_dir: Path, worker, progress) -> dict[str, int]:
