@@ -285,6 +285,32 @@ def scripted_r1_for_vllm(demo_model_dir, tmp_path_factory):
     return build_scripted_r1(d / "base", d / "r1", [script], chat_template=R1_CHAT_TEMPLATE.replace("<think>\\n", ""))
 
 
+def test_vllm_serves_lora_adapters_by_name(vllm, demo_model_dir, tmp_path):
+    """--lora with vLLM: dsr1 passes vLLM's own LoRA flags; the adapter answers under its name,
+    differently from the base model, through dsr1's front."""
+    from tests.test_lora import _make_adapter
+
+    adapter = _make_adapter(demo_model_dir, tmp_path / "a", 1, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                  "up_proj", "down_proj"])
+    srv = _serve([str(demo_model_dir), "--engine", "vllm", "--served-model-name", "demo", "--max-model-len", "1024",
+                  "--dtype", "bf16", "--lora", f"a={adapter}"], tmp_path / "home", vllm)
+    try:
+        c = _client(srv)
+        assert {m.id: m.model_extra["parent"] for m in c.models.list().data} == {"demo": None, "a": "demo"}
+        texts = {}
+        for model in ("demo", "a"):
+            r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0)
+            assert r.model == model
+            texts[model] = r.choices[0].text
+        assert texts["a"] != texts["demo"]
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model="a", prompt="The capital of France is", max_tokens=12, temperature=0, stream=True) if ch.choices)
+        assert streamed == texts["a"]
+        assert "--enable-lora" in "".join(srv.lines)
+    finally:
+        srv.stop()
+
+
 def test_vllm_r1_reasoning_and_drain(vllm, scripted_r1_for_vllm, tmp_path):
     """vLLM's deepseek_r1 parser (its field is `reasoning` since 0.11) reaches clients in both names;
     SIGTERM lets a running request finish, then stops vLLM."""

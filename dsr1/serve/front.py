@@ -121,8 +121,8 @@ class Front:
         if f in ("reasoning", "both"):
             part["reasoning"] = text
 
-    def _shape(self, body: dict[str, Any], layout: "_Layout") -> dict[str, Any]:
-        body["model"] = self.cfg.model_name
+    def _shape(self, body: dict[str, Any], layout: "_Layout", model: str) -> dict[str, Any]:
+        body["model"] = model  # the name the client asked for: the served name or a LoRA adapter's
         for choice in body.get("choices") or []:
             choice.setdefault("logprobs", None)  # required (nullable) by OpenAI's schema; llama-server omits it
             if isinstance(choice.get("message"), dict):
@@ -208,7 +208,7 @@ class Front:
             self._answered(path, resp.status_code, t0, error=err.message[:200])
             return _error(err)
         if c.stream:
-            return StreamingResponse(self._relay(resp, slot, path, t0), media_type="text/event-stream",
+            return StreamingResponse(self._relay(resp, slot, path, t0, c.model), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             data = json.loads(await resp.aread())
@@ -220,9 +220,10 @@ class Front:
         self._answered(path, 200, t0, request_id=data.get("id") if isinstance(data, dict) else None,
                        prompt_tokens=u.get("prompt_tokens"), completion_tokens=u.get("completion_tokens"),
                        finish_reason=_finish(data))
-        return JSONResponse(self._shape(data, _Layout()))
+        return JSONResponse(self._shape(data, _Layout(), c.model))
 
-    async def _relay(self, resp: httpx.Response, slot: Admission, path: str, t0: float) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: httpx.Response, slot: Admission, path: str, t0: float,
+                     model: str) -> AsyncIterator[bytes]:
         """Re-emit the engine's SSE events with dsr1's reasoning field names. Closing this generator
         (the client went away) closes the upstream stream, and the engine aborts the request."""
         first = True
@@ -247,7 +248,7 @@ class Front:
                     rid = rid or event.get("id")
                     usage = event.get("usage") or usage
                     finish = _finish(event) or finish
-                    event = self._shape(event, layout)
+                    event = self._shape(event, layout, model)
                     if first and any(ch.get("delta", {}).get("content") or ch.get("text")
                                      or any(ch.get("delta", {}).get(n) for n in REASONING_NAMES)
                                      for ch in event.get("choices") or []):
