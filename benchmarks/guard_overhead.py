@@ -13,18 +13,16 @@ Issue 13's target: overhead < 3% of throughput.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import demo_model  # noqa: E402
+from _common import demo_model, tokens_per_second  # noqa: E402
 
 from dsr1.serve.child import running  # noqa: E402
 
@@ -51,10 +49,7 @@ def wave(client: openai.OpenAI, n: int, output_len: int) -> float:
                 tokens = ch.usage.completion_tokens
         return tokens
 
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(n) as pool:
-        total = sum(pool.map(one, range(n)))
-    return total / (time.perf_counter() - t0)
+    return tokens_per_second(one, list(range(n)))
 
 
 def main() -> int:

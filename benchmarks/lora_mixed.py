@@ -12,17 +12,15 @@ ratio. Issue 13's target: mixed / base >= 0.7.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import demo_model  # noqa: E402
+from _common import demo_model, tokens_per_second  # noqa: E402
 
 from dsr1.serve.child import running  # noqa: E402
 
@@ -55,10 +53,7 @@ def wave(client: openai.OpenAI, models: list[str], output_len: int) -> float:
                                       extra_body={"ignore_eos": True})
         return r.usage.completion_tokens
 
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(len(models)) as pool:
-        tokens = sum(pool.map(one, models))
-    return tokens / (time.perf_counter() - t0)
+    return tokens_per_second(one, models)
 
 
 def main() -> int:

@@ -421,11 +421,18 @@ def test_llamacpp_segfault_while_loading_is_retried_without_repacking():
 
 
 def _names_missing_from_metrics(srv: ServerProc, engine: str) -> list[str]:
-    """Every metric name the monitoring setup for this deployment queries (dashboard and rules),
-    that the front's /metrics (dsr1's series plus the engine's own) does not have."""
+    """After a plain and a streamed request, every metric name the monitoring setup for this
+    deployment queries (dashboard and rules) that the front's /metrics (dsr1's series plus the
+    engine's own) does not have."""
     import re
 
     from dsr1.monitoring import deployment, signals
+
+    c = _client(srv)
+    for stream in (False, True):
+        r = c.completions.create(model="demo", prompt="Hello there", max_tokens=8, stream=stream)
+        if stream:
+            list(r)
 
     d = deployment.fetch(srv.url, KEY)
     assert d.engine == engine
@@ -438,18 +445,8 @@ def _names_missing_from_metrics(srv: ServerProc, engine: str) -> list[str]:
 
 
 def test_vllm_dashboard_queries_name_metrics_vllm_exports(vllm_demo):
-    c = _client(vllm_demo)
-    for stream in (False, True):
-        r = c.completions.create(model="demo", prompt="Hello there", max_tokens=8, stream=stream)
-        if stream:
-            list(r)
     assert _names_missing_from_metrics(vllm_demo, "vllm") == []
 
 
 def test_llamacpp_dashboard_queries_name_metrics_llama_server_exports(llama_demo):
-    c = _client(llama_demo)
-    for stream in (False, True):
-        r = c.completions.create(model="demo", prompt="Hello there", max_tokens=8, stream=stream)
-        if stream:
-            list(r)
     assert _names_missing_from_metrics(llama_demo, "llamacpp") == []

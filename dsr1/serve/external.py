@@ -140,8 +140,6 @@ def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = Non
 
 
 def _serve_node(plan, node, launch, opts, out, on_ready, agent) -> None:
-    import sys
-
     from dsr1.serve.front import FrontConfig
 
     if node.role != "head":  # a worker rank: the engine process only; the head node's front serves clients
