@@ -37,7 +37,8 @@ from dsr1.fsutil import atomic_symlink, atomic_write_bytes, fsync_dir, git_blob_
 # What a model needs (top-level files only: sub-folders such as onnx/ or original/ are other formats).
 NEEDED = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
           "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-          "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+          "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+          "adapter_config.json")  # a LoRA adapter repo: adapter_config.json + adapter_model.safetensors
 PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 SUFFIX = ".dsr1.incomplete"
@@ -162,8 +163,10 @@ def plan(repo_id: str, *, endpoint: str, token: str | None, revision: str | None
         entries = [e for e in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(e, RepoFile)]
     by_path = {e.path: e for e in entries}
     chosen, skipped = _select(sorted(by_path), allow_pickle)
-    if not any(p.endswith((".safetensors", ".bin")) for p in chosen) or "config.json" not in chosen:
-        raise NotFoundError(f"{repo_id}@{sha[:12]} has no config.json and model weights at its top level",
+    adapter = "adapter_config.json" in chosen and "adapter_model.safetensors" in chosen
+    if not adapter and (not any(p.endswith((".safetensors", ".bin")) for p in chosen) or "config.json" not in chosen):
+        raise NotFoundError(f"{repo_id}@{sha[:12]} has no config.json and model weights (nor a LoRA adapter) at its "
+                            f"top level",
                             hint="pass a transformers model repo (a GGUF repo: download the .gguf and `dsr1 pull FILE.gguf`)")
     files = []
     for p in chosen:

@@ -154,6 +154,8 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
             manifest.files = None  # hashed below
         if lora.is_adapter(Path(model_dir)) and not (Path(model_dir) / "config.json").is_file():
             model_dir = _adapter(Path(model_dir), base, merge_lora, work, entry, reporter, manifest)
+            if manifest.kind == "lora":  # a profile's precision is for models: an adapter is stored as is
+                method = manifest.quantization = result.quantization = "none"
         elif base or merge_lora:
             raise UsageError("--base and --merge-lora are for LoRA adapters", hint=f"{source} is a model; drop them")
         if method != "none":

@@ -159,3 +159,28 @@ def test_vllm_and_sglang_get_their_own_lora_flags(demo_model_dir, demo_gguf, ada
     r = _dsr1("serve", demo_gguf, "--engine", "llamacpp", "--lora", f"a={adapters['a']}", "--dry-run",
               home=tmp_path / "home")
     assert r.returncode == 2 and "--lora is not supported with llama-server" in r.stderr, r.stderr
+
+
+def test_pull_an_adapter_from_the_hub(demo_model_dir, adapters, tmp_path, monkeypatch):
+    """The hub path (tests/fakehub.py, the real huggingface_hub client on 127.0.0.1): the adapter's
+    files are downloaded, verified, checked against the base and stored as an adapter."""
+    from tests.fakehub import FakeHub
+
+    hub = FakeHub().start()
+    try:
+        files = {p.name: p.read_bytes() for p in adapters["b"].iterdir() if p.is_file()}
+        files["README.md"] = b"# an adapter"
+        hub.add_repo("someone/sql-lora", files)
+        home = tmp_path / "home"
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        r = _dsr1("pull", "someone/sql-lora", "--base", demo_model_dir, "--json", home=home)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["kind"] == "lora" and out["name"] == "sql-lora"
+        m = json.loads((home / "models" / "sql-lora" / "manifest.json").read_text())
+        assert sorted(f["path"] for f in m["files"]) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert m["lora_base"] == str(demo_model_dir) and m["repo_id"] == "someone/sql-lora"
+        assert _dsr1("verify", "sql-lora", home=home).returncode == 0
+    finally:
+        hub.stop()
