@@ -359,12 +359,17 @@ def tune(cfg: TuneConfig, hooks: Hooks | None = None) -> Outcome:
         r = run(Candidate(engine))
         if r is not None:
             defaults[engine] = r
+
+    def current(cand: Candidate, knob: str) -> Any:
+        """The knob's value in `cand`: set by the candidate, else the engine's own default (None: unknown)."""
+        v = cand.get(knob)
+        return own[cand.engine].get(knob) if v is None else v
+
     def climb(best: Result, knob: str, values: list[Any]) -> Result:
         """Hill-climb one numeric knob over its coarse values: the neighbour above first (more
         concurrency and larger prompt chunks are what usually raises goodput), on while it gains;
         the other way only when that did not."""
-        cur = best.candidate.get(knob)
-        cur = own[best.candidate.engine].get(knob) if cur is None else cur
+        cur = current(best.candidate, knob)
         grid = sorted(set(values) | {cur})
         i = grid.index(cur)
         for step in (1, -1):
@@ -381,8 +386,7 @@ def tune(cfg: TuneConfig, hooks: Hooks | None = None) -> Outcome:
     for engine in sorted(defaults, key=lambda e: -defaults[e].score):  # 2. coarse, best engine first
         best = defaults[engine]
         for knob, _, values in knobs[engine]:
-            if knob in NUMERIC and (best.candidate.get(knob) is not None
-                                    or own[engine].get(knob) is not None):
+            if knob in NUMERIC and current(best.candidate, knob) is not None:
                 best = climb(best, knob, values)
                 continue
             for v in values:
@@ -395,7 +399,7 @@ def tune(cfg: TuneConfig, hooks: Hooks | None = None) -> Outcome:
         coarse = best
         # 3. fine: midpoints around the coarse winner's numeric values
         for knob, _, values in knobs[engine]:
-            cur = coarse.candidate.get(knob) or own[engine].get(knob)
+            cur = current(coarse.candidate, knob)
             if knob not in NUMERIC or cur is None or cur not in values:
                 continue
             i = values.index(cur)

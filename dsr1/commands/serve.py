@@ -151,7 +151,8 @@ def serve(
         engine=engine, engine_python=engine_python, precision=precision, tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel, data_parallel=data_parallel, max_model_len=max_model_len,
         max_concurrent=max_concurrent, memory_utilization=memory_utilization, served_name=served_model_name,
-        max_batched_tokens=max_batched_tokens, threads=threads, host=host, port=port, engine_port=engine_port, nodes=nodes, node_rank=node_rank, head=head,
+        max_batched_tokens=max_batched_tokens, threads=threads, host=host, port=port, engine_port=engine_port,
+        nodes=nodes, node_rank=node_rank, head=head,
         device_map=device_map, expect_model=expect_model, lora=tuple(lora_specs))
     deployment = planner.make_plan(model, profile, overrides)
     if dry_run or emit:
