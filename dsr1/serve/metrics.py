@@ -26,6 +26,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.model = model
         self.engine_gauges = engine_gauges
+        self._prefix_on = self._spec_on = False  # set by bind_prefix_cache / bind_speculative
         self.requests = Counter("dsr1_requests", "HTTP requests to the API by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         for endpoint in API_ENDPOINTS:
@@ -72,9 +73,8 @@ class Metrics:
 
     def features(self) -> dict[str, Any]:
         """What this server exports, for `dsr1 monitor init` (GET /dsr1/deployment)."""
-        names = self.registry._names_to_collectors  # noqa: SLF001 - prometheus_client has no public lister
-        return {"gpus": len(self.gpus.handles), "prefix_cache": "dsr1_kv_cache_hit_rate" in names,
-                "speculative": "dsr1_spec_decode_acceptance_rate" in names, "engine_metrics": self.engine_gauges}
+        return {"gpus": len(self.gpus.handles), "prefix_cache": self._prefix_on, "speculative": self._spec_on,
+                "engine_metrics": self.engine_gauges}
 
     def bind(self, counts: Callable[[], tuple[int, int]], kv_usage: Callable[[], float], kv_bytes: int) -> None:
         self.running.set_function(lambda: counts()[0])
@@ -85,6 +85,7 @@ class Metrics:
     def bind_prefix_cache(self, pc) -> None:
         for g in (self.prefix_hit_rate, self.prefix_hits, self.prefix_queries):
             self.registry.register(g)
+        self._prefix_on = True
         self.prefix_hit_rate.set_function(pc.hit_rate)
         self.prefix_hits.set_function(lambda: pc.hit_tokens)
         self.prefix_queries.set_function(lambda: pc.queried_tokens)
@@ -92,6 +93,7 @@ class Metrics:
     def bind_speculative(self) -> None:
         for m in (self.spec_drafted, self.spec_accepted, self.spec_rate):
             self.registry.register(m)
+        self._spec_on = True
         self._drafted = self._accepted = 0
 
     def observe_spec(self, drafted: int, accepted: int) -> None:
