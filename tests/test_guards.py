@@ -198,3 +198,16 @@ def test_a_plugin_that_hangs_or_raises_is_handled_as_the_policy_says(demo_model_
         assert rules and rules[0] == ("plugin:timeout" if fn == "hang" else "plugin:error:RuntimeError")
     finally:
         srv.stop()
+
+
+def test_guards_with_an_external_engine_are_refused_not_ignored(demo_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    policy = _policy(tmp_path, '[[rules]]\nkeywords = ["x"]\n')
+    r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(demo_model_dir), "--engine", "vllm", "--guard",
+                        str(policy)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                            "DSR1_HOME": str(tmp_path / "home")})
+    assert r.returncode == 2 and "does not apply them yet" in r.stderr, r.stderr

@@ -108,6 +108,8 @@ def serve(
     requestlog.configure(log_format, content=log_content)
     lora_specs = _lora.parse_specs(lora or [])
     out = requestlog.output(json, quiet)
+    if (guard or guard_plugin) and engine not in ("auto", "embedded"):
+        _guards_need_embedded(engine)
     tuned_profile = None
     if use_tuned:
         from dsr1 import tuned
@@ -174,8 +176,7 @@ def serve(
         out.warn(w)
     if deployment.engine != "embedded":
         if guard or guard_plugin:
-            raise UsageError(f"--guard and --guard-plugin run in the embedded engine's server; dsr1's front for "
-                             f"{deployment.engine} does not apply them yet", hint="use --engine embedded, or drop them")
+            _guards_need_embedded(deployment.engine)
         if deployment.needs_pull:
             deployment = _pull_then_plan(model, profile, overrides, out)
         from dsr1.serve.external import serve_external
@@ -184,6 +185,13 @@ def serve(
         return
     _serve_embedded(opts, deployment, out, precision=precision, json=json)
     out.info("dsr1 serve: stopped")
+
+
+def _guards_need_embedded(engine: str) -> None:
+    from dsr1.errors import UsageError
+
+    raise UsageError(f"--guard and --guard-plugin run in the embedded engine's server; dsr1's front for {engine} "
+                     f"does not apply them yet", hint="use --engine embedded, or drop them")
 
 
 def _serve_embedded(opts, deployment, out, *, precision: Optional[str], json: bool) -> None:
