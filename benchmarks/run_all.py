@@ -47,6 +47,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "serve_fastpath": (["benchmarks/serve_fastpath.py"], "prefix caching and speculative decoding"),
     "client_ceiling": (["benchmarks/bench_client_ceiling.py"], "the bench client's own ceiling"),
     "tune_gain": (["benchmarks/tune_gain.py", "--engines-home", ENGINES_HOME], "tuning gain"),
+    "lora_mixed": (["benchmarks/lora_mixed.py"], "16 requests over 3 LoRA adapters against 16 base-model requests"),
+    "guard_overhead": (["benchmarks/guard_overhead.py"], "throughput with and without a 20-rule --guard policy"),
 }
 
 
