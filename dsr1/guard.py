@@ -166,6 +166,11 @@ def _mask(text: str, hits) -> str:
     return text
 
 
+def mask_input(policy: Policy, text: str) -> str:
+    """`text` with its input PII replaced by [KIND] (what mask mode sends to the model)."""
+    return _mask(text, _pii_hits(policy, text, "input"))
+
+
 def check_input(policy: Policy, text: str) -> Decision:
     """The request's text (prompt, or every message's content) before tokenization."""
     if policy.max_prompt_chars is not None and len(text) > policy.max_prompt_chars:
@@ -197,6 +202,7 @@ class OutputGuard:
         self.skip_until = skip_until
         self.text = ""  # everything generated so far
         self.decision: Decision | None = None
+        self.audited = False  # the server has written `decision` to the audit log
         self.logged: list[str] = []  # pii rules seen in log mode
 
     def feed(self, delta: str) -> str:

@@ -306,7 +306,7 @@ class Api:
         if d.action == "mask":  # the model never sees the matched text
             if kind == "chat":
                 for m in c.messages:
-                    m["content"] = guard.check_input(self.cfg.guard, m["content"]).text or m["content"]
+                    m["content"] = guard.mask_input(self.cfg.guard, m["content"])
             else:
                 c.prompt = d.text
 
@@ -342,8 +342,8 @@ class Api:
         """After feeding the guard: True when it blocked (the request is aborted and audited once)."""
         if g is None or g.decision is None:
             return False
-        if not getattr(g, "_audited", False):
-            g._audited = True
+        if not g.audited:
+            g.audited = True
             self._audit_guard(g.decision, x.endpoint, x.client, x.c.model)
         if g.decision.blocked:
             self.sched.abort(x.handle)
