@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 from dsr1.errors import ServerError
+from dsr1.serve.requestlog import READY  # the line `dsr1 serve` announces itself with
 
-READY = "dsr1 serve: ready on "
 _REPO = str(Path(__file__).resolve().parent.parent.parent)
 
 
