@@ -464,6 +464,8 @@ class Api:
                     break
             finished = True
             finish = finish or ev.finish_reason
+            # Logged before the last chunks go out: a client that has seen [DONE] finds its audit line.
+            self._done(x, 500 if finish == "error" else 200, ev, text, finish)
             if finish == "error":
                 err = schema.ApiError(500, "generation failed; see the server log", type="server_error")
                 yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
@@ -478,8 +480,7 @@ class Api:
             # Client gone (generator closed or cancelled) before the end: free the slot now.
             if not finished:
                 self.sched.abort(x.handle)
-            self._done(x, 200 if finished and ev and finish != "error" else 499 if not finished else 500,
-                       ev, text, finish)
+                self._done(x, 499, ev, text, finish)
 
     def _done(self, x: "_Ctx", status: int, ev: Event | None, text: str, finish: str | None = None) -> None:
         self.metrics.requests.labels(x.endpoint, str(status)).inc()
