@@ -78,7 +78,7 @@ def test_compiled_decode_matches_transformers(demo_model_dir, fp32_models, tmp_p
     m = EmbeddedModel(demo_model_dir, dtype=torch.float32)
     cache = m.make_cache(3, 256)
     m.fast.enable_compile()
-    m.fast.warm_up(cache, batches=(1, 2))
+    m.fast.warm_up(cache)
     assert m.path == "compiled" and m.fast.compile_seconds > 0
     prompts = [ref.tokenizer(p)["input_ids"] for p in PROMPTS]
     want = _greedy(ref, ref.make_cache(3, 256), prompts, 24)

@@ -65,7 +65,7 @@ def serve(
     log_content: bool = typer.Option(False, "--log-content", help="Also put prompts and outputs in the request log (off: never logged)."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds running requests get to finish after SIGTERM/SIGINT."),
     fast_path: bool = typer.Option(True, "--fast-path/--no-fast-path", help="Embedded engine: the lean Llama/Qwen2 forward (fused projections, no per-module overhead) when the model takes it."),
-    compile: Optional[str] = typer.Option(None, "--compile", help="Embedded engine: torch.compile the decode step (auto, on, off, or DSR1_COMPILE; auto: off, measured no faster than the lean forward on CPU). Compiling takes 10-40 s at start-up; the cache under DSR1_HOME makes restarts quicker."),
+    compile: Optional[str] = typer.Option(None, "--compile", help="Embedded engine: torch.compile the whole decode step with frozen, packed weights (auto, on, off, or DSR1_COMPILE; auto: on for bf16 on a CPU with AMX, where it measured ~1.6x faster per step, off elsewhere). Compiling takes ~1.5-2 min at start-up on 2 cores and keeps a packed copy of the weights."),
     prefix_cache_mb: Optional[int] = typer.Option(None, "--prefix-cache-mb", help="Embedded engine: memory for reusing the KV of shared prompt beginnings (0: off; default a quarter of the KV cache)."),
     speculative: str = typer.Option("off", "--speculative", help="Embedded engine: off, ngram (prompt-lookup drafts) or draft (a smaller model's drafts, --draft-model); greedy requests only, output unchanged."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="With --speculative draft: a smaller model of the same tokenizer (directory or stored name)."),

@@ -44,13 +44,14 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def _softmax(x: torch.Tensor) -> torch.Tensor:
-    """softmax over the last axis, in place on `x`. torch.softmax took 1.8-7.9 ms on [16, 49152]
-    fp32 on the 2-core Xeon (it parallelizes over rows only); max, exp_ and a sum take ~0.7 ms."""
-    x -= x.max(-1, keepdim=True).values
+def _exp_shifted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(x - rowmax), in place on `x`, and its row sums [m, 1]: softmax without the division over
+    the whole vocabulary (only the few probabilities that are used get divided). amax, not max:
+    max also computes indices and took 5x longer on [16, 49152] fp32 (0.16 vs 0.03 ms); torch.softmax
+    took 1.8-7.9 ms there (it parallelizes over rows only)."""
+    x -= x.amax(-1, keepdim=True)
     x.exp_()
-    x /= x.sum(-1, keepdim=True)
-    return x
+    return x, x.sum(-1, keepdim=True)
 
 
 def _draw(probs: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -70,20 +71,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     out = logits.argmax(dim=-1).tolist() if len(rows) < len(params) else [0] * len(params)
     if not rows:
         return out
-    temps = torch.tensor([params[i].temperature for i in rows]).unsqueeze(1)
-    probs = _softmax((logits if len(rows) == len(params) else logits[rows]) / temps)
+    inv_t = torch.tensor([1.0 / params[i].temperature for i in rows]).unsqueeze(1)
+    weights, total = _exp_shifted((logits if len(rows) == len(params) else logits[rows]) * inv_t)
     top_p = torch.tensor([min(1.0, params[i].top_p) for i in rows])
     u = torch.cat([torch.rand(1, generator=gens[i]) for i in rows])
     picks = torch.empty(len(rows), dtype=torch.long)
-    k = min(_TOPK, probs.shape[1])
-    vals, idx = torch.topk(probs, k, dim=-1)
+    k = min(_TOPK, weights.shape[1])
+    vals, idx = torch.topk(weights, k, dim=-1)
+    vals /= total
     short = (top_p < 1.0) & (vals.sum(-1) >= top_p)  # the top k already reach top_p
     if bool(short.any()):
         s = short.nonzero().squeeze(1)
         picks[s] = idx[s].gather(1, _draw(vals[s], top_p[s], u[s]).unsqueeze(1)).squeeze(1)
     rest = (~short).nonzero().squeeze(1)
     if rest.numel():
-        picks[rest] = _draw_wide(probs[rest], top_p[rest], u[rest], [gens[rows[j]] for j in rest.tolist()])
+        probs = weights[rest] / total[rest]
+        picks[rest] = _draw_wide(probs, top_p[rest], u[rest], [gens[rows[j]] for j in rest.tolist()])
     for j, i in enumerate(rows):
         out[i] = int(picks[j])
     return out

@@ -151,7 +151,8 @@ def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int,
     return ("bf16", "CPU has bf16 units; batching") if batch > 1 else ("fp32", "CPU, one request at a time")
 
 
-def choose_compile(requested: str, model, *, cuda: bool) -> tuple[bool, str]:
+def choose_compile(requested: str, model, *, cuda: bool, cpu_flags: tuple[str, ...] | list[str] = (),
+                   spare_bytes: int | None = None) -> tuple[bool, str]:
     """Whether to torch.compile the decode step, and why (measured: docs/performance.md)."""
     requested = settings.resolve("compile", flag=requested, default="auto", kind=str).value
     if requested not in ("auto", "on", "off"):
@@ -168,9 +169,22 @@ def choose_compile(requested: str, model, *, cuda: bool) -> tuple[bool, str]:
         return requested == "on", f"compile {requested}"
     if cuda:
         return False, "auto: off (compiled decode not yet measured on a GPU; --compile on to try it)"
-    # Measured on the demo model (benchmarks/engines.py, docs/performance.md): compiled 28.9/94.1/263.5
-    # tok/s at c=1/4/16 against 28.8/100.0/288.6 for the lean eager forward, after ~15 s of compiling.
-    return False, "auto: off (on CPU the compiled step measured no faster than the lean forward)"
+    import torch
+
+    # Measured on the demo model on a 2-core Xeon with AMX (docs/performance.md): the frozen,
+    # autotuned step took 15/16/23 ms at batch 1/4/16 against 27/28/38 ms for the lean eager
+    # forward, after ~100 s of compiling at start-up. Only AMX bf16 was measured; elsewhere (fp32,
+    # AVX-512 without AMX) the earlier, unfrozen compile measured no faster, so it stays opt-in.
+    if model.dtype == torch.bfloat16 and "amx_bf16" in cpu_flags:
+        if not shutil.which(os.environ.get("CXX", "g++")):
+            return False, "auto: off (no C++ compiler for torch.compile; install g++ for a ~1.6x faster decode)"
+        # freezing keeps a packed copy of every weight beside the model's own: auto needs room for it
+        weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+        if spare_bytes is not None and spare_bytes < 1.2 * weights + 2 * 2**30:
+            return False, (f"auto: off (compiling keeps a second, packed copy of the weights: "
+                           f"{weights / 2**30:.1f} GiB more than the {spare_bytes / 2**30:.1f} GiB free allows)")
+        return True, "auto: on (bf16 on a CPU with AMX)"
+    return False, "auto: off (measured faster only for bf16 on CPUs with AMX; --compile on to try it)"
 
 
 def _inductor_cache() -> None:
@@ -336,15 +350,14 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     metrics.bind(sched.counts, sched.kv_usage, sched.cache.total_bytes)
     if sched.prefix is not None:
         metrics.bind_prefix_cache(sched.prefix)
-    compile_on, compile_why = choose_compile(opts.compile, model, cuda=cuda)
+    compile_on, compile_why = choose_compile(opts.compile, model, cuda=cuda, cpu_flags=host.cpu_flags,
+                                             spare_bytes=None if cuda else available_ram())
     compile_seconds = 0.0
     if compile_on:
         _inductor_cache()
         model.fast.enable_compile()
-        tokens = (1, opts.num_speculative_tokens + 1) if proposer else (1,)
-        batches = (1, 2) if max_concurrent > 1 else (1,)
-        compile_seconds = worker.submit(model.fast.warm_up, sched.cache, batches=batches, tokens=tokens,
-                                        progress=progress).result()
+        batches = (2, 1) if max_concurrent > 1 else (1,)
+        compile_seconds = worker.submit(model.fast.warm_up, sched.cache, batches=batches, progress=progress).result()
     forward_reason = model.fast_reason or compile_why
     cfg = AppConfig(model_name=name, max_model_len=max_len, api_key=opts.api_key,
                     max_body_bytes=opts.max_body_bytes, reasoning_parser=parser, reasoning_field=opts.reasoning_field,
