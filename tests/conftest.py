@@ -30,7 +30,7 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("DSR1_DEBUG", raising=False)
-    # torch.compile of the embedded decode step costs 10-40 s per server start on these 2 cores, and
+    # torch.compile of the embedded decode step costs ~1.5-2 min per server start on these 2 cores, and
     # dozens of tests start servers; tests/test_fastpath.py turns it on (--compile on) where it is tested.
     monkeypatch.setenv("DSR1_COMPILE", "off")
     return home

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dsr1 import catalog, settings
-from dsr1.errors import ConfigError, HardwareError, NotFoundError, ServerError, UsageError
+from dsr1.errors import ConfigError, HardwareError, NotFoundError, UsageError
 
 log = logging.getLogger("dsr1.serve")
 
