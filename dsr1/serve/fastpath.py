@@ -239,10 +239,12 @@ class FastForward:
         h = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, src=None) -> torch.Tensor:
+        """Final norm and LM head, fp32; `src` as in `_step`."""
+        src = self if src is None else src
         # Row-major: sampling reduces along the vocabulary, and on the transposed result of
         # `linear` amax/topk/argmax over [16, 49152] took 1-2 ms each instead of 0.03-0.6 ms.
-        return linear(self._norm(x, self.norm_w), self.head, contiguous=True).float()
+        return linear(self._norm(x, src.norm_w), src.head, contiguous=True).float()
 
     # -- the decode / verify step ----------------------------------------------------------------
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, ks: list[torch.Tensor],
@@ -250,7 +252,7 @@ class FastForward:
         """tokens/pos [n, t]: the t new tokens of cache rows 0..n-1 and their positions; cols =
         arange(span), the cached columns attended (span > every position). Each query sees the
         columns up to its own position. Writes K/V in place; returns logits [n, t, vocab] (fp32).
-        `src`: where the weights and RoPE tables come from (this object, or a FrozenStep's buffers)."""
+        `src`: where the weights and RoPE tables come from (this object, or a FrozenStep's parameters)."""
         src = self if src is None else src
         n, t = tokens.shape
         span = cols.shape[0]
@@ -267,11 +269,10 @@ class FastForward:
         for li, weights in enumerate(src.layers):
             lora = self._layer_lora(li, groups) if groups else None
             x = self._layer(x, cos, sin, mask, rows, pos, ks[li], vs[li], *weights, lora=lora)
-        return linear(self._norm(x, src.norm_w), src.head, contiguous=True).float()
+        return self.logits(x, src)
 
     def _layer(self, x, cos, sin, mask, rows, pos, ck, cv, ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd, lora=None):
-        """One decoder layer for the decode/verify step (the unit torch.compile compiles: one small
-        graph reused by every layer, instead of one graph per layer)."""
+        """One decoder layer for the decode/verify step."""
         n, t = pos.shape
         span = mask.shape[-1]
         h = self._norm(x, ln1)
@@ -305,7 +306,7 @@ class FastForward:
 
     def enable_compile(self) -> None:
         """Compile the whole decode step (torch.compile, inductor) over a FrozenStep: the weights are
-        the module's buffers, frozen into the graph as constants, so inductor packs each one once for
+        the module's parameters, frozen into the graph as constants, so inductor packs each one once for
         its own GEMM kernels (AMX/AVX-512 micro-kernels on CPU, chosen by timing them against ATen's:
         max_autotune) and fuses the small ops around them. Batch rows and the context span are
         dynamic; one row is a variant of its own. `warm_up` compiles both."""
