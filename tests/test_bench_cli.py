@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from dsr1.bench.loopback import Behaviour, LoopbackServer
 from dsr1.bench.report import SCHEMA_PATH
 from dsr1.cli import build_app
+from tests import interrupt
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads(SCHEMA_PATH.read_text())
@@ -170,7 +171,7 @@ def test_ctrl_c_keeps_finished_points(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with LoopbackServer(behaviour=Behaviour(token_delay_s=0.01)) as srv:
-        proc = subprocess.Popen([sys.executable, "-m", "dsr1", "bench", "--url", srv.url, "--dataset",
+        proc = interrupt.popen([sys.executable, "-m", "dsr1", "bench", "--url", srv.url, "--dataset",
                                  str(_sharegpt(tmp_path)), "--output-len", "4", "--concurrency", "2,2,2", "--duration", "1.5",
                                  "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
@@ -196,7 +197,7 @@ def test_ctrl_c_before_any_point_leaves_an_earlier_run_alone(tmp_path):
         subprocess.run(cmd + ["--url", srv.url, "--concurrency", "1,2", "--requests", "4"], env=env, check=True,
                        capture_output=True, timeout=120)
         earlier = (out / "results.json").read_bytes()
-        proc = subprocess.Popen(cmd + ["--url", srv.url, "--concurrency", "1", "--duration", "30"], env=env,
+        proc = interrupt.popen(cmd + ["--url", srv.url, "--concurrency", "1", "--duration", "30"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         seen = srv.stats.requests
         deadline = time.monotonic() + 60

