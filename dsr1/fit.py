@@ -168,12 +168,14 @@ def estimate(
     kv_dtype: str | None = None,
     prefill_tokens: int = 2048,
     min_context: int = MIN_CONTEXT,
+    weights_total: float | None = None,
 ) -> Fit:
     """Plan `spec` at `precision` on `target`.
 
     Weights and KV are split over `tp` devices (all of them by default): tensor
     parallel for vLLM/SGLang, a layer split by accelerate's device_map for the
     embedded engine; either way each device holds about 1/tp of the weights.
+    `weights_total` is a real checkpoint's size on disk, used instead of the arithmetic.
     """
     _check_precision(precision)
     tp = tp or target.count
@@ -190,7 +192,7 @@ def estimate(
         compute_dtype = "fp16" if target.kind == "cuda" else "fp32"
     kv_dtype = kv_dtype or compute_dtype
     w = weight_bytes(spec, precision, compute_dtype=compute_dtype, include_mtp=False)
-    weights_per_device = w.total / tp
+    weights_per_device = (weights_total if weights_total else w.total) / tp
     act = activation_bytes(spec, prefill_tokens, DTYPE_BYTES[compute_dtype]) / tp
     if target.kind == "cuda":
         overhead = CUDA_OVERHEAD_BYTES + CUDA_GRAPH_BYTES.get(target.engine, 0) + act

@@ -106,6 +106,11 @@ def _has_think(model_dir: Path) -> bool | None:
 def _from_dir(arg: str, kind: str, name: str, model_dir: Path, repo: str | None) -> ModelRef:
     cfg = _read_json(model_dir / "config.json") or {}
     spec = catalog.find(repo) if repo else None
+    if spec is None and repo:  # a quantized checkpoint of a catalog model (dsr1/data/checkpoints.toml)
+        from dsr1 import checkpoints
+
+        ck = checkpoints.by_repo(repo)
+        spec = catalog.find(ck.model) if ck else None
     cat = spec.name if spec else None
     quant = (cfg.get("quantization_config") or {}).get("quant_method")
     local_spec = spec_from_config(cfg, name)

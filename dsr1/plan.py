@@ -73,6 +73,9 @@ class Overrides:
     device_map: str | None = None  # embedded: "cpu" plans without the GPUs
     expect_model: str | None = None  # multi-node: the fingerprint every node's copy must have
     lora: tuple[tuple[str, str], ...] = ()  # --lora NAME=ADAPTER (a directory or a stored adapter)
+    reasoning_parser: str = "auto"  # auto | deepseek_r1 | none: reaches every engine that splits reasoning
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32: the compute dtype every engine is given
+    compile: str | None = None  # auto | on | off: the embedded engine's compiled decode step
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,11 @@ class Plan:
     # LoRA adapters served beside the base model: (name, directory); the engine gets its own flags
     lora: tuple[tuple[str, str], ...] = ()
     lora_max_rank: int = 0
+    # The checkpoint that gives `precision` (dsr1/data/checkpoints.toml, or the model's own repo);
+    # model_path is it (its hub id until it is pulled). checkpoint_gb: its size on disk (0: quantized on load).
+    checkpoint: str | None = None
+    checkpoint_format: str | None = None
+    checkpoint_gb: float = 0.0
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -321,13 +329,18 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
     util, util_why = _utilization(o, s, gpus, device, engine)
     sizes = sizing.size(ref, engine, device, gpus, host, prof, o, util, want_seqs, o.max_model_len, ctx_default, d)
     env = netenv.environment(engine, device, host, gpus, o, sizes, interfaces, d, virtual=prof_source == "virtual")
-    _model_notes(model, ref, engine, d)
     external = engine != "embedded"
     if o.threads is not None:
         sizes["threads"] = o.threads
+    _apply_dtype(o, engine, device, sizes)
     lora, lora_rank = _adapters(o, engine, ref)
+    model_path, needs_pull = ref.path or ref.repo or model, not ref.local
+    if sizes.get("checkpoint") and sizes["checkpoint"] != ref.repo:
+        # another checkpoint than the one named or stored gives the planned precision: load (pull) it
+        model_path, needs_pull = sizes["checkpoint"], True
+    _model_notes(model, ref, engine, d, model_path, needs_pull)
     plan = Plan(
-        model=model, model_kind=ref.kind, model_path=ref.path or ref.repo or model, needs_pull=not ref.local,
+        model=model, model_kind=ref.kind, model_path=model_path, needs_pull=needs_pull,
         catalog_name=ref.catalog_name, architecture=spec.architecture if spec else None,
         served_name=o.served_name or (ref.name if ref.kind in ("dir", "gguf") else model),
         profile=prof.name, profile_source=prof_source, engine=engine, engine_reason=why,
@@ -335,7 +348,7 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
         gpus_per_node=len(gpus.gpus) if device == "cuda" else 0,
         gpu_name=gpus.gpus[0].name if device == "cuda" else None,
         memory_utilization=util, memory_utilization_reason=util_why, offload="none" if external else s.offload,
-        reasoning_parser="deepseek_r1" if (ref.reasoning or (spec is not None and spec.reasoning)) else "none",
+        reasoning_parser=_reasoning_parser(o, ref),
         host=o.host, port=o.port, engine_host=ENGINE_HOST if external else o.host,
         engine_port=(o.engine_port or free_port()) if external else o.port,
         health_path=base.get(engine).health_path, nodes_count=o.nodes, node_rank=o.node_rank, head=o.head, env=env,
@@ -343,6 +356,37 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
         model_fingerprint=modelref.fingerprint(ref.path) if o.nodes > 1 and ref.local else None,
         max_batched_tokens=o.max_batched_tokens, lora=lora, lora_max_rank=lora_rank, **sizes)
     return _with_commands(plan, inst, d)
+
+
+def _reasoning_parser(o: Overrides, ref: "ModelRef") -> str:
+    """--reasoning-parser, else deepseek_r1 for an R1 model or a tokenizer with </think>."""
+    if o.reasoning_parser != "auto":
+        return o.reasoning_parser
+    return "deepseek_r1" if (ref.reasoning or (ref.spec is not None and ref.spec.reasoning)) else "none"
+
+
+# The compute dtypes each external engine is given with --dtype (the embedded engine takes all three).
+ENGINE_DTYPES = {("vllm", "cuda"): ("bf16", "fp16"), ("sglang", "cuda"): ("bf16", "fp16"),
+                 ("vllm", "cpu"): ("bf16", "fp32"), ("llamacpp", "cuda"): (), ("llamacpp", "cpu"): ()}
+
+
+def _apply_dtype(o: Overrides, engine: str, device: str, sizes: dict) -> None:
+    """--dtype reaches the engine, or is refused when the chosen engine cannot honour it."""
+    if o.dtype == "auto":
+        return
+    if engine == "embedded":
+        sizes["dtype"] = o.dtype
+        if sizes.get("precision") in ("bf16", "fp16", "fp32"):
+            sizes["precision"] = o.dtype
+        return
+    allowed = ENGINE_DTYPES.get((engine, device), ())
+    if o.dtype not in allowed:
+        label = base.get(engine).label
+        why = (f"{label} computes in the GGUF file's own types" if not allowed else
+               f"dsr1 plans {label} on {device} in {' or '.join(allowed)}")
+        raise UsageError(f"--dtype {o.dtype} cannot be honoured: {why}",
+                         hint="drop --dtype" + (", or use --engine embedded" if o.engine != "embedded" else ""))
+    sizes["dtype"] = o.dtype
 
 
 def _adapters(o: Overrides, engine: str, ref: "ModelRef") -> tuple[tuple[tuple[str, str], ...], int]:
@@ -369,7 +413,13 @@ def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: s
     """(engine, why, its installation or None)."""
     probe_vllm = device == "cpu" and o.engine == "auto" and ref.kind != "gguf"
     vllm_cpu = installed_engine("vllm", o.engine_python, installed) if probe_vllm else None
-    engine, why = choose_engine(o.engine, ref, prof, device, vllm_cpu=vllm_cpu)
+    if o.engine == "auto" and o.compile == "on" and ref.kind != "gguf":
+        engine, why = "embedded", "auto: --compile on compiles the embedded engine's decode step"
+    else:
+        engine, why = choose_engine(o.engine, ref, prof, device, vllm_cpu=vllm_cpu)
+    if o.compile == "on" and engine != "embedded":
+        raise UsageError(f"--compile on compiles the embedded engine's decode step; {ref.arg} is served by {engine}",
+                         hint="drop --compile, or import the file with `dsr1 pull` and use --engine embedded")
     if engine == "llamacpp" and ref.kind == "store" and ref.gguf_problem:
         raise UsageError(f"--engine llamacpp serves GGUF files; {ref.name} is stored as safetensors and "
                          f"{ref.gguf_problem}", hint="pass the .gguf file as MODEL, or use --engine auto")
@@ -377,15 +427,27 @@ def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: s
         raise UsageError(f"--engine llamacpp serves GGUF files; {ref.arg} is not one",
                          hint="pass a .gguf file as MODEL, or use --engine auto")
     inst = installed_engine(engine, o.engine_python, installed) if engine != "embedded" else None
+    if inst is not None and device == "cuda" and inst.build.endswith("-cpu"):
+        # This machine's CPU build cannot serve GPUs: plan with the engine's documented flags and
+        # name the install the GPU nodes need (the plan's warning, --emit's setup step).
+        inst = None
+        why += f"; the {engine} installed here is a CPU build ({engine}-cpu), not used for a GPU plan"
     return engine, why, inst
 
 
-def _model_notes(model: str, ref: "ModelRef", engine: str, d: _Draft) -> None:
-    if not ref.local:
+def _model_notes(model: str, ref: "ModelRef", engine: str, d: _Draft, model_path: str, needs_pull: bool) -> None:
+    if needs_pull and model_path != (ref.repo or model):
+        d.notes.append(f"serve pulls {model_path} first (`dsr1 pull {model_path}`)")
+    elif needs_pull:
         d.notes.append(f"{model} is not in the store: serve pulls {ref.repo or model} first (`dsr1 pull {model}`)")
-    if ref.quantized and ref.quantized not in ("none", "gguf") and engine != "embedded":
+    if ref.quantized in ("int8", "nf4", "nf4-dq") and engine != "embedded":
         d.warnings.append(f"{ref.name} is quantized with {ref.quantized} for the embedded engine; "
                           f"{engine} needs the unquantized or an AWQ checkpoint")
+
+
+def install_command(plan: Plan) -> str:
+    """The `dsr1 engine install` a node of this plan needs: a GPU plan needs the engine's GPU build."""
+    return f"dsr1 engine install {plan.engine}" + (" --device cuda" if plan.device == "cuda" else "")
 
 
 def _with_commands(plan: Plan, inst: "InstalledEngine | None", d: _Draft) -> Plan:
@@ -399,11 +461,29 @@ def _with_commands(plan: Plan, inst: "InstalledEngine | None", d: _Draft) -> Pla
     else:
         checked = None
         d.warnings.append(f"{eng.label} is not installed here: commands follow its documented flags, unchecked "
-                          f"(install it with `dsr1 engine install {plan.engine}` to check them against its --help)")
+                          f"(install it with `{install_command(plan)}` to check them against its --help)")
     return replace(plan, nodes=nodes, checked_against=checked, notes=tuple(d.notes), warnings=tuple(d.warnings))
 
 
+REASONING_PARSERS = ("auto", "deepseek_r1", "none")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+COMPILE = ("auto", "on", "off")
+
+
 def _check_overrides(o: Overrides) -> None:
+    """Bad values are refused here, before anything is planned: --dry-run and a real run alike."""
+    for flag, value in (("--port", o.port), ("--engine-port", o.engine_port)):
+        if not 0 <= value <= 65535:
+            raise UsageError(f"{flag} {value} is not a TCP port", hint=f"use {flag} 0 (a free one) to 65535")
+    if o.reasoning_parser not in REASONING_PARSERS:
+        raise UsageError(f"--reasoning-parser {o.reasoning_parser!r}", hint=f"use {', '.join(REASONING_PARSERS)}")
+    if o.dtype not in DTYPES:
+        raise UsageError(f"--dtype {o.dtype!r}", hint=f"use {', '.join(DTYPES)}")
+    if o.compile is not None and o.compile not in COMPILE:
+        raise UsageError(f"--compile {o.compile!r}", hint=f"use {', '.join(COMPILE)}")
+    if o.compile == "on" and o.engine not in ("auto", "embedded"):
+        raise UsageError(f"--compile on compiles the embedded engine's decode step; {o.engine} has its own "
+                         "compilation", hint="drop --compile, or use --engine embedded")
     if o.nodes < 1:
         raise UsageError("--nodes must be at least 1")
     if not 0 <= o.node_rank < o.nodes:

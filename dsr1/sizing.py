@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from dsr1 import fit
+from dataclasses import replace
+
+from dsr1 import checkpoints, fit
 from dsr1.errors import HardwareError, UsageError
 
 if TYPE_CHECKING:
@@ -27,14 +29,8 @@ GiB = 1024**3
 PULL_QUANT = {"int4": "nf4", "nf4": "nf4", "int8": "int8"}  # plan precision -> `dsr1 pull --quant` (bitsandbytes)
 KV_MARGIN = 0.95  # engines measure activations themselves at start; keep 5% of the KV estimate spare
 VLLM_CPU_RUNTIME = 2 * GiB  # vLLM's CPU server process (torch, vllm, its front end) beyond fit's embedded runtime
-# R1 checkpoints for precisions other than the FP8 it ships in, from SGLang's DeepSeek page
-# (sgl-project/sglang docs/basic_usage/deepseek_v3.md @ f6af149): the hub ids it links.
-R1_CHECKPOINTS = {
-    "bf16": "unsloth/DeepSeek-R1-0528-BF16",
-    "int8": "meituan/DeepSeek-R1-Channel-INT8",
-    "int4": "QuixiAI/DeepSeek-R1-0528-AWQ",
-}
 MIN_CONTEXT = 4096
+MAX_ADVISED_NODES = 8
 
 
 def _round_ctx(tokens: int) -> int:
@@ -71,7 +67,8 @@ def _fields(**kw) -> dict:
     base = dict(precision="bf16", quant="none", quantization=None, dtype="bf16", tensor_parallel=1, pipeline_parallel=1,
                 data_parallel=1, dp_attention=1, expert_parallel=False, max_model_len=0, max_num_seqs=1,
                 kv_bytes_per_token=0.0, kv_budget_bytes=0, kv_capacity_tokens=0, sequences_at_full_context=0,
-                weights_bytes_per_device=0, mem_fraction_static=None, threads=None)
+                weights_bytes_per_device=0, mem_fraction_static=None, threads=None, checkpoint=None,
+                checkpoint_format=None, checkpoint_gb=0.0)
     base.update(kw)
     return base
 
@@ -152,19 +149,17 @@ def _gpu_engine(spec, ref, engine, gpus, o, util, want_seqs, ctx_flag, ctx_defau
         tp, pp = o.tensor_parallel, o.pipeline_parallel or 1
     target = _target(engine, "cuda", gpus, None, util, total)
     want = min(ctx_flag or ctx_default, spec.max_context)
-    f, tp = _precision_and_tp(spec, target, want, tp, pp, o.precision, per_node)
+    f, tp, src = _precision_and_tp(spec, ref, engine, target, want, tp, pp, o.precision, per_node)
     if tp * pp > total:
         raise UsageError(f"tensor parallel {tp} x pipeline parallel {pp} needs {tp * pp} GPUs; "
                          f"{nodes} node(s) x {per_node} have {total}", hint="lower --tensor-parallel/--pipeline-parallel or add --nodes")
     kv_tok = spec.kv_bytes_per_token(2.0, tp=tp) / pp  # bf16/fp16 KV cache
     free = f.kv_free_per_device
-    gpu_gb = target.memory_bytes / 1e9
     if free <= 0:
-        alt = f"a 4-bit checkpoint (e.g. {R1_CHECKPOINTS['int4']})" if mla_moe else "a quantized checkpoint"
-        raise HardwareError(f"{spec.name} at {f.precision} needs {f.weights_per_device / GiB:.1f} GiB of weights per GPU "
-                            f"over {tp * pp} GPUs; {f.budget_per_device / GiB:.1f} GiB usable per {gpu_gb:.0f} GB GPU "
-                            f"at utilization {util:g}",
-                            hint=f"add nodes (--nodes 2 --head HOST:PORT), or use {alt}")
+        raise HardwareError(f"{spec.name} at {f.precision} ({src.checkpoint.repo}, {src.checkpoint.size_gb:g} GB) needs "
+                            f"{f.weights_per_device / GiB:.1f} GiB of weights per GPU over {tp * pp} GPUs; "
+                            f"{f.budget_per_device / GiB:.1f} GiB usable per {target.memory_bytes / GiB:.0f} GiB GPU "
+                            f"at utilization {util:g}", hint=advice(spec, engine, target, per_node, nodes, want))
     what = f"per GPU at utilization {util:g}"
     fix = "raise --memory-utilization, add GPUs, or lower --max-concurrent"
     ctx, capacity = _fit_context(spec, free, kv_tok, ctx_flag, ctx_default, d, what=what, fix=fix)
@@ -185,16 +180,16 @@ def _gpu_engine(spec, ref, engine, gpus, o, util, want_seqs, ctx_flag, ctx_defau
     if seqs_full < want_seqs:
         d.notes.append(f"at the full {ctx}-token context {seqs_full} sequence(s) fit at once; the engine queues the "
                        f"rest of --max-concurrent {want_seqs} (shorter requests share the cache)")
-    quantization = None
-    if f.precision == "fp8" and spec.native_dtype != "fp8":
-        quantization = "fp8"  # online FP8 of a bf16 checkpoint (Hopper/Ada)
-    _checkpoint_notes(spec, ref, f.precision, target.supports_fp8, d)
+    _checkpoint_notes(spec, src, target.supports_fp8, d)
+    ck = src.checkpoint
+    dtype = ck.dtype if ck.precision not in ("bf16", "fp16") else ("bf16" if target.supports_bf16 else "fp16")
     frac = None
     if engine == "sglang":
         # --mem-fraction-static covers weights + KV only; CUDA graphs and activations live outside it.
         frac = round(max(0.5, util - f.overhead_per_device / target.memory_bytes), 2)
-    return _fields(precision=f.precision, quant="none", quantization=quantization,
-                   dtype="bf16" if target.supports_bf16 else "fp16", tensor_parallel=tp, pipeline_parallel=pp,
+    return _fields(precision=f.precision, quant="none", quantization=src.quantization, checkpoint=ck.repo,
+                   checkpoint_format=ck.format, checkpoint_gb=ck.size_gb if not src.on_load else 0.0,
+                   dtype=dtype, tensor_parallel=tp, pipeline_parallel=pp,
                    data_parallel=dp, dp_attention=dp_attn, expert_parallel=mla_moe and engine == "vllm",
                    max_model_len=ctx, max_num_seqs=want_seqs, kv_bytes_per_token=kv_tok, kv_budget_bytes=int(free),
                    kv_capacity_tokens=capacity, sequences_at_full_context=seqs_full,
@@ -208,43 +203,96 @@ def _fits_one_node(spec, precision, target, per_node, want) -> bool:
     return f.fits and f.max_context >= want
 
 
-def _precision_and_tp(spec, target: fit.Target, want: int, tp: int | None, pp: int, precision: str | None,
-                      per_node: int) -> tuple[fit.Fit, int]:
-    """Best precision first; for it, the smallest tensor-parallel size that holds `want` tokens
-    (the rest of the GPUs become data-parallel replicas). Falls back to what fits at all."""
+def _precision_and_tp(spec, ref, engine: str, target: fit.Target, want: int, tp: int | None, pp: int,
+                      precision: str | None, per_node: int) -> tuple[fit.Fit, int, checkpoints.Source]:
+    """Best precision first, among those a real checkpoint or an on-load flag gives this engine; for
+    it, the smallest tensor-parallel size that holds `want` tokens (the rest of the GPUs become
+    data-parallel replicas). Falls back to what fits at all."""
     from dsr1.plan import _tp_options, candidates
 
     tps = [tp] if tp else _tp_options(spec, per_node)
-    precs = [precision] if precision else candidates(spec, target)
-    fallback: tuple[fit.Fit, int] | None = None
-    last: tuple[fit.Fit, int] | None = None
-    for prec in precs:
+    here = _local_checkpoint(spec, ref)
+    if here is not None:  # a stored quantized checkpoint is what it is
+        if precision and precision != here.precision:
+            raise UsageError(f"{ref.name} is the {here.precision} checkpoint {here.repo}; --precision {precision} "
+                             "needs another", hint=f"drop --precision, or serve {spec.name} (dsr1 picks the checkpoint)")
+        sources = [(here.precision, checkpoints.Source(here, here.quantization(engine), False))]
+    else:
+        precs = [precision] if precision else candidates(spec, target)
+        sources = [(p, src) for p in precs if (src := checkpoints.source(spec, p, engine, target)) is not None]
+        if not sources:
+            raise UsageError(f"no checkpoint gives {spec.name} {precision} on {engine} here, and no on-load flag "
+                             "does", hint="drop --precision (dsr1 picks one that exists: `dsr1 models` lists them)")
+    fallback = last = None
+    for prec, src in sources:
+        real = None if src.on_load else src.checkpoint.size_bytes
         for t in tps:
-            f = fit.estimate(spec, prec, target, tp=t * pp)
+            f = fit.estimate(spec, prec, target, tp=t * pp, weights_total=real)
             kv_tok = spec.kv_bytes_per_token(2.0, tp=t) / pp
             cap = f.kv_free_per_device * KV_MARGIN / kv_tok if f.kv_free_per_device > 0 else 0
-            last = (f, t)
+            last = (f, t, src)
             if f.kv_free_per_device > 0 and cap >= min(MIN_CONTEXT, spec.max_context) and fallback is None:
-                fallback = (f, t)
+                fallback = (f, t, src)
             if f.kv_free_per_device > 0 and cap >= want:
-                return f, t
+                return f, t, src
     assert last is not None
     return fallback or last
 
 
-def _checkpoint_notes(spec, ref, precision: str, fp8_units: bool, d) -> None:
-    """Precisions that need a different checkpoint than the one named."""
-    if ref.quantized and ref.quantized not in ("none",):
-        return
-    if spec.native_dtype == "fp8" and precision != "fp8":
-        alt = R1_CHECKPOINTS.get(precision)
-        why = ("the FP8 weights do not fit these GPUs" if fp8_units else
-               "these GPUs have no FP8 units (vLLM can still run the FP8 checkpoint with slower weight-only Marlin kernels)")
-        d.warnings.append(f"{spec.name} ships FP8 and {why}: {precision} needs a {precision} checkpoint"
-                          f"{f' (e.g. {alt}, as SGLang documents)' if alt else ''}; pass its repo or directory as MODEL")
-    elif precision == "int4":
-        d.warnings.append(f"int4 means an AWQ checkpoint of {spec.name}: pass its repo or directory as MODEL "
-                          "(vLLM and SGLang read the quantization from its config; no flag is passed)")
+def _local_checkpoint(spec, ref) -> "checkpoints.Checkpoint | None":
+    """The listed quantized checkpoint `ref` is a local copy of, if it is one."""
+    if not ref.local or not ref.repo:
+        return None
+    c = checkpoints.by_repo(ref.repo)
+    return c if c is not None and c.model == spec.name else None
+
+
+def _checkpoint_notes(spec, src: checkpoints.Source, fp8_units: bool, d) -> None:
+    """Say which checkpoint runs, when it is not the model's own."""
+    ck = src.checkpoint
+    if src.on_load:
+        d.notes.append(f"{spec.name} {ck.repo} quantized to FP8 while loading (--quantization {src.quantization})")
+    elif ck.repo != spec.repo:
+        why = "" if spec.native_dtype != "fp8" else (
+            " (the FP8 weights do not fit these GPUs)" if fp8_units else " (these GPUs have no FP8 units)")
+        d.notes.append(f"{spec.name} at {ck.precision}{why}: checkpoint {ck.repo} ({ck.format}, {ck.size_gb:g} GB on disk; "
+                       f"size: {ck.size_source})")
+
+
+def advice(spec, engine: str, target: fit.Target, per_node: int, nodes: int, want: int) -> str:
+    """The smallest change that makes `spec` fit, computed: the fewest nodes of this kind (at the
+    best precision a checkpoint gives at that count), else the largest catalog model that fits."""
+    from dsr1 import catalog
+    from dsr1.plan import candidates
+
+    sources = [(p, s) for p in candidates(spec, target) if (s := checkpoints.source(spec, p, engine, target))]
+    for n in range(nodes + 1, MAX_ADVISED_NODES + 1):
+        gpus = per_node * n
+        if engine == "sglang" and spec.heads % gpus:  # SGLang's TP spans every GPU of every node
+            continue
+        for prec, src in sources:
+            f = fit.estimate(spec, prec, replace(target, count=gpus), tp=gpus,
+                             weights_total=None if src.on_load else src.checkpoint.size_bytes)
+            if f.fits:
+                return (f"{n} such nodes hold it at {prec} ({src.checkpoint.repo}): --nodes {n} --head HOST:PORT "
+                        "on each (docs/multi-node.md)")
+    fits = [m for m in catalog.models() if m.params_b < spec.params_b and _fits_node(m, engine, target)]
+    if fits:
+        best = max(fits, key=lambda m: m.params_b)
+        return (f"no checkpoint of {spec.name} fits {MAX_ADVISED_NODES} such nodes; the largest model that fits "
+                f"here is {best.name} (`dsr1 serve {best.name}`)")
+    return f"no catalog model fits these GPUs with {engine}"
+
+
+def _fits_node(spec, engine: str, target: fit.Target) -> bool:
+    from dsr1.plan import candidates
+
+    for prec in candidates(spec, target):
+        src = checkpoints.source(spec, prec, engine, target)
+        if src is not None and fit.estimate(spec, prec, target, weights_total=None if src.on_load else
+                                            src.checkpoint.size_bytes).fits:
+            return True
+    return False
 
 
 def _vllm_cpu(spec, host, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:

@@ -119,17 +119,13 @@ def test_every_gpu_profile_plans_its_default_model_from_a_laptop(profile, engine
 
 # --- R1 -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("snapshot", GPU_SNAPSHOTS)
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
-@pytest.mark.parametrize("nodes", [1, 2])
-def test_r1_is_never_given_an_fp8_quantization_flag(snapshot, engine, nodes, tmp_path, recorded_help):
-    """SGLang's DeepSeek page: the official weights are FP8 already; never --quantization fp8."""
+def test_r1_fp8_checkpoint_is_never_given_an_fp8_quantization_flag(engine, tmp_path, recorded_help):
+    """SGLang's DeepSeek page: the official weights are FP8 already; never --quantization fp8. Two
+    8xH100 nodes hold the FP8 checkpoint (tests/test_plan_matrix.py covers every other row)."""
     for model in ("r1", "r1-0528"):
-        try:
-            p = make(snapshot, model, tmp_path, engine=engine, nodes=nodes, head=HEAD if nodes > 1 else None)
-        except HardwareError:
-            continue
-        assert p.quantization is None
+        p = make("h100x8-ib", model, tmp_path, engine=engine, nodes=2, head=HEAD)
+        assert p.precision == "fp8" and p.checkpoint == catalog.get(model).repo and p.quantization is None
         for n in p.nodes:
             assert "--quantization" not in n.argv and "fp8" not in n.argv
 
@@ -141,15 +137,22 @@ def test_online_fp8_only_for_bf16_checkpoints_on_fp8_gpus(tmp_path, recorded_hel
     assert a100.precision == "bf16" and "--quantization" not in a100.nodes[0].argv  # A100 has no FP8 units
 
 
-def test_enterprise_r1_on_one_node_is_4bit_sglang_with_dp_attention(tmp_path, recorded_help):
+def test_enterprise_r1_on_one_node_is_the_awq_checkpoint_on_sglang_with_dp_attention(tmp_path, recorded_help):
+    """FP8 R1 (688.6 GB) does not fit 8x80 GB: the plan loads a real 4-bit checkpoint with the flag SGLang
+    documents for it (benchmark/deepseek_v3/README.md: AWQ R1 with --quantization moe_wna16), R1 settings kept."""
     gpus, host, _ = probes_for("h100x8-ib", tmp_path)
     p = plan.make_plan("r1", None, plan.Overrides(engine_port=8100), gpus=gpus, host=host,
                        installed={"sglang": installed("sglang")}, interfaces=ITFS)
     assert p.engine == "sglang" and "DeepSeek recommends" in p.engine_reason
-    assert p.precision == "int4" and p.tensor_parallel == 8  # FP8 R1 (688 GB) does not fit 640 GB
-    assert any("AWQ" in w or "int4 checkpoint" in w for w in p.warnings)
+    assert p.precision == "int4" and p.tensor_parallel == 8
+    assert p.checkpoint == p.model_path == "cognitivecomputations/DeepSeek-R1-AWQ" and p.checkpoint_gb == 340.0
+    assert p.needs_pull and p.dtype == "fp16" and p.reasoning_parser == "deepseek_r1"
+    assert p.weights_bytes_per_device >= 340e9 / 8
     argv = p.nodes[0].argv
+    assert arg(argv, "--model-path") == "cognitivecomputations/DeepSeek-R1-AWQ"
+    assert arg(argv, "--quantization") == "moe_wna16" and arg(argv, "--dtype") == "float16"
     assert arg(argv, "--tp-size") == "8" and arg(argv, "--attn-dp-size") == "8" and "--trust-remote-code" in argv
+    assert arg(argv, "--reasoning-parser") == "deepseek-r1"
 
 
 def test_old_sglang_gets_the_old_dp_attention_spelling(tmp_path, recorded_help):
@@ -269,7 +272,9 @@ def test_a100_never_plans_fp8(tmp_path, recorded_help):
             p = make("a100x2-sxm", m.name, tmp_path, engine="vllm")
         except HardwareError:
             continue
-        assert p.precision != "fp8" and p.quantization is None
+        # no FP8 units: neither FP8 weights nor on-load FP8; a 4-bit plan names its AWQ checkpoint instead
+        assert p.precision != "fp8" and p.quantization in (None, "moe_wna16")
+        assert p.checkpoint and (p.precision == "bf16") == (p.checkpoint == m.repo)
 
 
 # --- diagnoses ------------------------------------------------------------------------------------------

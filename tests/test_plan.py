@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -212,8 +213,12 @@ def test_serve_emit_writes_one_executable_script_per_node(tmp_path):
     for s in scripts:
         assert s.stat().st_mode & stat.S_IXUSR
         text = s.read_text()
-        assert text.startswith("#!/bin/sh") and "\nexec python3 -m sglang.launch_server " in text
-    assert "--node-rank 1" in scripts[1].read_text()
+        assert text.startswith("#!/bin/sh") and "\n#   python3 -m sglang.launch_server " in text
+        # no GPU engine was checked here: the node installs SGLang's GPU build, then dsr1 serve runs the
+        # engine (and on the head dsr1's front) with the plan spelt out
+        assert "\ndsr1 engine install sglang --device cuda\n" in text
+        assert "\nexec dsr1 serve r1 --profile enterprise --engine sglang " in text
+    assert "--node-rank 1" in scripts[1].read_text() and "--node-rank 0" in scripts[0].read_text()
     check = subprocess.run(["sh", "-n", str(scripts[0])], capture_output=True)
     assert check.returncode == 0
 
@@ -284,3 +289,55 @@ def test_batch_tokens_and_threads_reach_each_engine(demo_gguf, tmp_path):
     assert s.engine == "sglang" and s.nodes[0].argv[s.nodes[0].argv.index("--chunked-prefill-size") + 1] == "8192"
     with pytest.raises(UsageError, match="--max-batched-tokens must be at least 1"):
         make("driver-missing", "smollm2-135m", tmp_path, max_batched_tokens=0)
+
+
+def test_serve_flags_reach_the_engine_or_are_refused_the_same_in_dry_run_and_check_only():
+    """--reasoning-parser and --dtype reach vLLM/SGLang; bad values and flags the engine cannot honour are
+    usage errors (exit 2) without a traceback, whether the run is a dry run, a node check or real."""
+    base = ("serve", "r1-distill-qwen-7b", "--profile", "base", "--engine", "vllm")
+    ok = _dsr1(*base, "--dry-run", "--json", "--reasoning-parser", "none", "--dtype", "fp16")
+    assert ok.returncode == 0, ok.stderr
+    argv = json.loads(ok.stdout)["nodes"][0]["argv"]
+    assert "--reasoning-parser" not in argv and argv[argv.index("--dtype") + 1] == "float16"
+    sg = _dsr1("serve", "r1-distill-qwen-7b", "--profile", "base", "--engine", "sglang", "--dry-run", "--json",
+               "--dtype", "bf16")
+    assert sg.returncode == 0, sg.stderr
+    sg_argv = json.loads(sg.stdout)["nodes"][0]["argv"]
+    assert sg_argv[sg_argv.index("--dtype") + 1] == "bfloat16" and "--reasoning-parser" in sg_argv
+    for extra, needle in ((["--dtype", "foo"], "--dtype 'foo'"), (["--port", "99999"], "--port 99999"),
+                          (["--reasoning-parser", "r2"], "--reasoning-parser 'r2'"),
+                          (["--compile", "on"], "--compile on"), (["--dtype", "fp32"], "--dtype fp32")):
+        for mode in ("--dry-run", "--check-only"):
+            res = _dsr1(*base, mode, *extra)
+            assert res.returncode == 2, (extra, mode, res.stderr)
+            assert needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_compile_on_steers_auto_to_the_embedded_engine(tmp_path):
+    res = _dsr1("serve", "r1-distill-qwen-1.5b", "--dry-run", "--json", "--compile", "on",
+                env={"DSR1_HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["engine"] == "embedded" and "--compile on" in data["engine_reason"]
+
+
+def test_gpu_plan_never_launches_the_cpu_build_and_advice_converges():
+    """A CPU build of vLLM installed here is not what a GPU plan runs; R1 on the base tier is refused with
+    the node count that fits, and that count plans."""
+    res = _dsr1("serve", "r1", "--profile", "base", "--engine", "vllm", "--dry-run")
+    assert res.returncode == 5, res.stderr
+    m = re.search(r"(\d+) such nodes hold it at int4 \(cognitivecomputations/DeepSeek-R1-AWQ\): --nodes (\d+)", res.stderr)
+    assert m and m.group(1) == m.group(2), res.stderr
+    assert "80 GiB GPU" in res.stderr and "4-bit checkpoint" not in res.stderr
+    n = m.group(1)
+    # with the engines CI installs (vLLM's CPU build) as this machine's engines, when they are there
+    home = os.environ.get("DSR1_TEST_ENGINES_HOME")
+    again = _dsr1("serve", "r1", "--profile", "base", "--engine", "vllm", "--nodes", n, "--head", "10.0.0.1:29500",
+                  "--dry-run", "--json", env={"DSR1_HOME": home} if home else None)
+    assert again.returncode == 0, again.stderr
+    data = json.loads(again.stdout)
+    assert data["precision"] == "int4" and data["checkpoint"] == "cognitivecomputations/DeepSeek-R1-AWQ"
+    assert data["nodes_count"] == int(n) and "--device cuda" in " ".join(data["warnings"])
+    assert data["checked_against"] is None and not any("engines/vllm" in a for node in data["nodes"] for a in node["argv"])
+    if home and (Path(home) / "engines" / "vllm").is_dir():
+        assert "CPU build" in data["engine_reason"], data["engine_reason"]

@@ -94,8 +94,6 @@ def serve(
     from dsr1.errors import UsageError
     from dsr1.serve import server
 
-    if reasoning_parser not in server.REASONING_PARSERS:
-        raise UsageError(f"--reasoning-parser {reasoning_parser!r}", hint="use auto, deepseek_r1 or none")
     if reasoning_field not in ("reasoning_content", "reasoning", "both"):
         raise UsageError(f"--reasoning-field {reasoning_field!r}", hint="use reasoning_content, reasoning or both")
     if system_prompt not in ("auto", "keep", "merge", "drop"):
@@ -155,7 +153,8 @@ def serve(
         max_concurrent=max_concurrent, memory_utilization=memory_utilization, served_name=served_model_name,
         max_batched_tokens=max_batched_tokens, threads=threads, host=host, port=port, engine_port=engine_port,
         nodes=nodes, node_rank=node_rank, head=head,
-        device_map=device_map, expect_model=expect_model, lora=tuple(lora_specs))
+        device_map=device_map, expect_model=expect_model, lora=tuple(lora_specs), reasoning_parser=reasoning_parser,
+        dtype=dtype, compile=compile)
     deployment = planner.make_plan(model, profile, overrides)
     if dry_run or emit:
         if emit:
@@ -178,7 +177,7 @@ def serve(
         if guard or guard_plugin:
             _guards_need_embedded(deployment.engine)
         if deployment.needs_pull:
-            deployment = _pull_then_plan(model, profile, overrides, out)
+            deployment = _pull_then_plan(model, profile, overrides, out, deployment)
         from dsr1.serve.external import serve_external
 
         serve_external(deployment, opts, out, expect_model=expect_model)
@@ -243,12 +242,21 @@ def _serve_embedded(opts, deployment, out, *, precision: Optional[str], json: bo
     server.run(opts, p, sched, cfg, metrics, ready)
 
 
-def _pull_then_plan(model: str, profile, overrides, out):
-    """An external engine loads what is in the store: pull the model first (no bitsandbytes:
-    vLLM/SGLang load unquantized or AWQ checkpoints), then plan on the stored copy."""
+def _pull_then_plan(model: str, profile, overrides, out, deployment):
+    """An external engine loads what is in the store: pull the plan's checkpoint first (no
+    bitsandbytes: vLLM/SGLang load it as published), then plan on the stored copy."""
+    from dataclasses import replace
+
     from dsr1 import plan as planner
     from dsr1.pull import pull
 
+    if deployment.checkpoint and deployment.model_path == deployment.checkpoint and deployment.catalog_name \
+            and deployment.checkpoint != planner.catalog.get(deployment.catalog_name).repo:
+        # a quantized checkpoint of a catalog model: stored under its own name, served under the model's
+        name = f"{deployment.catalog_name}-{deployment.precision}-{deployment.checkpoint_format}"
+        out.info(f"dsr1 serve: pulling {deployment.checkpoint} (the {deployment.precision} checkpoint) as {name}")
+        pull(deployment.checkpoint, name=name, quant="none")
+        return planner.make_plan(name, profile, replace(overrides, served_name=overrides.served_name or model))
     out.info(f"dsr1 serve: {model} is not in the store; pulling it first")
     pull(model, profile=profile, quant="none")
     return planner.make_plan(model, profile, overrides)

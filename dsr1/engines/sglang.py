@@ -47,8 +47,7 @@ class SglangEngine:
             a += ["--chunked-prefill-size", str(plan.max_batched_tokens)]
         if plan.mem_fraction_static is not None:
             a += ["--mem-fraction-static", f"{plan.mem_fraction_static:g}"]
-        if plan.dtype == "fp16":
-            a += ["--dtype", "half"]
+        a += ["--dtype", {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.dtype]]
         if plan.quantization:  # never for R1: "The official DeepSeek V3 is already in FP8 format"
             a += ["--quantization", plan.quantization]
         if plan.reasoning_parser == "deepseek_r1":

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from dsr1.plan import Plan
 
 REFERENCE = "0.32.0"
+VLLM_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # vllm/config/model.py: ModelDType
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py: MaxLoRARanks
 SINCE = {"--reasoning-parser": "0.7"}  # 0.7-0.9 also wanted --enable-reasoning
 LAUNCHER_SINCE = (0, 32)  # vllm.entrypoints.launchers.api_server.entry
@@ -48,10 +49,10 @@ class VllmEngine:
             if plan.expert_parallel:
                 a += ["--enable-expert-parallel"]
             a += ["--gpu-memory-utilization", f"{plan.memory_utilization:g}"]
-            if plan.dtype == "fp16":
-                a += ["--dtype", "half"]
-        else:
-            a += ["--dtype", "bfloat16" if plan.dtype == "bf16" else "float32"]
+        # always given: a checkpoint's config dtype (float16 for AWQ, bfloat16 for the distills) is not
+        # necessarily the plan's, and --dtype on dsr1's command line must reach the engine
+        a += ["--dtype", VLLM_DTYPE[plan.dtype]]
+        if plan.device != "cuda":
             if plan.tensor_parallel > 1:  # the CPU build's workers talk over gloo
                 a += ["--tensor-parallel-size", str(plan.tensor_parallel)]
             if plan.pipeline_parallel > 1:

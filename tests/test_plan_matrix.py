@@ -1,0 +1,270 @@
+"""Every recorded GPU snapshot and every GPU profile x every R1 catalog model x vLLM and SGLang: an
+explicit table of what the plan must be (or that it refuses, with advice that converges), and for
+every plan the checks that make it runnable:
+
+- the precision is the checkpoint's own, or the command carries the on-load flag that makes it;
+- weights per GPU come from the checkpoint's real size on disk (dsr1/data/checkpoints.toml), and
+  weights + KV budget + overhead fit the usable memory of one GPU;
+- the R1 settings are there (reasoning parser, SGLang's trust-remote-code for DeepseekV3, DP attention
+  where planned), and a CPU build of the engine installed here is never what a GPU plan launches;
+- every vLLM command parses with vLLM's own argument parser (the engine installed by
+  `dsr1 engine install vllm`, tests/test_engine_envs.py's DSR1_TEST_ENGINES_HOME).
+
+llama-server is not in this table: it serves GGUF files, and the catalog's R1 GGUFs are [12/14]'s.
+A row that stops fitting, or starts to, fails here: no try/skip inside the matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dsr1 import plan
+from dsr1.engines import envs
+from dsr1.engines.envs import InstalledEngine
+from dsr1.errors import HardwareError
+from tests.hardware import probes_for
+from tests.test_engine_commands import HEAD, HELP, ITFS
+
+GiB = 1024**3
+ENGINES_HOME = os.environ.get("DSR1_TEST_ENGINES_HOME")
+
+# (snapshot or profile, model, engine, precision or None = refused, checkpoint or the advice, TP, DP, context)
+EXPECTED = [
+    ("a100x2-sxm", "r1", "vllm", None, "nodes 3", 0, 0, 0),
+    ("a100x2-sxm", "r1", "sglang", None, "nodes 4", 0, 0, 0),
+    ("a100x2-sxm", "r1-0528", "vllm", None, "nodes 3", 0, 0, 0),
+    ("a100x2-sxm", "r1-0528", "sglang", None, "nodes 4", 0, 0, 0),
+    ("a100x2-sxm", "r1-distill-qwen-1.5b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 2, 32768),
+    ("a100x2-sxm", "r1-distill-qwen-1.5b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 2, 32768),
+    ("a100x2-sxm", "r1-distill-qwen-7b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 2, 32768),
+    ("a100x2-sxm", "r1-distill-qwen-7b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 2, 32768),
+    ("a100x2-sxm", "r1-distill-qwen-14b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 2, 32768),
+    ("a100x2-sxm", "r1-distill-qwen-14b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 2, 32768),
+    ("a100x2-sxm", "r1-distill-qwen-32b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 1, 32768),
+    ("a100x2-sxm", "r1-distill-qwen-32b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 1, 32768),
+    ("a100x2-sxm", "r1-distill-llama-8b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 2, 32768),
+    ("a100x2-sxm", "r1-distill-llama-8b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 2, 32768),
+    ("a100x2-sxm", "r1-distill-llama-70b", "vllm", "int4", "casperhansen/deepseek-r1-distill-llama-70b-awq", 1, 2, 32768),
+    ("a100x2-sxm", "r1-distill-llama-70b", "sglang", "int4", "casperhansen/deepseek-r1-distill-llama-70b-awq", 1, 2, 32768),
+    ("h100x4-sxm", "r1", "vllm", None, "nodes 2", 0, 0, 0),
+    ("h100x4-sxm", "r1", "sglang", None, "nodes 2", 0, 0, 0),
+    ("h100x4-sxm", "r1-0528", "vllm", None, "nodes 2", 0, 0, 0),
+    ("h100x4-sxm", "r1-0528", "sglang", None, "nodes 2", 0, 0, 0),
+    ("h100x4-sxm", "r1-distill-qwen-1.5b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 4, 65536),
+    ("h100x4-sxm", "r1-distill-qwen-1.5b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 4, 65536),
+    ("h100x4-sxm", "r1-distill-qwen-7b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 4, 65536),
+    ("h100x4-sxm", "r1-distill-qwen-7b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 4, 65536),
+    ("h100x4-sxm", "r1-distill-qwen-14b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 4, 65536),
+    ("h100x4-sxm", "r1-distill-qwen-14b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 4, 65536),
+    ("h100x4-sxm", "r1-distill-qwen-32b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 2, 65536),
+    ("h100x4-sxm", "r1-distill-qwen-32b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 2, 65536),
+    ("h100x4-sxm", "r1-distill-llama-8b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 4, 65536),
+    ("h100x4-sxm", "r1-distill-llama-8b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 4, 65536),
+    ("h100x4-sxm", "r1-distill-llama-70b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", 4, 1, 65536),
+    ("h100x4-sxm", "r1-distill-llama-70b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", 4, 1, 65536),
+    ("h100x8-ib", "r1", "vllm", "int4", "cognitivecomputations/DeepSeek-R1-AWQ", 8, 1, 32768),
+    ("h100x8-ib", "r1", "sglang", "int4", "cognitivecomputations/DeepSeek-R1-AWQ", 8, 1, 32768),
+    ("h100x8-ib", "r1-0528", "vllm", "int4", "RedHatAI/DeepSeek-R1-0528-quantized.w4a16", 8, 1, 32768),
+    ("h100x8-ib", "r1-0528", "sglang", "int4", "RedHatAI/DeepSeek-R1-0528-quantized.w4a16", 8, 1, 32768),
+    ("h100x8-ib", "r1-distill-qwen-1.5b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 8, 32768),
+    ("h100x8-ib", "r1-distill-qwen-1.5b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 8, 32768),
+    ("h100x8-ib", "r1-distill-qwen-7b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 8, 32768),
+    ("h100x8-ib", "r1-distill-qwen-7b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 8, 32768),
+    ("h100x8-ib", "r1-distill-qwen-14b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 8, 32768),
+    ("h100x8-ib", "r1-distill-qwen-14b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 8, 32768),
+    ("h100x8-ib", "r1-distill-qwen-32b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 4, 32768),
+    ("h100x8-ib", "r1-distill-qwen-32b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 4, 32768),
+    ("h100x8-ib", "r1-distill-llama-8b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 8, 32768),
+    ("h100x8-ib", "r1-distill-llama-8b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 8, 32768),
+    ("h100x8-ib", "r1-distill-llama-70b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", 4, 2, 32768),
+    ("h100x8-ib", "r1-distill-llama-70b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", 4, 2, 32768),
+    ("rtx4090", "r1", "vllm", None, "largest", 0, 0, 0),
+    ("rtx4090", "r1", "sglang", None, "largest", 0, 0, 0),
+    ("rtx4090", "r1-0528", "vllm", None, "largest", 0, 0, 0),
+    ("rtx4090", "r1-0528", "sglang", None, "largest", 0, 0, 0),
+    ("rtx4090", "r1-distill-qwen-1.5b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 1, 16384),
+    ("rtx4090", "r1-distill-qwen-1.5b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 1, 16384),
+    ("rtx4090", "r1-distill-qwen-7b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 1, 16384),
+    ("rtx4090", "r1-distill-qwen-7b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 1, 16384),
+    ("rtx4090", "r1-distill-qwen-14b", "vllm", "int4", "casperhansen/deepseek-r1-distill-qwen-14b-awq", 1, 1, 16384),
+    ("rtx4090", "r1-distill-qwen-14b", "sglang", "int4", "casperhansen/deepseek-r1-distill-qwen-14b-awq", 1, 1, 16384),
+    ("rtx4090", "r1-distill-qwen-32b", "vllm", None, "nodes 2", 0, 0, 0),
+    ("rtx4090", "r1-distill-qwen-32b", "sglang", None, "nodes 2", 0, 0, 0),
+    ("rtx4090", "r1-distill-llama-8b", "vllm", "fp8", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 1, 16384),
+    ("rtx4090", "r1-distill-llama-8b", "sglang", "fp8", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 1, 16384),
+    ("rtx4090", "r1-distill-llama-70b", "vllm", None, "nodes 3", 0, 0, 0),
+    ("rtx4090", "r1-distill-llama-70b", "sglang", None, "nodes 4", 0, 0, 0),
+    ("base", "r1", "vllm", None, "nodes 3", 0, 0, 0),
+    ("base", "r1", "sglang", None, "nodes 4", 0, 0, 0),
+    ("base", "r1-0528", "vllm", None, "nodes 3", 0, 0, 0),
+    ("base", "r1-0528", "sglang", None, "nodes 4", 0, 0, 0),
+    ("base", "r1-distill-qwen-1.5b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 2, 32768),
+    ("base", "r1-distill-qwen-1.5b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 2, 32768),
+    ("base", "r1-distill-qwen-7b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 2, 32768),
+    ("base", "r1-distill-qwen-7b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 2, 32768),
+    ("base", "r1-distill-qwen-14b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 2, 32768),
+    ("base", "r1-distill-qwen-14b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 2, 32768),
+    ("base", "r1-distill-qwen-32b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 1, 32768),
+    ("base", "r1-distill-qwen-32b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 1, 32768),
+    ("base", "r1-distill-llama-8b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 2, 32768),
+    ("base", "r1-distill-llama-8b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 2, 32768),
+    ("base", "r1-distill-llama-70b", "vllm", "int4", "casperhansen/deepseek-r1-distill-llama-70b-awq", 1, 2, 32768),
+    ("base", "r1-distill-llama-70b", "sglang", "int4", "casperhansen/deepseek-r1-distill-llama-70b-awq", 1, 2, 32768),
+    ("pro", "r1", "vllm", None, "nodes 2", 0, 0, 0),
+    ("pro", "r1", "sglang", None, "nodes 2", 0, 0, 0),
+    ("pro", "r1-0528", "vllm", None, "nodes 2", 0, 0, 0),
+    ("pro", "r1-0528", "sglang", None, "nodes 2", 0, 0, 0),
+    ("pro", "r1-distill-qwen-1.5b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 4, 65536),
+    ("pro", "r1-distill-qwen-1.5b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 4, 65536),
+    ("pro", "r1-distill-qwen-7b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 4, 65536),
+    ("pro", "r1-distill-qwen-7b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 4, 65536),
+    ("pro", "r1-distill-qwen-14b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 4, 65536),
+    ("pro", "r1-distill-qwen-14b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 4, 65536),
+    ("pro", "r1-distill-qwen-32b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 2, 65536),
+    ("pro", "r1-distill-qwen-32b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 2, 65536),
+    ("pro", "r1-distill-llama-8b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 4, 65536),
+    ("pro", "r1-distill-llama-8b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 4, 65536),
+    ("pro", "r1-distill-llama-70b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", 4, 1, 65536),
+    ("pro", "r1-distill-llama-70b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", 4, 1, 65536),
+    ("enterprise", "r1", "vllm", "int4", "cognitivecomputations/DeepSeek-R1-AWQ", 8, 1, 32768),
+    ("enterprise", "r1", "sglang", "int4", "cognitivecomputations/DeepSeek-R1-AWQ", 8, 1, 32768),
+    ("enterprise", "r1-0528", "vllm", "int4", "RedHatAI/DeepSeek-R1-0528-quantized.w4a16", 8, 1, 32768),
+    ("enterprise", "r1-0528", "sglang", "int4", "RedHatAI/DeepSeek-R1-0528-quantized.w4a16", 8, 1, 32768),
+    ("enterprise", "r1-distill-qwen-1.5b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 8, 32768),
+    ("enterprise", "r1-distill-qwen-1.5b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1, 8, 32768),
+    ("enterprise", "r1-distill-qwen-7b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 8, 32768),
+    ("enterprise", "r1-distill-qwen-7b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1, 8, 32768),
+    ("enterprise", "r1-distill-qwen-14b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 8, 32768),
+    ("enterprise", "r1-distill-qwen-14b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 1, 8, 32768),
+    ("enterprise", "r1-distill-qwen-32b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 4, 32768),
+    ("enterprise", "r1-distill-qwen-32b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 2, 4, 32768),
+    ("enterprise", "r1-distill-llama-8b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 8, 32768),
+    ("enterprise", "r1-distill-llama-8b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1, 8, 32768),
+    ("enterprise", "r1-distill-llama-70b", "vllm", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", 4, 2, 32768),
+    ("enterprise", "r1-distill-llama-70b", "sglang", "bf16", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", 4, 2, 32768),
+]
+PROFILES = ("base", "pro", "enterprise")
+VLLM_ARGVS: list[list[str]] = []
+GPU_BYTES: dict[str, int] = {}
+
+
+def _cpu_build(name: str) -> InstalledEngine:
+    """This machine's CPU build of the engine, as `dsr1 engine install NAME --device cpu` leaves it."""
+    return InstalledEngine(name, "0.32.0", python=f"/cpu-home/engines/{name}/venv/bin/python", binary=None,
+                           location=f"/cpu-home/engines/{name}", origin="dsr1", build=f"{name}-cpu")
+
+
+def _plan(where: str, model: str, engine: str, tmp_path: Path, **kw) -> plan.Plan:
+    snapshot, profile = ("driver-missing", where) if where in PROFILES else (where, None)
+    gpus, host, _ = probes_for(snapshot, tmp_path)
+    if profile:
+        gpus = plan._virtual_gpus(plan.profiles.get(profile))
+    GPU_BYTES[where] = min(g.memory_total for g in gpus.gpus)
+    return plan.make_plan(model, profile, plan.Overrides(engine=engine, engine_port=8100, **kw), gpus=gpus, host=host,
+                          installed={engine: _cpu_build(engine)}, interfaces=ITFS)
+
+
+@pytest.fixture(autouse=True)
+def _recorded_help(monkeypatch):
+    monkeypatch.setattr(envs, "help_text", lambda eng: HELP[eng.name])
+
+
+def _arg(argv, flag: str) -> str:
+    return argv[list(argv).index(flag) + 1]
+
+
+@pytest.mark.parametrize("where,model,engine,precision,checkpoint,tp,dp,ctx", EXPECTED,
+                         ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in EXPECTED])
+def test_plan_matrix(where, model, engine, precision, checkpoint, tp, dp, ctx, tmp_path):
+    if precision is None:
+        with pytest.raises(HardwareError) as err:
+            _plan(where, model, engine, tmp_path)
+        hint = err.value.hint or ""
+        if checkpoint == "largest":
+            assert "the largest model that fits here is" in hint, hint
+            return
+        n = int(checkpoint.split()[1])
+        assert f"--nodes {n} " in hint, hint
+        # the advice converges: that many nodes plan, at the precision it names
+        p = _plan(where, model, engine, tmp_path, nodes=n, head=HEAD)
+        assert p.nodes_count == n and f"at {p.precision} ({p.checkpoint})" in hint, (hint, p.precision, p.checkpoint)
+        assert len(p.nodes) == n
+        _check_runnable(p, GPU_BYTES[where])
+        return
+    p = _plan(where, model, engine, tmp_path)
+    assert (p.precision, p.checkpoint, p.tensor_parallel, p.data_parallel, p.max_model_len) == \
+        (precision, checkpoint, tp, dp, ctx)
+    _check_runnable(p, GPU_BYTES[where])
+
+
+def _check_runnable(p: plan.Plan, gpu_bytes: int) -> None:
+    from dsr1 import catalog, checkpoints
+
+    spec = catalog.get(p.catalog_name)
+    ck = next(c for c in checkpoints.for_model(spec) if c.repo == p.checkpoint)
+    argv = p.nodes[0].argv
+    if ck.precision != p.precision:  # made while loading: the engine must be told
+        assert p.quantization and _arg(argv, "--quantization") == p.quantization
+        assert p.checkpoint_gb == 0
+    else:
+        assert p.checkpoint_gb == ck.size_gb
+        assert p.weights_bytes_per_device >= ck.size_bytes / (p.tensor_parallel * p.pipeline_parallel) * 0.999
+        if ck.quantization(p.engine):
+            assert _arg(argv, "--quantization") == ck.quantization(p.engine)
+        else:
+            assert "--quantization" not in argv
+    model_flag = "--model-path" if p.engine == "sglang" else None
+    loaded = _arg(argv, model_flag) if model_flag else argv[argv.index("serve") + 1]
+    assert loaded == p.checkpoint == p.model_path
+    # weights + KV + overhead within the usable share of one GPU
+    assert p.weights_bytes_per_device + p.kv_budget_bytes <= gpu_bytes * p.memory_utilization
+    assert p.max_model_len * p.kv_bytes_per_token <= p.kv_budget_bytes
+    # R1 settings
+    assert p.reasoning_parser == "deepseek_r1"
+    assert _arg(argv, "--reasoning-parser") == ("deepseek-r1" if p.engine == "sglang" else "deepseek_r1")
+    if p.engine == "sglang" and spec.architecture == "deepseek_v3":
+        assert "--trust-remote-code" in argv
+    if p.dp_attention > 1:
+        assert "--attn-dp-size" in argv or "--enable-dp-attention" in argv
+    # never this machine's CPU build on GPUs; the install the nodes need is named
+    for n in p.nodes:
+        assert not any("/cpu-home/" in a for a in n.argv)
+    assert p.checked_against is None and any("--device cuda" in w for w in p.warnings)
+    assert _arg(argv, "--dtype") == {"bf16": "bfloat16", "fp16": "float16"}[p.dtype]
+    if p.engine == "vllm":
+        for n in p.nodes:
+            VLLM_ARGVS.append(list(n.argv[n.argv.index("serve") + 1:]))
+
+
+def test_every_vllm_command_parses_with_vllms_own_parser():
+    """The commands the matrix generated, through vLLM's make_arg_parser in its own environment."""
+    assert VLLM_ARGVS, "run with the matrix (pytest collects it first in this module)"
+    if not ENGINES_HOME:
+        pytest.skip("set DSR1_TEST_ENGINES_HOME to a DSR1_HOME with vLLM installed (bash scripts/engines.sh)")
+    found = envs.own("vllm", {"DSR1_HOME": ENGINES_HOME})
+    if found is None:
+        pytest.skip(f"no vllm installed in {ENGINES_HOME}")
+    code = ("import json, sys\n"
+            "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args\n"
+            "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+            "out = []\n"
+            "for argv in json.load(sys.stdin):\n"
+            "    p = make_arg_parser(FlexibleArgumentParser())\n"
+            "    ns = p.parse_args(['--model', argv[0], *argv[1:]])\n"
+            "    validate_parsed_serve_args(ns)\n"
+            "    out.append([ns.model, ns.tensor_parallel_size, ns.dtype, ns.quantization, ns.reasoning_parser])\n"
+            "print('PARSED ' + json.dumps(out))\n")
+    res = subprocess.run([found.python, "-c", code], input=json.dumps(VLLM_ARGVS), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    parsed = json.loads(re.search(r"^PARSED (.*)$", res.stdout, re.M).group(1))
+    assert len(parsed) == len(VLLM_ARGVS)
+    for argv, (model, tp, dtype, quant, reasoning) in zip(VLLM_ARGVS, parsed):
+        assert model == argv[0] and tp == int(_arg(argv, "--tensor-parallel-size")) and reasoning == "deepseek_r1"
+        assert dtype == _arg(argv, "--dtype") and quant == (_arg(argv, "--quantization") if "--quantization" in argv else None)
