@@ -78,6 +78,21 @@ def _root(
     pass
 
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
+def _readable_metavars(fn: Callable) -> Callable:
+    """Name every value a flag takes after the flag (`--port PORT`, as argparse and vLLM do) where the
+    command did not name it: typer's default shows the Python type (`<str>`, `<list[str]>`)."""
+    for param in inspect.signature(fn).parameters.values():
+        info = param.default
+        if isinstance(info, (typer.models.OptionInfo, typer.models.ArgumentInfo)) and info.metavar is None:
+            if param.annotation in (bool, "bool") or getattr(info, "is_flag", False):
+                continue
+            info.metavar = param.name.upper()
+    return fn
+
+
 def build_app(only: str | None = None) -> typer.Typer:
     """The typer app with every command, or just `only` (what `main` runs).
 
@@ -92,6 +107,7 @@ def build_app(only: str | None = None) -> typer.Typer:
         # Our own handler prints errors; typer's pretty tracebacks would show locals (tokens live there).
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
+        context_settings=HELP_OPTIONS,
     )
     app.callback()(_root)
     for name, (module, func, help_text) in COMMANDS.items():
@@ -99,12 +115,15 @@ def build_app(only: str | None = None) -> typer.Typer:
             continue
         target = getattr(importlib.import_module(module), func)
         if isinstance(target, dict):
-            group = typer.Typer(name=name, help=help_text, no_args_is_help=True, rich_markup_mode=None)
+            group = typer.Typer(name=name, help=help_text, no_args_is_help=True, rich_markup_mode=None,
+                                context_settings=HELP_OPTIONS)
             for sub, fn in target.items():
-                group.command(sub, help=inspect.cleandoc(fn.__doc__ or ""))(_guarded(fn))
+                group.command(sub, help=inspect.cleandoc(fn.__doc__ or ""),
+                              context_settings=HELP_OPTIONS)(_guarded(_readable_metavars(fn)))
             app.add_typer(group, name=name, help=help_text)
         else:
-            app.command(name, help=help_text + "\n\n" + inspect.cleandoc(target.__doc__ or ""))(_guarded(target))
+            app.command(name, help=help_text + "\n\n" + inspect.cleandoc(target.__doc__ or ""),
+                        context_settings=HELP_OPTIONS)(_guarded(_readable_metavars(target)))
     return app
 
 

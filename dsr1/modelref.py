@@ -121,16 +121,14 @@ def _from_dir(arg: str, kind: str, name: str, model_dir: Path, repo: str | None)
 
 
 def _from_gguf(arg: str, path: Path) -> ModelRef:
-    spec, think = None, None
-    try:
-        from dsr1 import gguf_meta
+    """A .gguf file, checked as `dsr1 pull` checks it (GGUF magic, a whole header, every tensor's
+    bytes there): a damaged file is refused by --dry-run too, not by llama-server minutes later."""
+    from dsr1 import gguf_import
 
-        fields = gguf_meta.read(path, check_size=False).fields
-        spec = _spec_from_gguf(fields, path)
-        tokens = fields.get("tokenizer.ggml.tokens")
-        think = THINK_END in tokens.value if tokens is not None else None
-    except Exception:  # an unreadable header only costs the size check; llama-server reports it properly
-        spec = None
+    fields = gguf_import.inspect(path).header.fields
+    spec = _spec_from_gguf(fields, path)
+    tokens = fields.get("tokenizer.ggml.tokens")
+    think = THINK_END in tokens.value if tokens is not None else None
     return ModelRef(arg, "gguf", path.stem, spec, str(path), None, None, _head_dim(spec), think, "gguf")
 
 
@@ -181,7 +179,7 @@ def resolve(arg: str) -> ModelRef:
     from dsr1 import store
 
     p = Path(arg).expanduser()
-    if p.is_file() and p.suffix.lower() == ".gguf":
+    if p.suffix.lower() == ".gguf" and (p.is_file() or "/" in arg or not catalog.find(arg)):
         return _from_gguf(arg, p.resolve())
     if p.is_dir() and (p / "config.json").is_file():
         return _from_dir(arg, "dir", p.resolve().name, p.resolve(), None)
@@ -201,8 +199,25 @@ def resolve(arg: str) -> ModelRef:
                         True if spec.reasoning else None, None)
     if arg.count("/") == 1 and all(arg.split("/")) and not arg.startswith((".", "/", "~")):
         return ModelRef(arg, "hub", arg, None, None, arg, None, None, None, None)
-    store.resolve_model_dir(arg)  # raises NotFoundError with the fix (`dsr1 pull ...`, `dsr1 list`)
-    raise AssertionError("unreachable")
+    if "/" in arg or arg.startswith((".", "~")):
+        store.resolve_model_dir(arg)  # raises NotFoundError with the fix (a path that is not a model)
+    raise _unknown(arg)
+
+
+def _unknown(arg: str) -> Exception:
+    """MODEL is no path, catalog name, stored model or hub id: say what it may have meant."""
+    from dsr1 import store
+    from dsr1.errors import NotFoundError
+
+    import difflib
+
+    names = [m.name for m in catalog.models()] + [a for m in catalog.models() for a in m.aliases]
+    names += [m.name for m in store.list_models()]
+    close = difflib.get_close_matches(arg.lower(), names, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    hint += "`dsr1 models` lists the catalog, `dsr1 list` the store; a hub repo is OWNER/NAME"
+    return NotFoundError(f"unknown model '{arg}': not a catalog name, a stored model, a directory or a .gguf file",
+                         hint=hint)
 
 
 _SAMPLE = 1 << 20
