@@ -19,18 +19,23 @@ SCHEMA_VERSION = 1
 
 @dataclass
 class Recommendation:
+    """One row of doctor's table: `dsr1 serve MODEL --dry-run`'s plan for it, or why there is none."""
+
     model: str
-    repo: str
+    repo: str  # the checkpoint the plan loads (the model's own repo when it does not fit)
     precision: str
     fits: bool
     engine: str
     tensor_parallel: int
-    memory_gb: float  # all devices, weights + overhead + KV at `context`
-    context: int  # the context planned for (profile's, capped by what fits)
-    max_context: int  # longest single sequence that fits
-    max_sequences: int  # concurrent sequences at `context`
+    memory_gb: float  # one replica's weights + overhead + the KV of one sequence at `context`
+    context: int  # the context the plan serves
+    max_context: int  # longest single sequence the KV budget holds (capped at the model's own)
+    max_sequences: int  # concurrent sequences the plan runs (--max-concurrent)
     reason: str = ""
     command: str = ""
+    pipeline_parallel: int = 1
+    data_parallel: int = 1
+    sequences_at_full_context: int = 0
 
 
 @dataclass
@@ -81,27 +86,33 @@ def target_for(gpus: GpuReport, host: Host, profile: profiles.Profile, *, cpu_dt
                       engine="embedded", supports_bf16=bf16)
 
 
-def recommend(spec: catalog.ModelSpec, target: fit.Target, profile: profiles.Profile) -> Recommendation:
-    """One row of doctor's table: the precision dsr1.plan would pick for `spec` on all devices."""
-    from dsr1.plan import choose_precision
+def recommend(spec: catalog.ModelSpec, profile_name: str | None, gpus: GpuReport, host: Host,
+              installed: dict | None = None) -> Recommendation:
+    """One row of doctor's table, from the planning function `dsr1 serve` runs (dsr1.plan.make_plan):
+    every field equals `dsr1 serve MODEL --dry-run` on the same machine and profile."""
+    from dsr1 import plan as planner
+    from dsr1.errors import Dsr1Error
 
-    want = min(profile.settings.context_length, spec.max_context)
-    chosen = choose_precision(spec, target, want)
-    context = min(want, chosen.max_context) if chosen.fits else want
+    try:
+        p = planner.make_plan(spec.name, profile_name, planner.Overrides(engine_port=1), gpus=gpus, host=host,
+                              installed=installed)
+    except Dsr1Error as exc:
+        why = str(exc) + (f" ({exc.hint})" if exc.hint else "")
+        return Recommendation(model=spec.name, repo=spec.repo, precision="-", fits=False, engine="-",
+                              tensor_parallel=0, memory_gb=0.0, context=0, max_context=0, max_sequences=0, reason=why)
+    devices = p.tensor_parallel * p.pipeline_parallel
+    one_seq = p.kv_bytes_per_token * p.max_model_len
+    memory = (p.weights_bytes_per_device * devices + one_seq * (devices if p.device == "cuda" else 1)
+              + (fit.CUDA_OVERHEAD_BYTES * devices if p.device == "cuda" else fit.CPU_RUNTIME_BYTES))
+    capacity = p.kv_capacity_tokens * (p.dp_attention if p.dp_attention > 1 else 1)
+    fits = p.max_model_len > 0 and not any("does not fit" in w for w in p.warnings)
     return Recommendation(
-        model=spec.name,
-        repo=spec.repo,
-        precision=chosen.precision,
-        fits=chosen.fits,
-        engine=profile.settings.engine,
-        tensor_parallel=chosen.tp,
-        memory_gb=round(chosen.memory_at(context) / GB, 2),
-        context=context,
-        max_context=chosen.max_context,
-        max_sequences=chosen.max_sequences(context),
-        reason=chosen.reason,
-        command=f"dsr1 serve {spec.name}" if chosen.fits else "",
-    )
+        model=spec.name, repo=p.checkpoint or p.model_path, precision=p.precision, fits=fits, engine=p.engine,
+        tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel, data_parallel=p.data_parallel,
+        memory_gb=round(memory / GB, 2), context=p.max_model_len, max_context=min(capacity, spec.max_context),
+        max_sequences=p.max_num_seqs, sequences_at_full_context=p.sequences_at_full_context,
+        reason="" if fits else "; ".join(w for w in p.warnings if "does not fit" in w),
+        command=p.serve_command() if fits else "")
 
 
 def next_command(model: str, profile_name: str | None, gpus: GpuReport, host: Host,
@@ -193,8 +204,7 @@ def run(profile_name: str | None = None, *, gpus: GpuReport | None = None, host:
         gaps = profiles.unmet(profile.requires, machine)
     else:
         profile, source, gaps = selection.profile, "selected", []
-    target = target_for(gpus, host, profile)
-    recs = [recommend(spec, target, profile) for spec in catalog.models()]
+    recs = [recommend(spec, profile_name, gpus, host, installed) for spec in catalog.models()]
     default = next((r for r in recs if r.model == profile.settings.default_model), None)
     if default is None or not default.fits:
         # The profile's default does not fit here: fall back to the largest model that does.
@@ -202,9 +212,15 @@ def run(profile_name: str | None = None, *, gpus: GpuReport | None = None, host:
         fitting.sort(key=lambda r: catalog.get(r.model).params_b, reverse=True)
         default = fitting[0] if fitting else None
     checks = checks_for(gpus, host, software, default)
+    virtual = bool(gaps) and profile.requires.gpus > len(gpus.gpus)  # planned on the profile's own hardware
     for gap in gaps:
-        checks.append(Finding("fail", "profile", f"{profile.name}: {gap}", "run `dsr1 doctor` without --profile to see what this machine gets"))
-    # A broken GPU driver is a failed check, yet the CPU can still serve: exit 0 means "something runs here".
+        checks.append(Finding("info" if virtual else "fail", "profile", f"{profile.name}: {gap}",
+                              "the rows below are planned for the profile's hardware, not this machine's" if virtual
+                              else "run `dsr1 doctor` without --profile to see what this machine gets"))
+    if virtual:
+        source = "virtual"
+    # A broken GPU driver is a failed check, yet the CPU can still serve: exit 0 means "something runs here"
+    # (with a profile whose hardware this machine lacks: "something runs there").
     can_serve = any(r.fits for r in recs) and not any(c.level == "fail" and c.check == "profile" for c in checks)
     return Report(
         schema_version=SCHEMA_VERSION,

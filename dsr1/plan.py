@@ -160,6 +160,8 @@ class Plan:
     def serve_command(self, *, explicit_engine: bool = False) -> str:
         """The `dsr1 serve` line that reproduces this plan (what doctor prints as Next)."""
         parts = ["dsr1", "serve", self.catalog_name or self.model]
+        if self.profile_source != "selected":  # asked for: the same profile again
+            parts += ["--profile", self.profile]
         if explicit_engine:
             parts += ["--engine", self.engine]
         return " ".join(parts)

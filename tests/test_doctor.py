@@ -116,11 +116,37 @@ def test_infiniband_down_port_warns(tmp_path):
     assert any(c.check == "infiniband" and "DOWN" in c.message for c in report.checks)
 
 
-def test_requested_profile_reports_gaps(tmp_path):
+def test_requested_profile_for_other_hardware_is_planned_on_that_hardware(tmp_path):
+    """--profile enterprise on 2xA100: the gaps are said, and the rows are the plans `dsr1 serve MODEL
+    --profile enterprise --dry-run` makes for the profile's 8 GPUs; Next repeats the profile."""
     report = run_snapshot("a100x2-sxm", tmp_path, profile="enterprise")
-    assert report.profile == "enterprise" and report.profile_source == "requested"
-    assert any(c.check == "profile" and "needs 8 GPUs" in c.message for c in report.checks)
-    assert not report.can_serve
+    assert report.profile == "enterprise" and report.profile_source == "virtual"
+    assert any(c.check == "profile" and "needs 8 GPUs" in c.message and c.level == "info" for c in report.checks)
+    assert report.can_serve and report.next_command == "dsr1 serve r1 --profile enterprise"
+    r1 = rec(report, "r1")
+    assert (r1.fits, r1.precision, r1.repo, r1.engine, r1.tensor_parallel) == \
+        (True, "int4", "cognitivecomputations/DeepSeek-R1-AWQ", "sglang", 8)
+    jsonschema.validate(to_jsonable(report), SCHEMA)
+
+
+@pytest.mark.parametrize("snapshot", ["a100x2-sxm", "h100x4-sxm", "h100x8-ib", "rtx4090", "driver-missing"])
+def test_every_row_is_the_plan_serve_makes(snapshot, tmp_path):
+    from dsr1 import catalog, plan
+
+    report = run_snapshot(snapshot, tmp_path)
+    gpus, host, _ = probes_for(snapshot, tmp_path)
+    for spec in catalog.models():
+        r = rec(report, spec.name)
+        try:
+            p = plan.make_plan(spec.name, None, plan.Overrides(engine_port=1), gpus=gpus, host=host)
+        except Exception as exc:  # the row says it does not fit, with the same message
+            assert not r.fits and str(exc) in r.reason, (spec.name, r.reason)
+            continue
+        assert (r.engine, r.precision, r.tensor_parallel, r.pipeline_parallel, r.data_parallel, r.context,
+                r.max_sequences, r.sequences_at_full_context) == \
+            (p.engine, p.precision, p.tensor_parallel, p.pipeline_parallel, p.data_parallel, p.max_model_len,
+             p.max_num_seqs, p.sequences_at_full_context), spec.name
+        assert r.repo == (p.checkpoint or p.model_path)
 
 
 def _dsr1(*args, env=None):
@@ -156,10 +182,32 @@ def test_doctor_into_a_pipe_is_wide_enough_for_one_line_rows():
 
 
 def test_doctor_exit_code_when_nothing_fits(isolated_home):
-    # A profile demanding more than this machine has: doctor says so and exits 5.
-    res = _dsr1("doctor", "--profile", "enterprise", "--json")
-    assert res.returncode == 5
-    assert json.loads(res.stdout)["can_serve"] is False
+    # A CPU profile demanding more RAM than this machine has: doctor says so and exits 5.
+    (isolated_home / "profiles").mkdir(parents=True, exist_ok=True)
+    (isolated_home / "profiles" / "bigcpu.toml").write_text(
+        (REPO / "profiles" / "cpu.toml").read_text().replace('name = "cpu"', 'name = "bigcpu"')
+        .replace("ram_gb = 8", "ram_gb = 100000"))
+    res = _dsr1("doctor", "--profile", "bigcpu", "--json")
+    assert res.returncode == 5, res.stderr
+    data = json.loads(res.stdout)
+    assert data["can_serve"] is False and data["profile_source"] == "requested"
+    assert any(c["check"] == "profile" and c["level"] == "fail" for c in data["checks"])
+
+
+def test_doctor_rows_equal_serve_dry_run_on_this_machine():
+    """doctor = serve, end to end through both commands on this machine."""
+    doc = _dsr1("doctor", "--json")
+    assert doc.returncode == 0, doc.stderr
+    for row in json.loads(doc.stdout)["recommendations"]:
+        res = _dsr1("serve", row["model"], "--dry-run", "--json")
+        if not row["fits"]:
+            assert res.returncode != 0 or "does not fit" in res.stdout, row["model"]
+            continue
+        assert res.returncode == 0, res.stderr
+        p = json.loads(res.stdout)
+        assert (row["engine"], row["precision"], row["tensor_parallel"], row["data_parallel"], row["context"],
+                row["max_sequences"]) == (p["engine"], p["precision"], p["tensor_parallel"], p["data_parallel"],
+                                          p["max_model_len"], p["max_num_seqs"]), row["model"]
 
 
 def test_models_json_lists_catalog_with_fit():

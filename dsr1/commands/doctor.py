@@ -13,8 +13,9 @@ _MARK = {"pass": "[green]pass[/]", "warn": "[yellow]warn[/]", "fail": "[red]fail
 
 
 def doctor(profile: Optional[str] = ProfileOpt, json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
-    """Exit 0 when the machine can serve at least one model, 5 when it cannot.
-    The --json schema is dsr1/schemas/doctor.schema.json (docs/doctor.md)."""
+    """Exit 0 when the machine (or, with --profile for hardware this machine lacks, the profile's
+    hardware) can serve at least one model, 5 when it cannot. Each row is the plan `dsr1 serve MODEL
+    --dry-run` makes. The --json schema is dsr1/schemas/doctor.schema.json (docs/doctor.md)."""
     from dsr1 import doctor as core
 
     report = core.run(profile)
@@ -53,7 +54,8 @@ def render(c: Console, r) -> None:
     for f in r.checks:
         c.print(f"  {_MARK.get(f.level, f.level)}  {f.message}" + (f"\n        fix: {f.fix}" if f.fix else ""))
     c.print()
-    how = "chosen for this machine" if r.profile_source == "selected" else "requested"
+    how = {"selected": "chosen for this machine", "requested": "requested",
+           "virtual": "requested; planned for its own hardware, not this machine's"}[r.profile_source]
     c.print(f"[bold]Profile[/]  [cyan]{r.profile}[/] ({how})")
     for rej in r.rejected_profiles:
         c.print(f"  not {rej['profile']}: {'; '.join(rej['unmet'])}")
@@ -71,12 +73,13 @@ def render(c: Console, r) -> None:
 def models_table(recs, title: str) -> Table:
     t = Table(title=title, title_justify="left")
     t.add_column("model", no_wrap=True)
-    for col in ("fits", "precision", "memory", "context", "max ctx", "seqs", "why not"):
+    for col in ("fits", "engine", "precision", "TPxPPxDP", "memory", "context", "seqs", "why not"):
         t.add_column(col)
     for rec in recs:
         if rec.fits:
-            t.add_row(rec.model, "[green]yes[/]", rec.precision, f"{rec.memory_gb:.1f} GB", f"{rec.context:,}",
-                      f"{rec.max_context:,}", str(rec.max_sequences), "")
+            t.add_row(rec.model, "[green]yes[/]", rec.engine, rec.precision,
+                      f"{rec.tensor_parallel}x{rec.pipeline_parallel}x{rec.data_parallel}", f"{rec.memory_gb:.1f} GB",
+                      f"{rec.context:,}", str(rec.max_sequences), "")
         else:
-            t.add_row(rec.model, "[red]no[/]", rec.precision, "", "", "", "", f"[dim]{rec.reason}[/]")
+            t.add_row(rec.model, "[red]no[/]", "", "", "", "", "", "", f"[dim]{rec.reason}[/]")
     return t
