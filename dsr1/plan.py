@@ -15,7 +15,9 @@ How `--engine auto` chooses (docs/engines.md):
      recommendation), else the profile's engine
   3. no GPU, vLLM's CPU build installed, the
      model's head size supported by its CPU
-     attention                                  -> vllm (measured faster: anchors/engines.md)
+     attention                                  -> the one measured faster on this CPU class
+                                                   (dsr1/data/engine_speed.toml, figures in the
+                                                   reason); embedded when not measured here
   4. otherwise                                  -> embedded
 """
 
@@ -225,7 +227,8 @@ def installed_engine(name: str, engine_python: str | None, given: Mapping[str, A
 
 
 def choose_engine(requested: str, ref: "ModelRef", profile: profiles.Profile, device: str, *,
-                  vllm_cpu: "InstalledEngine | None") -> tuple[str, str]:
+                  vllm_cpu: "InstalledEngine | None", cpu_flags: tuple[str, ...] | list[str] = (),
+                  concurrency: int = 1) -> tuple[str, str]:
     """(engine, why). See the module docstring for the rules."""
     if requested not in CHOICES:
         raise UsageError(f"--engine {requested!r}", hint=f"use one of {', '.join(CHOICES)}")
@@ -242,7 +245,15 @@ def choose_engine(requested: str, ref: "ModelRef", profile: profiles.Profile, de
         if ref.head_dim is not None and ref.head_dim not in VLLM_CPU_HEAD_SIZES:
             return "embedded", (f"auto: vLLM's CPU attention does not support head size {ref.head_dim} "
                                 f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))})")
-        return "vllm", f"auto: vLLM's CPU build {vllm_cpu.version} is installed (faster than embedded: docs/engines.md)"
+        from dsr1 import engine_speed
+
+        size = ref.spec.params_b if ref.spec is not None and ref.spec.params_b else 1.0
+        measured = engine_speed.fastest(cpu_flags, size, ("embedded", "vllm"), concurrency)
+        if measured is not None:
+            return measured
+        return "embedded", (f"auto: the embedded engine (vLLM's CPU build {vllm_cpu.version} is installed, but the two "
+                            f"were not measured on this CPU class ({engine_speed.cpu_class(cpu_flags)}); "
+                            "`dsr1 bench tune MODEL` measures them here)")
     return "embedded", f"auto: profile {profile.name} runs dsr1's embedded engine"
 
 
@@ -314,7 +325,7 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
     prof, prof_source, gpus = choose_profile(profile, gpus, host)
     ref = modelref.resolve(model)
     device = "cuda" if gpus.gpus and o.device_map != "cpu" else "cpu"
-    engine, why, inst = _engine_for(o, ref, prof, device, installed)
+    engine, why, inst = _engine_for(o, ref, prof, device, installed, host)
     d = _Draft()
     if engine == "llamacpp" and ref.kind == "store":  # a GGUF import: llama-server gets the file itself
         ref = modelref.gguf_of(ref)
@@ -411,14 +422,16 @@ def _adapters(o: Overrides, engine: str, ref: "ModelRef") -> tuple[tuple[tuple[s
 
 
 def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: str,
-                installed: Mapping[str, Any] | None) -> tuple[str, str, "InstalledEngine | None"]:
+                installed: Mapping[str, Any] | None, host: "Host") -> tuple[str, str, "InstalledEngine | None"]:
     """(engine, why, its installation or None)."""
     probe_vllm = device == "cpu" and o.engine == "auto" and ref.kind != "gguf"
     vllm_cpu = installed_engine("vllm", o.engine_python, installed) if probe_vllm else None
     if o.engine == "auto" and o.compile == "on" and ref.kind != "gguf":
         engine, why = "embedded", "auto: --compile on compiles the embedded engine's decode step"
     else:
-        engine, why = choose_engine(o.engine, ref, prof, device, vllm_cpu=vllm_cpu)
+        seqs = settings.resolve("max_concurrent", flag=o.max_concurrent, profile=prof.settings.max_concurrent).value
+        engine, why = choose_engine(o.engine, ref, prof, device, vllm_cpu=vllm_cpu, cpu_flags=host.cpu_flags,
+                                    concurrency=int(seqs))
     if o.compile == "on" and engine != "embedded":
         raise UsageError(f"--compile on compiles the embedded engine's decode step; {ref.arg} is served by {engine}",
                          hint="drop --compile, or import the file with `dsr1 pull` and use --engine embedded")

@@ -131,7 +131,47 @@ def multinode_block() -> list[str]:
     return out[:-1]
 
 
-BLOCKS = {"docs/engines.md": {"profiles": profiles_block}, "docs/multi-node.md": {"r1": multinode_block}}
+def matrix_block() -> list[str]:
+    """The seed's three GPU tiers x every R1 model x vLLM and SGLang: what `dsr1 serve MODEL --engine E`
+    plans on the tier's recorded machine (tests/test_plan_matrix.py holds the same rows as expectations)."""
+    from dsr1 import catalog
+    from dsr1.errors import HardwareError
+
+    lines = ["| tier | model | engine | precision | checkpoint | parallel | context | max seqs | at full context |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for tier in ("base", "pro", "enterprise"):
+        for m in catalog.models():
+            if m.name == "smollm2-135m":
+                continue
+            for engine in ("vllm", "sglang"):
+                try:
+                    p = _plan(MACHINES[tier], m.name, engine=engine)
+                except HardwareError as exc:
+                    lines.append(f"| {tier} | {m.name} | {engine} | does not fit | {exc.hint} | | | | |")
+                    continue
+                par = f"TP {p.tensor_parallel} x PP {p.pipeline_parallel} x DP {p.data_parallel}"
+                if p.dp_attention > 1:
+                    par += f", DP-attention {p.dp_attention}"
+                how = p.checkpoint + (f" (`--quantization {p.quantization}`)" if p.quantization else "")
+                lines.append(f"| {tier} | {m.name} | {engine} | {p.precision} | {how} | {par} | {p.max_model_len:,} "
+                             f"| {p.max_num_seqs} | {p.sequences_at_full_context} |")
+    return lines
+
+
+def speed_block() -> list[str]:
+    """dsr1/data/engine_speed.toml, what `--engine auto` picks from on a CPU."""
+    from dsr1 import engine_speed
+
+    lines = ["| CPU class | CPU | model | dtype | engine | c=1 tok/s | c=16 tok/s | source |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in engine_speed.rows():
+        lines.append(f"| {r.cpu_class} | {r.cpu} | {r.model} | {r.dtype} | {r.engine} | {r.tok_s_c1:g} | "
+                     f"{r.tok_s_c16:g} | {r.source} |")
+    return lines
+
+
+BLOCKS = {"docs/engines.md": {"profiles": profiles_block, "matrix": matrix_block, "speed": speed_block},
+          "docs/multi-node.md": {"r1": multinode_block}}
 
 
 def refresh(text: str, name: str, lines: list[str]) -> str:

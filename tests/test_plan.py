@@ -53,9 +53,28 @@ def test_auto_engine_by_profile_and_model(snapshot, model, engine, tmp_path):
     assert p.engine == engine and p.engine_reason.startswith("auto:")
 
 
-def test_auto_picks_vllm_cpu_when_installed_unless_its_attention_cannot(tmp_path):
-    p = make("driver-missing", "smollm2-135m", tmp_path, installed={"vllm": VLLM_CPU})
-    assert p.engine == "vllm" and p.device == "cpu" and "0.32.0" in p.engine_reason
+@pytest.mark.parametrize("flags", [["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"],
+                                   ["avx2", "avx512f", "avx512_bf16"], ["avx2"]])
+@pytest.mark.parametrize("seqs", [1, 16])
+def test_auto_on_a_cpu_picks_the_engine_measured_fastest_on_its_class(flags, seqs, tmp_path):
+    """With vLLM's CPU build installed, auto picks by dsr1/data/engine_speed.toml for this CPU class and
+    concurrency, and says the figures; a class nothing was measured on keeps the embedded engine."""
+    from dsr1 import engine_speed
+
+    snap = load_snapshot("driver-missing")
+    snap["host"]["flags"] = flags
+    p = make("driver-missing", "smollm2-135m", tmp_path, installed={"vllm": VLLM_CPU}, snap=snap, max_concurrent=seqs)
+    rows = {r.engine: r.at(seqs) for r in engine_speed.rows() if r.cpu_class == engine_speed.cpu_class(flags)}
+    if set(rows) >= {"embedded", "vllm"}:
+        assert p.engine == max(rows, key=rows.get), p.engine_reason
+        assert all(f"{e} {v:g}" in p.engine_reason for e, v in rows.items()), p.engine_reason
+    else:
+        assert p.engine == "embedded" and "not measured on this CPU class" in p.engine_reason
+
+
+def test_vllm_cpu_command(tmp_path):
+    p = make("driver-missing", "smollm2-135m", tmp_path, installed={"vllm": VLLM_CPU}, engine="vllm")
+    assert p.engine == "vllm" and p.device == "cpu" and "0.32.0" == p.engine_version
     assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-31"  # every core of the 32-core host: no core held back
     kv_gib = int(p.env["VLLM_CPU_KVCACHE_SPACE"])
     assert kv_gib >= 1 and kv_gib * 2**30 >= p.max_model_len * p.kv_bytes_per_token
@@ -278,10 +297,11 @@ def test_deployer_serves_the_demo_model_and_drains_on_sigterm(demo_model_dir, tm
 
 def test_batch_tokens_and_threads_reach_each_engine(demo_gguf, tmp_path):
     """--max-batched-tokens and --threads (what `dsr1 bench tune` varies) land in each engine's own flag."""
-    v = make("driver-missing", "smollm2-135m", tmp_path, installed={"vllm": VLLM_CPU}, max_batched_tokens=2048)
+    v = make("driver-missing", "smollm2-135m", tmp_path, installed={"vllm": VLLM_CPU}, max_batched_tokens=2048,
+             engine="vllm")
     argv = v.nodes[0].argv
     assert v.engine == "vllm" and argv[argv.index("--max-num-batched-tokens") + 1] == "2048"
-    assert "--max-num-batched-tokens" not in make("driver-missing", "smollm2-135m", tmp_path,
+    assert "--max-num-batched-tokens" not in make("driver-missing", "smollm2-135m", tmp_path, engine="vllm",
                                                   installed={"vllm": VLLM_CPU}).nodes[0].argv  # engine default
     g = make("driver-missing", str(demo_gguf), tmp_path, max_batched_tokens=4096, threads=3).nodes[0].argv
     assert g[g.index("-b") + 1] == "4096" and g[g.index("-t") + 1] == "3"
