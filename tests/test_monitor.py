@@ -125,7 +125,38 @@ def test_promtool_accepts_config_and_rules_and_grafana_sdk_reads_the_dashboard(t
     if engine != "embedded":
         assert any(f"{engine}:" in e for e in exprs)  # the engine's own names have panels
     prov = yaml.safe_load((tmp_path / "mon/grafana/provisioning/datasources/dsr1.yml").read_text())
-    assert prov["datasources"][0]["uid"] == dashboard.DATASOURCE_UID == dash["panels"][1]["datasource"]["uid"]
+    # panels read the datasource variable; its default is the provisioned datasource
+    assert dash["panels"][1]["datasource"]["uid"] == "${datasource}"
+    (var,) = dash["templating"]["list"]
+    assert (var["type"], var["query"]) == ("datasource", "prometheus")
+    assert prov["datasources"][0]["uid"] == dashboard.DATASOURCE_UID == var["current"]["value"]
+    board = yaml.safe_load((tmp_path / "mon/grafana/provisioning/dashboards/dsr1.yml").read_text())
+    assert board["providers"][0]["options"]["path"] == str((tmp_path / "mon/grafana/dashboards").resolve())
+
+
+@pytest.mark.parametrize("model,profile,engine,gpus", [("r1", "enterprise", "sglang", 8),
+                                                       ("r1-distill-qwen-7b", "pro", "vllm", 4),
+                                                       ("r1-distill-qwen-1.5b", "cpu", "embedded", 0)])
+def test_monitor_init_from_the_plan_needs_no_server(tmp_path, model, profile, engine, gpus):
+    """`dsr1 monitor init DIR --model MODEL`: the files for what `dsr1 serve MODEL` will run, written before
+    it runs (nothing listens on the URL), with the engine's own metric names, and promtool accepts them."""
+    out = tmp_path / "mon"
+    r = subprocess.run([sys.executable, "-m", "dsr1", "monitor", "init", str(out), "--model", model, "--profile",
+                        profile, "--url", "http://127.0.0.1:9", "--json"], capture_output=True, text=True,
+                       env=_env(tmp_path / "home"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)["deployment"]
+    assert (d["engine"], d["gpus"], d["url"]) == (engine, gpus, "http://127.0.0.1:9")
+    promtool = _tool("promtool")
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", prometheus.RULES_FILE]):
+        c = subprocess.run([promtool, *args], cwd=out, capture_output=True, text=True)
+        assert c.returncode == 0, c.stdout + c.stderr
+    dash = json.loads((out / setup.DASHBOARD_FILE).read_text())
+    assert dashboard.validate(dash) == []
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
+    if engine != "embedded":
+        assert f"{engine}:" in exprs
+    assert ("DCGM" in exprs or "gpu" in exprs.lower()) == (gpus > 0)
 
 
 def test_dashboard_validation_catches_a_broken_file():

@@ -58,7 +58,7 @@ def fetch(url: str, api_key: str | None = None, timeout: float = 10.0) -> Deploy
         r = httpx.get(url.rstrip("/") + "/dsr1/deployment", headers=headers, timeout=timeout)
     except httpx.HTTPError as e:
         raise NetworkError(f"no dsr1 server answered at {url} ({type(e).__name__})",
-                           hint="start it first (`dsr1 serve MODEL`), or pass its address with --url") from None
+                           hint="start it first (`dsr1 serve MODEL`), pass its address with --url, or write the files from the plan with --model MODEL") from None
     if r.status_code == 401:
         raise AuthError(f"{url} wants an API key", hint="pass the server's key with --api-key-file (Prometheus will "
                                                         "read the same file)")
@@ -68,3 +68,13 @@ def fetch(url: str, api_key: str | None = None, timeout: float = 10.0) -> Deploy
     if r.status_code != 200:
         raise NetworkError(f"{url}/dsr1/deployment answered {r.status_code}", hint="check the server's log")
     return from_body(url, r.json())
+
+
+def from_plan(plan, url: str | None = None) -> Deployment:
+    """What `dsr1 serve` will export for `plan` (dsr1.plan.Plan), without a running server: the
+    engine's own metric names, GPU panels when it plans GPUs, the embedded engine's prefix cache
+    (on by default). Node agents' addresses are known only once the nodes run: none here."""
+    front = url or f"http://{plan.host if plan.host not in ('0.0.0.0', '::') else '127.0.0.1'}:{plan.port}"
+    return Deployment(url=front.rstrip("/"), model=plan.served_name, engine=plan.engine,
+                      gpus=plan.gpus_per_node if plan.device == "cuda" else 0,
+                      prefix_cache=plan.engine == "embedded", speculative=False)

@@ -32,7 +32,7 @@ class Options:
     ttft_slo_s: float = 2.0
     api_key_file: Path | None = None
     prometheus_url: str = "http://localhost:9090"  # as Grafana reaches Prometheus
-    dashboards_path: str = "/var/lib/grafana/dashboards/dsr1"  # where Grafana finds DIR/grafana/dashboards
+    dashboards_path: str | None = None  # where Grafana finds DIR/grafana/dashboards (None: that folder, absolute)
 
 
 def check(o: Options) -> None:
@@ -60,7 +60,8 @@ def write(out_dir: Path, d: Deployment, o: Options) -> list[Path]:
             sort_keys=False),
         "grafana/provisioning/dashboards/dsr1.yml": yaml.safe_dump({"apiVersion": 1, "providers": [{
             "name": "dsr1", "type": "file", "folder": "dsr1", "allowUiUpdates": False,
-            "options": {"path": o.dashboards_path}}]}, sort_keys=False),
+            "options": {"path": o.dashboards_path or str((out_dir / "grafana/dashboards").resolve())}}]},
+            sort_keys=False),
     }
     written = []
     for rel, text in files.items():
