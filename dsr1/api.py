@@ -12,6 +12,8 @@ module imports torch only when `serve` starts the embedded engine.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +43,12 @@ class Deployer:
                  memory_utilization: float | None = None):
         self.model = str(model)
         self.profile = profile
+        # what the caller chose: a tuned profile fills only the rest, as with `dsr1 serve`'s flags
+        self._given = {k for k, v in dict(engine=None if engine == "auto" else engine, engine_python=engine_python,
+                                          precision=precision, device_map=device_map, max_model_len=max_model_len,
+                                          tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                                          data_parallel=data_parallel,
+                                          memory_utilization=memory_utilization).items() if v is not None}
         self.overrides = Overrides(engine=engine, engine_python=engine_python, precision=precision,
                                    tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                                    data_parallel=data_parallel, max_model_len=max_model_len,
@@ -55,34 +63,26 @@ class Deployer:
 
     def serve(self, *, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int | None = None,
               stream_interval: int = 1, api_key: str | None = None, served_name: str | None = None,
-              on_ready: Callable[[str], None] | None = None, **options: Any) -> None:
-        """Serve the OpenAI API on host:port until SIGTERM/SIGINT, then drain and return.
+              on_ready: Callable[[str], None] | None = None, use_tuned: bool = True, **options: Any) -> None:
+        """Serve the OpenAI API on host:port until SIGTERM/SIGINT, then drain and return: the same
+        launch as `dsr1 serve` (dsr1.launch), tuned profile, guards and quantize-on-load included.
 
-        `options` are further `dsr1.serve.server.ServeOptions` fields (max_queue, grace,
-        reasoning_field, system_prompt, audit_log, ...). `on_ready(url)` is called once the
-        server answers. A model not in the store is pulled first."""
-        from dsr1 import settings
+        `options` are further serve settings by their `dsr1 serve` names (max_queue, grace,
+        reasoning_field, system_prompt, audit_log, guard, compile, ...). `on_ready(url)` is called once
+        the server answers. A model not in the store is pulled first."""
+        from dsr1 import launch, settings
         from dsr1.output import Output
-        from dsr1.serve import server
 
-        p = self.plan(host=host, port=port, max_concurrent=max_concurrent, served_name=served_name)
-        o = self.overrides
-        dtype = o.precision if o.precision in ("bf16", "fp16", "fp32") else "auto"
-        opts = server.ServeOptions(model=self.model, profile=self.profile, host=host, port=port,
-                                   api_key=settings.api_key(api_key), max_concurrent=max_concurrent,
-                                   max_model_len=o.max_model_len, dtype=dtype, device_map=o.device_map,
-                                   stream_interval=stream_interval, served_name=served_name, engine=o.engine,
-                                   engine_python=o.engine_python, **options)
-        if p.needs_pull:
-            from dsr1.pull import pull
-
-            pull(self.model, profile=self.profile, quant=p.quant)
-            p = self.plan(host=host, port=port, max_concurrent=max_concurrent, served_name=served_name)
-        ready = on_ready or (lambda url: print(f"dsr1 serve: ready on {url}", flush=True))
-        if p.engine != "embedded":
-            from dsr1.serve.external import serve_external
-
-            serve_external(p, opts, Output(quiet=True))
-            return
-        sp, sched, cfg, metrics = server.plan(opts, deployment=p)
-        server.run(opts, sp, sched, cfg, metrics, ready)
+        values = {**{k: v for k, v in dataclasses.asdict(self.overrides).items() if v is not None},
+                  **options, "host": host, "port": port, "max_concurrent": max_concurrent,
+                  "stream_interval": stream_interval, "served_name": served_name, "api_key": settings.api_key(api_key)}
+        given = self._given | set(options) | {k for k, v in (("max_concurrent", max_concurrent),
+                                                              ("served_name", served_name)) if v is not None}
+        values = {k: v for k, v in values.items() if v is not None or k in ("max_concurrent", "served_name")}
+        opts, overrides, note = launch.settings(self.model, self.profile, values, given=given, use_tuned=use_tuned)
+        out = Output(quiet=True)
+        if note:
+            print(f"dsr1: {note}", file=sys.stderr)
+        launch.check_guards(overrides.engine, opts)
+        plan = make_plan(self.model, self.profile, overrides)
+        launch.run(plan, opts, overrides, out, on_ready=on_ready)

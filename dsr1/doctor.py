@@ -55,17 +55,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def machine_from(gpus: GpuReport, host: Host) -> profiles.Machine:
-    devs = gpus.gpus
-    ccs = [float(g.compute_capability) for g in devs if g.compute_capability]
-    return profiles.Machine(
-        gpus=len(devs),
-        gpu_memory_gb=min((g.memory_total for g in devs), default=0) / GB,
-        compute_capability=min(ccs, default=0.0),
-        nvlink_gbps=min((g.nvlink_bandwidth_gbps for g in devs), default=0.0),
-        infiniband=any(p.state == "ACTIVE" and p.link_layer == "InfiniBand" for p in host.infiniband),
-        ram_gb=host.usable_ram / GB,
-    )
+machine_from = profiles.machine_from  # where it was: callers of dsr1.doctor keep working
 
 
 def target_for(gpus: GpuReport, host: Host, profile: profiles.Profile, *, cpu_dtype_fast_bf16: bool | None = None) -> fit.Target:

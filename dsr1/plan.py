@@ -28,9 +28,11 @@ from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
-from dsr1 import catalog, fit, netenv, profiles, settings, sizing
+from dsr1 import fit, netenv, profiles, settings, sizing
 from dsr1.engines import base
-from dsr1.engines.base import CHOICES, NodeCommand
+from dsr1.engines.base import CHOICES
+from dsr1.plantypes import NodeCommand, Overrides, Plan
+from dsr1.sizing import _tp_options, candidates, choose_precision  # noqa: F401  (dsr1.plan's API)
 from dsr1.errors import HardwareError, UsageError
 
 if TYPE_CHECKING:
@@ -48,125 +50,6 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # "not recommended for low-latency, small-batch use cases").
 DP_ATTENTION_MIN_SEQS = 64
 KV_MARGIN = 0.95  # engines profile activations themselves; keep 5% of the KV estimate spare
-
-
-@dataclass(frozen=True)
-class Overrides:
-    """The user's flags; None = not given (then DSR1_* environment, profile, default)."""
-
-    engine: str = "auto"
-    engine_python: str | None = None
-    precision: str | None = None
-    tensor_parallel: int | None = None
-    pipeline_parallel: int | None = None
-    data_parallel: int | None = None
-    max_model_len: int | None = None
-    max_concurrent: int | None = None
-    memory_utilization: float | None = None
-    max_batched_tokens: int | None = None  # prompt tokens per engine step (vLLM, SGLang, llama-server)
-    threads: int | None = None  # CPU threads (llama-server -t); None = one per physical core
-    served_name: str | None = None
-    host: str = "127.0.0.1"  # dsr1's front
-    port: int = 8000
-    engine_port: int = 0  # 0 = pick a free one
-    nodes: int = 1
-    node_rank: int = 0
-    head: str | None = None  # HOST:PORT of node 0's rendezvous
-    device_map: str | None = None  # embedded: "cpu" plans without the GPUs
-    expect_model: str | None = None  # multi-node: the fingerprint every node's copy must have
-    lora: tuple[tuple[str, str], ...] = ()  # --lora NAME=ADAPTER (a directory or a stored adapter)
-    reasoning_parser: str = "auto"  # auto | deepseek_r1 | none: reaches every engine that splits reasoning
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32: the compute dtype every engine is given
-    compile: str | None = None  # auto | on | off: the embedded engine's compiled decode step
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything that will run. Frozen: one object every command reads."""
-
-    model: str  # as given
-    model_kind: str  # catalog | store | dir | gguf | hub
-    model_path: str  # what the engine loads: a local directory or .gguf, else the hub repo id
-    needs_pull: bool  # not in the store yet: serve pulls `model` first
-    catalog_name: str | None
-    architecture: str | None  # llama | qwen2 | deepseek_v3 | ... (None: unknown until pulled)
-    served_name: str
-    profile: str
-    profile_source: str  # requested | selected | virtual (a requested profile's hardware, not this machine's)
-    engine: str
-    engine_reason: str
-    engine_version: str | None
-    checked_against: str | None  # "vllm 0.32.0 --help"; None = generated from documented flags, unchecked
-    device: str  # cuda | cpu
-    gpus_per_node: int
-    gpu_name: str | None
-    precision: str
-    quant: str  # what `dsr1 pull` quantizes to (bitsandbytes; embedded engine only): none | int8 | nf4
-    quantization: str | None  # the engine's --quantization value; never fp8 for checkpoints that ship FP8
-    dtype: str  # compute dtype
-    tensor_parallel: int
-    pipeline_parallel: int
-    data_parallel: int
-    dp_attention: int  # SGLang data-parallel attention groups (1 = off)
-    expert_parallel: bool
-    max_model_len: int
-    max_num_seqs: int
-    profile_context: int  # the profile's context_length (the embedded engine caps it by measured memory)
-    kv_bytes_per_token: float  # per device
-    kv_budget_bytes: int  # per device, after weights and overhead
-    kv_capacity_tokens: int  # per device
-    sequences_at_full_context: int
-    weights_bytes_per_device: int
-    memory_utilization: float
-    memory_utilization_reason: str
-    mem_fraction_static: float | None  # SGLang: weights + KV share (activations and CUDA graphs outside)
-    offload: str
-    threads: int | None  # CPU threads (llama-server -t); None = the engine's choice
-    reasoning_parser: str  # deepseek_r1 | none
-    host: str  # dsr1's front
-    port: int
-    engine_host: str
-    engine_port: int
-    health_path: str
-    nodes_count: int
-    node_rank: int
-    head: str | None
-    env: dict[str, str]  # common to every node (NCCL, vLLM CPU, ...)
-    nodes: tuple[NodeCommand, ...] = ()
-    # Multi-node: what identifies the model's files here (dsr1.modelref.fingerprint); every node
-    # checks its copy against it before launching (dsr1.preflight, `--expect-model`).
-    model_fingerprint: str | None = None
-    # tokens one engine step may take (vLLM --max-num-batched-tokens, SGLang --chunked-prefill-size,
-    # llama-server -b); None = the engine's own default. The embedded engine's is --prefill-chunk.
-    max_batched_tokens: int | None = None
-    # LoRA adapters served beside the base model: (name, directory); the engine gets its own flags
-    lora: tuple[tuple[str, str], ...] = ()
-    lora_max_rank: int = 0
-    # The checkpoint that gives `precision` (dsr1/data/checkpoints.toml, or the model's own repo);
-    # model_path is it (its hub id until it is pulled). checkpoint_gb: its size on disk (0: quantized on load).
-    checkpoint: str | None = None
-    checkpoint_format: str | None = None
-    checkpoint_gb: float = 0.0
-    notes: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def max_concurrent(self) -> int:
-        return self.max_num_seqs
-
-    @property
-    def local(self) -> NodeCommand | None:
-        """This node's command (rank `node_rank`)."""
-        return next((n for n in self.nodes if n.rank == self.node_rank), None)
-
-    def serve_command(self, *, explicit_engine: bool = False) -> str:
-        """The `dsr1 serve` line that reproduces this plan (what doctor prints as Next)."""
-        parts = ["dsr1", "serve", self.catalog_name or self.model]
-        if self.profile_source != "selected":  # asked for: the same profile again
-            parts += ["--profile", self.profile]
-        if explicit_engine:
-            parts += ["--engine", self.engine]
-        return " ".join(parts)
 
 
 # --- hardware ------------------------------------------------------------------------
@@ -196,9 +79,7 @@ def _virtual_gpus(profile: profiles.Profile):
 def choose_profile(name: str | None, gpus: "GpuReport", host: "Host") -> tuple[profiles.Profile, str, "GpuReport"]:
     """The profile and where it came from; a requested profile this machine does not meet is
     planned on the hardware it describes ("virtual")."""
-    from dsr1.doctor import machine_from
-
-    machine = machine_from(gpus, host)
+    machine = profiles.machine_from(gpus, host)
     if not name:
         return profiles.select(machine).profile, "selected", gpus
     p = profiles.get(name)
@@ -257,50 +138,6 @@ def choose_engine(requested: str, ref: "ModelRef", profile: profiles.Profile, de
     return "embedded", f"auto: profile {profile.name} runs dsr1's embedded engine"
 
 
-# --- precision and parallelism ---------------------------------------------------------
-
-def candidates(spec: catalog.ModelSpec, target: fit.Target) -> list[str]:
-    """Precisions to try, best quality first, that this target's engines can run."""
-    if target.kind == "cpu":
-        return ["bf16" if target.supports_bf16 else "fp32", "int8", "nf4"]
-    out = []
-    if spec.native_dtype == "fp8":
-        out += ["fp8"] if target.supports_fp8 else []
-    out += ["bf16" if target.supports_bf16 else "fp16"]
-    if spec.native_dtype != "fp8" and target.supports_fp8 and target.engine != "embedded":
-        out += ["fp8"]  # online FP8 (vLLM/SGLang --quantization fp8); bitsandbytes has no FP8
-    # The embedded engine quantizes with bitsandbytes; vLLM/SGLang load AWQ int4 checkpoints.
-    out += ["int8", "nf4"] if target.engine == "embedded" else ["int4"]
-    return out
-
-
-def choose_precision(spec: catalog.ModelSpec, target: fit.Target, want: int, *, tp: int | None = None) -> fit.Fit:
-    """The best precision that fits with `want` tokens of context, else the best that fits at all,
-    else the last tried (with its reason)."""
-    best: fit.Fit | None = None
-    last: fit.Fit | None = None
-    for precision in candidates(spec, target):
-        f = fit.estimate(spec, precision, target, tp=tp)
-        if f.fits and best is None:
-            best = f
-        if f.fits and f.max_context >= want:
-            return f
-        last = f
-    assert last is not None
-    return best or last
-
-
-def _tp_options(spec: catalog.ModelSpec, gpus: int) -> list[int]:
-    """Tensor-parallel sizes vLLM/SGLang accept here: powers of two up to the GPU count that
-    divide the attention heads."""
-    out, tp = [], 1
-    while tp <= gpus:
-        if spec.heads % tp == 0 and gpus % tp == 0:
-            out.append(tp)
-        tp *= 2
-    return out or [1]
-
-
 # --- the plan ----------------------------------------------------------------------------
 
 @dataclass
@@ -346,6 +183,9 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
     if o.threads is not None:
         sizes["threads"] = o.threads
     _apply_dtype(o, engine, device, sizes)
+    from dsr1 import honoured
+
+    honoured.check(engine, dict(o.given))  # in --dry-run as in a real run
     lora, lora_rank = _adapters(o, engine, ref)
     model_path, needs_pull = ref.path or ref.repo or model, not ref.local
     if sizes.get("checkpoint") and sizes["checkpoint"] != ref.repo:
@@ -387,10 +227,7 @@ def _apply_dtype(o: Overrides, engine: str, device: str, sizes: dict) -> None:
     """--dtype reaches the engine, or is refused when the chosen engine cannot honour it."""
     if o.dtype == "auto":
         return
-    if engine == "embedded":
-        sizes["dtype"] = o.dtype
-        if sizes.get("precision") in ("bf16", "fp16", "fp32"):
-            sizes["precision"] = o.dtype
+    if engine == "embedded":  # sizing decided it with the rest (dsr1.serve.decide.dtype)
         return
     allowed = ENGINE_DTYPES.get((engine, device), ())
     if o.dtype not in allowed:
@@ -426,8 +263,13 @@ def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: s
     """(engine, why, its installation or None)."""
     probe_vllm = device == "cpu" and o.engine == "auto" and ref.kind != "gguf"
     vllm_cpu = installed_engine("vllm", o.engine_python, installed) if probe_vllm else None
-    if o.engine == "auto" and o.compile == "on" and ref.kind != "gguf":
-        engine, why = "embedded", "auto: --compile on compiles the embedded engine's decode step"
+    from dsr1 import honoured
+
+    only = [n for n in honoured.embedded_only(dict(o.given)) if n != "compile"]
+    only += ["compile on"] if o.compile == "on" else []
+    if o.engine == "auto" and only and ref.kind != "gguf":
+        flags = ", ".join("--" + n.replace("_", "-") for n in dict.fromkeys(only))
+        engine, why = "embedded", f"auto: {flags} {'is' if len(set(only)) == 1 else 'are'} the embedded engine's"
     else:
         seqs = settings.resolve("max_concurrent", flag=o.max_concurrent, profile=prof.settings.max_concurrent).value
         engine, why = choose_engine(o.engine, ref, prof, device, vllm_cpu=vllm_cpu, cpu_flags=host.cpu_flags,

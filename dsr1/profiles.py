@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from dsr1.datafile import build, read_toml
 from dsr1.errors import ConfigError, NotFoundError
 from dsr1 import settings
+
+if TYPE_CHECKING:
+    from dsr1.probe.gpu import GpuReport
+    from dsr1.probe.host import Host
 
 ENGINES = ("embedded", "vllm", "sglang")
 OFFLOADS = ("none", "cpu", "disk")
@@ -160,3 +164,17 @@ def select(machine: Machine, profiles: dict[str, Profile] | None = None) -> Sele
             return Selection(p, tuple(rejected))
         rejected.append((p.name, tuple(gaps)))
     raise NotFoundError("no profile matches this machine", hint="add a profile with lower requirements under " + str(settings.user_profiles_dir()))
+
+
+def machine_from(gpus: "GpuReport", host: "Host") -> Machine:
+    """The facts a profile's requirements are checked against, from the probes."""
+    devs = gpus.gpus
+    ccs = [float(g.compute_capability) for g in devs if g.compute_capability]
+    return Machine(
+        gpus=len(devs),
+        gpu_memory_gb=min((g.memory_total for g in devs), default=0) / 1e9,
+        compute_capability=min(ccs, default=0.0),
+        nvlink_gbps=min((g.nvlink_bandwidth_gbps for g in devs), default=0.0),
+        infiniband=any(p.state == "ACTIVE" and p.link_layer == "InfiniBand" for p in host.infiniband),
+        ram_gb=host.usable_ram / 1e9,
+    )

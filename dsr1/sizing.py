@@ -15,15 +15,11 @@ measured accuracy in docs/performance.md). What each engine adds:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 from dataclasses import replace
 
-from dsr1 import checkpoints, fit
+from dsr1 import catalog, checkpoints, fit
+from dsr1.catalog import ModelSpec
 from dsr1.errors import HardwareError, UsageError
-
-if TYPE_CHECKING:
-    from dsr1.catalog import ModelSpec
 
 GiB = 1024**3
 PULL_QUANT = {"int4": "nf4", "nf4": "nf4", "int8": "int8"}  # plan precision -> `dsr1 pull --quant` (bitsandbytes)
@@ -31,6 +27,49 @@ KV_MARGIN = 0.95  # engines measure activations themselves at start; keep 5% of 
 VLLM_CPU_RUNTIME = 2 * GiB  # vLLM's CPU server process (torch, vllm, its front end) beyond fit's embedded runtime
 MIN_CONTEXT = 4096
 MAX_ADVISED_NODES = 8
+
+
+def candidates(spec: catalog.ModelSpec, target: fit.Target) -> list[str]:
+    """Precisions to try, best quality first, that this target's engines can run."""
+    if target.kind == "cpu":
+        return ["bf16" if target.supports_bf16 else "fp32", "int8", "nf4"]
+    out = []
+    if spec.native_dtype == "fp8":
+        out += ["fp8"] if target.supports_fp8 else []
+    out += ["bf16" if target.supports_bf16 else "fp16"]
+    if spec.native_dtype != "fp8" and target.supports_fp8 and target.engine != "embedded":
+        out += ["fp8"]  # online FP8 (vLLM/SGLang --quantization fp8); bitsandbytes has no FP8
+    # The embedded engine quantizes with bitsandbytes; vLLM/SGLang load AWQ int4 checkpoints.
+    out += ["int8", "nf4"] if target.engine == "embedded" else ["int4"]
+    return out
+
+
+def choose_precision(spec: catalog.ModelSpec, target: fit.Target, want: int, *, tp: int | None = None) -> fit.Fit:
+    """The best precision that fits with `want` tokens of context, else the best that fits at all,
+    else the last tried (with its reason)."""
+    best: fit.Fit | None = None
+    last: fit.Fit | None = None
+    for precision in candidates(spec, target):
+        f = fit.estimate(spec, precision, target, tp=tp)
+        if f.fits and best is None:
+            best = f
+        if f.fits and f.max_context >= want:
+            return f
+        last = f
+    assert last is not None
+    return best or last
+
+
+def _tp_options(spec: catalog.ModelSpec, gpus: int) -> list[int]:
+    """Tensor-parallel sizes vLLM/SGLang accept here: powers of two up to the GPU count that
+    divide the attention heads."""
+    out, tp = [], 1
+    while tp <= gpus:
+        if spec.heads % tp == 0 and gpus % tp == 0:
+            out.append(tp)
+        tp *= 2
+    return out or [1]
+
 
 
 def _round_ctx(tokens: int) -> int:
@@ -68,7 +107,8 @@ def _fields(**kw) -> dict:
                 data_parallel=1, dp_attention=1, expert_parallel=False, max_model_len=0, max_num_seqs=1,
                 kv_bytes_per_token=0.0, kv_budget_bytes=0, kv_capacity_tokens=0, sequences_at_full_context=0,
                 weights_bytes_per_device=0, mem_fraction_static=None, threads=None, checkpoint=None,
-                checkpoint_format=None, checkpoint_gb=0.0)
+                checkpoint_format=None, checkpoint_gb=0.0, dtype_reason="", compile=False, compile_reason="",
+                fast_path_reason=None, prefix_cache_bytes=0, max_queue=0)
     base.update(kw)
     return base
 
@@ -83,14 +123,26 @@ def _unknown(ref, engine, device, gpus, prof, o, want_seqs, ctx_flag, ctx_defaul
 
 
 def _embedded(spec, ref, device, gpus, host, prof, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:
-    """An estimate: the embedded engine measures memory once the model is loaded and sizes its
-    KV cache then (dsr1.serve.server.size_context); the plan never refuses what it would run."""
+    """The embedded engine's plan: precision, the compute dtype, the context the estimated KV cache
+    holds, the prefix cache, the compiled step and the fast path, all decided here (dsr1.serve.decide);
+    the server runs them, measures the KV cache the RAM really holds after loading and reports any
+    difference as measured (dsr1.serve.server.plan)."""
+    from dsr1 import settings
+    from dsr1.serve import calibrate, decide
+
     target = _target("embedded", device, gpus, host, util, len(gpus.gpus) if device == "cuda" else 1)
     want = min(ctx_flag or ctx_default, spec.max_context)
     f = fit.estimate(spec, o.precision, target) if o.precision else choose(spec, target, want)
+    config = _config(ref, spec)
+    asked = o.dtype if o.dtype != "auto" else (o.precision if o.precision in ("bf16", "fp16", "fp32") else "auto")
+    dtype, dtype_why = decide.dtype(asked, device=device, gpu_bf16=target.supports_bf16, cpu_bf16=host.bf16_fast,
+                                    config=config, batch=want_seqs, cache_dir=calibrate.cache_dir_for(settings.home()))
+    if not o.precision and dtype in ("bf16", "fp16", "fp32") and f.precision in ("bf16", "fp16", "fp32") \
+            and dtype != f.precision:
+        f = fit.estimate(spec, dtype, target)  # the weights are held in the dtype that runs
     quant = ref.quantized if ref.quantized in ("int8", "nf4", "nf4-dq") else PULL_QUANT.get(f.precision, "none")
     free = max(0.0, f.kv_free_per_device) * f.tp
-    kv_tok = spec.kv_bytes_per_token(fit.DTYPE_BYTES.get(f.precision, 2.0))
+    kv_tok = spec.kv_bytes_per_token(fit.DTYPE_BYTES.get(dtype if dtype != decide.MEASURE else "bf16", 2.0))
     capacity = int(free // kv_tok) if kv_tok else 0
     ctx = min(want, _round_ctx(capacity // max(1, want_seqs))) if capacity else want
     if not f.fits:
@@ -98,16 +150,46 @@ def _embedded(spec, ref, device, gpus, host, prof, o, util, want_seqs, ctx_flag,
     elif ctx_flag and ctx < ctx_flag:
         d.warnings.append(f"--max-model-len {ctx_flag} x {want_seqs} sequences may not fit: about {capacity} tokens "
                           f"of KV cache are free")
-    dtype = f.precision if f.precision in ("bf16", "fp16", "fp32") else ("bf16" if target.supports_bf16 else "fp16")
+    if dtype not in ("bf16", "fp16", "fp32", decide.MEASURE):
+        dtype = "bf16" if target.supports_bf16 else "fp16"
+    devices = 1 if device == "cpu" or f.weights_per_device * f.tp <= target.memory_bytes * util else f.tp
+    fast_why = decide.fast_path_reason(config, enabled=o.fast_path, quantized=quant != "none", devices=devices)
+    compile_on, compile_why = decide.compile_choice(
+        o.compile, fast_reason=fast_why, device=device, dtype="bf16" if dtype == decide.MEASURE else dtype,
+        cpu_flags=host.cpu_flags, weights_bytes=int(f.weights_per_device * f.tp), spare_bytes=host.ram_available)
+    if dtype == decide.MEASURE and compile_on and o.compile != "on":
+        compile_on, compile_why = False, "auto: follows the dtype timed at start (on for bf16 on a CPU with AMX)"
+    kv_total = int(kv_tok * want_seqs * max(ctx, 0))
+    if o.prefix_cache_mb is not None and o.prefix_cache_mb < 0:
+        raise UsageError("--prefix-cache-mb must be 0 or more")
+    prefix = (o.prefix_cache_mb * 2**20 if o.prefix_cache_mb is not None
+              else min(kv_total // 4, max(0, int(free) - kv_total)))
+    queue = settings.resolve("max_queue", flag=o.max_queue, default=4 * want_seqs).value
+    if queue < 0:
+        raise UsageError("--max-queue must be 0 or more")
     return _fields(precision=f.precision, quant=quant, dtype=dtype, max_model_len=max(ctx, 0), max_num_seqs=want_seqs,
                    kv_bytes_per_token=kv_tok, kv_budget_bytes=int(free), kv_capacity_tokens=capacity,
-                   sequences_at_full_context=capacity // max(1, ctx) if ctx else 0,
-                   weights_bytes_per_device=int(f.weights_per_device))
+                   sequences_at_full_context=capacity // ctx if ctx else 0,
+                   weights_bytes_per_device=int(f.weights_per_device), dtype_reason=dtype_why, compile=compile_on,
+                   compile_reason=compile_why, fast_path_reason=fast_why, prefix_cache_bytes=int(prefix),
+                   max_queue=int(queue), checkpoint=ref.repo if ref.kind != "dir" else None)
+
+
+def _config(ref, spec) -> dict:
+    """config.json of a local model; for one not pulled yet, the fields the catalog holds."""
+    import json
+    from pathlib import Path
+
+    if ref.path and (Path(ref.path) / "config.json").is_file():
+        try:
+            return json.loads((Path(ref.path) / "config.json").read_text())
+        except (OSError, ValueError):
+            pass
+    return {"model_type": spec.architecture, "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
+            "hidden_act": "silu"}
 
 
 def choose(spec, target: fit.Target, want: int) -> fit.Fit:
-    from dsr1.plan import choose_precision
-
     return choose_precision(spec, target, want)
 
 
@@ -208,8 +290,6 @@ def _precision_and_tp(spec, ref, engine: str, target: fit.Target, want: int, tp:
     """Best precision first, among those a real checkpoint or an on-load flag gives this engine; for
     it, the smallest tensor-parallel size that holds `want` tokens (the rest of the GPUs become
     data-parallel replicas). Falls back to what fits at all."""
-    from dsr1.plan import _tp_options, candidates
-
     tps = [tp] if tp else _tp_options(spec, per_node)
     here = _local_checkpoint(spec, ref)
     if here is not None:  # a stored quantized checkpoint is what it is
@@ -263,8 +343,6 @@ def advice(spec, engine: str, target: fit.Target, per_node: int, nodes: int, wan
     """The smallest change that makes `spec` fit, computed: the fewest nodes of this kind (at the
     best precision a checkpoint gives at that count), else the largest catalog model that fits."""
     from dsr1 import catalog
-    from dsr1.plan import candidates
-
     sources = [(p, s) for p in candidates(spec, target) if (s := checkpoints.source(spec, p, engine, target))]
     for n in range(nodes + 1, MAX_ADVISED_NODES + 1):
         gpus = per_node * n
@@ -285,8 +363,6 @@ def advice(spec, engine: str, target: fit.Target, per_node: int, nodes: int, wan
 
 
 def _fits_node(spec, engine: str, target: fit.Target) -> bool:
-    from dsr1.plan import candidates
-
     for prec in candidates(spec, target):
         src = checkpoints.source(spec, prec, engine, target)
         if src is not None and fit.estimate(spec, prec, target, weights_total=None if src.on_load else

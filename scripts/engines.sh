@@ -21,6 +21,10 @@ for name in "${engines[@]}"; do
   .venv/bin/dsr1 engine install "$name" --device cpu >"$DSR1_HOME/install-$name.out" 2>&1 &
   pids+=($!)
 done
+# SGLang's own argument parser, beside them (GPU-only engine: its parser is what tests can run here)
+t_parser=$SECONDS
+bash scripts/sglang_parser.sh "$DSR1_HOME/sglang-parser" >"$DSR1_HOME/install-sglang-parser.out" 2>&1 &
+parser_pid=$!
 status=0
 for i in "${!engines[@]}"; do
   if ! wait "${pids[$i]}"; then
@@ -29,6 +33,12 @@ for i in "${!engines[@]}"; do
   fi
   sed "s/^/[${engines[$i]}] /" "$DSR1_HOME/install-${engines[$i]}.out"
 done
+if ! wait "$parser_pid"; then
+  status=1
+  echo "scripts/sglang_parser.sh failed; its output:" >&2
+fi
+sed "s/^/[sglang-parser] /" "$DSR1_HOME/install-sglang-parser.out"
+echo "[sglang-parser] ready after $((SECONDS - t_parser))s"
 .venv/bin/dsr1 engine list
 echo "export DSR1_TEST_ENGINES_HOME=$DSR1_HOME"
 exit $status

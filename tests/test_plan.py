@@ -361,3 +361,56 @@ def test_gpu_plan_never_launches_the_cpu_build_and_advice_converges():
     assert data["checked_against"] is None and not any("engines/vllm" in a for node in data["nodes"] for a in node["argv"])
     if home and (Path(home) / "engines" / "vllm").is_dir():
         assert "CPU build" in data["engine_reason"], data["engine_reason"]
+
+
+def test_embedded_dry_run_is_what_the_server_runs(demo_model_dir, tmp_path):
+    """`dsr1 serve MODEL --engine embedded --dry-run --json` against the server's own start report, field by
+    field, on the demo model: the plan decides the embedded engine's settings, the server runs them and
+    measures nothing differently (its `measured` is empty). Before the first start the dtype is planned as
+    timed at start; that start caches the timing and the next plan states the timed dtype."""
+    from tests.serve_util import ServerProc
+
+    home = tmp_path / "home"
+    args = [str(demo_model_dir), "--engine", "embedded", "--max-concurrent", "4"]
+    first = _dsr1("serve", *args, "--dry-run", "--json", env={"DSR1_HOME": str(home)})
+    assert first.returncode == 0, first.stderr
+    before = json.loads(first.stdout)
+    srv = ServerProc(args + ["--json"], home)
+    try:
+        event = json.loads(srv.proc.stdout.readline())
+    finally:
+        assert srv.stop() == 0
+    assert event["event"] == "ready"
+    ran = event["plan"]
+    dry = json.loads(_dsr1("serve", *args, "--dry-run", "--json", env={"DSR1_HOME": str(home)}).stdout)
+    if before["dtype"] == "measure":  # no timing cached in the fresh home: timed at start, then planned
+        assert ran["measured"] == {"dtype": ran["dtype"]} and dry["dtype"] == ran["dtype"]
+    else:
+        assert ran["measured"] == {}
+    assert dry["dtype"] == ran["dtype"] and dry["dtype_reason"].startswith("cached measurement")
+    pairs = {"max_model_len": "max_model_len", "max_num_seqs": "max_concurrent", "max_queue": "max_queue",
+             "kv_bytes_per_token": "kv_bytes_per_token", "reasoning_parser": "reasoning_parser",
+             "prefix_cache_bytes": "prefix_cache_bytes", "served_name": "served_name", "profile": "profile"}
+    for planned, run in pairs.items():
+        assert dry[planned] == ran[run], (planned, dry[planned], ran[run])
+    assert dry["compile"] == (ran["forward"] == "compiled")
+    assert (dry["fast_path_reason"] is None) == (ran["forward"] in ("fast", "compiled"))
+    assert ran["kv_cache_bytes"] == dry["kv_bytes_per_token"] * dry["max_num_seqs"] * dry["max_model_len"]
+
+
+def test_a_setting_the_engine_cannot_honour_is_refused_or_steers_auto(tmp_path):
+    """dsr1.honoured: an embedded-only setting with an external engine is a usage error (dry run included);
+    with --engine auto it picks the embedded engine; an environment default asks nothing."""
+    home = {"DSR1_HOME": str(tmp_path)}
+    bad = _dsr1("serve", "smollm2-135m", "--engine", "vllm", "--speculative", "ngram", "--dry-run", env=home)
+    assert bad.returncode == 2 and "--speculative cannot be honoured by vllm" in bad.stderr, bad.stderr
+    tp = _dsr1("serve", "smollm2-135m", "--engine", "embedded", "--tensor-parallel-size", "2", "--dry-run", env=home)
+    assert tp.returncode == 2 and "--tensor-parallel cannot be honoured by embedded" in tp.stderr, tp.stderr
+    auto = _dsr1("serve", "smollm2-135m", "--prefix-cache-mb", "64", "--dry-run", "--json", env=home)
+    assert auto.returncode == 0, auto.stderr
+    d = json.loads(auto.stdout)
+    assert d["engine"] == "embedded" and "--prefix-cache-mb" in d["engine_reason"]
+    assert d["prefix_cache_bytes"] == 64 * 2**20
+    env = _dsr1("serve", "smollm2-135m", "--engine", "embedded", "--dry-run",
+                env={**home, "DSR1_ENGINE_PYTHON": "/opt/vllm/bin/python"})
+    assert env.returncode == 0, env.stderr

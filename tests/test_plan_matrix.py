@@ -8,7 +8,9 @@ every plan the checks that make it runnable:
 - the R1 settings are there (reasoning parser, SGLang's trust-remote-code for DeepseekV3, DP attention
   where planned), and a CPU build of the engine installed here is never what a GPU plan launches;
 - every vLLM command parses with vLLM's own argument parser (the engine installed by
-  `dsr1 engine install vllm`, tests/test_engine_envs.py's DSR1_TEST_ENGINES_HOME).
+  `dsr1 engine install vllm`, tests/test_engine_envs.py's DSR1_TEST_ENGINES_HOME), and every SGLang
+  command with SGLang's own `ServerArgs` parser (a throwaway environment, scripts/sglang_parser.sh,
+  which scripts/engines.sh makes in DSR1_TEST_ENGINES_HOME/sglang-parser).
 
 llama-server is not in this table: it serves GGUF files, and the catalog's R1 GGUFs are [12/14]'s.
 A row that stops fitting, or starts to, fails here: no try/skip inside the matrix.
@@ -151,6 +153,7 @@ EXPECTED = [
 ]
 PROFILES = ("base", "pro", "enterprise")
 VLLM_ARGVS: list[list[str]] = []
+SGLANG_ARGVS: list[list[str]] = []
 GPU_BYTES: dict[str, int] = {}
 
 
@@ -237,9 +240,11 @@ def _check_runnable(p: plan.Plan, gpu_bytes: int) -> None:
         assert not any("/cpu-home/" in a for a in n.argv)
     assert p.checked_against is None and any("--device cuda" in w for w in p.warnings)
     assert _arg(argv, "--dtype") == {"bf16": "bfloat16", "fp16": "float16"}[p.dtype]
-    if p.engine == "vllm":
-        for n in p.nodes:
+    for n in p.nodes:
+        if p.engine == "vllm":
             VLLM_ARGVS.append(list(n.argv[n.argv.index("serve") + 1:]))
+        else:
+            SGLANG_ARGVS.append(list(n.argv[n.argv.index("sglang.launch_server") + 1:]))
 
 
 def test_every_vllm_command_parses_with_vllms_own_parser():
@@ -268,3 +273,45 @@ def test_every_vllm_command_parses_with_vllms_own_parser():
     for argv, (model, tp, dtype, quant, reasoning) in zip(VLLM_ARGVS, parsed):
         assert model == argv[0] and tp == int(_arg(argv, "--tensor-parallel-size")) and reasoning == "deepseek_r1"
         assert dtype == _arg(argv, "--dtype") and quant == (_arg(argv, "--quantization") if "--quantization" in argv else None)
+
+
+SGLANG_PARSE = """
+import importlib.util, json, sys, types
+if importlib.util.find_spec("triton") is None:  # imported by sglang's utils for one attribute; not needed to parse
+    from torch.utils._triton import has_triton_package
+    has_triton_package()
+    sys.modules["triton"] = types.ModuleType("triton")
+import argparse
+import sglang
+from sglang.srt.server_args import ServerArgs
+out = []
+for argv in json.load(sys.stdin):
+    parser = argparse.ArgumentParser(prog="sglang.launch_server", allow_abbrev=False)
+    ServerArgs.add_cli_args(parser)
+    ns = parser.parse_args(argv)
+    args = ServerArgs.from_cli_args(ns)
+    out.append([args.model_path, args.tp_size, args.quantization, args.dtype, args.reasoning_parser,
+                args.trust_remote_code, args.context_length])
+print("SGLANG " + sglang.__version__ + " " + json.dumps(out))
+"""
+
+
+def test_every_sglang_command_parses_with_sglangs_own_parser():
+    """The SGLang commands the matrix generated, through SGLang's ServerArgs parser (no abbreviations:
+    every flag dsr1 writes must be one SGLang declares)."""
+    assert SGLANG_ARGVS, "run with the matrix (pytest collects it first in this module)"
+    env = Path(ENGINES_HOME or "/nonexistent") / "sglang-parser" / "bin" / "python"
+    if not env.is_file():
+        pytest.skip("no SGLang parser environment: bash scripts/sglang_parser.sh $DSR1_TEST_ENGINES_HOME/sglang-parser")
+    res = subprocess.run([str(env), "-c", SGLANG_PARSE], input=json.dumps(SGLANG_ARGVS), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    version, parsed = re.search(r"^SGLANG (\S+) (.*)$", res.stdout, re.M).groups()
+    assert version == "0.5.23"
+    parsed = json.loads(parsed)
+    assert len(parsed) == len(SGLANG_ARGVS)
+    for argv, (model, tp, quant, dtype, reasoning, trust, ctx) in zip(SGLANG_ARGVS, parsed):
+        assert model == _arg(argv, "--model-path") and tp == int(_arg(argv, "--tp-size"))
+        assert quant == (_arg(argv, "--quantization") if "--quantization" in argv else None)
+        assert dtype == _arg(argv, "--dtype") and reasoning == "deepseek-r1" and ctx == int(_arg(argv, "--context-length"))
+        assert trust == ("--trust-remote-code" in argv)

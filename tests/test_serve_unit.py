@@ -161,26 +161,24 @@ def test_dtype_calibration_times_both_dtypes_once_per_machine(tmp_path):
 
 def test_compile_auto_only_where_it_was_measured_faster(monkeypatch):
     """auto compiles for bf16 on a CPU with AMX (where the frozen step measured ~1.6x faster) when
-    RAM has room for the packed copy of the weights; off for fp32, without AMX and on a GPU."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from dsr1.serve.server import choose_compile
+    RAM has room for the packed copy of the weights; off for fp32, without AMX and on a GPU. The
+    plan decides it (dsr1.serve.decide), before the model is loaded."""
+    from dsr1.serve.decide import compile_choice
 
     monkeypatch.delenv("DSR1_COMPILE", raising=False)
-
-    def model(dtype):  # a real module for the weight count; `fast` only has to exist
-        return SimpleNamespace(fast=object(), fast_reason=None, dtype=dtype,
-                               model=torch.nn.Linear(1024, 1024).to(dtype))
-
     amx = ("avx512f", "amx_bf16", "amx_tile")
-    on, why = choose_compile("auto", model(torch.bfloat16), cuda=False, cpu_flags=amx, spare_bytes=8 * 2**30)
+    w = 4 * 2**20
+
+    def choose(req, dtype="bf16", device="cpu", flags=amx, spare=8 * 2**30, fast=None):
+        return compile_choice(req, fast_reason=fast, device=device, dtype=dtype, cpu_flags=flags, weights_bytes=w,
+                              spare_bytes=spare)
+
+    on, why = choose("auto")
     assert on and "AMX" in why
-    assert not choose_compile("auto", model(torch.float32), cuda=False, cpu_flags=amx, spare_bytes=8 * 2**30)[0]
-    assert not choose_compile("auto", model(torch.bfloat16), cuda=False, cpu_flags=("avx512f", "avx512_bf16"),
-                              spare_bytes=8 * 2**30)[0]
-    assert not choose_compile("auto", model(torch.bfloat16), cuda=True, cpu_flags=amx)[0]
-    on, why = choose_compile("auto", model(torch.bfloat16), cuda=False, cpu_flags=amx, spare_bytes=2**30)
+    assert not choose("auto", dtype="fp32")[0]
+    assert not choose("auto", flags=("avx512f", "avx512_bf16"))[0]
+    assert not choose("auto", device="cuda")[0]
+    on, why = choose("auto", spare=2**30)
     assert not on and "second, packed copy" in why
-    assert choose_compile("off", model(torch.bfloat16), cuda=False, cpu_flags=amx)[0] is False
+    assert choose("off")[0] is False
+    assert not choose("auto", fast="architecture 'gpt2'")[0]

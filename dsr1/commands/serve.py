@@ -92,7 +92,6 @@ def serve(
 ) -> None:
     """Serve MODEL over HTTP with the OpenAI API (chat, completions, models, health, metrics). R1 reasoning comes back in `reasoning_content`. Stops cleanly on SIGTERM/Ctrl-C. The engine and its settings come from one plan (`--dry-run` prints it): docs/serve.md, docs/engines.md."""
     from dsr1.errors import UsageError
-    from dsr1.serve import server
 
     if reasoning_field not in ("reasoning_content", "reasoning", "both"):
         raise UsageError(f"--reasoning-field {reasoning_field!r}", hint="use reasoning_content, reasoning or both")
@@ -100,61 +99,24 @@ def serve(
         raise UsageError(f"--system-prompt {system_prompt!r}", hint="use auto, keep, merge or drop")
     if audit_content and not audit_log:
         raise UsageError("--audit-content needs --audit-log", hint="add --audit-log PATH")
+    from dsr1 import launch
     from dsr1 import lora as _lora
     from dsr1.serve import requestlog
 
     requestlog.configure(log_format, content=log_content)
-    lora_specs = _lora.parse_specs(lora or [])
     out = requestlog.output(json, quiet)
-    if (guard or guard_plugin) and engine not in ("auto", "embedded"):
-        _guards_need_embedded(engine)
-    tuned_profile = None
-    if use_tuned:
-        from dsr1 import tuned
-
-        tuned_profile = tuned.find(model)
-    if tuned_profile is not None:
-        # Flags given on the command line win; the tuned profile replaces only defaults.
-        given = {n for n in tuned_profile.settings if (src := ctx.get_parameter_source(n)) is not None
-                 and src.name != "DEFAULT"}
-        applied = {k: v for k, v in tuned_profile.settings.items() if k not in given}
-        engine = applied.get("engine", engine)
-        max_concurrent = applied.get("max_concurrent", max_concurrent)
-        prefill_chunk = applied.get("prefill_chunk", prefill_chunk)
-        stream_interval = applied.get("stream_interval", stream_interval)
-        dtype = applied.get("dtype", dtype)
-        speculative = applied.get("speculative", speculative)
-        num_speculative_tokens = applied.get("num_speculative_tokens", num_speculative_tokens)
-        compile = applied.get("compile", compile)
-        threads = applied.get("threads", threads)
-        max_batched_tokens = applied.get("max_batched_tokens", max_batched_tokens)
-        memory_utilization = applied.get("memory_utilization", memory_utilization)
-        precision = applied.get("precision", precision)
-        out.info(f"tuned profile {tuned_profile.path}: " + " ".join(
-            f"{k}={v}" for k, v in applied.items()) + (f" (measured {tuned_profile.goodput:.2f} req/s under "
-            f"{tuned_profile.slo}, {tuned_profile.default_goodput:.2f} with defaults)" if tuned_profile.goodput else "")
-            + ("; " + ", ".join(f"--{k.replace('_', '-')} given here" for k in sorted(given)) if given else "")
-            + "; --no-tuned ignores it")
-    opts = server.ServeOptions(
-        model=model, profile=profile, host=host, port=port, api_key=_api_key(api_key, api_key_file),
-        max_concurrent=max_concurrent, max_queue=max_queue, max_model_len=max_model_len, dtype=dtype,
-        device_map=device_map, max_memory=max_memory, offload_dir=offload_dir, stream_interval=stream_interval,
-        prefill_chunk=prefill_chunk, threads=threads, served_name=served_model_name, reasoning_parser=reasoning_parser,
-        reasoning_field=reasoning_field, system_prompt=system_prompt, audit_log=audit_log, audit_content=audit_content,
-        grace=grace, engine=engine, engine_python=engine_python, fast_path=fast_path, compile=compile,
-        prefix_cache_mb=prefix_cache_mb, speculative=speculative, num_speculative_tokens=num_speculative_tokens,
-        draft_model=draft_model, node_metrics_port=node_metrics_port, lora=lora_specs, guard=guard,
-        guard_plugin=guard_plugin, audit_max_mb=audit_max_mb, audit_backups=audit_backups)
+    # every serve setting by name, as given or defaulted: one set for the plan and the server
+    values = {k: v for k, v in locals().items() if k in SETTINGS}
+    values["lora"] = _lora.parse_specs(lora or [])
+    values["api_key"] = _api_key(api_key, api_key_file)
+    # typed on this command line (an environment default such as DSR1_ENGINE_PYTHON asks nothing of it)
+    given = {n for n in SETTINGS if (src := ctx.get_parameter_source(n)) is not None and src.name == "COMMANDLINE"}
+    opts, overrides, note = launch.settings(model, profile, values, given=given, use_tuned=use_tuned)
+    launch.check_guards(overrides.engine, opts)
+    if note:
+        out.info(note)
     from dsr1 import plan as planner
 
-    overrides = planner.Overrides(
-        engine=engine, engine_python=engine_python, precision=precision, tensor_parallel=tensor_parallel,
-        pipeline_parallel=pipeline_parallel, data_parallel=data_parallel, max_model_len=max_model_len,
-        max_concurrent=max_concurrent, memory_utilization=memory_utilization, served_name=served_model_name,
-        max_batched_tokens=max_batched_tokens, threads=threads, host=host, port=port, engine_port=engine_port,
-        nodes=nodes, node_rank=node_rank, head=head,
-        device_map=device_map, expect_model=expect_model, lora=tuple(lora_specs), reasoning_parser=reasoning_parser,
-        dtype=dtype, compile=compile)
     deployment = planner.make_plan(model, profile, overrides)
     if dry_run or emit:
         if emit:
@@ -171,95 +133,17 @@ def serve(
         done = preflight.run(deployment, api_host=host, expect_model=expect_model, progress=out.info)
         out.result({"node_rank": node_rank, "checked": done}, lambda c: [c.print(f"ok: {x}") for x in done])
         return
-    for w in deployment.warnings:
-        out.warn(w)
-    if deployment.engine != "embedded":
-        if guard or guard_plugin:
-            _guards_need_embedded(deployment.engine)
-        if deployment.needs_pull:
-            deployment = _pull_then_plan(model, profile, overrides, out, deployment)
-        from dsr1.serve.external import serve_external
-
-        serve_external(deployment, opts, out, expect_model=expect_model)
-        return
-    _serve_embedded(opts, deployment, out, precision=precision, json=json)
-    out.info("dsr1 serve: stopped")
+    launch.run(deployment, opts, overrides, out, json=json, expect_model=expect_model)
 
 
-def _guards_need_embedded(engine: str) -> None:
-    from dsr1.errors import UsageError
-
-    raise UsageError(f"--guard and --guard-plugin run in the embedded engine's server; dsr1's front for {engine} "
-                     f"does not apply them yet", hint="use --engine embedded, or drop them")
-
-
-def _serve_embedded(opts, deployment, out, *, precision: Optional[str], json: bool) -> None:
-    """The embedded engine, in this process: load, print every choice, serve until a signal."""
-    import json as _json
-    import sys
-
-    from dsr1.serve import server
-
-    if precision is not None:  # --precision picks the dtype, or what pull quantizes to
-        if opts.dtype == "auto" and precision in ("bf16", "fp16", "fp32"):
-            opts.dtype = precision
-        if deployment.needs_pull and deployment.quant != "none":
-            from dsr1.pull import pull
-
-            pull(opts.model, profile=opts.profile, quant=deployment.quant)
-        elif precision in ("int8", "nf4"):
-            opts.quantize = precision  # a model already here: quantized while loading
-    p, sched, cfg, metrics = server.plan(opts, progress=out.info, deployment=deployment)
-    for w in p.warnings:
-        out.warn(w)
-    gib = 2**30
-    quantized = f"; {opts.quantize} (bitsandbytes) while loading" if opts.quantize != "none" else ""
-    out.info(f"model      {p.model_dir} as [cyan]{p.served_name}[/] ({p.dtype}: {p.dtype_reason}{quantized}; "
-             f"loaded in {p.load_seconds}s)")
-    out.info(f"profile    {p.profile}; device {p.device}")
-    out.info(f"batching   {p.max_concurrent} running, {p.max_queue} queued, context {p.max_model_len} tokens, "
-             f"prefill chunk {p.prefill_chunk}")
-    out.info(f"kv cache   {p.kv_cache_bytes / gib:.2f} GiB ({p.kv_bytes_per_token} B/token) of a "
-             f"{p.memory_budget_bytes / gib:.1f} GiB budget")
-    fields = "reasoning_content and reasoning" if opts.reasoning_field == "both" else opts.reasoning_field
-    split = f"{p.reasoning_parser}, into {fields}" if p.reasoning_parser != "none" else "off, everything in content"
-    out.info(f"reasoning  {split} ({p.reasoning_why}); system prompt: {p.system_prompt}")
-    compiled = f", compiled in {p.compile_seconds}s" if p.forward == "compiled" else ""
-    extras = [f"prefix cache {p.prefix_cache_bytes / 2**20:.0f} MiB" if p.prefix_cache_bytes else "prefix cache off",
-              f"speculative {p.speculative}"]
-    out.info(f"forward    {p.forward} ({p.forward_reason}{compiled}); {'; '.join(extras)}")
-
-    def ready(url: str) -> None:
-        if json:
-            event = {"event": "ready", "url": url, "plan": _plan_dict(p), "deployment": _plan_dict(deployment)}
-            sys.stdout.write(_json.dumps(event) + "\n")
-            sys.stdout.flush()
-        # Always on stderr, unconditionally: scripts and tests wait for this line.
-        from dsr1.serve import requestlog
-
-        requestlog.ready(url)
-
-    server.run(opts, p, sched, cfg, metrics, ready)
-
-
-def _pull_then_plan(model: str, profile, overrides, out, deployment):
-    """An external engine loads what is in the store: pull the plan's checkpoint first (no
-    bitsandbytes: vLLM/SGLang load it as published), then plan on the stored copy."""
-    from dataclasses import replace
-
-    from dsr1 import plan as planner
-    from dsr1.pull import pull
-
-    if deployment.checkpoint and deployment.model_path == deployment.checkpoint and deployment.catalog_name \
-            and deployment.checkpoint != planner.catalog.get(deployment.catalog_name).repo:
-        # a quantized checkpoint of a catalog model: stored under its own name, served under the model's
-        name = f"{deployment.catalog_name}-{deployment.precision}-{deployment.checkpoint_format}"
-        out.info(f"dsr1 serve: pulling {deployment.checkpoint} (the {deployment.precision} checkpoint) as {name}")
-        pull(deployment.checkpoint, name=name, quant="none")
-        return planner.make_plan(name, profile, replace(overrides, served_name=overrides.served_name or model))
-    out.info(f"dsr1 serve: {model} is not in the store; pulling it first")
-    pull(model, profile=profile, quant="none")
-    return planner.make_plan(model, profile, overrides)
+# The serve settings among serve()'s parameters (the rest choose what the command does with them).
+SETTINGS = ("host", "port", "max_concurrent", "max_queue", "max_model_len", "dtype", "device_map", "max_memory",
+            "offload_dir", "stream_interval", "prefill_chunk", "threads", "max_batched_tokens", "served_model_name",
+            "reasoning_parser", "reasoning_field", "system_prompt", "audit_log", "audit_content", "audit_max_mb",
+            "audit_backups", "guard", "guard_plugin", "grace", "fast_path", "compile", "prefix_cache_mb",
+            "speculative", "draft_model", "num_speculative_tokens", "engine", "engine_python", "precision",
+            "memory_utilization", "tensor_parallel", "pipeline_parallel", "data_parallel", "engine_port", "nodes",
+            "node_rank", "node_metrics_port", "head", "expect_model")
 
 
 def render_plan(c, p) -> None:
@@ -279,6 +163,10 @@ def render_plan(c, p) -> None:
             f"{p.kv_capacity_tokens:,} tokens per device")
     c.print(f"[bold]context[/]    {p.max_model_len:,} tokens; {p.max_num_seqs} concurrent sequences "
             f"({p.sequences_at_full_context} at full context)")
+    if p.engine == "embedded":
+        c.print(f"[bold]embedded[/]   dtype {p.dtype} ({p.dtype_reason}); forward "
+                f"{'compiled' if p.compile else 'fast' if p.fast_path_reason is None else 'transformers'} "
+                f"({p.compile_reason}); prefix cache {p.prefix_cache_bytes / 2**20:.0f} MiB; queue {p.max_queue}")
     for n in p.nodes:
         c.print(f"[bold]node {n.rank}[/] ({n.role})")
         for k, v in sorted(n.env.items()):
@@ -290,9 +178,3 @@ def render_plan(c, p) -> None:
         c.print(f"[dim]note: {note}[/]")
     for w in p.warnings:
         c.print(f"[yellow]warning:[/] {w}")
-
-
-def _plan_dict(p) -> dict:
-    from dsr1.output import to_jsonable
-
-    return to_jsonable(p)

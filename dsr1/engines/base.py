@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 from dsr1.errors import UsageError
+from dsr1.plantypes import NodeCommand  # noqa: F401  (re-exported: the engines' return type)
 
 if TYPE_CHECKING:
     from dsr1.engines.envs import InstalledEngine
-    from dsr1.plan import Plan
+    from dsr1.plantypes import Plan
 
 # name -> module; `auto` is the plan's choice, not an engine.
 _NAMES = {
@@ -37,18 +38,6 @@ _NAMES = {
 }
 ENGINES = tuple(_NAMES)
 CHOICES = ("auto", *ENGINES)
-
-
-@dataclass(frozen=True)
-class NodeCommand:
-    """What one node runs. `setup` commands run first and return (e.g. `ray start --head`);
-    `argv` is the long-running process. `env` is added to the inherited environment."""
-
-    rank: int
-    role: str  # "head" | "worker"
-    argv: tuple[str, ...]
-    env: dict[str, str] = field(default_factory=dict)
-    setup: tuple[tuple[str, ...], ...] = ()
 
 
 class Engine(Protocol):

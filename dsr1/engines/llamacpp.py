@@ -17,7 +17,7 @@ from dsr1.engines.base import NodeCommand
 
 if TYPE_CHECKING:
     from dsr1.engines.envs import InstalledEngine
-    from dsr1.plan import Plan
+    from dsr1.plantypes import Plan
 
 REFERENCE = ""  # no llama-server --help recorded yet: a missing flag asks for a newer build
 SINCE: dict[str, str] = {}

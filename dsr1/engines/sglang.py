@@ -19,7 +19,7 @@ from dsr1.engines.base import NodeCommand
 
 if TYPE_CHECKING:
     from dsr1.engines.envs import InstalledEngine
-    from dsr1.plan import Plan
+    from dsr1.plantypes import Plan
 
 REFERENCE = "0.5.23"
 SINCE = {"--attn-dp-size": "0.5.23"}

@@ -21,7 +21,7 @@ from dsr1.engines.base import NodeCommand
 
 if TYPE_CHECKING:
     from dsr1.engines.envs import InstalledEngine
-    from dsr1.plan import Plan
+    from dsr1.plantypes import Plan
 
 REFERENCE = "0.32.0"
 VLLM_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # vllm/config/model.py: ModelDType

@@ -104,12 +104,15 @@ def choose(model_dir: Path, batch: int, cache_dir: Path | None) -> tuple[str, st
     batches = (1,) if batch <= 1 else (1, batch)
     t = measure(hidden, inter, batches, cache_dir)
     at = batch if batch > 1 else 1
-    bf, fp = t["bf16"][at], t["fp32"][at]
-    pick = "bf16" if bf <= fp else "fp32"
-    how = "cached measurement" if t["cached"] else "measured now"
+    return pick(t["bf16"][at], t["fp32"][at], at, "cached measurement" if t["cached"] else "measured now")
+
+
+def pick(bf: float, fp: float, batch: int, how: str) -> tuple[str, str]:
+    """(dtype, why) from the two timings (seconds per step) at `batch`."""
+    choice = "bf16" if bf <= fp else "fp32"
     faster = max(bf, fp) / min(bf, fp)
-    return pick, (f"{how} on this CPU: {pick} {faster:.2f}x faster than "
-                  f"{'fp32' if pick == 'bf16' else 'bf16'} for this model's matmuls at batch {at}")
+    return choice, (f"{how} on this CPU: {choice} {faster:.2f}x faster than "
+                    f"{'fp32' if choice == 'bf16' else 'bf16'} for this model's matmuls at batch {batch}")
 
 
 def cache_dir_for(home: Path) -> Path:

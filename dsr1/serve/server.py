@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -94,6 +93,9 @@ class Plan:
     prefix_cache_bytes: int = 0
     speculative: str = "off"
     warnings: list[str] = field(default_factory=list)
+    # what differs from the deployment plan because it could only be measured here (dtype timed at
+    # start, a context the RAM left after loading does not hold): {field: value}; empty when none
+    measured: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_model_dir(name_or_path: str, profile: str | None = None) -> Path:
@@ -130,7 +132,9 @@ def deployment_for(opts: ServeOptions):
     return planner.make_plan(opts.model, opts.profile, planner.Overrides(
         engine="embedded", max_concurrent=opts.max_concurrent, max_model_len=opts.max_model_len,
         served_name=opts.served_name, host=opts.host, port=opts.port, device_map=opts.device_map,
-        lora=tuple(opts.lora)))
+        lora=tuple(opts.lora), max_queue=opts.max_queue, prefix_cache_mb=opts.prefix_cache_mb,
+        fast_path=opts.fast_path, reasoning_parser=opts.reasoning_parser, dtype=opts.dtype, compile=opts.compile,
+        threads=opts.threads))
 
 
 def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int,
@@ -151,59 +155,23 @@ def choose_dtype(requested: str, *, cuda: bool, bf16_cpu: bool, batch: int,
     return ("bf16", "CPU has bf16 units; batching") if batch > 1 else ("fp32", "CPU, one request at a time")
 
 
-def choose_compile(requested: str, model, *, cuda: bool, cpu_flags: tuple[str, ...] | list[str] = (),
-                   spare_bytes: int | None = None) -> tuple[bool, str]:
-    """Whether to torch.compile the decode step, and why (measured: docs/performance.md)."""
-    requested = settings.resolve("compile", flag=requested, default="auto", kind=str).value
-    if requested not in ("auto", "on", "off"):
-        raise UsageError(f"--compile {requested!r}", hint="use auto, on or off")
-    if model.fast is None:
-        if requested == "on":
-            raise ConfigError(f"--compile on needs the embedded engine's fast path: {model.fast_reason}",
-                              hint="drop --compile")
-        return False, f"transformers forward: {model.fast_reason}"
-    if requested == "on" and not cuda and not shutil.which(os.environ.get("CXX", "g++")):
-        raise ConfigError("--compile on needs a C++ compiler for torch.compile on CPU",
-                          hint="install g++ (apt-get install g++) or drop --compile")
-    if requested != "auto":
-        return requested == "on", f"compile {requested}"
-    if cuda:
-        return False, "auto: off (compiled decode not yet measured on a GPU; --compile on to try it)"
-    import torch
-
-    # Measured on the demo model on a 2-core Xeon with AMX (docs/performance.md): the frozen,
-    # autotuned step took 15/16/23 ms at batch 1/4/16 against 27/28/38 ms for the lean eager
-    # forward, after ~100 s of compiling at start-up. Only AMX bf16 was measured; elsewhere (fp32,
-    # AVX-512 without AMX) the earlier, unfrozen compile measured no faster, so it stays opt-in.
-    if model.dtype == torch.bfloat16 and "amx_bf16" in cpu_flags:
-        if not shutil.which(os.environ.get("CXX", "g++")):
-            return False, "auto: off (no C++ compiler for torch.compile; install g++ for a ~1.6x faster decode)"
-        # freezing keeps a packed copy of every weight beside the model's own: auto needs room for it
-        weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
-        if spare_bytes is not None and spare_bytes < 1.2 * weights + 2 * 2**30:
-            return False, (f"auto: off (compiling keeps a second, packed copy of the weights: "
-                           f"{weights / 2**30:.1f} GiB more than the {spare_bytes / 2**30:.1f} GiB free allows)")
-        return True, "auto: on (bf16 on a CPU with AMX)"
-    return False, "auto: off (measured faster only for bf16 on CPUs with AMX; --compile on to try it)"
-
-
 def _inductor_cache() -> None:
     """Keep torch.compile's artifacts under DSR1_HOME, so a restart reuses them (seconds, not minutes)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.home() / "cache" / "inductor"))
 
 
-def _prefix_cache_factory(model, mb: int | None, memory_budget: int):
-    """(slot cache) -> PrefixCache, or None when off. Default size: a quarter of the slot cache,
-    within what the memory budget leaves after it."""
-    if mb is not None and mb < 0:
-        raise UsageError("--prefix-cache-mb must be 0 or more")
-    if mb == 0:
+def _prefix_cache_factory(model, planned: int, memory_budget: int, measured: dict):
+    """(slot cache) -> PrefixCache of the plan's size, or None when off; smaller (and recorded as
+    measured) when the memory left after the slot cache does not hold it."""
+    if planned <= 0:
         return None
     from dsr1.serve.prefixcache import PrefixCache
 
     def make(cache):
-        budget = mb * 2**20 if mb is not None else min(cache.total_bytes // 4,
-                                                           max(0, memory_budget - cache.total_bytes))
+        budget = planned
+        if budget > memory_budget - cache.total_bytes:
+            budget = max(0, memory_budget - cache.total_bytes)
+            measured["prefix_cache_bytes"] = budget
         return PrefixCache(model.layers, model.kv_heads, model.head_dim, model.dtype, model._layer_devices(),
                            budget_bytes=budget)
 
@@ -272,16 +240,19 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     model_dir = resolve_model_dir(opts.model, opts.profile)
     host = probe_host(settings.home())
     dep = deployment or deployment_for(opts)
-    max_concurrent = dep.max_num_seqs  # --max-concurrent > DSR1_MAX_CONCURRENT > profile
-    max_queue = settings.resolve("max_queue", flag=opts.max_queue, default=4 * max_concurrent).value
-    if max_queue < 0:
-        raise UsageError("--max-queue must be 0 or more")
+    # the deployment plan decided these (dsr1.plan, dsr1.serve.decide): they run as planned, and what
+    # only loading or timing can tell is recorded in `measured`, never decided a second time
+    measured: dict[str, Any] = {}
+    max_concurrent, max_queue = dep.max_num_seqs, dep.max_queue
     cuda = torch.cuda.is_available() and opts.device_map != "cpu"
-    from dsr1.serve import calibrate
+    from dsr1.serve import calibrate, decide
 
-    dtype, why = choose_dtype(opts.dtype, cuda=cuda, bf16_cpu=host.bf16_fast, batch=max_concurrent,
-                              measure=lambda: calibrate.choose(model_dir, max_concurrent,
-                                                               calibrate.cache_dir_for(settings.home())))
+    dtype, why = dep.dtype, dep.dtype_reason
+    if dtype == decide.MEASURE:
+        dtype, why = choose_dtype("auto", cuda=cuda, bf16_cpu=host.bf16_fast, batch=max_concurrent,
+                                  measure=lambda: calibrate.choose(model_dir, max_concurrent,
+                                                                   calibrate.cache_dir_for(settings.home())))
+        measured["dtype"] = dtype
     device_map = opts.device_map or ("auto" if cuda else "cpu")
     progress(f"loading {model_dir} ({dtype}, device_map={device_map})")
     # Every torch call runs on one dedicated thread, model loading included. With OpenMP each
@@ -293,7 +264,9 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     model = worker.submit(EmbeddedModel, model_dir, dtype=parse_dtype(dtype), device_map=device_map,
                           max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads,
                           fast_path=opts.fast_path, quantize=opts.quantize).result()
-    parser, parser_why = choose_reasoning_parser(opts.reasoning_parser, has_think=model.has_think)
+    parser, parser_why = choose_reasoning_parser(dep.reasoning_parser, has_think=model.has_think)
+    if model.fast_reason != dep.fast_path_reason:
+        measured["fast_path_reason"] = model.fast_reason
     adapters = _load_adapters(dep.lora, model, model_dir, worker, progress)
     if opts.speculative != "off" and model.fast_reason is not None:
         raise ConfigError(f"--speculative {opts.speculative} needs the embedded engine's fast path, which this "
@@ -312,7 +285,11 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     else:
         budget = int(available_ram() * dep.memory_utilization)  # after loading; within a container's limit
     max_len = size_context(slots=max_concurrent, per_token=per_token, wanted=opts.max_model_len,
-                           model_max=model.max_position, default=dep.profile_context, budget=budget)
+                           model_max=model.max_position, default=dep.max_model_len, budget=budget)
+    if max_len != dep.max_model_len:
+        measured["max_model_len"] = max_len
+    if per_token != dep.kv_bytes_per_token:
+        measured["kv_bytes_per_token"] = per_token
     system = opts.system_prompt
     if system == "auto":
         # DeepSeek: "avoid adding a system prompt" for R1; put instructions in the user turn.
@@ -330,7 +307,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
         raise UsageError(f"--lora {name}=...: the base model is served as {name!r} already",
                          hint="give the adapter another name")
     metrics = Metrics(name)
-    prefix_factory = _prefix_cache_factory(model, opts.prefix_cache_mb, budget)
+    prefix_factory = _prefix_cache_factory(model, dep.prefix_cache_bytes, budget, measured)
     proposer = None
     if opts.speculative == "ngram":
         from dsr1.serve.speculative import NgramProposer
@@ -350,8 +327,17 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     metrics.bind(sched.counts, sched.kv_usage, sched.cache.total_bytes)
     if sched.prefix is not None:
         metrics.bind_prefix_cache(sched.prefix)
-    compile_on, compile_why = choose_compile(opts.compile, model, cuda=cuda, cpu_flags=host.cpu_flags,
-                                             spare_bytes=None if cuda else available_ram())
+    compile_on, compile_why = dep.compile, dep.compile_reason
+    if "dtype" in measured or model.fast_reason != dep.fast_path_reason:  # the plan's inputs were measured
+        weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+        compile_on, compile_why = decide.compile_choice(
+            opts.compile, fast_reason=model.fast_reason, device="cuda" if cuda else "cpu", dtype=dtype,
+            cpu_flags=host.cpu_flags, weights_bytes=weights, spare_bytes=available_ram() + weights)
+        if compile_on != dep.compile:
+            measured["compile"] = compile_on
+    elif compile_on and model.fast is None and model.fast_reason is not None:
+        raise ConfigError(f"the plan compiles the decode step, but this model cannot take the fast path: "
+                          f"{model.fast_reason}", hint="use --compile off")
     compile_seconds = 0.0
     if compile_on:
         _inductor_cache()
@@ -369,7 +355,10 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
              round(model.load_seconds, 2), model.path, forward_reason, round(compile_seconds, 1),
              sched.prefix.total_bytes if sched.prefix else 0,
              f"draft ({opts.draft_model}, {opts.num_speculative_tokens} tokens)" if draft else
-             f"ngram ({opts.num_speculative_tokens} tokens)" if proposer else "off", warnings)
+             f"ngram ({opts.num_speculative_tokens} tokens)" if proposer else "off", warnings, measured)
+    for k, v in measured.items():
+        if k != "dtype":  # a dtype timed at start is the plan's own instruction, not a surprise
+            warnings.append(f"measured at start: {k} {v} (the plan said {getattr(dep, k, None)})")
     return p, sched, cfg, metrics
 
 
