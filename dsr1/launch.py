@@ -99,8 +99,7 @@ def _pull_then_plan(model: str, profile, overrides, out, deployment):
         name = f"{deployment.catalog_name}-{deployment.precision}-{deployment.checkpoint_format}"
         out.info(f"dsr1 serve: pulling {deployment.checkpoint} (the {deployment.precision} checkpoint) as {name}")
         pull(deployment.checkpoint, name=name, quant="none")
-        return planner.make_plan(name, profile, dataclasses.replace(overrides,
-                                                                    served_name=overrides.served_name or model))
+        return planner.make_plan(model, profile, overrides)  # the plan now loads the stored copy
     out.info(f"dsr1 serve: {model} is not in the store; pulling it first")
     pull(model, profile=profile, quant="none")
     return planner.make_plan(model, profile, overrides)

@@ -189,8 +189,15 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
     lora, lora_rank = _adapters(o, engine, ref)
     model_path, needs_pull = ref.path or ref.repo or model, not ref.local
     if sizes.get("checkpoint") and sizes["checkpoint"] != ref.repo:
-        # another checkpoint than the one named or stored gives the planned precision: load (pull) it
-        model_path, needs_pull = sizes["checkpoint"], True
+        # another checkpoint than the one named or stored gives the planned precision: its stored copy
+        # (`dsr1 pull MODEL` pulls it), else its hub id, pulled before the engine starts
+        from dsr1 import store
+
+        stored = store.find(sizes["checkpoint"])
+        if stored is not None and (Path(stored.model_dir) / "config.json").is_file():
+            model_path, needs_pull = stored.model_dir, False
+        else:
+            model_path, needs_pull = sizes["checkpoint"], True
     _model_notes(model, ref, engine, d, model_path, needs_pull)
     plan = Plan(
         model=model, model_kind=ref.kind, model_path=model_path, needs_pull=needs_pull,

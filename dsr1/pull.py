@@ -108,6 +108,24 @@ def _planned_quant(profile: str | None, model: str | None) -> str:
     return sizing.PULL_QUANT.get(prof.precision, "none") if prof.engine == "embedded" else "none"
 
 
+def _planned_checkpoint(src: Source, profile: str | None, reporter: Reporter) -> Source:
+    """A catalog model whose plan here loads another checkpoint (a 4-bit one for vLLM/SGLang,
+    dsr1/data/checkpoints.toml): pull that one, under the name serve looks for, instead of weights
+    the plan would not load."""
+    from dsr1 import plan
+    from dsr1.errors import Dsr1Error
+
+    try:
+        p = plan.make_plan(src.default_name, profile, plan.Overrides(engine_port=1))
+    except Dsr1Error:
+        return src
+    if not p.checkpoint or p.checkpoint == src.repo_id or p.engine == "embedded":
+        return src
+    reporter.stage(f"the plan for {src.default_name} ({p.engine}, {p.precision}) loads {p.checkpoint}: pulling it")
+    return Source("hub", p.checkpoint, repo_id=p.checkpoint,
+                  default_name=f"{src.default_name}-{p.precision}-{p.checkpoint_format}")
+
+
 def pull(source: str, *, name: str | None = None, revision: str | None = None, endpoint: str | None = None,
          quant: str | None = None, profile: str | None = None, local_dir: Path | None = None,
          allow_pickle: bool = False, reporter: Reporter | None = None, workers: int = DEFAULT_WORKERS,
@@ -129,6 +147,8 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
             raise UsageError("--quant applies to models, not to a LoRA adapter", hint="add --merge-lora to quantize "
                                                                                      "the merged model")
         quant = "none"
+    if src.kind == "catalog" and quant is None and name is None:
+        src = _planned_checkpoint(src, profile, reporter)
     method, method_source = resolve_quant(quant, profile, src.default_name if src.kind == "catalog" else None)
     stem = src.default_name
     if src.adapter and merge_lora:

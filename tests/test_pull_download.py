@@ -517,3 +517,18 @@ def test_a_failing_disk_write_is_reported_not_retried_as_a_dropped_connection(hu
     assert r.exit_code == 1, r.output
     assert "cannot write" in r.output and "Input/output error" in r.output and "stalled" not in r.output
     assert hub.sent["model.safetensors"] <= 3 << 20  # one attempt, not five
+
+
+def test_pull_of_a_catalog_model_fetches_the_checkpoint_its_plan_loads(hub):
+    """On the base tier (2x A100) the 70B distill is planned at int4 from its AWQ checkpoint: `dsr1 pull` fetches
+    that repository (not the 141 GB BF16 one), and serve's plan then loads the stored copy."""
+    from dsr1 import plan
+
+    repo = "casperhansen/deepseek-r1-distill-llama-70b-awq"
+    hub.add_repo(repo, model_files(1 << 16))
+    r = cli("pull", "r1-distill-llama-70b", "--profile", "base", "--endpoint", hub.endpoint, "--json")
+    assert r.exit_code == 0, r.output
+    m = store.load("r1-distill-llama-70b-int4-awq")
+    assert m.repo_id == repo and m.quantization == "none"
+    p = plan.make_plan("r1-distill-llama-70b", "base", plan.Overrides(engine_port=1))
+    assert (p.precision, p.checkpoint, p.model_path, p.needs_pull) == ("int4", repo, m.model_dir, False)
