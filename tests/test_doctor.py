@@ -234,3 +234,19 @@ def test_available_ram_is_bounded_by_the_cgroup(tmp_path, v2):
     (d / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(f"{2 * 2**30}\n")
     (d / ("memory.current" if v2 else "memory.usage_in_bytes")).write_text(f"{2**30 + 2**29}\n")
     assert available_ram(tmp_path) == 2**29
+
+
+def test_h100x8_next_line_is_a_runnable_plan(tmp_path):
+    """The enterprise node's Next line is `dsr1 serve r1`, and the plan behind it loads a checkpoint that fits
+    8x 80 GB (the 340 GB AWQ one, with SGLang's moe_wna16 flag), not the 688 GB FP8 repository."""
+    from dsr1 import plan
+
+    report = run_snapshot("h100x8-ib", tmp_path)
+    assert report.next_command == "dsr1 serve r1"
+    gpus, host, _ = probes_for("h100x8-ib", tmp_path)
+    p = plan.make_plan("r1", None, plan.Overrides(engine_port=1), gpus=gpus, host=host)
+    assert (p.engine, p.precision, p.checkpoint, p.quantization) == \
+        ("sglang", "int4", "cognitivecomputations/DeepSeek-R1-AWQ", "moe_wna16")
+    assert p.weights_bytes_per_device * p.tensor_parallel >= 340e9
+    r1 = rec(report, "r1")
+    assert (r1.engine, r1.precision, r1.repo) == (p.engine, p.precision, p.checkpoint)
