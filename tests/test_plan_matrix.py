@@ -12,8 +12,12 @@ every plan the checks that make it runnable:
   command with SGLang's own `ServerArgs` parser (a throwaway environment, scripts/sglang_parser.sh,
   which scripts/engines.sh makes in DSR1_TEST_ENGINES_HOME/sglang-parser).
 
-llama-server is not in this table: it serves GGUF files, and the catalog's R1 GGUFs are [12/14]'s.
-A row that stops fitting, or starts to, fails here: no try/skip inside the matrix.
+EXPECTED holds the GPU engines on the seed's tiers and the recorded GPU machines; EXPECTED_OTHER the
+embedded engine and llama-server (which refuses a catalog model: it serves GGUF files, and the
+catalog's R1 GGUFs are [12/14]'s; the demo GGUF's command is checked against the real llama-server's
+--help on every machine); EXPECTED_MORE vLLM and SGLang everywhere else (the CPU machine and profiles,
+the small GPU profiles, the demo model). A row that stops fitting, or starts to, fails here: no
+try/skip inside the matrix.
 """
 
 from __future__ import annotations
@@ -164,11 +168,11 @@ def _cpu_build(name: str) -> InstalledEngine:
 
 
 def _plan(where: str, model: str, engine: str, tmp_path: Path, **kw) -> plan.Plan:
-    snapshot, profile = ("driver-missing", where) if where in PROFILES else (where, None)
+    snapshot, profile = ("driver-missing", where) if where in PROFILES + ALL_PROFILES else (where, None)
     gpus, host, _ = probes_for(snapshot, tmp_path)
-    if profile:
+    if profile and plan.profiles.get(profile).requires.gpus:
         gpus = plan._virtual_gpus(plan.profiles.get(profile))
-    GPU_BYTES[where] = min(g.memory_total for g in gpus.gpus)
+    GPU_BYTES[where] = min((g.memory_total for g in gpus.gpus), default=0)
     return plan.make_plan(model, profile, plan.Overrides(engine=engine, engine_port=8100, **kw), gpus=gpus, host=host,
                           installed={engine: _cpu_build(engine)}, interfaces=ITFS)
 
@@ -212,7 +216,8 @@ def _check_runnable(p: plan.Plan, gpu_bytes: int) -> None:
     spec = catalog.get(p.catalog_name)
     ck = next(c for c in checkpoints.for_model(spec) if c.repo == p.checkpoint)
     argv = p.nodes[0].argv
-    if ck.precision != p.precision:  # made while loading: the engine must be told
+    if ck.precision != p.precision and {ck.precision, p.precision} != {"bf16", "fp16"}:
+        # made while loading (bf16 <-> fp16 is only the dtype the engine computes in): the engine must be told
         assert p.quantization and _arg(argv, "--quantization") == p.quantization
         assert p.checkpoint_gb == 0
     else:
@@ -228,9 +233,12 @@ def _check_runnable(p: plan.Plan, gpu_bytes: int) -> None:
     # weights + KV + overhead within the usable share of one GPU
     assert p.weights_bytes_per_device + p.kv_budget_bytes <= gpu_bytes * p.memory_utilization
     assert p.max_model_len * p.kv_bytes_per_token <= p.kv_budget_bytes
-    # R1 settings
-    assert p.reasoning_parser == "deepseek_r1"
-    assert _arg(argv, "--reasoning-parser") == ("deepseek-r1" if p.engine == "sglang" else "deepseek_r1")
+    # R1 settings (the demo model has no reasoning to split)
+    if spec.reasoning:
+        assert p.reasoning_parser == "deepseek_r1"
+        assert _arg(argv, "--reasoning-parser") == ("deepseek-r1" if p.engine == "sglang" else "deepseek_r1")
+    else:
+        assert p.reasoning_parser == "none" and "--reasoning-parser" not in argv
     if p.engine == "sglang" and spec.architecture == "deepseek_v3":
         assert "--trust-remote-code" in argv
     if p.dp_attention > 1:
@@ -245,76 +253,6 @@ def _check_runnable(p: plan.Plan, gpu_bytes: int) -> None:
             VLLM_ARGVS.append(list(n.argv[n.argv.index("serve") + 1:]))
         else:
             SGLANG_ARGVS.append(list(n.argv[n.argv.index("sglang.launch_server") + 1:]))
-
-
-def test_every_vllm_command_parses_with_vllms_own_parser():
-    """The commands the matrix generated, through vLLM's make_arg_parser in its own environment."""
-    assert VLLM_ARGVS, "run with the matrix (pytest collects it first in this module)"
-    if not ENGINES_HOME:
-        pytest.skip("set DSR1_TEST_ENGINES_HOME to a DSR1_HOME with vLLM installed (bash scripts/engines.sh)")
-    found = envs.own("vllm", {"DSR1_HOME": ENGINES_HOME})
-    if found is None:
-        pytest.skip(f"no vllm installed in {ENGINES_HOME}")
-    code = ("import json, sys\n"
-            "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args\n"
-            "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-            "out = []\n"
-            "for argv in json.load(sys.stdin):\n"
-            "    p = make_arg_parser(FlexibleArgumentParser())\n"
-            "    ns = p.parse_args(['--model', argv[0], *argv[1:]])\n"
-            "    validate_parsed_serve_args(ns)\n"
-            "    out.append([ns.model, ns.tensor_parallel_size, ns.dtype, ns.quantization, ns.reasoning_parser])\n"
-            "print('PARSED ' + json.dumps(out))\n")
-    res = subprocess.run([found.python, "-c", code], input=json.dumps(VLLM_ARGVS), capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    parsed = json.loads(re.search(r"^PARSED (.*)$", res.stdout, re.M).group(1))
-    assert len(parsed) == len(VLLM_ARGVS)
-    for argv, (model, tp, dtype, quant, reasoning) in zip(VLLM_ARGVS, parsed):
-        assert model == argv[0] and tp == int(_arg(argv, "--tensor-parallel-size")) and reasoning == "deepseek_r1"
-        assert dtype == _arg(argv, "--dtype") and quant == (_arg(argv, "--quantization") if "--quantization" in argv else None)
-
-
-SGLANG_PARSE = """
-import importlib.util, json, sys, types
-if importlib.util.find_spec("triton") is None:  # imported by sglang's utils for one attribute; not needed to parse
-    from torch.utils._triton import has_triton_package
-    has_triton_package()
-    sys.modules["triton"] = types.ModuleType("triton")
-import argparse
-import sglang
-from sglang.srt.server_args import ServerArgs
-out = []
-for argv in json.load(sys.stdin):
-    parser = argparse.ArgumentParser(prog="sglang.launch_server", allow_abbrev=False)
-    ServerArgs.add_cli_args(parser)
-    ns = parser.parse_args(argv)
-    args = ServerArgs.from_cli_args(ns)
-    out.append([args.model_path, args.tp_size, args.quantization, args.dtype, args.reasoning_parser,
-                args.trust_remote_code, args.context_length])
-print("SGLANG " + sglang.__version__ + " " + json.dumps(out))
-"""
-
-
-def test_every_sglang_command_parses_with_sglangs_own_parser():
-    """The SGLang commands the matrix generated, through SGLang's ServerArgs parser (no abbreviations:
-    every flag dsr1 writes must be one SGLang declares)."""
-    assert SGLANG_ARGVS, "run with the matrix (pytest collects it first in this module)"
-    env = Path(ENGINES_HOME or "/nonexistent") / "sglang-parser" / "bin" / "python"
-    if not env.is_file():
-        pytest.skip("no SGLang parser environment: bash scripts/sglang_parser.sh $DSR1_TEST_ENGINES_HOME/sglang-parser")
-    res = subprocess.run([str(env), "-c", SGLANG_PARSE], input=json.dumps(SGLANG_ARGVS), capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    version, parsed = re.search(r"^SGLANG (\S+) (.*)$", res.stdout, re.M).groups()
-    assert version == "0.5.23"
-    parsed = json.loads(parsed)
-    assert len(parsed) == len(SGLANG_ARGVS)
-    for argv, (model, tp, quant, dtype, reasoning, trust, ctx) in zip(SGLANG_ARGVS, parsed):
-        assert model == _arg(argv, "--model-path") and tp == int(_arg(argv, "--tp-size"))
-        assert quant == (_arg(argv, "--quantization") if "--quantization" in argv else None)
-        assert dtype == _arg(argv, "--dtype") and reasoning == "deepseek-r1" and ctx == int(_arg(argv, "--context-length"))
-        assert trust == ("--trust-remote-code" in argv)
 
 
 # The two engines not in EXPECTED: the embedded engine (planned on every machine; bitsandbytes on load for
@@ -548,3 +486,222 @@ def test_plan_matrix_embedded_and_llamacpp(where, model, engine, precision, devi
     if not any("does not fit" in w for w in p.warnings):
         assert p.max_model_len * p.kv_bytes_per_token * p.max_num_seqs <= p.kv_budget_bytes
     assert p.dtype in ("bf16", "fp16", "fp32", "measure") and p.dtype_reason
+
+
+# vLLM and SGLang on the rest: the CPU machine and profiles (vLLM's CPU build; SGLang refused), the
+# single- and small-GPU profiles, and the demo model everywhere. (where, model, engine, precision or
+# None = refused, device or the error's type, context)
+EXPECTED_MORE = [
+    ("a100x2-sxm", "smollm2-135m", "vllm", "bf16", "cuda", 8192),
+    ("a100x2-sxm", "smollm2-135m", "sglang", "bf16", "cuda", 8192),
+    ("h100x4-sxm", "smollm2-135m", "vllm", "bf16", "cuda", 8192),
+    ("h100x4-sxm", "smollm2-135m", "sglang", "bf16", "cuda", 8192),
+    ("h100x8-ib", "smollm2-135m", "vllm", "bf16", "cuda", 8192),
+    ("h100x8-ib", "smollm2-135m", "sglang", "bf16", "cuda", 8192),
+    ("rtx4090", "smollm2-135m", "vllm", "bf16", "cuda", 8192),
+    ("rtx4090", "smollm2-135m", "sglang", "bf16", "cuda", 8192),
+    ("driver-missing", "r1", "vllm", None, "HardwareError", 0),
+    ("driver-missing", "r1", "sglang", None, "UsageError", 0),
+    ("driver-missing", "r1-0528", "vllm", None, "HardwareError", 0),
+    ("driver-missing", "r1-0528", "sglang", None, "UsageError", 0),
+    ("driver-missing", "r1-distill-qwen-1.5b", "vllm", "fp32", "cpu", 8192),
+    ("driver-missing", "r1-distill-qwen-1.5b", "sglang", None, "UsageError", 0),
+    ("driver-missing", "r1-distill-qwen-7b", "vllm", "fp32", "cpu", 8192),
+    ("driver-missing", "r1-distill-qwen-7b", "sglang", None, "UsageError", 0),
+    ("driver-missing", "r1-distill-qwen-14b", "vllm", None, "HardwareError", 0),
+    ("driver-missing", "r1-distill-qwen-14b", "sglang", None, "UsageError", 0),
+    ("driver-missing", "r1-distill-qwen-32b", "vllm", None, "HardwareError", 0),
+    ("driver-missing", "r1-distill-qwen-32b", "sglang", None, "UsageError", 0),
+    ("driver-missing", "r1-distill-llama-8b", "vllm", "fp32", "cpu", 8192),
+    ("driver-missing", "r1-distill-llama-8b", "sglang", None, "UsageError", 0),
+    ("driver-missing", "r1-distill-llama-70b", "vllm", None, "HardwareError", 0),
+    ("driver-missing", "r1-distill-llama-70b", "sglang", None, "UsageError", 0),
+    ("driver-missing", "smollm2-135m", "vllm", "fp32", "cpu", 8192),
+    ("driver-missing", "smollm2-135m", "sglang", None, "UsageError", 0),
+    ("base", "smollm2-135m", "vllm", "bf16", "cuda", 8192),
+    ("base", "smollm2-135m", "sglang", "bf16", "cuda", 8192),
+    ("pro", "smollm2-135m", "vllm", "bf16", "cuda", 8192),
+    ("pro", "smollm2-135m", "sglang", "bf16", "cuda", 8192),
+    ("enterprise", "smollm2-135m", "vllm", "bf16", "cuda", 8192),
+    ("enterprise", "smollm2-135m", "sglang", "bf16", "cuda", 8192),
+    ("small-gpu", "r1", "vllm", None, "HardwareError", 0),
+    ("small-gpu", "r1", "sglang", None, "HardwareError", 0),
+    ("small-gpu", "r1-0528", "vllm", None, "HardwareError", 0),
+    ("small-gpu", "r1-0528", "sglang", None, "HardwareError", 0),
+    ("small-gpu", "r1-distill-qwen-1.5b", "vllm", "int4", "cuda", 12800),
+    ("small-gpu", "r1-distill-qwen-1.5b", "sglang", "int4", "cuda", 12800),
+    ("small-gpu", "r1-distill-qwen-7b", "vllm", None, "HardwareError", 0),
+    ("small-gpu", "r1-distill-qwen-7b", "sglang", None, "HardwareError", 0),
+    ("small-gpu", "r1-distill-qwen-14b", "vllm", None, "HardwareError", 0),
+    ("small-gpu", "r1-distill-qwen-14b", "sglang", None, "HardwareError", 0),
+    ("small-gpu", "r1-distill-qwen-32b", "vllm", None, "HardwareError", 0),
+    ("small-gpu", "r1-distill-qwen-32b", "sglang", None, "HardwareError", 0),
+    ("small-gpu", "r1-distill-llama-8b", "vllm", None, "HardwareError", 0),
+    ("small-gpu", "r1-distill-llama-8b", "sglang", None, "HardwareError", 0),
+    ("small-gpu", "r1-distill-llama-70b", "vllm", None, "HardwareError", 0),
+    ("small-gpu", "r1-distill-llama-70b", "sglang", None, "HardwareError", 0),
+    ("small-gpu", "smollm2-135m", "vllm", "fp16", "cuda", 8192),
+    ("small-gpu", "smollm2-135m", "sglang", "fp16", "cuda", 8192),
+    ("single-gpu", "r1", "vllm", None, "HardwareError", 0),
+    ("single-gpu", "r1", "sglang", None, "HardwareError", 0),
+    ("single-gpu", "r1-0528", "vllm", None, "HardwareError", 0),
+    ("single-gpu", "r1-0528", "sglang", None, "HardwareError", 0),
+    ("single-gpu", "r1-distill-qwen-1.5b", "vllm", "fp16", "cuda", 16384),
+    ("single-gpu", "r1-distill-qwen-1.5b", "sglang", "fp16", "cuda", 16384),
+    ("single-gpu", "r1-distill-qwen-7b", "vllm", "fp16", "cuda", 16384),
+    ("single-gpu", "r1-distill-qwen-7b", "sglang", "fp16", "cuda", 16384),
+    ("single-gpu", "r1-distill-qwen-14b", "vllm", "int4", "cuda", 16384),
+    ("single-gpu", "r1-distill-qwen-14b", "sglang", "int4", "cuda", 16384),
+    ("single-gpu", "r1-distill-qwen-32b", "vllm", None, "HardwareError", 0),
+    ("single-gpu", "r1-distill-qwen-32b", "sglang", None, "HardwareError", 0),
+    ("single-gpu", "r1-distill-llama-8b", "vllm", "int4", "cuda", 16384),
+    ("single-gpu", "r1-distill-llama-8b", "sglang", "int4", "cuda", 16384),
+    ("single-gpu", "r1-distill-llama-70b", "vllm", None, "HardwareError", 0),
+    ("single-gpu", "r1-distill-llama-70b", "sglang", None, "HardwareError", 0),
+    ("single-gpu", "smollm2-135m", "vllm", "fp16", "cuda", 8192),
+    ("single-gpu", "smollm2-135m", "sglang", "fp16", "cuda", 8192),
+    ("cpu", "r1", "vllm", None, "HardwareError", 0),
+    ("cpu", "r1", "sglang", None, "UsageError", 0),
+    ("cpu", "r1-0528", "vllm", None, "HardwareError", 0),
+    ("cpu", "r1-0528", "sglang", None, "UsageError", 0),
+    ("cpu", "r1-distill-qwen-1.5b", "vllm", "fp32", "cpu", 8192),
+    ("cpu", "r1-distill-qwen-1.5b", "sglang", None, "UsageError", 0),
+    ("cpu", "r1-distill-qwen-7b", "vllm", "fp32", "cpu", 8192),
+    ("cpu", "r1-distill-qwen-7b", "sglang", None, "UsageError", 0),
+    ("cpu", "r1-distill-qwen-14b", "vllm", None, "HardwareError", 0),
+    ("cpu", "r1-distill-qwen-14b", "sglang", None, "UsageError", 0),
+    ("cpu", "r1-distill-qwen-32b", "vllm", None, "HardwareError", 0),
+    ("cpu", "r1-distill-qwen-32b", "sglang", None, "UsageError", 0),
+    ("cpu", "r1-distill-llama-8b", "vllm", "fp32", "cpu", 8192),
+    ("cpu", "r1-distill-llama-8b", "sglang", None, "UsageError", 0),
+    ("cpu", "r1-distill-llama-70b", "vllm", None, "HardwareError", 0),
+    ("cpu", "r1-distill-llama-70b", "sglang", None, "UsageError", 0),
+    ("cpu", "smollm2-135m", "vllm", "fp32", "cpu", 8192),
+    ("cpu", "smollm2-135m", "sglang", None, "UsageError", 0),
+]
+
+
+@pytest.mark.parametrize("where,model,engine,precision,device,ctx", EXPECTED_MORE,
+                         ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in EXPECTED_MORE])
+def test_plan_matrix_gpu_engines_everywhere_else(where, model, engine, precision, device, ctx, tmp_path):
+    from dsr1 import errors
+
+    snapshot, profile = ("driver-missing", where) if where in ALL_PROFILES else (where, None)
+    gpus, host, _ = probes_for(snapshot, tmp_path)
+    if profile and plan.profiles.get(profile).requires.gpus:
+        gpus = plan._virtual_gpus(plan.profiles.get(profile))
+    GPU_BYTES[where] = min((g.memory_total for g in gpus.gpus), default=0)
+    make = lambda: _plan(where, model, engine, tmp_path)  # noqa: E731
+    if precision is None:
+        with pytest.raises(getattr(errors, device)) as err:
+            make()
+        assert err.value.hint, str(err.value)
+        return
+    p = make()
+    assert (p.precision, p.device, p.max_model_len) == (precision, device, ctx)
+    if device == "cuda":
+        _check_runnable(p, GPU_BYTES[where])
+        return
+    # vLLM's CPU build on a CPU machine: that build is the right one here, its command checked against it
+    (node,) = p.nodes
+    argv = list(node.argv)
+    assert argv[0] == "/cpu-home/engines/vllm/venv/bin/python" and p.checked_against == "vllm 0.32.0 --help"
+    assert int(node.env["VLLM_CPU_KVCACHE_SPACE"]) * 2**30 >= p.max_model_len * p.kv_bytes_per_token
+    assert _arg(argv, "--dtype") == {"bf16": "bfloat16", "fp32": "float32"}[p.dtype]
+    assert p.reasoning_parser == ("deepseek_r1" if "r1" in model else "none")
+    i = argv.index("--model")
+    VLLM_ARGVS.append([argv[i + 1], *argv[argv.index("-m") + 2:i], *argv[i + 2:]])
+
+
+# --- the engines' own parsers, over every command the matrix above generated (run last) ---
+
+def test_every_vllm_command_parses_with_vllms_own_parser():
+    """The commands the matrix generated, through vLLM's make_arg_parser in its own environment."""
+    assert VLLM_ARGVS, "run with the matrix (pytest collects it first in this module)"
+    if not ENGINES_HOME:
+        pytest.skip("set DSR1_TEST_ENGINES_HOME to a DSR1_HOME with vLLM installed (bash scripts/engines.sh)")
+    found = envs.own("vllm", {"DSR1_HOME": ENGINES_HOME})
+    if found is None:
+        pytest.skip(f"no vllm installed in {ENGINES_HOME}")
+    code = ("import json, sys\n"
+            "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args\n"
+            "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+            "out = []\n"
+            "for argv in json.load(sys.stdin):\n"
+            "    p = make_arg_parser(FlexibleArgumentParser())\n"
+            "    ns = p.parse_args(['--model', argv[0], *argv[1:]])\n"
+            "    validate_parsed_serve_args(ns)\n"
+            "    out.append([ns.model, ns.tensor_parallel_size, ns.dtype, ns.quantization, ns.reasoning_parser])\n"
+            "print('PARSED ' + json.dumps(out))\n")
+    res = subprocess.run([found.python, "-c", code], input=json.dumps(VLLM_ARGVS), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    parsed = json.loads(re.search(r"^PARSED (.*)$", res.stdout, re.M).group(1))
+    assert len(parsed) == len(VLLM_ARGVS)
+    for argv, (model, tp, dtype, quant, reasoning) in zip(VLLM_ARGVS, parsed):
+        assert model == argv[0] and (reasoning or None) == ("deepseek_r1" if "--reasoning-parser" in argv else None)
+        assert tp == (int(_arg(argv, "--tensor-parallel-size")) if "--tensor-parallel-size" in argv else 1)
+        assert dtype == _arg(argv, "--dtype") and quant == (_arg(argv, "--quantization") if "--quantization" in argv else None)
+
+
+SGLANG_PARSE = """
+import importlib.util, json, sys, types
+if importlib.util.find_spec("triton") is None:  # imported by sglang's utils for one attribute; not needed to parse
+    from torch.utils._triton import has_triton_package
+    has_triton_package()
+    sys.modules["triton"] = types.ModuleType("triton")
+import argparse
+import sglang
+from sglang.srt.server_args import ServerArgs
+out = []
+for argv in json.load(sys.stdin):
+    parser = argparse.ArgumentParser(prog="sglang.launch_server", allow_abbrev=False)
+    ServerArgs.add_cli_args(parser)
+    ns = parser.parse_args(argv)
+    args = ServerArgs.from_cli_args(ns)
+    out.append([args.model_path, args.tp_size, args.quantization, args.dtype, args.reasoning_parser,
+                args.trust_remote_code, args.context_length])
+print("SGLANG " + sglang.__version__ + " " + json.dumps(out))
+"""
+
+
+def test_every_sglang_command_parses_with_sglangs_own_parser():
+    """The SGLang commands the matrix generated, through SGLang's ServerArgs parser (no abbreviations:
+    every flag dsr1 writes must be one SGLang declares)."""
+    assert SGLANG_ARGVS, "run with the matrix (pytest collects it first in this module)"
+    env = Path(ENGINES_HOME or "/nonexistent") / "sglang-parser" / "bin" / "python"
+    if not env.is_file():
+        pytest.skip("no SGLang parser environment: bash scripts/sglang_parser.sh $DSR1_TEST_ENGINES_HOME/sglang-parser")
+    res = subprocess.run([str(env), "-c", SGLANG_PARSE], input=json.dumps(SGLANG_ARGVS), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    version, parsed = re.search(r"^SGLANG (\S+) (.*)$", res.stdout, re.M).groups()
+    assert version == "0.5.23"
+    parsed = json.loads(parsed)
+    assert len(parsed) == len(SGLANG_ARGVS)
+    for argv, (model, tp, quant, dtype, reasoning, trust, ctx) in zip(SGLANG_ARGVS, parsed):
+        assert model == _arg(argv, "--model-path") and tp == int(_arg(argv, "--tp-size"))
+        assert quant == (_arg(argv, "--quantization") if "--quantization" in argv else None)
+        assert dtype == _arg(argv, "--dtype") and ctx == int(_arg(argv, "--context-length"))
+        assert reasoning == (_arg(argv, "--reasoning-parser") if "--reasoning-parser" in argv else None)
+        assert trust == ("--trust-remote-code" in argv)
+
+
+@pytest.mark.parametrize("where", ["a100x2-sxm", "h100x4-sxm", "h100x8-ib", "rtx4090", "driver-missing", "base",
+                                   "single-gpu", "cpu"])
+def test_every_llama_server_command_uses_flags_its_help_lists(where, demo_gguf, tmp_path):
+    """The GGUF the catalog has today (the demo's) on every machine: each flag of the llama-server command
+    is one the real llama-server (built by `dsr1 engine install llamacpp`) lists in its --help."""
+    binary = Path(ENGINES_HOME or "/nonexistent") / "engines" / "llamacpp" / "bin" / "llama-server"
+    if not binary.is_file():
+        pytest.skip("no llama-server in DSR1_TEST_ENGINES_HOME (bash scripts/engines.sh)")
+    helptext = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60).stdout
+    known = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", helptext))
+    snapshot, profile = ("driver-missing", where) if where in ALL_PROFILES else (where, None)
+    gpus, host, _ = probes_for(snapshot, tmp_path)
+    p = plan.make_plan(str(demo_gguf), profile, plan.Overrides(engine="llamacpp", engine_port=8100), gpus=gpus,
+                       host=host, installed={}, interfaces=ITFS)
+    (node,) = p.nodes
+    flags = {a for a in node.argv[1:] if re.fullmatch(r"--?[a-zA-Z][\w-]*", a)}
+    assert flags and flags <= known, flags - known
+    assert _arg(node.argv, "-m") == str(demo_gguf) and int(_arg(node.argv, "-c")) >= p.max_model_len
