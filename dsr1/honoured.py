@@ -1,4 +1,5 @@
-"""Which engines honour each `dsr1 serve` setting that not every engine has.
+"""Refuse a `dsr1 serve` setting the planned engine cannot honour (which engines honour which:
+dsr1.servesettings).
 
 A setting given on the command line (or to `Deployer.serve`) that the planned engine cannot honour
 is a usage error, in `--dry-run` as in a real run, instead of being dropped without a word.
@@ -11,31 +12,10 @@ from __future__ import annotations
 
 from dsr1.errors import UsageError
 
-ALL = ("embedded", "vllm", "sglang", "llamacpp")
-ENGINES: dict[str, tuple[str, ...]] = {
-    # the embedded engine's own machinery
-    "speculative": ("embedded",),
-    "draft_model": ("embedded",),
-    "num_speculative_tokens": ("embedded",),
-    "prefix_cache_mb": ("embedded",),
-    "prefill_chunk": ("embedded",),
-    "stream_interval": ("embedded",),
-    "fast_path": ("embedded",),
-    "compile": ("embedded",),
-    "max_memory": ("embedded",),
-    "offload_dir": ("embedded",),
-    "device_map": ("embedded",),
-    "guard": ("embedded",),  # [13/14] brings guards to the front of every engine
-    "guard_plugin": ("embedded",),
-    # the external engines' flags
-    "max_batched_tokens": ("vllm", "sglang", "llamacpp"),
-    "engine_python": ("vllm", "sglang"),
-    "tensor_parallel": ("vllm", "sglang"),
-    "pipeline_parallel": ("vllm", "sglang"),
-    "data_parallel": ("vllm", "sglang"),
-    "threads": ("embedded", "llamacpp"),
-    "lora": ("embedded", "vllm", "sglang"),
-}
+from dsr1.servesettings import ALL, SETTINGS
+
+# which engines honour each setting that not every engine has: declared in dsr1.servesettings
+ENGINES: dict[str, tuple[str, ...]] = {s.name: s.engines for s in SETTINGS if s.engines != ALL}
 
 
 # values that ask nothing of an engine (the setting's "off"): given or not, any engine honours them

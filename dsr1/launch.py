@@ -19,6 +19,7 @@ import json as _json
 import sys
 from typing import Any, Callable, Mapping
 
+from dsr1 import servesettings
 from dsr1.errors import UsageError
 
 # serve settings whose name differs between the command line and ServeOptions/Overrides
@@ -51,7 +52,8 @@ def settings(model: str, profile: str | None, values: Mapping[str, Any], *, give
     values["lora"] = list(values.get("lora") or [])
     opt_fields = {f.name for f in dataclasses.fields(server.ServeOptions)}
     ovr_fields = {f.name for f in dataclasses.fields(planner.Overrides)}
-    unknown = set(values) - opt_fields - ovr_fields - {"precision"}
+    declared = {RENAMES.get(s.name, s.name) for s in servesettings.SETTINGS} | {"api_key"}
+    unknown = set(values) - declared
     if unknown:
         raise UsageError(f"unknown serve setting(s): {', '.join(sorted(unknown))}",
                          hint="see `dsr1 serve --help` for the settings and their names")

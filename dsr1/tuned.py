@@ -28,18 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsr1 import settings
+from dsr1 import servesettings, settings
 from dsr1.errors import ConfigError
 
 PREFIX = "tuned-"
-# The serve options a tuned profile may set, with their types; the CLI flag is --name-with-dashes.
-SETTINGS: dict[str, type] = {
-    "engine": str, "max_concurrent": int, "prefill_chunk": int, "stream_interval": int, "dtype": str,
-    "speculative": str, "num_speculative_tokens": int, "compile": str, "threads": int, "max_batched_tokens": int,
-    "memory_utilization": float, "precision": str,
-}
-CHOICES = {"engine": ("embedded", "vllm", "sglang", "llamacpp"), "dtype": ("auto", "bf16", "fp16", "fp32"),
-           "speculative": ("off", "ngram"), "compile": ("auto", "on", "off")}
+# The serve settings a tuned profile may set, with their types and allowed values: declared in
+# dsr1.servesettings (`tunable`); the CLI flag is --name-with-dashes.
+SETTINGS: dict[str, type] = {s.name: s.base_type for s in servesettings.SETTINGS if s.tunable}
+CHOICES = {s.name: s.choices for s in servesettings.SETTINGS if s.tunable and s.choices}
 
 
 @dataclass(frozen=True)

@@ -143,3 +143,31 @@ def test_interrupted_tune_resumes(demo_model_dir, tmp_path):
     assert not re.search(r"#\d+ embedded: starting", again.stderr)  # the defaults were not measured again
     after = json.loads(state.read_text())["results"]
     assert after[0] == kept[0] and after[0]["score"] > 0
+
+
+def test_every_knob_is_a_declared_setting_its_engine_honours():
+    """bench tune, tuned profiles and `dsr1 serve` read one declared set (dsr1.servesettings)."""
+    from dsr1 import servesettings, tuned
+    from dsr1.bench import tune
+
+    for table in (tune.KNOBS, tune.CUDA_KNOBS):
+        for engine, knobs in table.items():
+            for name, flag, values in knobs:
+                s = servesettings.get(name)
+                assert flag == s.flag and engine in s.engines and s.tunable, (engine, name)
+                assert tuned.SETTINGS[name] is s.base_type
+                assert all(v in s.choices for v in values) if s.choices else True
+
+
+def test_serve_and_deployer_take_exactly_the_declared_settings():
+    import inspect
+
+    from dsr1 import launch, servesettings
+    from dsr1.commands.serve import serve
+
+    params = inspect.signature(serve).parameters
+    for s in servesettings.SETTINGS:
+        option = params[s.name].default
+        assert option.default == s.default and option.help == s.help and params[s.name].annotation == s.type
+    with pytest.raises(UsageError, match="unknown serve setting.*max_tokenz"):
+        launch.settings("smollm2-135m", None, {"max_tokenz": 3}, use_tuned=False)

@@ -32,35 +32,44 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from dsr1 import servesettings
 from dsr1.bench.metrics import PERCENTILES, SLO_KEYS
 from dsr1.errors import UsageError
 from dsr1.fsutil import atomic_write_bytes
 
-# Knobs per engine, most influential first: (setting, `dsr1 serve` flag, coarse values). Values are
-# tried on top of the engine's defaults; `None` in a candidate means "the engine's default".
+# Knobs per engine, most influential first: (setting, `dsr1 serve` flag, coarse values), the setting and
+# its flag from dsr1.servesettings (a knob must be a setting the engine honours and a tuned profile may
+# hold: tests/test_bench_tune.py). Values are tried on top of the engine's defaults; `None` in a
+# candidate means "the engine's default".
+
+
+def _knob(name: str, values: list[Any]) -> tuple[str, str, list[Any]]:
+    return name, servesettings.get(name).flag, values
+
+
 KNOBS: dict[str, list[tuple[str, str, list[Any]]]] = {
     "embedded": [
-        ("max_concurrent", "--max-concurrent", [4, 8, 16, 32]),
-        ("prefill_chunk", "--prefill-chunk", [128, 256, 512, 1024]),
-        ("stream_interval", "--stream-interval", [1, 4]),
-        ("dtype", "--dtype", ["bf16", "fp32"]),
-        ("speculative", "--speculative", ["off", "ngram"]),
+        _knob("max_concurrent", [4, 8, 16, 32]),
+        _knob("prefill_chunk", [128, 256, 512, 1024]),
+        _knob("stream_interval", [1, 4]),
+        _knob("dtype", ["bf16", "fp32"]),
+        _knob("speculative", ["off", "ngram"]),
         # bitsandbytes while loading: leaves the fast path, so it rarely wins on a CPU (last, and
         # the first to be skipped by a budget); on a GPU it frees memory for more sequences
-        ("precision", "--precision", ["int8", "nf4"]),
+        _knob("precision", ["int8", "nf4"]),
     ],
     # max_batched_tokens: vLLM's --max-num-batched-tokens, SGLang's --chunked-prefill-size,
     # llama-server's -b (their defaults differ by version and device, so every value is tried)
-    "vllm": [("max_concurrent", "--max-concurrent", [4, 8, 16, 32, 64]),
-             ("max_batched_tokens", "--max-batched-tokens", [512, 2048, 8192])],
-    "sglang": [("max_concurrent", "--max-concurrent", [8, 16, 32, 64]),
-               ("max_batched_tokens", "--max-batched-tokens", [2048, 8192])],
-    "llamacpp": [("max_concurrent", "--max-concurrent", [2, 4, 8, 16, 32]), ("threads", "--threads", [1, 2]),
-                 ("max_batched_tokens", "--max-batched-tokens", [512, 2048, 4096])],
+    "vllm": [_knob("max_concurrent", [4, 8, 16, 32, 64]),
+             _knob("max_batched_tokens", [512, 2048, 8192])],
+    "sglang": [_knob("max_concurrent", [8, 16, 32, 64]),
+               _knob("max_batched_tokens", [2048, 8192])],
+    "llamacpp": [_knob("max_concurrent", [2, 4, 8, 16, 32]), _knob("threads", [1, 2]),
+                 _knob("max_batched_tokens", [512, 2048, 4096])],
 }
-CUDA_KNOBS = {"embedded": [("compile", "--compile", ["off", "on"])],
-              "vllm": [("memory_utilization", "--memory-utilization", [0.85, 0.9, 0.95])],
-              "sglang": [("memory_utilization", "--memory-utilization", [0.8, 0.85, 0.9])]}
+CUDA_KNOBS = {"embedded": [_knob("compile", ["off", "on"])],
+              "vllm": [_knob("memory_utilization", [0.85, 0.9, 0.95])],
+              "sglang": [_knob("memory_utilization", [0.8, 0.85, 0.9])]}
 NUMERIC = {"max_concurrent", "prefill_chunk", "stream_interval", "threads", "max_batched_tokens"}
 GAIN = 1.03  # a change is kept only when it beats the best so far by more than noise
 
