@@ -19,7 +19,9 @@ ENGINES: dict[str, tuple[str, ...]] = {s.name: s.engines for s in SETTINGS if s.
 
 
 # values that ask nothing of an engine (the setting's "off"): given or not, any engine honours them
-NEUTRAL = {"compile": ("off", "auto", None), "fast_path": (True,), "speculative": ("off",), "lora": ((), [])}
+NEUTRAL = {"compile": ("off", "auto", None), "fast_path": (True,), "speculative": ("off",), "lora": ((), []),
+           "nodes": (1,), "node_rank": (0,), "engine_port": (0,), "system_prompt": ("auto",), "audit_log": (None,),
+           "audit_content": (False,)}
 
 
 def asked(given: dict) -> list[str]:

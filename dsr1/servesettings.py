@@ -26,7 +26,8 @@ class Setting:
     default: Any
     flags: tuple[str, ...]  # command-line spellings, the first the canonical one ("--x/--no-x" for booleans)
     help: str
-    engines: tuple[str, ...] = ALL  # the engines that honour it
+    engines: tuple[str, ...] = ALL  # the engines that honour it (the front of external engines does not
+    # apply the system prompt policy or the audit log yet: [13/14] brings them to every engine)
     envvar: str | None = None  # an environment variable typer reads it from
     tunable: bool = False  # a tuned profile may hold it
     choices: tuple[str, ...] | None = None  # the values a tuned profile may give it
@@ -59,11 +60,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('served_model_name', Optional[str], None, ('--served-model-name',), 'Name clients pass as `model`.'),
     Setting('reasoning_parser', str, 'auto', ('--reasoning-parser',), 'deepseek_r1 (text before </think> is reasoning), none (no split); auto: deepseek_r1 if the tokenizer has </think>.'),
     Setting('reasoning_field', str, 'both', ('--reasoning-field',), 'reasoning_content (DeepSeek), reasoning (vLLM 0.11+) or both.'),
-    Setting('system_prompt', str, 'auto', ('--system-prompt',), "keep, merge (into the first user turn, DeepSeek's R1 advice), drop; auto: merge for R1."),
-    Setting('audit_log', Optional[Path], None, ('--audit-log',), 'Append a JSONL line per request (no keys, no text).'),
-    Setting('audit_content', bool, False, ('--audit-content',), 'Also record prompts and outputs in --audit-log.'),
-    Setting('audit_max_mb', float, 0, ('--audit-max-mb',), 'Rotate --audit-log when it passes this size (MiB; 0: never; logrotate also works, the file is reopened per line).'),
-    Setting('audit_backups', int, 5, ('--audit-backups',), 'Rotated audit logs kept (audit.jsonl.1 ... .N).'),
+    Setting('system_prompt', str, 'auto', ('--system-prompt',), "keep, merge (into the first user turn, DeepSeek's R1 advice), drop; auto: merge for R1.", engines=('embedded',)),
+    Setting('audit_log', Optional[Path], None, ('--audit-log',), 'Append a JSONL line per request (no keys, no text).', engines=('embedded',)),
+    Setting('audit_content', bool, False, ('--audit-content',), 'Also record prompts and outputs in --audit-log.', engines=('embedded',)),
+    Setting('audit_max_mb', float, 0, ('--audit-max-mb',), 'Rotate --audit-log when it passes this size (MiB; 0: never; logrotate also works, the file is reopened per line).', engines=('embedded',)),
+    Setting('audit_backups', int, 5, ('--audit-backups',), 'Rotated audit logs kept (audit.jsonl.1 ... .N).', engines=('embedded',)),
     Setting('guard', Optional[Path], None, ('--guard',), 'Input/output policy (TOML): blocked patterns and topics, prompt size, PII block/mask/log; docs/guards.md.', engines=('embedded',)),
     Setting('guard_plugin', Optional[str], None, ('--guard-plugin',), "module:function classifier run on inputs (and non-streamed outputs) off the event loop, with the policy's timeout and fail mode.", engines=('embedded',)),
     Setting('grace', float, 30.0, ('--grace',), 'Seconds running requests get to finish after SIGTERM/SIGINT.'),
@@ -80,12 +81,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('tensor_parallel', Optional[int], None, ('--tensor-parallel', '--tensor-parallel-size'), 'Tensor-parallel size (default: the smallest that fits).', engines=('vllm', 'sglang')),
     Setting('pipeline_parallel', Optional[int], None, ('--pipeline-parallel', '--pipeline-parallel-size'), 'Pipeline-parallel size (default 1; nodes with vLLM).', engines=('vllm', 'sglang')),
     Setting('data_parallel', Optional[int], None, ('--data-parallel', '--data-parallel-size'), 'Data-parallel replicas (default: GPUs left over).', engines=('vllm', 'sglang')),
-    Setting('engine_port', int, 0, ('--engine-port',), 'Private port of an external engine on 127.0.0.1 (0 picks a free one).'),
-    Setting('nodes', int, 1, ('--nodes',), 'Nodes the deployment spans (vLLM or SGLang).'),
-    Setting('node_rank', int, 0, ('--node-rank',), "This node's rank, 0 being the head."),
-    Setting('node_metrics_port', int, 8101, ('--node-metrics-port',), "Multi-node: port of each node's metrics agent (GPUs, latency toward the head) on the NCCL interface; 0: off."),
-    Setting('head', Optional[str], None, ('--head',), "HOST:PORT of node 0's rendezvous, reachable from every node."),
-    Setting('expect_model', Optional[str], None, ('--expect-model',), "Multi-node: refuse to start unless this node's copy of MODEL has this fingerprint (the plan's model_fingerprint; --emit writes it)."),
+    Setting('engine_port', int, 0, ('--engine-port',), 'Private port of an external engine on 127.0.0.1 (0 picks a free one).', engines=('vllm', 'sglang', 'llamacpp')),
+    Setting('nodes', int, 1, ('--nodes',), 'Nodes the deployment spans (vLLM or SGLang).', engines=('vllm', 'sglang')),
+    Setting('node_rank', int, 0, ('--node-rank',), "This node's rank, 0 being the head.", engines=('vllm', 'sglang')),
+    Setting('node_metrics_port', int, 8101, ('--node-metrics-port',), "Multi-node: port of each node's metrics agent (GPUs, latency toward the head) on the NCCL interface; 0: off.", engines=('vllm', 'sglang')),
+    Setting('head', Optional[str], None, ('--head',), "HOST:PORT of node 0's rendezvous, reachable from every node.", engines=('vllm', 'sglang')),
+    Setting('expect_model', Optional[str], None, ('--expect-model',), "Multi-node: refuse to start unless this node's copy of MODEL has this fingerprint (the plan's model_fingerprint; --emit writes it).", engines=('vllm', 'sglang')),
     Setting('lora', Optional[list[str]], None, ('--lora',), 'NAME=ADAPTER (a peft LoRA directory or a stored adapter), repeatable: served as model NAME beside the base model, in the same batches (docs/lora.md).', engines=('embedded', 'vllm', 'sglang')),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
