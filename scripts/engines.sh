@@ -22,7 +22,6 @@ for name in "${engines[@]}"; do
   pids+=($!)
 done
 # SGLang's own argument parser, beside them (GPU-only engine: its parser is what tests can run here)
-t_parser=$SECONDS
 bash scripts/sglang_parser.sh "$DSR1_HOME/sglang-parser" >"$DSR1_HOME/install-sglang-parser.out" 2>&1 &
 parser_pid=$!
 status=0
@@ -37,8 +36,7 @@ if ! wait "$parser_pid"; then
   status=1
   echo "scripts/sglang_parser.sh failed; its output:" >&2
 fi
-sed "s/^/[sglang-parser] /" "$DSR1_HOME/install-sglang-parser.out"
-echo "[sglang-parser] ready after $((SECONDS - t_parser))s"
+grep -v "^WARNING: Location" "$DSR1_HOME/install-sglang-parser.out" | sed "s/^/[sglang-parser] /"
 .venv/bin/dsr1 engine list
 echo "export DSR1_TEST_ENGINES_HOME=$DSR1_HOME"
 exit $status

@@ -20,4 +20,4 @@ rm -rf "$dest"
   idna certifi charset-normalizer typing_extensions packaging pillow starlette anyio msgspec pydantic \
   pydantic_core annotated-types typing_inspection pyzmq tqdm IPython traitlets pygments aiohttp multidict attrs \
   yarl propcache aiohappyeyeballs aiosignal frozenlist
-echo "sglang parser: sglang $(version) in $dest"
+echo "sglang parser: sglang $(version) in $dest, made in ${SECONDS}s"
