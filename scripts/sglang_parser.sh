@@ -11,6 +11,7 @@ dest="${1:?usage: scripts/sglang_parser.sh DIR}"
 # (version read from the distribution: importing sglang wants triton, which the test stubs)
 version() { "$dest/bin/python" -c "import importlib.metadata as m; print(m.version('sglang'))" 2>/dev/null; }
 if [ -x "$dest/bin/python" ] && [ "$(version)" = 0.5.23 ]; then
+  echo "sglang parser: sglang 0.5.23 already in $dest"
   exit 0
 fi
 rm -rf "$dest"
