@@ -34,7 +34,7 @@ def settings(model: str, profile: str | None, values: Mapping[str, Any], *, give
     from dsr1.serve import server
 
     values = {RENAMES.get(k, k): v for k, v in values.items()}
-    note = None
+    note = engine_why = None
     if use_tuned:
         from dsr1 import tuned
 
@@ -43,6 +43,9 @@ def settings(model: str, profile: str | None, values: Mapping[str, Any], *, give
             mine = {RENAMES.get(k, k) for k in given}
             applied = {k: v for k, v in t.settings.items() if k not in mine}
             values.update(applied)
+            if "engine" in applied:
+                engine_why = (f"tuned profile: {applied['engine']} measured best on this machine"
+                              + (f" ({t.goodput:.2f} req/s under {t.slo})" if t.goodput else "") + f"; {t.path}")
             note = (f"tuned profile {t.path}: " + " ".join(f"{k}={v}" for k, v in applied.items())
                     + (f" (measured {t.goodput:.2f} req/s under {t.slo}, {t.default_goodput:.2f} with defaults)"
                        if t.goodput else "")
@@ -62,6 +65,7 @@ def settings(model: str, profile: str | None, values: Mapping[str, Any], *, give
     ovr["lora"] = tuple(values["lora"])
     mine = {RENAMES.get(k, k) for k in given}
     ovr["given"] = tuple((k, values[k]) for k in sorted(mine) if k in values)
+    ovr["engine_why"] = engine_why
     return opts, planner.Overrides(**ovr), note
 
 

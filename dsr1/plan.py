@@ -183,10 +183,10 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
     if o.threads is not None:
         sizes["threads"] = o.threads
     _apply_dtype(o, engine, device, sizes)
+    lora, lora_rank = _adapters(o, engine, ref)  # says why llama-server takes no --lora before the check below
     from dsr1 import honoured
 
     honoured.check(engine, dict(o.given))  # in --dry-run as in a real run
-    lora, lora_rank = _adapters(o, engine, ref)
     model_path, needs_pull = ref.path or ref.repo or model, not ref.local
     if sizes.get("checkpoint") and sizes["checkpoint"] != ref.repo:
         # another checkpoint than the one named or stored gives the planned precision: its stored copy
@@ -281,6 +281,8 @@ def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: s
         seqs = settings.resolve("max_concurrent", flag=o.max_concurrent, profile=prof.settings.max_concurrent).value
         engine, why = choose_engine(o.engine, ref, prof, device, vllm_cpu=vllm_cpu, cpu_flags=host.cpu_flags,
                                     concurrency=int(seqs))
+        if o.engine_why and o.engine != "auto":
+            why = o.engine_why
     if o.compile == "on" and engine != "embedded":
         raise UsageError(f"--compile on compiles the embedded engine's decode step; {ref.arg} is served by {engine}",
                          hint="drop --compile, or import the file with `dsr1 pull` and use --engine embedded")

@@ -48,6 +48,7 @@ class Overrides:
     max_queue: int | None = None  # embedded: requests waiting before 429 (default 4x max-concurrent)
     prefix_cache_mb: int | None = None  # embedded: None = a quarter of the KV cache; 0 = off
     fast_path: bool = True  # embedded: the lean Llama/Qwen2 forward when the model takes it
+    engine_why: str | None = None  # why --engine holds this value when not typed (a tuned profile's measurement)
     given: tuple[tuple[str, object], ...] = ()  # (setting, value) the user gave: dsr1.honoured checks them
     reasoning_parser: str = "auto"  # auto | deepseek_r1 | none: reaches every engine that splits reasoning
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32: the compute dtype every engine is given

@@ -104,6 +104,7 @@ def test_tune_keeps_the_best_and_serve_uses_it(demo_model_dir, tmp_path):
     assert "tuned profile" in shown.stderr, shown.stderr
     dep = json.loads(plan.stdout)
     assert dep["engine"] == t.settings["engine"]
+    assert dep["engine_reason"].startswith("tuned profile:") and "measured best" in dep["engine_reason"]
     if "max_concurrent" in t.settings:
         assert dep["max_num_seqs"] == t.settings["max_concurrent"]
     # a flag given on the command line wins, and --no-tuned ignores the profile
