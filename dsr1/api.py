@@ -70,10 +70,11 @@ class Deployer:
         `options` are further serve settings by their `dsr1 serve` names (max_queue, grace,
         reasoning_field, system_prompt, audit_log, guard, compile, ...). `on_ready(url)` is called once
         the server answers. A model not in the store is pulled first."""
-        from dsr1 import launch, settings
+        from dsr1 import launch, servesettings, settings
         from dsr1.output import Output
 
-        values = {**{k: v for k, v in dataclasses.asdict(self.overrides).items() if v is not None},
+        declared = {launch.RENAMES.get(s.name, s.name) for s in servesettings.SETTINGS}
+        values = {**{k: v for k, v in dataclasses.asdict(self.overrides).items() if v is not None and k in declared},
                   **options, "host": host, "port": port, "max_concurrent": max_concurrent,
                   "stream_interval": stream_interval, "served_name": served_name, "api_key": settings.api_key(api_key)}
         given = self._given | set(options) | {k for k, v in (("max_concurrent", max_concurrent),
