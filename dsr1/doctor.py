@@ -55,27 +55,6 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-machine_from = profiles.machine_from  # where it was: callers of dsr1.doctor keep working
-
-
-def target_for(gpus: GpuReport, host: Host, profile: profiles.Profile, *, cpu_dtype_fast_bf16: bool | None = None) -> fit.Target:
-    s = profile.settings
-    if gpus.gpus:
-        devs = gpus.gpus
-        return fit.Target(
-            kind="cuda",
-            count=len(devs),
-            memory_bytes=min(g.memory_total for g in devs),
-            utilization=s.memory_utilization,
-            engine=s.engine,
-            supports_fp8=all(g.supports_fp8 for g in devs),
-            supports_bf16=all(g.supports_bf16 for g in devs),
-        )
-    bf16 = host.bf16_fast if cpu_dtype_fast_bf16 is None else cpu_dtype_fast_bf16
-    return fit.Target(kind="cpu", count=1, memory_bytes=host.usable_ram, utilization=s.memory_utilization,
-                      engine="embedded", supports_bf16=bf16)
-
-
 def recommend(spec: catalog.ModelSpec, profile_name: str | None, gpus: GpuReport, host: Host,
               installed: dict | None = None) -> Recommendation:
     """One row of doctor's table, from the planning function `dsr1 serve` runs (dsr1.plan.make_plan):
@@ -184,7 +163,7 @@ def run(profile_name: str | None = None, *, gpus: GpuReport | None = None, host:
     gpus = gpus if gpus is not None else probe_gpus()
     host = host if host is not None else probe_host(settings.home())
     software = software if software is not None else probe_software()
-    machine = machine_from(gpus, host)
+    machine = profiles.machine_from(gpus, host)
     all_profiles = profiles.load_all()
     selection = profiles.select(machine, all_profiles)
     rejected = [{"profile": name, "unmet": list(gaps)} for name, gaps in selection.rejected]

@@ -21,7 +21,6 @@ from dsr1.errors import ConfigError, HardwareError, NotFoundError, UsageError
 log = logging.getLogger("dsr1.serve")
 
 MIN_CONTEXT = 256
-REASONING_PARSERS = ("auto", "deepseek_r1", "none")
 
 
 @dataclass
@@ -179,7 +178,7 @@ def _prefix_cache_factory(model, planned: int, memory_budget: int, measured: dic
 
 
 def choose_reasoning_parser(requested: str, *, has_think: bool) -> tuple[str, str]:
-    """The parser that runs ("deepseek_r1" or "none") and why. `requested` is one of REASONING_PARSERS."""
+    """The parser that runs ("deepseek_r1" or "none") and why. `requested` is one of dsr1.plan.REASONING_PARSERS."""
     if requested == "auto":
         if has_think:
             return "deepseek_r1", "auto: the tokenizer has </think>"
