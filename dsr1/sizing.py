@@ -24,6 +24,9 @@ from dsr1.errors import HardwareError, UsageError
 GiB = 1024**3
 PULL_QUANT = {"int4": "nf4", "nf4": "nf4", "int8": "int8"}  # plan precision -> `dsr1 pull --quant` (bitsandbytes)
 KV_MARGIN = 0.95  # engines measure activations themselves at start; keep 5% of the KV estimate spare
+# Throughput deployments of R1 on SGLang use data-parallel attention (docs/basic_usage/deepseek_v3.md:
+# "not recommended for low-latency, small-batch use cases").
+DP_ATTENTION_MIN_SEQS = 64
 VLLM_CPU_RUNTIME = 2 * GiB  # vLLM's CPU server process (torch, vllm, its front end) beyond fit's embedded runtime
 MIN_CONTEXT = 4096
 MAX_ADVISED_NODES = 8
@@ -246,7 +249,7 @@ def _gpu_engine(spec, ref, engine, gpus, o, util, want_seqs, ctx_flag, ctx_defau
     fix = "raise --memory-utilization, add GPUs, or lower --max-concurrent"
     ctx, capacity = _fit_context(spec, free, kv_tok, ctx_flag, ctx_default, d, what=what, fix=fix)
     dp_attn = 1
-    if engine == "sglang" and mla_moe and (want_seqs >= 64 or nodes > 1):
+    if engine == "sglang" and mla_moe and (want_seqs >= DP_ATTENTION_MIN_SEQS or nodes > 1):
         dp_attn = nodes if nodes > 1 else tp
         d.notes.append(f"SGLang data-parallel attention x{dp_attn}: one KV copy per sequence instead of one per TP rank "
                        f"(throughput setting for {want_seqs} concurrent sequences)")
