@@ -60,7 +60,23 @@ def supported_architectures() -> list[str]:
 
 
 def import_gguf(path: Path, out_dir: Path, dtype: str = "bfloat16") -> GgufInfo:
-    """Convert `path` into a transformers model directory at `out_dir` (created; must not exist)."""
+    """Convert `path` (a .gguf file, or the first shard of a split set) into a transformers model
+    directory at `out_dir` (created; must not exist). transformers' loader reads one file, so a split
+    set is first joined into one (beside `out_dir`, removed after)."""
+    from dsr1 import gguf_files
+
+    gset = gguf_files.read_set(path)
+    if len(gset.paths) > 1:
+        joined = out_dir.with_name(f".{out_dir.name}.joined.gguf")
+        joined.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            join_shards(gset.paths, joined)
+            info = import_gguf(joined, out_dir, dtype)
+        finally:
+            joined.unlink(missing_ok=True)
+        return GgufInfo(path=str(path), architecture=info.architecture, name=info.name, size=gset.size,
+                        header=gset.header, tokenizer_repairs=info.tokenizer_repairs,
+                        tokenizer_checked=info.tokenizer_checked)
     info = inspect(path)
     supported = supported_architectures()
     if info.architecture not in supported:
@@ -72,14 +88,16 @@ def import_gguf(path: Path, out_dir: Path, dtype: str = "bfloat16") -> GgufInfo:
     torch_dtype = getattr(torch, dtype)
     qc = GgufConfig(gguf_file=path.name, dequantize=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, quantization_config=qc,
-                                                     dtype=torch_dtype)
+        model, loading = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              quantization_config=qc, dtype=torch_dtype,
+                                                              output_loading_info=True)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except ValueError as exc:
         if "not supported" in str(exc):
             raise UsageError(f"transformers cannot load {path}: {exc}",
                              hint=f"supported GGUF architectures: {', '.join(supported)}") from None
         raise IntegrityError(f"could not read {path}: {exc}", hint="download the file again") from None
+    _check_complete(path, model, loading)
     out_dir.mkdir(parents=True)
     try:
         model.save_pretrained(out_dir)
@@ -89,6 +107,51 @@ def import_gguf(path: Path, out_dir: Path, dtype: str = "bfloat16") -> GgufInfo:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return info
+
+
+def _check_complete(path: Path, model, loading: dict) -> None:
+    """Every weight the model needs came from the file: transformers initialises a weight it did not
+    find at random and only logs it, and a model with random layers answers gibberish that looks like
+    a bad quantization. A tied output head (no `output.weight` in the file) is not missing."""
+    missing = set(loading.get("missing_keys") or ())
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    tied_names = set(tied) if isinstance(tied, (dict, list, set, tuple)) else set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing -= tied_names | {"lm_head.weight"}
+    if missing:
+        shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise IntegrityError(f"{path} lacks {len(missing)} weight(s) the {model.config.model_type} model needs: {shown}",
+                             hint="the file is incomplete (a shard of a split set passed alone?) or not a whole "
+                                  "model: pass a whole .gguf, or the first shard with every shard beside it")
+
+
+def join_shards(paths: list[Path], out: Path) -> None:
+    """Write a split GGUF set as one file: the first shard's metadata (less the split keys), then every
+    shard's tensors byte for byte (no re-quantization)."""
+    import gguf
+
+    first = gguf.GGUFReader(str(paths[0]))
+    arch = first.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(out), arch)
+    try:
+        for f in first.fields.values():
+            if f.name.startswith(("GGUF.", "split.")) or f.name in ("general.architecture", "general.alignment"):
+                continue
+            main = f.types[0]
+            sub = f.types[-1] if main == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), main, sub_type=sub)
+        readers = [first] + [gguf.GGUFReader(str(p)) for p in paths[1:]]
+        for r in readers:
+            for t in r.tensors:
+                writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for r in readers:
+            for t in r.tensors:
+                writer.write_tensor_data(t.data)
+    finally:
+        writer.close()
 
 
 def _match_file_tokenizer(info: GgufInfo, out_dir: Path, embedding_rows: int) -> None:

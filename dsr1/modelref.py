@@ -33,6 +33,10 @@ class ModelRef:
     # import); `gguf_problem` says why it cannot be used (moved, changed since the import).
     gguf_file: str | None = None
     gguf_problem: str | None = None
+    # A model stored as GGUF (dsr1.gguf_store): llama.cpp's name for its quantization, and the size of
+    # the embedded engine's bf16 copy still to be made (0 once made).
+    gguf_quant: str | None = None
+    embedded_copy_bytes: int = 0
 
     @property
     def local(self) -> bool:
@@ -165,12 +169,32 @@ def _import_source(manifest) -> dict:
     return {"gguf_file": str(p.resolve()), "gguf_problem": None}
 
 
+def _stored_gguf(arg: str, manifest, spec: ModelSpec | None) -> ModelRef:
+    """A model stored as GGUF: the file (first shard) for llama-server; the embedded engine's copy
+    when it was made (else what making it costs)."""
+    from dsr1 import gguf_files, gguf_store
+
+    first = manifest.gguf_path
+    if manifest.embedded_ready:
+        ref = _from_dir(arg, "store", manifest.name, Path(manifest.embedded_dir), manifest.repo_id)
+        copy = 0
+    else:
+        g = _from_gguf(arg, first)
+        ref = ModelRef(**{**g.__dict__, "kind": "store", "name": manifest.name, "repo": manifest.repo_id})
+        copy = gguf_store.bf16_bytes(gguf_files.read_set(first).tensors)
+    if spec is not None:
+        ref = ModelRef(**{**ref.__dict__, "spec": spec, "catalog_name": spec.name})
+    return ModelRef(**{**ref.__dict__, "gguf_file": str(first), "gguf_quant": manifest.gguf_quant,
+                       "embedded_copy_bytes": copy, "quantized": "gguf"})
+
+
 def gguf_of(ref: ModelRef) -> ModelRef:
     """`ref` (a stored GGUF import) as the GGUF file it came from, keeping the store's name."""
     assert ref.gguf_file is not None
     g = _from_gguf(ref.arg, Path(ref.gguf_file))
     return ModelRef(**{**g.__dict__, "name": ref.name, "catalog_name": ref.catalog_name,
-                       "repo": ref.repo, "gguf_file": ref.gguf_file})
+                       "repo": ref.repo, "gguf_file": ref.gguf_file, "gguf_quant": ref.gguf_quant,
+                       "spec": ref.spec if ref.catalog_name else g.spec})
 
 
 def resolve(arg: str) -> ModelRef:
@@ -187,6 +211,8 @@ def resolve(arg: str) -> ModelRef:
     manifest = store.find(arg)
     if manifest is None and spec is not None:  # pulled earlier under a quantized name (e.g. NAME-nf4)
         manifest = next((m for m in store.list_models() if m.name in (spec.name, f"{spec.name}-int8", f"{spec.name}-nf4")), None)
+    if manifest is not None and manifest.is_gguf:
+        return _stored_gguf(arg, manifest, spec)
     if manifest is not None and (Path(manifest.model_dir) / "config.json").is_file():
         ref = _from_dir(arg, "store", manifest.name, Path(manifest.model_dir), manifest.repo_id or (spec.repo if spec else None))
         if manifest.quantization not in (None, "none"):

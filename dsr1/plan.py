@@ -160,9 +160,14 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
     device = "cuda" if gpus.gpus and o.device_map != "cpu" else "cpu"
     engine, why, inst = _engine_for(o, ref, prof, device, installed, host)
     d = _Draft()
-    if engine == "llamacpp" and ref.kind == "store":  # a GGUF import: llama-server gets the file itself
+    if engine == "llamacpp" and ref.kind == "store":  # a GGUF in the store: llama-server gets the file itself
+        stored = ref.gguf_quant is not None
         ref = modelref.gguf_of(ref)
-        d.notes.append(f"{model} was imported from {ref.path}: llama-server serves that file")
+        d.notes.append(f"{model} is stored as GGUF: llama-server serves {ref.path}" if stored else
+                       f"{model} was imported from {ref.path}: llama-server serves that file")
+    elif engine == "embedded" and ref.embedded_copy_bytes:
+        d.notes.append(f"{model} is stored as GGUF ({ref.gguf_quant}); serve first makes the embedded engine's bf16 "
+                       f"copy of it, about {ref.embedded_copy_bytes / 1e9:.2f} GB in the store (once)")
     if prof_source == "virtual":
         d.warnings.append(f"planned for profile {prof.name}'s hardware ({prof.requires.gpus}x "
                           f"{prof.requires.gpu_memory_gb:g} GB), not this machine's")
@@ -184,6 +189,10 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
 
     honoured.check(engine, dict(o.given))  # in --dry-run as in a real run
     model_path, needs_pull = ref.path or ref.repo or model, not ref.local
+    if engine == "embedded" and ref.embedded_copy_bytes:  # where serve puts the GGUF's bf16 copy
+        from dsr1 import store
+
+        model_path = str(store.entry_dir(ref.name) / store.MODEL_SUBDIR)
     if sizes.get("checkpoint") and sizes["checkpoint"] != ref.repo:
         # another checkpoint than the one named or stored gives the planned precision: its stored copy
         # (`dsr1 pull MODEL` pulls it), else its hub id, pulled before the engine starts
@@ -273,6 +282,14 @@ def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: s
     if o.engine == "auto" and only and ref.kind != "gguf":
         flags = ", ".join("--" + n.replace("_", "-") for n in dict.fromkeys(only))
         engine, why = "embedded", f"auto: {flags} {'is' if len(set(only)) == 1 else 'are'} the embedded engine's"
+    elif o.engine == "auto" and ref.kind == "store" and ref.gguf_quant:
+        if installed_engine("llamacpp", o.engine_python, installed) is not None:
+            engine, why = "llamacpp", (f"auto: {ref.name} is stored as GGUF ({ref.gguf_quant}), served as it is by "
+                                       f"llama.cpp's llama-server")
+        else:
+            engine, why = "embedded", (f"auto: {ref.name} is stored as GGUF ({ref.gguf_quant}) and llama-server is not "
+                                       f"installed (`dsr1 engine install llamacpp` serves the file as it is): the "
+                                       f"embedded engine serves a bf16 copy")
     else:
         seqs = settings.resolve("max_concurrent", flag=o.max_concurrent, profile=prof.settings.max_concurrent).value
         engine, why = choose_engine(o.engine, ref, prof, device, vllm_cpu=vllm_cpu, cpu_flags=host.cpu_flags,

@@ -49,6 +49,9 @@ class PullResult:
     manifest: str = ""
     kind: str = "model"  # model | lora
     lora_base: str | None = None  # a stored adapter's base model
+    format: str = "safetensors"  # or gguf: stored as it came (model_dir holds the file or shards)
+    gguf_quant: str | None = None
+    embedded_dir: str | None = None  # a GGUF's bf16 copy for the embedded engine, when one was made
 
 
 def classify(source: str) -> Source:
@@ -167,7 +170,9 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
         if src.repo_id:
             model_dir = _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter, result, manifest,
                                   workers)
-        elif src.kind == "gguf":
+        elif src.kind == "gguf" and method == "none":  # kept as it came; llama-server serves it as is
+            model_dir = _keep_gguf(src, entry, reporter, manifest)
+        elif src.kind == "gguf":  # a bitsandbytes model was asked for: import, then quantize below
             model_dir = _from_gguf(src, work, method, reporter, manifest)
         else:
             model_dir = src.path
@@ -180,20 +185,32 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
             raise UsageError("--base and --merge-lora are for LoRA adapters", hint=f"{source} is a model; drop them")
         if method != "none":
             model_dir = _quantize(model_dir, work, entry, method, reporter, result, manifest)
-        elif src.kind == "gguf":
-            model_dir = _install(work / "imported", entry)
+        if manifest.is_gguf and not _llama_server_here():
+            # What serve will run here is the embedded engine: its copy is part of this pull (a GGUF it
+            # cannot import faithfully is refused now, with nothing stored, not at serve time).
+            reporter.stage("llama-server is not installed (`dsr1 engine install llamacpp` serves the GGUF as it is): "
+                           "the embedded engine will serve it")
+            from dsr1 import gguf_store
+
+            with _silenced(reporter):
+                gguf_store.record_embedded(manifest, *gguf_store.make_embedded(manifest.gguf_path, entry, reporter))
         if not manifest.files:
             reporter.stage("hashing files for the manifest")
             manifest.files = store.record_files(model_dir)
         manifest.model_dir = str(model_dir)
         reporter.stage("writing manifest")
         result.manifest = str(store.write_manifest(manifest))  # the commit point
-        old = entry / store.MODEL_SUBDIR
-        if old.exists() and Path(model_dir) != old:  # an earlier pull's converted weights, now unused
-            shutil.rmtree(old, ignore_errors=True)
+        from dsr1.gguf_store import GGUF_SUBDIR
+
+        for sub in (store.MODEL_SUBDIR, GGUF_SUBDIR):
+            old = entry / sub
+            if old.exists() and str(old) not in (str(model_dir), manifest.embedded_dir):  # an earlier pull's
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.model_dir = str(model_dir)
+    result.embedded_dir = manifest.embedded_dir
+    result.format, result.gguf_quant = manifest.format, manifest.gguf_quant
     result.total_bytes = manifest.total_size
     result.checks = manifest.checks
     result.kind, result.lora_base = manifest.kind, manifest.lora_base if manifest.kind == "lora" else None
@@ -267,6 +284,42 @@ def _silenced(reporter: Reporter):
     return contextlib.redirect_stderr(io.StringIO())
 
 
+def _llama_server_here() -> bool:
+    from dsr1.engines import envs
+
+    try:
+        return envs.find("llamacpp") is not None
+    except Exception:  # an unreadable engine record: as if not installed (the embedded copy is made)
+        return False
+
+
+def _keep_gguf(src, entry: Path, reporter, manifest) -> Path:
+    """A .gguf file, or a split set from its first shard: checked whole, copied into the store as it is."""
+    from dsr1 import gguf_files, gguf_store
+
+    gset = gguf_files.read_set(src.path)
+    shards = f"{len(gset.paths)} shards" if len(gset.paths) > 1 else "one file"
+    reporter.stage(f"storing {src.path.name} ({gset.architecture}, {gset.quant}, {gset.size / 1e9:.2f} GB, {shards}) "
+                   f"as GGUF")
+    folder, records = gguf_store.store_set(gset, entry, reporter, before_install=_withdraw_manifest)
+    st = gset.first.stat()
+    manifest.format, manifest.gguf_file, manifest.gguf_quant = "gguf", gset.first.name, gset.quant
+    manifest.files, manifest.model_dir = records, str(folder)
+    # Size and mtime identify the source later; shards and tensors what was checked.
+    manifest.checks = {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns, "shards": len(gset.paths),
+                       "tensors": len(gset.tensors), "architecture": gset.architecture}
+    return folder
+
+
+def _withdraw_manifest(entry: Path) -> None:
+    from dsr1.fsutil import fsync_dir
+
+    old_manifest = entry / store.MANIFEST
+    if old_manifest.exists():
+        old_manifest.unlink()
+        fsync_dir(entry)
+
+
 def _from_gguf(src, work, method, reporter, manifest) -> Path:
     from dsr1 import gguf_import
 
@@ -309,12 +362,9 @@ def _quantize(model_dir, work, entry, method, reporter, result, manifest) -> Pat
 def _install(built: Path, entry: Path) -> Path:
     """Move a finished model directory into the entry's model/. An older manifest is withdrawn
     first, so no crash can leave a manifest that describes other files than model/ holds."""
-    from dsr1.fsutil import fsync_dir, replace_dir
+    from dsr1.fsutil import replace_dir
 
-    old_manifest = entry / store.MANIFEST
-    if old_manifest.exists():
-        old_manifest.unlink()
-        fsync_dir(entry)
+    _withdraw_manifest(entry)
     final = entry / store.MODEL_SUBDIR
     replace_dir(built, final)
     return final

@@ -62,10 +62,32 @@ class Manifest:
     source_path: str | None = None  # gguf/dir: `source` as an absolute path (it may have been relative)
     kind: str = "model"  # model | lora (a LoRA adapter; model_dir holds adapter_config.json)
     lora_base: str | None = None  # lora: the base model it was checked against (stored name or path)
+    # "gguf": model_dir holds the GGUF file(s) as they came, every shard; `gguf_file` is the one an
+    # engine opens (the first shard), `gguf_quant` llama.cpp's name for its quantization. The embedded
+    # engine needs a dequantized safetensors copy: made only when it serves the model, kept in
+    # `embedded_dir` with its own file records.
+    format: str = "safetensors"
+    gguf_file: str | None = None
+    gguf_quant: str | None = None
+    embedded_dir: str | None = None
+    embedded_files: list[FileRecord] | None = None
 
     @property
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.format == "gguf"
+
+    @property
+    def gguf_path(self) -> Path | None:
+        return Path(self.model_dir) / self.gguf_file if self.is_gguf and self.gguf_file else None
+
+    @property
+    def embedded_ready(self) -> bool:
+        """A GGUF entry's dequantized copy for the embedded engine is there."""
+        return bool(self.embedded_dir) and (Path(self.embedded_dir) / "config.json").is_file()
 
     @property
     def label(self) -> str:
@@ -121,7 +143,8 @@ def write_manifest(manifest: Manifest) -> Path:
 def _from_json(data: dict, where: Path) -> Manifest:
     try:
         files = [FileRecord(**f) for f in data.pop("files")]
-        return Manifest(files=files, **data)
+        embedded = data.pop("embedded_files", None)
+        return Manifest(files=files, embedded_files=[FileRecord(**f) for f in embedded] if embedded else None, **data)
     except (TypeError, KeyError) as exc:
         raise ConfigError(f"{where} is not a valid dsr1 manifest ({exc})",
                           hint=f"remove it with `dsr1 rm {where.parent.name}` and pull again") from None
@@ -250,6 +273,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             return resolve_model_dir(sanitize(text))
         raise NotFoundError(f"no model directory at {text}", hint=f"pull it first: `dsr1 pull {text}`")
     manifest = load(text)
+    if manifest.is_gguf:
+        if manifest.embedded_ready:
+            return Path(manifest.embedded_dir)
+        raise NotFoundError(f"stored model '{text}' is a GGUF ({manifest.gguf_quant}); the embedded engine's "
+                            f"safetensors copy of it is not made yet",
+                            hint=f"`dsr1 serve {text} --engine embedded` makes it; llama-server serves the GGUF as "
+                                 f"it is (`dsr1 engine install llamacpp`)")
     model_dir = Path(manifest.model_dir)
     if not (model_dir / "config.json").is_file():
         raise IntegrityError(f"stored model '{text}' points at {model_dir}, which is missing or incomplete",
@@ -286,8 +316,11 @@ def verify(name: str, progress: Callable[[int], None] | None = None) -> VerifyRe
     root = Path(m.model_dir)
     problems = []
     total = 0
-    for rec in m.files:
-        path = root / rec.path
+    checks = [(root, rec) for rec in m.files]
+    if m.embedded_dir and m.embedded_files:  # a GGUF's dequantized copy is checked too
+        checks += [(Path(m.embedded_dir), rec) for rec in m.embedded_files]
+    for base, rec in checks:
+        path = base / rec.path
         if not path.is_file():
             problems.append({"path": rec.path, "problem": "missing"})
             continue
@@ -302,5 +335,5 @@ def verify(name: str, progress: Callable[[int], None] | None = None) -> VerifyRe
         elif rec.git_oid and git_blob_sha1(path) != rec.git_oid:
             problems.append({"path": rec.path, "problem": "git blob id mismatch"})
         total += size
-    return VerifyResult(name=m.name, model_dir=str(root), checked=len(m.files), bytes=total,
+    return VerifyResult(name=m.name, model_dir=str(root), checked=len(checks), bytes=total,
                         ok=not problems, problems=problems)

@@ -146,3 +146,33 @@ def r1_llama_scheme_metadata(demo_gguf: Path, r1_qwen: dict[str, gguf_meta.Field
     meta["tokenizer.ggml.add_bos_token"] = gguf_meta.Field(T.BOOL, True)
     meta["tokenizer.chat_template"] = r1_qwen["tokenizer.chat_template"]
     return meta
+
+
+def split_gguf(src: Path, out: Path, shards: int = 3) -> list[Path]:
+    """`src` rewritten as a split set with gguf's own writer (`split_max_tensors`), as llama.cpp's
+    gguf-split does: OUT-00001-of-0000N.gguf ... with the metadata in the first shard."""
+    import math
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    per = math.ceil(len(reader.tensors) / shards)
+    writer = gguf.GGUFWriter(str(out), reader.fields["general.architecture"].contents(), split_max_tensors=per)
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.alignment"):
+            continue
+        main = f.types[0]
+        writer.add_key_value(f.name, f.contents(), main,
+                             sub_type=f.types[-1] if main == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data)
+    writer.close()
+    stem = out.name.removesuffix(".gguf")
+    paths = sorted(out.parent.glob(f"{stem}-*-of-*.gguf"))
+    assert len(paths) == shards, paths
+    return paths

@@ -97,7 +97,7 @@ def test_import_keeps_the_files_token_ids(stored, ggufs, kind):
 
     home, results = stored
     table = gguf_tokenizer.TokenTable.from_header(gguf_meta.read(ggufs[kind]))
-    tok = AutoTokenizer.from_pretrained(Path(results[kind]["model_dir"]))
+    tok = AutoTokenizer.from_pretrained(Path(results[kind]["embedded_dir"]))
     # every control / user-defined token is its one id; BOS, EOS, PAD are the file's; nothing past the table
     assert gguf_tokenizer.check(tok, table, len(table.tokens)) == []
     assert len(tok) == len(table.tokens)
@@ -123,7 +123,7 @@ def test_prompt_ids_match_llama_cpp(stored, kind):
     from transformers import AutoTokenizer
 
     home, results = stored
-    tok = AutoTokenizer.from_pretrained(Path(results[kind]["model_dir"]))
+    tok = AutoTokenizer.from_pretrained(Path(results[kind]["embedded_dir"]))
     text = tok.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=False)
     assert tok(text, add_special_tokens=False).input_ids == LLAMA_CPP_IDS[kind]
 
@@ -137,7 +137,7 @@ def test_imported_r1_gguf_answers_chat(stored):
         assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(Path(results["qwen"]["model_dir"]))
+        tok = AutoTokenizer.from_pretrained(Path(results["qwen"]["embedded_dir"]))
         text = tok.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=False)
         assert r.usage.prompt_tokens == len(tok(text, add_special_tokens=False).input_ids)
         streamed = list(client.chat.completions.create(model="r1-qwen", messages=MSGS, max_tokens=6, temperature=0,
@@ -185,14 +185,18 @@ def test_imported_scripted_r1_gguf_writes_its_script(r1_qwen_meta, tmp_path):
         assert (m.model_extra["reasoning_content"], m.content) == ("Let me think", "The answer")
     finally:
         assert srv.stop() == 0, "".join(srv.lines[-30:])
-    # The same stored name with --engine llamacpp: llama-server gets the file it was imported from.
+    # The same stored name with --engine llamacpp: llama-server gets the GGUF the store kept, byte for
+    # byte the file pulled (the source can go away).
+    stored = home / "models" / "scripted" / "gguf" / gguf.name
+    assert stored.read_bytes() == gguf.read_bytes()
+    gguf.unlink()
     r = _dsr1(home, "serve", "scripted", "--engine", "llamacpp", "--dry-run", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     p = json.loads(r.stdout)
     argv = p["nodes"][0]["argv"]
-    assert argv[argv.index("-m") + 1] == str(gguf.resolve()) and p["served_name"] == "scripted"
-    # ... and not once the file has changed since: a clear usage error (exit 2), nothing started.
-    with open(gguf, "ab") as f:
-        f.write(b"\0" * 32)
+    assert argv[argv.index("-m") + 1] == str(stored) and p["served_name"] == "scripted"
+    # ... and not once the stored file is damaged: refused before any engine starts (IntegrityError).
+    with open(stored, "r+b") as f:
+        f.truncate(stored.stat().st_size - 64)
     r = _dsr1(home, "serve", "scripted", "--engine", "llamacpp", "--dry-run")
-    assert r.returncode == 2 and "has changed since it was imported" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == IntegrityError.exit_code and "damaged GGUF" in r.stderr, r.stderr[-2000:]

@@ -86,12 +86,15 @@ def pull(
 
     def render(c: Console) -> None:
         rev = f" @ {result.resolved_revision[:12]}" if result.resolved_revision else ""
-        c.print(f"[green]stored[/] [bold]{result.name}[/]{rev}: {result.total_bytes / 1e9:.2f} GB, "
+        kept = (f"GGUF {result.gguf_quant}, kept as it came" if result.format == "gguf" else
                 f"quantization {result.quantization} ({result.quantization_source})")
+        c.print(f"[green]stored[/] [bold]{result.name}[/]{rev}: {result.total_bytes / 1e9:.2f} GB, {kept}")
         if result.resolved_revision:
             c.print(f"  downloaded {result.downloaded_bytes / 1e6:.1f} MB, reused {result.reused_bytes / 1e6:.1f} MB"
                     + (f", resumed from {result.resumed_bytes / 1e6:.1f} MB of partial files" if result.resumed_bytes else ""))
         c.print(f"  model dir: {result.model_dir}")
+        if result.embedded_dir:
+            c.print(f"  embedded engine's bf16 copy: {result.embedded_dir}")
         if result.lora_base:
             c.print(f"  LoRA adapter for {result.lora_base}; next: [green]dsr1 serve {result.lora_base} "
                     f"--lora {result.name}={result.name}[/]")
@@ -128,7 +131,9 @@ def list_models(json: bool = JsonOpt) -> None:
     rows = [{"name": m.name, "source": m.source, "source_kind": m.source_kind, "source_path": m.source_path,
              "label": m.label, "repo_id": m.repo_id, "resolved_revision": m.resolved_revision,
              "quantization": m.quantization, "size_bytes": m.total_size, "files": len(m.files),
-             "model_dir": m.model_dir, "created": m.created, "kind": m.kind, "lora_base": m.lora_base}
+             "model_dir": m.model_dir, "created": m.created, "kind": m.kind, "lora_base": m.lora_base,
+             "format": m.format, "gguf_quant": m.gguf_quant, "gguf_file": m.gguf_file,
+             "embedded_copy_bytes": sum(f.size for f in m.embedded_files or []) if m.embedded_ready else None}
             for m in store.list_models()]
 
     def render(c: Console) -> None:
@@ -150,7 +155,10 @@ def stored_models_table(rows: list[dict], title: str) -> "Table":
     from rich.table import Table
     from rich.text import Text
 
-    short = [(r["quantization"], f"{r['size_bytes'] / 1e9:.2f} GB", (r["created"] or "-")[:10]) for r in rows]
+    # A GGUF shows llama.cpp's name for its quantization (IQ1_S, Q4_K_M ...) and the files' size; the
+    # embedded engine's dequantized copy, when one was made, on the line below the name.
+    short = [(r["gguf_quant"] if r.get("format") == "gguf" else r["quantization"],
+              f"{r['size_bytes'] / 1e9:.2f} GB", (r["created"] or "-")[:10]) for r in rows]
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     t.add_column("model", overflow="fold")
     for i, (head, justify) in enumerate((("quant", "left"), ("size", "right"), ("created", "left"))):
@@ -160,6 +168,8 @@ def stored_models_table(rows: list[dict], title: str) -> "Table":
         cell.append(f"\n  {r['label']}", style="cyan")
         if r["resolved_revision"]:
             cell.append(f"\n  @ {r['resolved_revision'][:12]}", style="dim")
+        if r.get("embedded_copy_bytes"):
+            cell.append(f"\n  + embedded engine's bf16 copy, {r['embedded_copy_bytes'] / 1e9:.2f} GB", style="dim")
         t.add_row(cell, *s)
     return t
 

@@ -102,6 +102,16 @@ def resolve_model_dir(name_or_path: str, profile: str | None = None) -> Path:
     not stored yet is pulled first, with the precision the profile picks."""
     from dsr1 import store
 
+    stored = store.find(str(name_or_path))
+    if stored is not None and stored.is_gguf and not stored.embedded_ready:
+        from dsr1.download import Reporter
+        from dsr1.gguf_store import embedded_copy
+
+        class _Say(Reporter):
+            def stage(self, text: str) -> None:
+                print(f"dsr1 serve: {text}", file=sys.stderr, flush=True)
+
+        return embedded_copy(stored.name, _Say())
     try:
         return store.resolve_model_dir(name_or_path)
     except NotFoundError:
