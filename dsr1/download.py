@@ -150,9 +150,51 @@ def _select(paths: list[str], allow_pickle: bool) -> tuple[list[str], list[str]]
     return chosen, [p for p in paths if p not in chosen]
 
 
+def _select_gguf(paths: list[str], quant: str, repo_id: str) -> tuple[list[str], list[str]]:
+    """The one GGUF set of a repo that `quant` names (Unsloth's DeepSeek-R1-UD-IQ1_S/...-00001-of-00003.gguf,
+    a single NAME.Q4_K_M.gguf ...): a folder of that name, or files whose name ends in it. Every shard
+    the names promise must be listed."""
+    from dsr1.gguf_files import SHARD_RE
+
+    q = quant.lower()
+    sets: dict[str, list[str]] = {}
+    for p in paths:
+        if not p.lower().endswith(".gguf") or "mmproj" in p.lower():
+            continue
+        folder, _, fname = p.rpartition("/")
+        m = SHARD_RE.match(fname)
+        stem = (m.group("stem") if m else fname[:-5]).lower()
+        if q == folder.rsplit("/", 1)[-1].lower() or stem.endswith(("-" + q, "." + q, "_" + q)) or stem == q:
+            sets.setdefault(f"{folder}/{stem}", []).append(p)
+    if not sets:
+        found = sorted({(p.rpartition("/")[0] or SHARD_RE.sub(r"\g<stem>", p.rpartition("/")[2]))
+                        for p in paths if p.lower().endswith(".gguf")})
+        raise NotFoundError(f"{repo_id} has no GGUF named {quant!r}",
+                            hint=f"its GGUF files: {', '.join(found[:12]) or 'none'}" if found else
+                                 f"{repo_id} holds no .gguf files")
+    if len(sets) > 1:
+        raise UsageError(f"{quant!r} names {len(sets)} GGUF sets in {repo_id}: {', '.join(sorted(sets))}",
+                         hint="name the quantization exactly as its folder or file is named")
+    (chosen,) = sets.values()
+    chosen.sort()
+    m = SHARD_RE.match(chosen[0].rpartition("/")[2])
+    if m:
+        count = int(m.group("count"))
+        want = [chosen[0].rpartition("/")[0] + ("/" if "/" in chosen[0] else "") +
+                f"{m.group('stem')}-{i:05d}-of-{m.group('count')}.gguf" for i in range(1, count + 1)]
+        missing = [w for w in want if w not in chosen]
+        if missing:
+            raise IntegrityError(f"{repo_id}'s {quant} set lists {len(chosen)} of its {count} shards; missing: "
+                                 f"{', '.join(missing[:4])}", hint="the upload is incomplete: try another revision "
+                                                                    "or quantization")
+        chosen = want
+    return chosen, [p for p in paths if p not in chosen]
+
+
 def plan(repo_id: str, *, endpoint: str, token: str | None, revision: str | None = None,
-         allow_pickle: bool = False) -> RepoPlan:
-    """Resolve the revision to a commit sha and list the files a model needs, with their hashes."""
+         allow_pickle: bool = False, gguf: str | None = None) -> RepoPlan:
+    """Resolve the revision to a commit sha and list the files a model needs, with their hashes.
+    With `gguf` (a quantization name): the files of that GGUF set instead, every shard."""
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
@@ -162,12 +204,16 @@ def plan(repo_id: str, *, endpoint: str, token: str | None, revision: str | None
         sha = info.sha
         entries = [e for e in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(e, RepoFile)]
     by_path = {e.path: e for e in entries}
-    chosen, skipped = _select(sorted(by_path), allow_pickle)
+    if gguf is not None:
+        chosen, skipped = _select_gguf(sorted(by_path), gguf, repo_id)
+    else:
+        chosen, skipped = _select(sorted(by_path), allow_pickle)
     adapter = "adapter_config.json" in chosen and "adapter_model.safetensors" in chosen
-    if not adapter and (not any(p.endswith((".safetensors", ".bin")) for p in chosen) or "config.json" not in chosen):
+    if gguf is None and not adapter and (not any(p.endswith((".safetensors", ".bin")) for p in chosen) or "config.json" not in chosen):
         raise NotFoundError(f"{repo_id}@{sha[:12]} has no config.json and model weights (nor a LoRA adapter) at its "
                             f"top level",
-                            hint="pass a transformers model repo (a GGUF repo: download the .gguf and `dsr1 pull FILE.gguf`)")
+                            hint="pass a transformers model repo, or a GGUF repo with its quantization: "
+                                 "`dsr1 pull OWNER/NAME-GGUF:Q4_K_M`")
     files = []
     for p in chosen:
         e = by_path[p]

@@ -10,6 +10,7 @@ quantize into the store's model/ dir (checked by reload) -> hash -> manifest las
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ class Source:
     path: Path | None = None
     default_name: str = ""
     adapter: bool = False  # a LoRA adapter directory (adapter_config.json, no config.json)
+    gguf: str | None = None  # OWNER/NAME:QUANT: that GGUF set of a hub repo
 
 
 @dataclass
@@ -75,6 +77,10 @@ def classify(source: str) -> Source:
     spec = catalog.find(source)
     if spec is not None:
         return Source("catalog", source, repo_id=spec.repo, default_name=spec.name)
+    repo, colon, quant = source.partition(":")
+    if colon and repo.count("/") == 1 and all(repo.split("/")) and quant:  # a GGUF repo and the quantization
+        stem = re.sub(r"[-_.]gguf$", "", repo.split("/")[1], flags=re.I)
+        return Source("hub", source, repo_id=repo, default_name=store.sanitize(f"{stem}-{quant}"), gguf=quant)
     if source.count("/") == 1 and all(source.split("/")):
         return Source("hub", source, repo_id=source, default_name=store.sanitize(source.split("/")[1]))
     catalog.get(source)  # raises NotFoundError with the closest catalog names
@@ -152,6 +158,11 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
         quant = "none"
     if src.kind == "catalog" and quant is None and name is None:
         src = _planned_checkpoint(src, profile, reporter)
+    if src.gguf and quant not in (None, "none"):
+        raise UsageError(f"--quant {quant} quantizes safetensors models; {source} is a GGUF, already quantized",
+                         hint="drop --quant (llama-server serves the GGUF as it is)")
+    if (src.gguf or src.kind == "gguf") and quant is None:
+        quant = "none"  # a GGUF is kept as it came; only an explicit --quant turns it into a bitsandbytes model
     method, method_source = resolve_quant(quant, profile, src.default_name if src.kind == "catalog" else None)
     stem = src.default_name
     if src.adapter and merge_lora:
@@ -185,7 +196,7 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
             raise UsageError("--base and --merge-lora are for LoRA adapters", hint=f"{source} is a model; drop them")
         if method != "none":
             model_dir = _quantize(model_dir, work, entry, method, reporter, result, manifest)
-        if manifest.is_gguf and not _llama_server_here():
+        if manifest.is_gguf and not _llama_server_here() and _can_embed(manifest, reporter):
             # What serve will run here is the embedded engine: its copy is part of this pull (a GGUF it
             # cannot import faithfully is refused now, with nothing stored, not at serve time).
             reporter.stage("llama-server is not installed (`dsr1 engine install llamacpp` serves the GGUF as it is): "
@@ -225,9 +236,10 @@ def _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter
         raise UsageError(f"--endpoint {endpoint!r} is not a URL", hint="pass e.g. --endpoint https://hf-mirror.com")
     token = settings.hf_token()
     reporter.stage(f"resolving {src.repo_id}@{revision or 'main'} at {endpoint}")
-    plan = download.plan(src.repo_id, endpoint=endpoint, token=token, revision=revision, allow_pickle=allow_pickle)
+    plan = download.plan(src.repo_id, endpoint=endpoint, token=token, revision=revision, allow_pickle=allow_pickle,
+                         gguf=src.gguf)
     weights = sum(f.size for f in plan.files if f.path.endswith((".safetensors", ".bin")))
-    extra = int(weights * OUTPUT_RATIO[method])
+    extra = int(weights * OUTPUT_RATIO[method]) if not src.gguf else 0
     dl = download.download(plan, token=token, cache_dir=None if local_dir else settings.hf_hub_cache(),
                            local_dir=local_dir.resolve() if local_dir else None, reporter=reporter,
                            extra_space=extra, extra_label=f"for the {method} output" if extra else "", workers=workers)
@@ -239,6 +251,13 @@ def _from_hub(src, revision, endpoint, local_dir, allow_pickle, method, reporter
     # Hashes straight from the hub's metadata, each checked during download.
     manifest.files = [store.FileRecord(path=f.path, size=f.size, sha256=f.sha256, git_oid=None if f.sha256 else f.git_oid)
                       for f in plan.files]
+    if src.gguf:  # every shard is here and verified against the hub's hashes; now whole as a set too
+        from dsr1 import gguf_files
+
+        gset = gguf_files.read_set(Path(dl.model_dir) / plan.files[0].path)
+        manifest.format, manifest.gguf_file, manifest.gguf_quant = "gguf", plan.files[0].path, gset.quant
+        manifest.model_dir = str(dl.model_dir)
+        manifest.checks = {"shards": len(gset.paths), "tensors": len(gset.tensors), "architecture": gset.architecture}
     return dl.model_dir
 
 
@@ -291,6 +310,23 @@ def _llama_server_here() -> bool:
         return envs.find("llamacpp") is not None
     except Exception:  # an unreadable engine record: as if not installed (the embedded copy is made)
         return False
+
+
+def _can_embed(manifest, reporter) -> bool:
+    """Whether the embedded engine can take this GGUF at all (transformers reads its architecture, and
+    its bf16 copy fits the disk); if not the GGUF is stored alone and pull says what serves it."""
+    from dsr1 import gguf_files, gguf_import, gguf_store
+    from dsr1.download import free_bytes
+
+    gset = gguf_files.read_set(manifest.gguf_path)
+    why = None
+    if gset.architecture not in gguf_import.supported_architectures():
+        why = f"the embedded engine cannot load {gset.architecture} GGUFs"
+    elif gguf_store.bf16_bytes(gset.tensors) * 1.1 > free_bytes(store.entry_dir(manifest.name)):
+        why = f"its bf16 copy ({gguf_store.bf16_bytes(gset.tensors) / 1e9:.0f} GB) does not fit the disk"
+    if why:
+        reporter.stage(f"stored as GGUF only: {why}; serve it with llama-server (`dsr1 engine install llamacpp`)")
+    return why is None
 
 
 def _keep_gguf(src, entry: Path, reporter, manifest) -> Path:
