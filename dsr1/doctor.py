@@ -36,6 +36,7 @@ class Recommendation:
     pipeline_parallel: int = 1
     data_parallel: int = 1
     sequences_at_full_context: int = 0
+    placement: str = ""  # a GGUF on llama-server: what goes to which GPU and to RAM (dsr1.gguf_place.describe)
 
 
 @dataclass
@@ -75,8 +76,15 @@ def recommend(spec: catalog.ModelSpec, profile_name: str | None, gpus: GpuReport
               + (fit.CUDA_OVERHEAD_BYTES * devices if p.device == "cuda" else fit.CPU_RUNTIME_BYTES))
     capacity = p.kv_capacity_tokens * (p.dp_attention if p.dp_attention > 1 else 1)
     fits = p.max_model_len > 0 and not any("does not fit" in w for w in p.warnings)
+    placement = ""
+    if p.placement:  # GPU shares plus what stays in host RAM
+        from dsr1 import gguf_place
+
+        memory = sum(p.placement["gpu_bytes"]) + p.placement["host_bytes"]
+        placement = gguf_place.describe(p.placement)
     return Recommendation(
-        model=spec.name, repo=p.checkpoint or p.model_path, precision=p.precision, fits=fits, engine=p.engine,
+        model=spec.name, repo=p.checkpoint or p.model_path, precision=p.gguf_quant or p.precision, fits=fits,
+        engine=p.engine, placement=placement,
         tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel, data_parallel=p.data_parallel,
         memory_gb=round(memory / GB, 2), context=p.max_model_len, max_context=min(capacity, spec.max_context),
         max_sequences=p.max_num_seqs, sequences_at_full_context=p.sequences_at_full_context,

@@ -102,7 +102,8 @@ def _pull_then_plan(model: str, profile, overrides, out, deployment):
     if deployment.checkpoint and deployment.model_path == deployment.checkpoint and deployment.catalog_name \
             and deployment.checkpoint != catalog.get(deployment.catalog_name).repo:
         # a quantized checkpoint of a catalog model: stored under its own name, served under the model's
-        name = f"{deployment.catalog_name}-{deployment.precision}-{deployment.checkpoint_format}"
+        name = (f"{deployment.catalog_name}-{deployment.gguf_quant}".lower() if deployment.checkpoint_format == "gguf"
+                else f"{deployment.catalog_name}-{deployment.precision}-{deployment.checkpoint_format}")
         out.info(f"dsr1 serve: pulling {deployment.checkpoint} (the {deployment.precision} checkpoint) as {name}")
         pull(deployment.checkpoint, name=name, quant="none")
         return planner.make_plan(model, profile, overrides)  # the plan now loads the stored copy

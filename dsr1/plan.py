@@ -142,6 +142,8 @@ class _Draft:
 
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # a virtual profile's host RAM (bytes), planned for instead of this machine's; None: this machine's
+    profile_ram: int | None = None
 
 
 def make_plan(model: str, profile: str | None = None, overrides: Overrides = Overrides(), *,
@@ -169,6 +171,7 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
         d.notes.append(f"{model} is stored as GGUF ({ref.gguf_quant}); serve first makes the embedded engine's bf16 "
                        f"copy of it, about {ref.embedded_copy_bytes / 1e9:.2f} GB in the store (once)")
     if prof_source == "virtual":
+        d.profile_ram = int(prof.requires.ram_gb * 1e9) if prof.requires.ram_gb else None
         d.warnings.append(f"planned for profile {prof.name}'s hardware ({prof.requires.gpus}x "
                           f"{prof.requires.gpu_memory_gb:g} GB), not this machine's")
     s = prof.settings
@@ -178,7 +181,18 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
         raise UsageError("--max-concurrent must be at least 1")
     ctx_default = min(s.context_length, spec.max_context) if spec else s.context_length
     util, util_why = _utilization(o, s, gpus, device, engine)
-    sizes = sizing.size(ref, engine, device, gpus, host, prof, o, util, want_seqs, o.max_model_len, ctx_default, d)
+    engine, why, inst, sizes = _size_or_gguf(ref, engine, why, inst, device, gpus, host, prof, o, util, want_seqs,
+                                             ctx_default, d, installed)
+    if engine == "llamacpp" and sizes.get("checkpoint_format") == "gguf":
+        stored = _stored_gguf_checkpoint(sizes["checkpoint"])
+        if stored is not None:  # pulled: placed from the file's own tensor table now
+            spec_ref = modelref.ModelRef(**{**modelref.resolve(stored.name).__dict__, "spec": ref.spec,
+                                            "catalog_name": ref.catalog_name})
+            ref = modelref.gguf_of(spec_ref)
+            keep = {k: sizes[k] for k in ("checkpoint", "checkpoint_format", "checkpoint_gb")}
+            sizes = {**sizing.size(ref, engine, device, gpus, host, prof, o, util, want_seqs, o.max_model_len,
+                                   min(ctx_default, sizing.R1_GGUF_CONTEXT), d), **keep}
+            d.notes.append(f"{sizes['checkpoint']} is stored as {stored.name}: placed from its own tensor table")
     env = netenv.environment(engine, device, host, gpus, o, sizes, interfaces, d, virtual=prof_source == "virtual")
     external = engine != "embedded"
     if o.threads is not None:
@@ -199,7 +213,9 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
         from dsr1 import store
 
         stored = store.find(sizes["checkpoint"])
-        if stored is not None and (Path(stored.model_dir) / "config.json").is_file():
+        if stored is not None and stored.is_gguf and stored.gguf_path and stored.gguf_path.is_file():
+            model_path, needs_pull = str(stored.gguf_path), False
+        elif stored is not None and (Path(stored.model_dir) / "config.json").is_file():
             model_path, needs_pull = stored.model_dir, False
         else:
             model_path, needs_pull = sizes["checkpoint"], True
@@ -302,7 +318,7 @@ def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: s
     if engine == "llamacpp" and ref.kind == "store" and ref.gguf_problem:
         raise UsageError(f"--engine llamacpp serves GGUF files; {ref.name} is stored as safetensors and "
                          f"{ref.gguf_problem}", hint="pass the .gguf file as MODEL, or use --engine auto")
-    if engine == "llamacpp" and ref.kind != "gguf" and not ref.gguf_file:
+    if engine == "llamacpp" and ref.kind != "gguf" and not ref.gguf_file and not _has_gguf(ref):
         raise UsageError(f"--engine llamacpp serves GGUF files; {ref.arg} is not one",
                          hint="pass a .gguf file as MODEL, or use --engine auto")
     inst = installed_engine(engine, o.engine_python, installed) if engine != "embedded" else None
@@ -312,6 +328,43 @@ def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: s
         inst = None
         why += f"; the {engine} installed here is a CPU build ({engine}-cpu), not used for a GPU plan"
     return engine, why, inst
+
+
+def _has_gguf(ref: "ModelRef") -> bool:
+    """A catalog model with published GGUFs llama-server can run (dsr1/data/gguf_quants.toml)."""
+    from dsr1 import gguf_place
+
+    return ref.spec is not None and ref.catalog_name is not None and bool(gguf_place.quants(ref.spec.name))
+
+
+def _size_or_gguf(ref, engine, why, inst, device, gpus, host, prof, o, util, want_seqs, ctx_default, d, installed):
+    """sizing.size; when the model does not fit its engine here and has published GGUFs (R1 671B on
+    2xA100, 4xH100, a workstation, a big-RAM CPU box), llama-server with the largest that fits."""
+    try:
+        return engine, why, inst, sizing.size(ref, engine, device, gpus, host, prof, o, util, want_seqs,
+                                              o.max_model_len, ctx_default, d)
+    except HardwareError as exc:
+        if o.engine != "auto" or engine == "llamacpp" or not _has_gguf(ref):
+            raise
+        reason = str(exc).rstrip(".")
+    sizes = sizing.size(ref, "llamacpp", device, gpus, host, prof, o, util, want_seqs, o.max_model_len,
+                        min(ctx_default, sizing.R1_GGUF_CONTEXT), d)
+    how = {"all_gpu": "every layer on the GPUs", "experts_in_ram": "routed experts partly in system RAM",
+           "layers_in_ram": "routed experts and some layers in system RAM", "cpu_only": "on the CPU"}
+    why = (f"auto: {engine} cannot hold {ref.name} here ({reason}); llama.cpp's llama-server runs its "
+           f"{sizes['gguf_quant']} GGUF with {how[sizes['placement']['where']]}")
+    inst = installed_engine("llamacpp", o.engine_python, installed)
+    if inst is not None and device == "cuda" and inst.build.endswith("-cpu"):
+        inst = None
+    return "llamacpp", why, inst, sizes
+
+
+def _stored_gguf_checkpoint(checkpoint: str):
+    """A pulled copy of a published GGUF (`dsr1 pull OWNER/NAME:QUANT`), when it is here."""
+    from dsr1 import store
+
+    m = store.find(checkpoint)
+    return m if m is not None and m.is_gguf and m.gguf_path and m.gguf_path.is_file() else None
 
 
 def _model_notes(model: str, ref: "ModelRef", engine: str, d: _Draft, model_path: str, needs_pull: bool) -> None:

@@ -130,6 +130,13 @@ class Plan:
     fast_path_reason: str | None = None  # why the lean forward is not used (None: it is)
     prefix_cache_bytes: int = 0
     max_queue: int = 0
+    # llama-server: the GGUF's quantization and where its parts go (dsr1.gguf_place.Placement as a
+    # dict: layers per GPU, experts in RAM, KV cache, host RAM needed), with the speed people measured
+    # for that placement (tok/s range, single stream) and where the figures come from.
+    gguf_quant: str | None = None
+    placement: dict | None = None
+    expected_tok_s: tuple[float, float] | None = None
+    expected_source: str | None = None
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 

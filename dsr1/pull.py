@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dsr1 import lora, settings, store
@@ -130,7 +130,10 @@ def _planned_checkpoint(src: Source, profile: str | None, reporter: Reporter) ->
         return src
     if not p.checkpoint or p.checkpoint == src.repo_id or p.engine == "embedded":
         return src
-    reporter.stage(f"the plan for {src.default_name} ({p.engine}, {p.precision}) loads {p.checkpoint}: pulling it")
+    reporter.stage(f"the plan for {src.default_name} ({p.engine}, {p.gguf_quant or p.precision}) loads {p.checkpoint}: "
+                   f"pulling it")
+    if p.checkpoint_format == "gguf":  # OWNER/NAME:QUANT
+        return replace(classify(p.checkpoint), default_name=store.sanitize(f"{src.default_name}-{p.gguf_quant}"))
     return Source("hub", p.checkpoint, repo_id=p.checkpoint,
                   default_name=f"{src.default_name}-{p.precision}-{p.checkpoint_format}")
 

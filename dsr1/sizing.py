@@ -22,6 +22,7 @@ from dsr1.catalog import ModelSpec
 from dsr1.errors import HardwareError, UsageError
 
 GiB = 1024**3
+R1_GGUF_CONTEXT = 8192  # the published R1 GGUF runs use 8K or less (dsr1/data/gguf_quants.toml)
 PULL_QUANT = {"int4": "nf4", "nf4": "nf4", "int8": "int8"}  # plan precision -> `dsr1 pull --quant` (bitsandbytes)
 KV_MARGIN = 0.95  # engines measure activations themselves at start; keep 5% of the KV estimate spare
 # Throughput deployments of R1 on SGLang use data-parallel attention (docs/basic_usage/deepseek_v3.md:
@@ -111,7 +112,8 @@ def _fields(**kw) -> dict:
                 kv_bytes_per_token=0.0, kv_budget_bytes=0, kv_capacity_tokens=0, sequences_at_full_context=0,
                 weights_bytes_per_device=0, mem_fraction_static=None, threads=None, checkpoint=None,
                 checkpoint_format=None, checkpoint_gb=0.0, dtype_reason="", compile=False, compile_reason="",
-                fast_path_reason=None, prefix_cache_bytes=0, max_queue=0)
+                fast_path_reason=None, prefix_cache_bytes=0, max_queue=0, gguf_quant=None, placement=None,
+                expected_tok_s=None, expected_source=None)
     base.update(kw)
     return base
 
@@ -417,25 +419,59 @@ def _cpu_parallel(spec, o) -> tuple[int, int]:
 
 
 def _llamacpp(spec, ref, device, gpus, host, o, util, want_seqs, ctx_flag, ctx_default, d) -> dict:
-    """llama-server: `-c` is the KV size shared by the `-np` slots, so each slot gets c/np
-    tokens: the plan asks for max_model_len x slots, lowered to what fits."""
+    """llama-server: `-c` is the KV size shared by the `-np` slots, so each slot gets c/np tokens.
+    The GGUF is placed from its own tensor table (dsr1.gguf_place): layers per GPU, routed experts in
+    RAM when they do not fit, the KV cache, the host RAM it all needs. A catalog model with published
+    GGUFs (R1 671B) and no file here gets the largest of them that fits, placed from its recipe."""
+    from dataclasses import asdict
     from pathlib import Path
 
-    weights = Path(ref.path).stat().st_size if ref.path else 0
-    kv_tok = spec.kv_bytes_per_token(2.0)  # f16 KV, llama.cpp's default
-    if device == "cuda":
-        budget = sum(g.memory_total for g in gpus.gpus) * util - len(gpus.gpus) * fit.CUDA_OVERHEAD_BYTES
+    from dsr1 import gguf_files, gguf_place
+
+    gpu_memory = [g.memory_total for g in gpus.gpus] if device == "cuda" else []
+    virtual_ram = getattr(d, "profile_ram", None)
+    host_ram = virtual_ram or host.usable_ram  # a virtual profile's machine, not this one
+    picked = None
+    if ref.path and Path(ref.path).is_file():
+        gset = gguf_files.read_set(Path(ref.path))
+        lay, quant = gguf_place.layout_of(gset), ref.gguf_quant or gset.quant
+    elif spec is not None and gguf_place.quants(spec.name):
+        ctx = ctx_flag or min(ctx_default, R1_GGUF_CONTEXT)
+        seqs = want_seqs if o.max_concurrent is not None else 1
+        picked, _p, more = gguf_place.choose(spec, gpu_memory, host_ram, ctx * seqs)
+        lay, quant = gguf_place.layout_from_recipe(spec, picked), picked.quant
+        d.notes.extend(more)
     else:
-        budget = host.usable_ram * util - fit.CPU_RUNTIME_BYTES
-    free = budget - weights
-    if free <= 0:
-        raise HardwareError(f"{ref.name} needs {weights / GiB:.1f} GiB; {budget / GiB:.1f} GiB is usable here",
-                            hint="use a smaller GGUF quantization")
-    per_slot_free = free / max(1, want_seqs)
-    ctx, capacity = _fit_context(spec, per_slot_free, kv_tok, ctx_flag, ctx_default, d,
-                                 what=f"per slot ({want_seqs} slots)", fix="lower --max-concurrent (fewer -np slots)")
-    return _fields(precision="gguf", quant="none", dtype="f16", max_model_len=ctx, max_num_seqs=want_seqs,
-                   threads=max(1, host.cores_physical),
-                   kv_bytes_per_token=kv_tok, kv_budget_bytes=int(free), kv_capacity_tokens=int(free * KV_MARGIN // kv_tok),
-                   sequences_at_full_context=int(free * KV_MARGIN // kv_tok) // ctx if ctx else 0,
-                   weights_bytes_per_device=weights)
+        raise UsageError(f"--engine llamacpp serves GGUF files; {ref.arg} is not one",
+                         hint="pass a .gguf file as MODEL, or use --engine auto")
+    big = picked is not None or lay.size > 100e9
+    ctx = ctx_flag or (min(ctx_default, R1_GGUF_CONTEXT) if big else ctx_default)
+    seqs = want_seqs if (o.max_concurrent is not None or not big) else 1
+    if big and seqs != want_seqs:
+        d.notes.append(f"one llama-server slot (-np 1): the published figures for {quant} are single-stream; "
+                       "--max-concurrent N asks for more")
+    p = gguf_place.place(lay, gpu_memory, host_ram, ctx * seqs)
+    if not p.fits and not ctx_flag:  # the largest context that fits, down to 2,048 tokens per slot
+        while not p.fits and ctx > 2048:
+            ctx //= 2
+            p = gguf_place.place(lay, gpu_memory, host_ram, ctx * seqs)
+        if p.fits:
+            d.notes.append(f"context lowered to {ctx:,} tokens per slot to fit")
+    if not p.fits:
+        where = f"{len(gpu_memory)} GPU(s) of {gpu_memory[0] / GiB:.0f} GiB" if gpu_memory else "no GPU"
+        raise HardwareError(f"{ref.name} ({quant}, {lay.size / GiB:.1f} GiB) with a {ctx * seqs:,}-token KV cache needs "
+                            f"{p.host_bytes / GiB:.0f} GiB of host RAM beside what {where} holds; "
+                            f"{p.host_usable / GiB:.0f} GiB is usable here",
+                            hint="lower --max-model-len, use a smaller GGUF quantization, or add RAM/GPUs")
+    key = {"all_gpu": "all_gpu", "cpu_only": "cpu_only"}.get(p.where, "experts_in_ram")
+    expected = gguf_place.speed(key) if big else (None, None)
+    fields = dict(precision="gguf", quant="none", dtype="f16", max_model_len=ctx, max_num_seqs=seqs,
+                  threads=None if virtual_ram else max(1, host.cores_physical), kv_bytes_per_token=p.kv_per_token, kv_budget_bytes=p.kv_bytes,
+                  kv_capacity_tokens=p.context, sequences_at_full_context=p.context // ctx if ctx else 0,
+                  weights_bytes_per_device=max(p.gpu_bytes or (lay.size,)), gguf_quant=quant,
+                  placement={**asdict(p), "n_layer": lay.n_layer, "layout": lay.source, "gguf_bytes": lay.size},
+                  expected_tok_s=expected[0], expected_source=expected[1])
+    if picked is not None:
+        fields.update(checkpoint=picked.checkpoint, checkpoint_format="gguf",
+                      checkpoint_gb=round(picked.size_bytes / 1e9, 1))
+    return _fields(**fields)

@@ -169,6 +169,8 @@ def find(ref: str) -> Manifest | None:
             return load(ref)
         except ConfigError:
             return None
+    if "/" in ref and ":" in ref:  # OWNER/NAME:QUANT, one GGUF set of a repo: pulled under that source
+        return next((m for m in list_models() if m.is_gguf and m.source.lower() == ref.lower()), None)
     if "/" in ref:
         return next((m for m in list_models() if m.repo_id and m.repo_id.lower() == ref.lower()), None)
     return None

@@ -74,7 +74,9 @@ def test_base_explains_why_not_pro(tmp_path):
     why = {r["profile"]: r["unmet"] for r in report.rejected_profiles}
     assert "needs 4 GPUs; found 2" in why["pro"]
     assert "needs 8 GPUs; found 2" in why["enterprise"]
-    assert not rec(report, "r1").fits
+    # R1 671B: not at FP8 or 4 bits; as the largest dynamic-quant GGUF that fits, with llama.cpp
+    r1 = rec(report, "r1")
+    assert r1.fits and r1.engine == "llamacpp" and r1.repo == "unsloth/DeepSeek-R1-GGUF:UD-Q2_K_XL"
     assert rec(report, "r1-distill-qwen-32b").fits and rec(report, "r1-distill-qwen-32b").precision == "bf16"
     out = text_of(report)
     assert "not pro: needs 4 GPUs; found 2" in out and "Next:" in out

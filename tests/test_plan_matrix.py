@@ -260,7 +260,7 @@ def _check_runnable(p: plan.Plan, gpu_bytes: int) -> None:
 # (where, model, engine, precision or None = refused, device or the error's type, context)
 EXPECTED_OTHER = [
     ("a100x2-sxm", "r1", "embedded", "nf4", "cuda", 32768),
-    ("a100x2-sxm", "r1", "llamacpp", None, "UsageError", 0),
+    ("a100x2-sxm", "r1", "llamacpp", "gguf", "cuda", 8192),
     ("a100x2-sxm", "r1-0528", "embedded", "nf4", "cuda", 32768),
     ("a100x2-sxm", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("a100x2-sxm", "r1-distill-qwen-1.5b", "embedded", "bf16", "cuda", 32768),
@@ -278,7 +278,7 @@ EXPECTED_OTHER = [
     ("a100x2-sxm", "smollm2-135m", "embedded", "bf16", "cuda", 8192),
     ("a100x2-sxm", "smollm2-135m", "llamacpp", None, "UsageError", 0),
     ("h100x4-sxm", "r1", "embedded", "nf4", "cuda", 65536),
-    ("h100x4-sxm", "r1", "llamacpp", None, "UsageError", 0),
+    ("h100x4-sxm", "r1", "llamacpp", "gguf", "cuda", 8192),
     ("h100x4-sxm", "r1-0528", "embedded", "nf4", "cuda", 65536),
     ("h100x4-sxm", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("h100x4-sxm", "r1-distill-qwen-1.5b", "embedded", "bf16", "cuda", 65536),
@@ -296,7 +296,7 @@ EXPECTED_OTHER = [
     ("h100x4-sxm", "smollm2-135m", "embedded", "bf16", "cuda", 8192),
     ("h100x4-sxm", "smollm2-135m", "llamacpp", None, "UsageError", 0),
     ("h100x8-ib", "r1", "embedded", "nf4", "cuda", 12288),
-    ("h100x8-ib", "r1", "llamacpp", None, "UsageError", 0),
+    ("h100x8-ib", "r1", "llamacpp", "gguf", "cuda", 8192),
     ("h100x8-ib", "r1-0528", "embedded", "nf4", "cuda", 12288),
     ("h100x8-ib", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("h100x8-ib", "r1-distill-qwen-1.5b", "embedded", "bf16", "cuda", 32768),
@@ -314,7 +314,7 @@ EXPECTED_OTHER = [
     ("h100x8-ib", "smollm2-135m", "embedded", "bf16", "cuda", 8192),
     ("h100x8-ib", "smollm2-135m", "llamacpp", None, "UsageError", 0),
     ("rtx4090", "r1", "embedded", "nf4", "cuda", 16384),
-    ("rtx4090", "r1", "llamacpp", None, "UsageError", 0),
+    ("rtx4090", "r1", "llamacpp", None, "HardwareError", 0),
     ("rtx4090", "r1-0528", "embedded", "nf4", "cuda", 16384),
     ("rtx4090", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("rtx4090", "r1-distill-qwen-1.5b", "embedded", "bf16", "cuda", 16384),
@@ -332,7 +332,7 @@ EXPECTED_OTHER = [
     ("rtx4090", "smollm2-135m", "embedded", "bf16", "cuda", 8192),
     ("rtx4090", "smollm2-135m", "llamacpp", None, "UsageError", 0),
     ("driver-missing", "r1", "embedded", "nf4", "cpu", 8192),
-    ("driver-missing", "r1", "llamacpp", None, "UsageError", 0),
+    ("driver-missing", "r1", "llamacpp", None, "HardwareError", 0),
     ("driver-missing", "r1-0528", "embedded", "nf4", "cpu", 8192),
     ("driver-missing", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("driver-missing", "r1-distill-qwen-1.5b", "embedded", "fp32", "cpu", 8192),
@@ -350,7 +350,7 @@ EXPECTED_OTHER = [
     ("driver-missing", "smollm2-135m", "embedded", "fp32", "cpu", 8192),
     ("driver-missing", "smollm2-135m", "llamacpp", None, "UsageError", 0),
     ("base", "r1", "embedded", "nf4", "cuda", 32768),
-    ("base", "r1", "llamacpp", None, "UsageError", 0),
+    ("base", "r1", "llamacpp", "gguf", "cuda", 8192),
     ("base", "r1-0528", "embedded", "nf4", "cuda", 32768),
     ("base", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("base", "r1-distill-qwen-1.5b", "embedded", "bf16", "cuda", 32768),
@@ -368,7 +368,7 @@ EXPECTED_OTHER = [
     ("base", "smollm2-135m", "embedded", "bf16", "cuda", 8192),
     ("base", "smollm2-135m", "llamacpp", None, "UsageError", 0),
     ("pro", "r1", "embedded", "nf4", "cuda", 65536),
-    ("pro", "r1", "llamacpp", None, "UsageError", 0),
+    ("pro", "r1", "llamacpp", "gguf", "cuda", 8192),
     ("pro", "r1-0528", "embedded", "nf4", "cuda", 65536),
     ("pro", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("pro", "r1-distill-qwen-1.5b", "embedded", "bf16", "cuda", 65536),
@@ -386,7 +386,7 @@ EXPECTED_OTHER = [
     ("pro", "smollm2-135m", "embedded", "bf16", "cuda", 8192),
     ("pro", "smollm2-135m", "llamacpp", None, "UsageError", 0),
     ("enterprise", "r1", "embedded", "nf4", "cuda", 12288),
-    ("enterprise", "r1", "llamacpp", None, "UsageError", 0),
+    ("enterprise", "r1", "llamacpp", "gguf", "cuda", 8192),
     ("enterprise", "r1-0528", "embedded", "nf4", "cuda", 12288),
     ("enterprise", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("enterprise", "r1-distill-qwen-1.5b", "embedded", "bf16", "cuda", 32768),
@@ -404,7 +404,7 @@ EXPECTED_OTHER = [
     ("enterprise", "smollm2-135m", "embedded", "bf16", "cuda", 8192),
     ("enterprise", "smollm2-135m", "llamacpp", None, "UsageError", 0),
     ("small-gpu", "r1", "embedded", "nf4", "cuda", 16384),
-    ("small-gpu", "r1", "llamacpp", None, "UsageError", 0),
+    ("small-gpu", "r1", "llamacpp", None, "HardwareError", 0),
     ("small-gpu", "r1-0528", "embedded", "nf4", "cuda", 16384),
     ("small-gpu", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("small-gpu", "r1-distill-qwen-1.5b", "embedded", "fp16", "cuda", 5888),
@@ -422,7 +422,7 @@ EXPECTED_OTHER = [
     ("small-gpu", "smollm2-135m", "embedded", "fp16", "cuda", 8192),
     ("small-gpu", "smollm2-135m", "llamacpp", None, "UsageError", 0),
     ("single-gpu", "r1", "embedded", "nf4", "cuda", 16384),
-    ("single-gpu", "r1", "llamacpp", None, "UsageError", 0),
+    ("single-gpu", "r1", "llamacpp", None, "HardwareError", 0),
     ("single-gpu", "r1-0528", "embedded", "nf4", "cuda", 16384),
     ("single-gpu", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("single-gpu", "r1-distill-qwen-1.5b", "embedded", "fp16", "cuda", 16384),
@@ -440,7 +440,7 @@ EXPECTED_OTHER = [
     ("single-gpu", "smollm2-135m", "embedded", "fp16", "cuda", 8192),
     ("single-gpu", "smollm2-135m", "llamacpp", None, "UsageError", 0),
     ("cpu", "r1", "embedded", "nf4", "cpu", 8192),
-    ("cpu", "r1", "llamacpp", None, "UsageError", 0),
+    ("cpu", "r1", "llamacpp", None, "HardwareError", 0),
     ("cpu", "r1-0528", "embedded", "nf4", "cpu", 8192),
     ("cpu", "r1-0528", "llamacpp", None, "UsageError", 0),
     ("cpu", "r1-distill-qwen-1.5b", "embedded", "fp32", "cpu", 8192),
@@ -474,10 +474,16 @@ def test_plan_matrix_embedded_and_llamacpp(where, model, engine, precision, devi
         with pytest.raises(getattr(errors, device)) as err:
             make()
         assert err.value.hint, str(err.value)
-        if engine == "llamacpp":
+        if engine == "llamacpp" and device == "UsageError":
             assert "serves GGUF files" in str(err.value)
+        if engine == "llamacpp" and device == "HardwareError":  # R1 671B's GGUFs: says what RAM it needs
+            assert "host RAM" in str(err.value) and "UD-IQ1_S" in str(err.value)
         return
     p = make()
+    if precision == "gguf":
+        _check_gguf_plan(p, gpus, host, profile)
+        assert (p.device, p.max_model_len) == (device, ctx)
+        return
     assert (p.precision, p.device, p.max_model_len) == (precision, device, ctx)
     spec = catalog.get(model)
     assert p.reasoning_parser == ("deepseek_r1" if spec.reasoning else "none")
@@ -486,6 +492,34 @@ def test_plan_matrix_embedded_and_llamacpp(where, model, engine, precision, devi
     if not any("does not fit" in w for w in p.warnings):
         assert p.max_model_len * p.kv_bytes_per_token * p.max_num_seqs <= p.kv_budget_bytes
     assert p.dtype in ("bf16", "fp16", "fp32", "measure") and p.dtype_reason
+
+
+def _check_gguf_plan(p, gpus, host, profile) -> None:
+    """R1 671B as a dynamic-quant GGUF (dsr1.gguf_place): every GPU's share within its memory, the host
+    RAM within the machine's (a profile's, when planned for one), and flags that place exactly the
+    layers the plan assigned (llama.cpp maps -ts ratios to layers by cumulative fraction)."""
+    from dsr1 import profiles
+
+    pl = p.placement
+    assert p.engine == "llamacpp" and p.precision == "gguf" and p.checkpoint.startswith("unsloth/DeepSeek-R1-GGUF:")
+    assert p.checkpoint_format == "gguf" and p.needs_pull and p.model_path == p.checkpoint
+    assert all(used <= cap for used, cap in zip(pl["gpu_bytes"], pl["gpu_usable"]))
+    if profile:  # planned for the profile's hardware
+        prof = profiles.get(profile)
+        assert len(pl["gpu_usable"]) == prof.requires.gpus
+        ram = prof.requires.ram_gb * 1e9
+    else:
+        assert list(pl["gpu_usable"]) == [g.memory_total for g in gpus.gpus]
+        ram = host.usable_ram
+    assert pl["host_bytes"] <= ram
+    argv = p.nodes[0].argv
+    assert argv[argv.index("-ngl") + 1] == "999" and sum(pl["tensor_split"]) == pl["n_layer"] + 1
+    if len(gpus.gpus) > 1:
+        assert argv[argv.index("--tensor-split") + 1] == ",".join(map(str, pl["tensor_split"]))
+    if pl["n_cpu_moe"]:
+        assert argv[argv.index("--n-cpu-moe") + 1] == str(pl["n_cpu_moe"])
+    assert argv[argv.index("-c") + 1] == str(p.max_model_len) and argv[argv.index("--fit") + 1] == "off"
+    assert p.expected_tok_s and p.expected_source
 
 
 # vLLM and SGLang on the rest: the CPU machine and profiles (vLLM's CPU build; SGLang refused), the

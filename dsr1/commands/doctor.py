@@ -73,13 +73,14 @@ def render(c: Console, r) -> None:
 def models_table(recs, title: str) -> Table:
     t = Table(title=title, title_justify="left")
     t.add_column("model", no_wrap=True)
-    for col in ("fits", "engine", "precision", "TPxPPxDP", "memory", "context", "seqs", "why not"):
+    for col in ("fits", "engine", "precision", "TPxPPxDP", "memory", "context", "seqs", "why not / where"):
         t.add_column(col)
     for rec in recs:
         if rec.fits:
             t.add_row(rec.model, "[green]yes[/]", rec.engine, rec.precision,
                       f"{rec.tensor_parallel}x{rec.pipeline_parallel}x{rec.data_parallel}", f"{rec.memory_gb:.1f} GB",
-                      f"{rec.context:,}", str(rec.max_sequences), "")
+                      f"{rec.context:,}", str(rec.max_sequences),
+                      f"[dim]{rec.repo}: {rec.placement}[/]" if rec.placement else "")
         else:
             t.add_row(rec.model, "[red]no[/]", "", "", "", "", "", "", f"[dim]{rec.reason}[/]")
     return t

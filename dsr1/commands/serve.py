@@ -124,6 +124,13 @@ def render_plan(c, p) -> None:
     c.print(f"[bold]memory[/]     utilization {p.memory_utilization:g} ({p.memory_utilization_reason}); weights "
             f"{p.weights_bytes_per_device / gib:.1f} GiB per device; KV {p.kv_budget_bytes / gib:.1f} GiB = "
             f"{p.kv_capacity_tokens:,} tokens per device")
+    if p.placement:
+        from dsr1 import gguf_place
+
+        c.print(f"[bold]placement[/]  {gguf_place.describe(p.placement, p.gguf_quant)}")
+    if p.expected_tok_s:
+        c.print(f"[bold]expected[/]   {p.expected_tok_s[0]:g}-{p.expected_tok_s[1]:g} output tok/s single-stream, as "
+                f"measured elsewhere: {p.expected_source}")
     c.print(f"[bold]context[/]    {p.max_model_len:,} tokens; {p.max_num_seqs} concurrent sequences "
             f"({p.sequences_at_full_context} at full context)")
     if p.engine == "embedded":

@@ -41,7 +41,15 @@ class LlamaCppEngine:
             args += ["-t", str(plan.threads)]
         if plan.max_batched_tokens:
             args += ["-b", str(plan.max_batched_tokens)]  # logical batch: prompt tokens per decode call
-        if plan.device == "cuda":
+        if plan.placement is not None:  # dsr1.gguf_place: layers per GPU, experts in RAM, KV type, --fit off
+            from dsr1 import gguf_place
+
+            offered = {f for f in ("--n-cpu-moe", "--fit") if flags.has(f)}
+            args += gguf_place.flags(gguf_place.Placement(**{k: v for k, v in plan.placement.items()
+                                                             if k in gguf_place.Placement.__dataclass_fields__}),
+                                     plan.placement["n_layer"], plan.gpus_per_node if plan.device == "cuda" else 0,
+                                     has=offered)
+        elif plan.device == "cuda":
             args += ["-ngl", "999"]  # every layer on the GPUs
         if plan.reasoning_parser == "deepseek_r1":
             args += ["--reasoning-format", "deepseek"]
