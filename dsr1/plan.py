@@ -81,6 +81,11 @@ def choose_profile(name: str | None, gpus: "GpuReport", host: "Host") -> tuple[p
     p = profiles.get(name)
     if profiles.unmet(p.requires, machine) and p.requires.gpus > len(gpus.gpus):
         return p, "virtual", _virtual_gpus(p)
+    if p.requires.gpus == 0 and p.requires.ram_gb * 1e9 > host.usable_ram * 1.05:
+        # a big-RAM CPU profile asked for on a smaller machine: planned on its RAM, without GPUs
+        from dsr1.probe.gpu import GpuReport
+
+        return p, "virtual", GpuReport(True, gpus=[])
     return p, "requested", gpus
 
 
@@ -114,6 +119,10 @@ def choose_engine(requested: str, ref: "ModelRef", profile: profiles.Profile, de
     if ref.kind == "gguf":
         return "llamacpp", "auto: MODEL is a GGUF file, served as GGUF by llama.cpp's llama-server"
     pe = profile.settings.engine
+    if (device == "cpu" or pe == "embedded") and ref.kind == "catalog" and _has_gguf(ref):
+        where = "a CPU, all in RAM" if device == "cpu" else "this GPU, with its routed experts in system RAM"
+        return "llamacpp", (f"auto: {ref.name} on {where}, runs as a dynamic-quant GGUF on llama.cpp's llama-server "
+                            f"(the embedded engine would have to page most of it from disk)")
     if device == "cuda" and pe in ("vllm", "sglang"):
         if ref.spec is not None and ref.spec.architecture == "deepseek_v3":
             return "sglang", "auto: R1 671B runs on SGLang, the engine DeepSeek recommends for it"
@@ -172,8 +181,9 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
                        f"copy of it, about {ref.embedded_copy_bytes / 1e9:.2f} GB in the store (once)")
     if prof_source == "virtual":
         d.profile_ram = int(prof.requires.ram_gb * 1e9) if prof.requires.ram_gb else None
-        d.warnings.append(f"planned for profile {prof.name}'s hardware ({prof.requires.gpus}x "
-                          f"{prof.requires.gpu_memory_gb:g} GB), not this machine's")
+        what = (f"{prof.requires.gpus}x {prof.requires.gpu_memory_gb:g} GB" if prof.requires.gpus else
+                f"no GPU, {prof.requires.ram_gb:g} GB RAM")
+        d.warnings.append(f"planned for profile {prof.name}'s hardware ({what}), not this machine's")
     s = prof.settings
     spec = ref.spec
     want_seqs = settings.resolve("max_concurrent", flag=o.max_concurrent, profile=s.max_concurrent).value

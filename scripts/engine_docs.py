@@ -46,7 +46,8 @@ ITFS = [Interface("ib0", (("10.0.0.1", "255.255.255.0"),))]
 ENGINE_PORT = 8100
 # profile -> the recorded machine it is planned on (small-gpu has none: its own hardware, "virtual")
 MACHINES = {"cpu": "driver-missing", "small-gpu": "driver-missing", "single-gpu": "rtx4090", "base": "a100x2-sxm",
-            "pro": "h100x4-sxm", "enterprise": "h100x8-ib"}
+            "pro": "h100x4-sxm", "enterprise": "h100x8-ib", "workstation": "driver-missing",
+            "cpu-large": "driver-missing"}
 
 
 def _h200() -> dict:

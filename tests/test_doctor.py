@@ -146,7 +146,7 @@ def test_every_row_is_the_plan_serve_makes(snapshot, tmp_path):
             continue
         assert (r.engine, r.precision, r.tensor_parallel, r.pipeline_parallel, r.data_parallel, r.context,
                 r.max_sequences, r.sequences_at_full_context) == \
-            (p.engine, p.precision, p.tensor_parallel, p.pipeline_parallel, p.data_parallel, p.max_model_len,
+            (p.engine, p.gguf_quant or p.precision, p.tensor_parallel, p.pipeline_parallel, p.data_parallel, p.max_model_len,
              p.max_num_seqs, p.sequences_at_full_context), spec.name
         assert r.repo == (p.checkpoint or p.model_path)
 
