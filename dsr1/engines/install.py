@@ -323,6 +323,7 @@ def _llamacpp_engine(plan: InstallPlan, log: Log, reporter: Reporter, stage: Cal
     if built is None:
         raise Dsr1Error(f"the build finished but no llama-server binary is in {build}",
                         hint=f"the full output is in {log.path}; try `dsr1 engine install llamacpp --force`")
+    _keep_converter(tree, d / "convert")
     bindir.mkdir(parents=True, exist_ok=True)
     binary = bindir / "llama-server"
     tmp = bindir / ".llama-server.tmp"
@@ -334,6 +335,22 @@ def _llamacpp_engine(plan: InstallPlan, log: Log, reporter: Reporter, stage: Cal
     fsutil.atomic_write_bytes(envs.help_cache_path(engine), text.encode())
     log.write(f"llama-server --help: {len(text.splitlines())} lines")
     return engine
+
+
+def _keep_converter(tree: Path, dest: Path) -> None:
+    """llama.cpp's own HF->GGUF converter (convert_hf_to_gguf.py, its `conversion` package and the
+    gguf-py it imports), from the same source as the binary: a GGUF it writes is one this llama-server
+    reads. Kept at ENGINE_DIR/convert (the source tree goes after the build); run it with any Python
+    that has torch, numpy and transformers."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(tree / "convert_hf_to_gguf.py", tmp / "convert_hf_to_gguf.py")
+    for sub in ("conversion", "gguf-py"):
+        if (tree / sub).is_dir():
+            shutil.copytree(tree / sub, tmp / sub)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
 
 
 def _fetch_source(recipe: Recipe, src: Path, log: Log, reporter: Reporter) -> Path:
