@@ -513,7 +513,10 @@ def _check_gguf_plan(p, gpus, host, profile) -> None:
         ram = host.usable_ram
     assert pl["host_bytes"] <= ram
     argv = p.nodes[0].argv
-    assert argv[argv.index("-ngl") + 1] == "999" and sum(pl["tensor_split"]) == pl["n_layer"] + 1
+    if pl["where"] == "layers_in_ram":  # the last -ngl layers on the GPUs, the output head in RAM
+        assert argv[argv.index("-ngl") + 1] == str(pl["n_gpu_layers"]) == str(sum(pl["tensor_split"]))
+    else:
+        assert argv[argv.index("-ngl") + 1] == "999" and sum(pl["tensor_split"]) == pl["n_layer"] + 1
     if len(gpus.gpus) > 1:
         assert argv[argv.index("--tensor-split") + 1] == ",".join(map(str, pl["tensor_split"]))
     if pl["n_cpu_moe"]:
@@ -739,3 +742,26 @@ def test_every_llama_server_command_uses_flags_its_help_lists(where, demo_gguf, 
     flags = {a for a in node.argv[1:] if re.fullmatch(r"--?[a-zA-Z][\w-]*", a)}
     assert flags and flags <= known, flags - known
     assert _arg(node.argv, "-m") == str(demo_gguf) and int(_arg(node.argv, "-c")) >= p.max_model_len
+
+
+@pytest.mark.parametrize("where", ["a100x2-sxm", "h100x4-sxm", "h100x8-ib", "base", "pro", "enterprise",
+                                   "workstation", "cpu-large"])
+def test_r1_gguf_plans_use_flags_the_real_llama_server_lists(where, tmp_path):
+    """R1 671B as a dynamic-quant GGUF: every flag of the command (layer split, --n-cpu-moe, KV type,
+    --fit off) is one the real llama-server lists in its --help, and the placement holds in memory."""
+    binary = Path(ENGINES_HOME or "/nonexistent") / "engines" / "llamacpp" / "bin" / "llama-server"
+    if not binary.is_file():
+        pytest.skip("no llama-server in DSR1_TEST_ENGINES_HOME (bash scripts/engines.sh)")
+    helptext = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60).stdout
+    known = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", helptext))
+    snapshot, profile = ("driver-missing", where) if where in (*ALL_PROFILES, "workstation", "cpu-large") else (where, None)
+    gpus, host, _ = probes_for(snapshot, tmp_path)
+    p = plan.make_plan("r1", profile, plan.Overrides(engine="llamacpp", engine_port=8100), gpus=gpus, host=host,
+                       installed={}, interfaces=ITFS)
+    assert p.engine == "llamacpp" and p.gguf_quant.startswith("UD-")
+    if p.device == "cuda":
+        _check_gguf_plan(p, gpus, host, profile)
+    flags = {a for a in p.nodes[0].argv[1:] if re.fullmatch(r"--?[a-zA-Z][\w-]*", a)}
+    assert flags <= known, flags - known
+    assert "--fit" in flags
+
