@@ -293,26 +293,40 @@ def place(lay: Layout, gpu_memory: list[int], host_ram: int, context: int) -> Pl
     caps = [max(0, m - FIT_MARGIN - compute_bytes(lay, context, i == len(gpu_memory) - 1))
             for i, m in enumerate(gpu_memory)]
 
-    def assign(cost: list[int], with_output: bool) -> list[int] | None:
-        """Contiguous layers per GPU, greedily filled in order; the output head on the last GPU."""
-        counts, g, used = [0] * len(caps), 0, 0
+    def greedy(cost: list[int], with_output: bool, limit: list[float]) -> list[int] | None:
+        """Contiguous layers per GPU, each filled up to `limit` in order; the output head on the last."""
+        counts, g, used = [0] * len(limit), 0, 0
         for c in cost:
-            while g < len(caps) and used + c > caps[g]:
+            while g < len(limit) and used + c > limit[g]:
                 g, used = g + 1, 0
-            if g == len(caps):
+            if g == len(limit):
                 return None
             counts[g] += 1
             used += c
         if with_output:
-            last = max(i for i, k in enumerate(counts) if k) if any(counts) else len(caps) - 1
+            last = max(i for i, k in enumerate(counts) if k) if any(counts) else len(limit) - 1
             tail = sum(cost[sum(counts[:last]):sum(counts[:last + 1])]) + output
-            while tail > caps[last]:
+            while tail > limit[last]:
                 last += 1  # the head alone on the next GPU
-                if last == len(caps):
+                if last == len(limit):
                     return None
                 tail = output
             counts[last] += 1
         return counts
+
+    def assign(cost: list[int], with_output: bool) -> list[int] | None:
+        """The layers spread so the fullest GPU is as empty as it can be (the same share of each GPU's
+        room): headroom on every GPU for what the estimate of llama.cpp's buffers misses."""
+        if greedy(cost, with_output, caps) is None:
+            return None
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            if greedy(cost, with_output, [c * mid for c in caps]) is None:
+                lo = mid
+            else:
+                hi = mid
+        return greedy(cost, with_output, [c * hi for c in caps])
 
     def result(where, ngl, counts, n_moe, cpu_layers):
         on_gpu_layers = range(n - (ngl if ngl <= n else n), n)
@@ -405,6 +419,9 @@ def describe(pl: dict, gguf_quant: str | None = None) -> str:
         first = n - min(pl["n_gpu_layers"], n)
         at = first
         for g, (k, used, cap) in enumerate(zip(pl["tensor_split"], pl["gpu_bytes"], pl["gpu_usable"])):
+            if not k:
+                parts.append(f"GPU{g} unused")
+                continue
             last = at + k - 1
             head = last >= n
             span = f"layers {at}-{min(last, n - 1)}" if min(last, n - 1) >= at else "no layers"

@@ -176,7 +176,7 @@ def pull(source: str, *, name: str | None = None, revision: str | None = None, e
     entry.mkdir(parents=True, exist_ok=True)
     result = PullResult(name=name, model_dir="", source=source, source_kind=src.kind, resolved_revision=None,
                         quantization=method, quantization_source=method_source, total_bytes=0)
-    manifest = store.Manifest(name=name, source=source, source_kind="hub" if src.repo_id else src.kind,
+    manifest = store.Manifest(name=name, source=src.ref, source_kind="hub" if src.repo_id else src.kind,
                               model_dir="", files=[], quantization=method,
                               source_path=str(src.path) if src.path else None)
     work = entry / f".tmp-{os.getpid()}"

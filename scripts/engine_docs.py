@@ -37,7 +37,8 @@ from tests.hardware import probes_for  # noqa: E402
 
 DATA = REPO / "tests" / "data"
 HELP = {"vllm": (DATA / "vllm-0.32.0-help.txt").read_text(),
-        "sglang": "\n".join(json.loads((DATA / "sglang-0.5.23-flags.json").read_text())["flags"])}
+        "sglang": "\n".join(json.loads((DATA / "sglang-0.5.23-flags.json").read_text())["flags"]),
+        "llamacpp": (DATA / "llama-server-b11434-help.txt").read_text()}
 ENV = "$DSR1_HOME/engines/{}/venv/bin/python"
 INSTALLED = {"vllm": InstalledEngine("vllm", "0.32.0", ENV.format("vllm"), None, "", "dsr1"),
              "sglang": InstalledEngine("sglang", "0.5.23", ENV.format("sglang"), None, "", "dsr1")}
@@ -159,6 +160,32 @@ def matrix_block() -> list[str]:
     return lines
 
 
+def r1_gguf_block() -> list[str]:
+    """R1 671B as a dynamic-quant GGUF on each tier (dsr1.gguf_place), llama-server b11434's flags."""
+    from dsr1 import gguf_place
+
+    llama = {"llamacpp": InstalledEngine("llamacpp", "b11434", None, "llama-server", "", "dsr1")}
+    tiers = [("base: 2x A100 80GB, 128 GB RAM", "a100x2-sxm", None, {}),
+             ("pro: 4x H100 80GB", "h100x4-sxm", None, {}),
+             ("enterprise: 8x H100 80GB, asked for llama.cpp (auto runs SGLang with the 4-bit checkpoint)",
+              "h100x8-ib", None, {"engine": "llamacpp"}),
+             ("workstation: one 24 GB GPU, 384 GB RAM", "driver-missing", "workstation", {}),
+             ("cpu-large: no GPU, 384 GB RAM", "driver-missing", "cpu-large", {})]
+    out = []
+    for title, machine, profile, kw in tiers:
+        p = _plan(machine, "r1", profile=profile, installed=llama, **kw)
+        lo, hi = p.expected_tok_s
+        flags = f" --profile {profile}" if profile else ""
+        flags += "".join(f" --{k} {v}" for k, v in kw.items())
+        out += [f"### {title}", "", f"`dsr1 serve r1{flags}`: **{p.checkpoint}** ({p.checkpoint_gb:g} GB), "
+                f"context {p.max_model_len:,} tokens, {p.max_num_seqs} slot.", "",
+                f"- placement: {gguf_place.describe(p.placement)}",
+                f"- expected: {lo:g}-{hi:g} output tok/s single-stream ({p.expected_source})"]
+        out += [f"- {n}" for n in p.notes if "largest" in n or "next larger" in n]
+        out += [""] + _commands(p) + [""]
+    return out
+
+
 def speed_block() -> list[str]:
     """dsr1/data/engine_speed.toml, what `--engine auto` picks from on a CPU."""
     from dsr1 import engine_speed
@@ -172,7 +199,7 @@ def speed_block() -> list[str]:
 
 
 BLOCKS = {"docs/engines.md": {"profiles": profiles_block, "matrix": matrix_block, "speed": speed_block},
-          "docs/multi-node.md": {"r1": multinode_block}}
+          "docs/multi-node.md": {"r1": multinode_block}, "docs/r1-671b.md": {"tiers": r1_gguf_block}}
 
 
 def refresh(text: str, name: str, lines: list[str]) -> str:

@@ -105,6 +105,21 @@ def test_pulled_gguf_is_served_by_llama_server_by_its_name(llama_server, demo_gg
         assert any(str(home / "models" / "smollm2-135m" / "gguf") in line for line in srv.lines)
     finally:
         assert srv.stop() == 0, "".join(srv.lines[-30:])
+    # The embedded engine asked for: its bf16 copy is made then (the plan says how big), once.
+    r = _dsr1(home, "serve", "smollm2-135m", "--engine", "embedded", "--dry-run", engine=llama_server)
+    assert r.returncode == 0 and "bf16 copy of it, about 0.27 GB" in " ".join(r.stdout.split()), r.stdout[-2000:]
+    srv = _serve(["smollm2-135m", "--engine", "embedded", "--max-model-len", "512", "--dtype", "bf16"], home,
+                 llama_server, key=None)
+    try:
+        assert any("making the embedded engine's bf16 copy" in line for line in srv.lines)
+        r = _client(srv).chat.completions.create(model="smollm2-135m", max_tokens=12, temperature=0,
+                                                 messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        assert srv.stop() == 0, "".join(srv.lines[-30:])
+    listed = json.loads(_dsr1(home, "list", "--json").stdout)["models"][0]
+    assert listed["format"] == "gguf" and listed["gguf_quant"] == "Q4_1" and listed["embedded_copy_bytes"] > 2e8
+    assert _dsr1(home, "verify", "smollm2-135m").returncode == 0  # the copy's files are in the manifest too
 
 
 def test_tiny_deepseek_v3_split_gguf_runs_with_the_base_tier_flag_set(llama_server, tiny_v3, tmp_path):
@@ -125,6 +140,8 @@ def test_tiny_deepseek_v3_split_gguf_runs_with_the_base_tier_flag_set(llama_serv
     pl = plan["placement"]
     assert plan["engine"] == "llamacpp" and plan["checked_against"].startswith("llamacpp ")  # its own --help
     assert pl["where"] == "experts_in_ram" and pl["kv_type"] == "f16" and pl["n_layer"] == 4
+    # llama.cpp's MLA format (attn_k_b): a K-only latent cache, kv_lora_rank + rope dims per layer, f16
+    assert plan["kv_bytes_per_token"] == 4 * (256 + 64) * 2
     assert argv[argv.index("--tensor-split") + 1] == ",".join(map(str, pl["tensor_split"]))
     assert argv[argv.index("--n-cpu-moe") + 1] == str(pl["n_cpu_moe"])
     # the flag set the base tier's R1 plan generates (values differ: another model, other GPUs)

@@ -271,3 +271,27 @@ def test_hub_pull_killed_mid_shard_resumes(hub, shards, demo_gguf):
     assert out["resumed_bytes"] > 4 << 20
     # only what was in flight at the kill (sent, never written) is fetched twice
     assert sum(hub.sent.values()) - sum(p.stat().st_size for p in shards) < 2 << 20
+
+
+@pytest.mark.slow
+def test_pull_r1_on_base_fetches_the_planned_gguf_and_the_plan_then_reads_it(hub, demo_gguf, tmp_path):
+    """`dsr1 pull r1 --profile base` pulls what the base-tier plan runs (the UD-Q2_K_XL set of Unsloth's
+    repo, every shard); the plan then loads the stored file and places it from its own tensor table.
+    The fake hub's set is the demo GGUF split 5 ways under R1's file names (R1 itself is 227 GB)."""
+    from dsr1 import plan as planner
+
+    shards = split_gguf(demo_gguf, tmp_path / "DeepSeek-R1-UD-Q2_K_XL.gguf", shards=5)
+    hub.add_repo("unsloth/DeepSeek-R1-GGUF", {f"DeepSeek-R1-UD-Q2_K_XL/{p.name}": p.read_bytes() for p in shards})
+    before = planner.make_plan("r1", "base", planner.Overrides(engine_port=1))
+    assert before.checkpoint == "unsloth/DeepSeek-R1-GGUF:UD-Q2_K_XL" and before.needs_pull
+    r = cli("pull", "r1", "--profile", "base", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["name"] == "r1-ud-q2_k_xl" and out["format"] == "gguf" and out["checks"]["shards"] == 5
+    after = planner.make_plan("r1", "base", planner.Overrides(engine_port=1))
+    stored = store.load("r1-ud-q2_k_xl").gguf_path
+    assert after.model_path == str(stored) and not after.needs_pull
+    assert after.placement["layout"] == "file" and after.placement["n_layer"] == 30  # the file's own table
+    assert any("placed from its own tensor table" in n for n in after.notes)
+    argv = after.nodes[0].argv
+    assert argv[argv.index("-m") + 1] == str(stored)

@@ -54,7 +54,8 @@ class RichReporter(Reporter):
 
 
 def pull(
-    source: str = typer.Argument(..., help="Catalog name, hub repo id (org/name), a .gguf file or a model directory."),
+    source: str = typer.Argument(..., help="Catalog name, hub repo id (org/name), a GGUF repo and quantization (org/name:Q4_K_M), a .gguf file "
+                                       "(of a split set: its first shard) or a model directory."),
     name: Optional[str] = typer.Option(None, "--name", help="Store the model under this name."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit to download (default main)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="none | int8 | nf4 (bitsandbytes). Default: what the profile picks."),
