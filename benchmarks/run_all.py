@@ -49,6 +49,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "tune_gain": (["benchmarks/tune_gain.py", "--engines-home", ENGINES_HOME], "tuning gain"),
     "lora_mixed": (["benchmarks/lora_mixed.py"], "16 requests over 3 LoRA adapters against 16 base-model requests"),
     "guard_overhead": (["benchmarks/guard_overhead.py"], "throughput with and without a 20-rule --guard policy"),
+    "gguf_fit": (["benchmarks/gguf_fit.py", "--engines-home", ENGINES_HOME],
+                 "dsr1's GGUF placement flags against llama-server's --fit"),
 }
 
 

@@ -28,6 +28,10 @@ def script(plan: Plan, rank: int) -> str:
         f"context {plan.max_model_len}, {plan.max_num_seqs} sequences",
         f"# flags checked against: {plan.checked_against or 'nothing installed (documented flags)'}",
     ]
+    if plan.placement:  # a GGUF on llama-server: what goes where, and the host RAM it needs
+        from dsr1 import gguf_place
+
+        lines.append(f"# {plan.checkpoint or plan.model_path}: {gguf_place.describe(plan.placement)}")
     lines.append("set -e")
     if plan.engine != "embedded" and plan.engine_version is None:
         # no install of the engine was checked for this plan (none here, or a build for another device):

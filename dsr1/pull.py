@@ -337,6 +337,7 @@ def _keep_gguf(src, entry: Path, reporter, manifest) -> Path:
     from dsr1 import gguf_files, gguf_store
 
     gset = gguf_files.read_set(src.path)
+    _servable(gset, src.path)
     shards = f"{len(gset.paths)} shards" if len(gset.paths) > 1 else "one file"
     reporter.stage(f"storing {src.path.name} ({gset.architecture}, {gset.quant}, {gset.size / 1e9:.2f} GB, {shards}) "
                    f"as GGUF")
@@ -348,6 +349,22 @@ def _keep_gguf(src, entry: Path, reporter, manifest) -> Path:
     manifest.checks = {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns, "shards": len(gset.paths),
                        "tensors": len(gset.tensors), "architecture": gset.architecture}
     return folder
+
+
+def _servable(gset, path: Path) -> None:
+    """A GGUF neither engine can load is refused before it is copied: llama.cpp's architectures are the
+    ones its gguf-py names (gguf.MODEL_ARCH_NAMES), the embedded engine's those transformers imports."""
+    import gguf
+
+    from dsr1 import gguf_import
+
+    if gset.architecture in gguf.MODEL_ARCH_NAMES.values():
+        return
+    supported = gguf_import.supported_architectures()
+    if gset.architecture not in supported:
+        raise UsageError(f"{path} holds a '{gset.architecture}' model, which neither llama.cpp nor transformers loads",
+                         hint=f"GGUF architectures the embedded engine imports: {', '.join(supported)}; llama.cpp "
+                              f"runs {len(gguf.MODEL_ARCH_NAMES)} (llama, qwen2, deepseek2, ...)")
 
 
 def _withdraw_manifest(entry: Path) -> None:

@@ -50,7 +50,8 @@ def stored_and_served(demo_gguf, tmp_path_factory):
                            "--quant", "none", "--json"], env=_env(home), cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert pull.returncode == 0, pull.stderr[-3000:]
-    model_dir = json.loads(pull.stdout)["model_dir"]
+    # kept as GGUF; no llama-server here, so the pull made the embedded engine's copy, tokenizer included
+    model_dir = json.loads(pull.stdout)["embedded_dir"]
     srv = ServerProc(["smollm2-135m"], home=home, timeout=300)
     try:
         yield home, srv.url, model_dir

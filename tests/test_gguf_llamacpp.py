@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import openai
 import pytest
 
 from dsr1 import gguf_files, gguf_place

@@ -17,21 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from dsr1 import gguf_files, store
 from dsr1.errors import IntegrityError, NotFoundError, UsageError
 from tests import interrupt
-from tests.fakehub import FakeHub
 from tests.gguf_util import split_gguf
+from tests.test_pull_download import cli, hub  # noqa: F401 (hub: the fake hub fixture, on 127.0.0.1)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str):
-    from dsr1.cli import build_app
-
-    return CliRunner().invoke(build_app(), list(args))
 
 
 @pytest.fixture(scope="module")
@@ -205,14 +198,6 @@ def test_an_interrupted_local_copy_resumes(shards, monkeypatch):
 
 
 # --- from a hub: OWNER/NAME:QUANT ------------------------------------------------------------
-
-@pytest.fixture
-def hub(monkeypatch):
-    h = FakeHub().start()
-    monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
-    yield h
-    h.stop()
-
 
 def _gguf_repo(shards: list[Path], demo_gguf: Path) -> dict[str, bytes]:
     """Laid out as Unsloth's R1 repo is: one folder per quantization, shards inside."""

@@ -91,6 +91,14 @@ def _stored(name: str) -> tuple[Any, str | None]:
     return m, None
 
 
+def _tokenizer_of(m) -> str:
+    """Where a stored model's tokenizer is: its directory, or for a model stored as GGUF the embedded
+    engine's copy when made, else the GGUF file itself (its vocabulary is in the header)."""
+    if m.is_gguf:
+        return m.embedded_dir if m.embedded_ready else str(m.gguf_path)
+    return m.model_dir
+
+
 def _is_gguf(name: str) -> bool:
     p = Path(name).expanduser()
     return p.suffix.lower() == ".gguf" and p.is_file()
@@ -104,8 +112,8 @@ def candidates(tokenizer: str | None, names: Sequence[str | None]) -> tuple[list
             return [Candidate("flag", tokenizer, f"--tokenizer {tokenizer}", local_only=False)], []
         m, _ = _stored(tokenizer)
         if m is not None:
-            label = f"--tokenizer {tokenizer} (stored model {m.name}, {m.model_dir})"
-            return [Candidate("flag", m.model_dir, label)], []
+            label = f"--tokenizer {tokenizer} (stored model {m.name}, {_tokenizer_of(m)})"
+            return [Candidate("flag", _tokenizer_of(m), label)], []
         return [Candidate("flag", tokenizer, f"--tokenizer {tokenizer}", local_only=False)], []
     from dsr1 import catalog
 
@@ -120,7 +128,7 @@ def candidates(tokenizer: str | None, names: Sequence[str | None]) -> tuple[list
     for n in uniq:
         m, why = _stored(n)
         if m is not None:
-            found.append(Candidate("store", m.model_dir, f"stored model {m.name} ({m.model_dir})"))
+            found.append(Candidate("store", _tokenizer_of(m), f"stored model {m.name} ({_tokenizer_of(m)})"))
         elif not Path(n).expanduser().is_dir() and not _is_gguf(n):
             missed.append(why)
     for n in uniq:
