@@ -309,9 +309,12 @@ def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: s
         flags = ", ".join("--" + n.replace("_", "-") for n in dict.fromkeys(only))
         engine, why = "embedded", f"auto: {flags} {'is' if len(set(only)) == 1 else 'are'} the embedded engine's"
     elif o.engine == "auto" and ref.kind == "store" and ref.gguf_quant:
-        if installed_engine("llamacpp", o.engine_python, installed) is not None:
+        here = installed_engine("llamacpp", o.engine_python, installed) is not None
+        if here or _embedded_cannot_load(ref):
             engine, why = "llamacpp", (f"auto: {ref.name} is stored as GGUF ({ref.gguf_quant}), served as it is by "
-                                       f"llama.cpp's llama-server")
+                                       f"llama.cpp's llama-server" + ("" if here else
+                                                                      f"; the embedded engine cannot load "
+                                                                      f"{ref.spec.architecture} GGUFs"))
         else:
             engine, why = "embedded", (f"auto: {ref.name} is stored as GGUF ({ref.gguf_quant}) and llama-server is not "
                                        f"installed (`dsr1 engine install llamacpp` serves the file as it is): the "
@@ -338,6 +341,16 @@ def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: s
         inst = None
         why += f"; the {engine} installed here is a CPU build ({engine}-cpu), not used for a GPU plan"
     return engine, why, inst
+
+
+def _embedded_cannot_load(ref: "ModelRef") -> bool:
+    """A stored GGUF without the embedded engine's copy whose architecture transformers cannot import
+    (DeepSeek-V3's deepseek2): only llama-server can serve it."""
+    if not ref.embedded_copy_bytes or ref.spec is None:
+        return False
+    from dsr1 import gguf_import
+
+    return ref.spec.architecture not in gguf_import.supported_architectures()
 
 
 def _has_gguf(ref: "ModelRef") -> bool:

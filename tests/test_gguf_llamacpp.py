@@ -174,3 +174,9 @@ def test_a_gguf_the_embedded_engine_cannot_load_is_stored_for_llama_server(tiny_
     assert r.returncode == 0, r.stderr[-2000:]
     assert "embedded engine cannot load deepseek2" in r.stdout + r.stderr
     assert not (home / "models" / "tiny-v3" / "model").exists()
+    # ... and its plan is llama-server's (to install), not an embedded copy that cannot be made
+    r = _dsr1(home, "serve", "tiny-v3", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan = json.loads(r.stdout)
+    assert plan["engine"] == "llamacpp" and "cannot load deepseek2" in plan["engine_reason"]
+    assert any("dsr1 engine install llamacpp" in w for w in plan["warnings"])
