@@ -84,6 +84,6 @@ class Deployer:
         out = Output(quiet=True)
         if note:
             print(f"dsr1: {note}", file=sys.stderr)
-        launch.check_guards(overrides.engine, opts)
+        launch.check_start(opts)
         plan = make_plan(self.model, self.profile, overrides)
         launch.run(plan, opts, overrides, out, on_ready=on_ready)

@@ -56,6 +56,10 @@ class ModelSpec:
     # Demo model shipped on PyPI
     pypi_package: str | None = None
     gguf_file: str | None = None
+    # the format its tool calls come in, by vLLM's parser name (dsr1.toolcalls): deepseek_v3 (R1's
+    # <｜tool▁calls▁begin｜> tokens), hermes (the Qwen2.5 <tool_call> JSON of the Qwen distills' base),
+    # llama3_json (Llama 3.1's JSON of the Llama distills' base); None: no tool calls
+    tool_format: str | None = None
 
     @property
     def is_mla(self) -> bool:

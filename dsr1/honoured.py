@@ -20,7 +20,7 @@ ENGINES: dict[str, tuple[str, ...]] = {s.name: s.engines for s in SETTINGS if s.
 
 # values that ask nothing of an engine (the setting's "off"): given or not, any engine honours them
 NEUTRAL = {"compile": ("off", "auto", None), "fast_path": (True,), "speculative": ("off",), "lora": ((), []),
-           "nodes": (1,), "node_rank": (0,), "engine_port": (0,), "system_prompt": ("auto",), "audit_log": (None,),
+           "nodes": (1,), "node_rank": (0,), "engine_port": (0,), "system_prompt": ("auto",), "tool_call_parser": ("auto",), "audit_log": (None,),
            "audit_content": (False,)}
 
 

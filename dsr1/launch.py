@@ -69,10 +69,12 @@ def settings(model: str, profile: str | None, values: Mapping[str, Any], *, give
     return opts, planner.Overrides(**ovr), note
 
 
-def check_guards(engine: str, opts) -> None:
-    if (opts.guard or opts.guard_plugin) and engine not in ("auto", "embedded"):
-        raise UsageError(f"--guard and --guard-plugin run in the embedded engine's server; dsr1's front for {engine} "
-                         f"does not apply them yet", hint="use --engine embedded, or drop them")
+def check_start(opts) -> None:
+    """What a real start reads before anything loads, read now so `--dry-run` refuses what `serve`
+    would: the guard policy (--guard) and plugin (--guard-plugin); adapters are read by the plan."""
+    from dsr1.serve.server import load_guards
+
+    load_guards(opts)
 
 
 def run(deployment, opts, overrides, out, *, json: bool = False, on_ready: Callable[[str], None] | None = None,
@@ -81,7 +83,6 @@ def run(deployment, opts, overrides, out, *, json: bool = False, on_ready: Calla
     for w in deployment.warnings:
         out.warn(w)
     if deployment.engine != "embedded":
-        check_guards(deployment.engine, opts)
         if deployment.needs_pull:
             deployment = _pull_then_plan(opts.model, opts.profile, overrides, out, deployment)
         from dsr1.serve.external import serve_external
@@ -124,7 +125,7 @@ def _serve_embedded(opts, overrides, deployment, out, *, json: bool, on_ready) -
             pull(opts.model, profile=opts.profile, quant=deployment.quant)
         elif precision in ("int8", "nf4"):
             opts.quantize = precision  # a model already here: quantized while loading
-    p, sched, cfg, metrics = server.plan(opts, progress=out.info, deployment=deployment)
+    p, backend, cfg, metrics = server.plan(opts, progress=out.info, deployment=deployment)
     for w in p.warnings:
         out.warn(w)
     gib = 2**30
@@ -158,4 +159,4 @@ def _serve_embedded(opts, overrides, deployment, out, *, json: bool, on_ready) -
         if on_ready is not None:
             on_ready(url)
 
-    server.run(opts, p, sched, cfg, metrics, ready)
+    server.run(opts, p, backend, cfg, metrics, ready)

@@ -239,7 +239,7 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
         gpus_per_node=len(gpus.gpus) if device == "cuda" else 0,
         gpu_name=gpus.gpus[0].name if device == "cuda" else None,
         memory_utilization=util, memory_utilization_reason=util_why, offload="none" if external else s.offload,
-        reasoning_parser=_reasoning_parser(o, ref),
+        reasoning_parser=_reasoning_parser(o, ref), **_tool_parser(o, engine, ref),
         host=o.host, port=o.port, engine_host=ENGINE_HOST if external else o.host,
         engine_port=(o.engine_port or free_port()) if external else o.port,
         health_path=base.get(engine).health_path, nodes_count=o.nodes, node_rank=o.node_rank, head=o.head, env=env,
@@ -247,6 +247,21 @@ def make_plan(model: str, profile: str | None = None, overrides: Overrides = Ove
         model_fingerprint=modelref.fingerprint(ref.path) if o.nodes > 1 and ref.local else None,
         max_batched_tokens=o.max_batched_tokens, lora=lora, lora_max_rank=lora_rank, **sizes)
     return _with_commands(plan, inst, d)
+
+
+def _tool_parser(o: Overrides, engine: str, ref: "ModelRef") -> dict[str, str]:
+    """The engine's tool-call parser for this model (dsr1.toolcalls): the catalog's format, else what
+    a local model's chat template writes."""
+    from dsr1 import toolcalls
+
+    fmt = ref.spec.tool_format if ref.spec is not None and ref.catalog_name else None
+    if fmt is None and ref.path and Path(ref.path).is_dir():
+        fmt = toolcalls.detect(Path(ref.path))
+    name, why = toolcalls.parser(engine, o.tool_call_parser, fmt)
+    if o.tool_call_parser not in ("auto", "none") and engine not in toolcalls.ENGINE_PARSER:
+        raise UsageError(f"--tool-call-parser {o.tool_call_parser}: {engine} takes no tool-call parser flag",
+                         hint="llama-server reads the format off the chat template (--jinja); drop the flag")
+    return {"tool_parser": name, "tool_parser_reason": why}
 
 
 def _reasoning_parser(o: Overrides, ref: "ModelRef") -> str:

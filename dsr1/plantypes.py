@@ -51,6 +51,7 @@ class Overrides:
     engine_why: str | None = None  # why --engine holds this value when not typed (a tuned profile's measurement)
     given: tuple[tuple[str, object], ...] = ()  # (setting, value) the user gave: dsr1.honoured checks them
     reasoning_parser: str = "auto"  # auto | deepseek_r1 | none: reaches every engine that splits reasoning
+    tool_call_parser: str = "auto"  # auto | none | an engine's parser name (dsr1.toolcalls)
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32: the compute dtype every engine is given
     compile: str | None = None  # auto | on | off: the embedded engine's compiled decode step
 
@@ -137,6 +138,9 @@ class Plan:
     placement: dict | None = None
     expected_tok_s: tuple[float, float] | None = None
     expected_source: str | None = None
+    # the engine's tool-call parser (vLLM/SGLang --tool-call-parser; "" none: tools are refused) and why
+    tool_parser: str = ""
+    tool_parser_reason: str = ""
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 

@@ -26,8 +26,8 @@ class Setting:
     default: Any
     flags: tuple[str, ...]  # command-line spellings, the first the canonical one ("--x/--no-x" for booleans)
     help: str
-    engines: tuple[str, ...] = ALL  # the engines that honour it (the front of external engines does not
-    # apply the system prompt policy or the audit log yet: [13/14] brings them to every engine)
+    engines: tuple[str, ...] = ALL  # the engines that honour it (guards and the audit log are the front's:
+    # every engine; the system prompt policy is still the embedded engine's own prompt rendering)
     envvar: str | None = None  # an environment variable typer reads it from
     tunable: bool = False  # a tuned profile may hold it
     choices: tuple[str, ...] | None = None  # the values a tuned profile may give it
@@ -60,13 +60,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('served_model_name', Optional[str], None, ('--served-model-name',), 'Name clients pass as `model`.'),
     Setting('reasoning_parser', str, 'auto', ('--reasoning-parser',), 'deepseek_r1 (text before </think> is reasoning), none (no split); auto: deepseek_r1 if the tokenizer has </think>.'),
     Setting('reasoning_field', str, 'both', ('--reasoning-field',), 'reasoning_content (DeepSeek), reasoning (vLLM 0.11+) or both.'),
+    Setting('tool_call_parser', str, 'auto', ('--tool-call-parser',), "The engine's tool-call parser: auto (the model's format: deepseek_v3 for R1, hermes for the Qwen distills, llama3_json for the Llama distills, else the chat template's), none (tools refused), or a vLLM/SGLang parser name. llama-server reads the format off the chat template.", engines=('vllm', 'sglang')),
     Setting('system_prompt', str, 'auto', ('--system-prompt',), "keep, merge (into the first user turn, DeepSeek's R1 advice), drop; auto: merge for R1.", engines=('embedded',)),
-    Setting('audit_log', Optional[Path], None, ('--audit-log',), 'Append a JSONL line per request (no keys, no text).', engines=('embedded',)),
-    Setting('audit_content', bool, False, ('--audit-content',), 'Also record prompts and outputs in --audit-log.', engines=('embedded',)),
-    Setting('audit_max_mb', float, 0, ('--audit-max-mb',), 'Rotate --audit-log when it passes this size (MiB; 0: never; logrotate also works, the file is reopened per line).', engines=('embedded',)),
-    Setting('audit_backups', int, 5, ('--audit-backups',), 'Rotated audit logs kept (audit.jsonl.1 ... .N).', engines=('embedded',)),
-    Setting('guard', Optional[Path], None, ('--guard',), 'Input/output policy (TOML): blocked patterns and topics, prompt size, PII block/mask/log; docs/guards.md.', engines=('embedded',)),
-    Setting('guard_plugin', Optional[str], None, ('--guard-plugin',), "module:function classifier run on inputs (and non-streamed outputs) off the event loop, with the policy's timeout and fail mode.", engines=('embedded',)),
+    Setting('audit_log', Optional[Path], None, ('--audit-log',), 'Append a JSONL line per request (no keys, no text).'),
+    Setting('audit_content', bool, False, ('--audit-content',), 'Also record prompts and outputs in --audit-log.'),
+    Setting('audit_max_mb', float, 0, ('--audit-max-mb',), 'Rotate --audit-log when it passes this size (MiB; 0: never; logrotate also works, the file is reopened per line).'),
+    Setting('audit_backups', int, 5, ('--audit-backups',), 'Rotated audit logs kept (audit.jsonl.1 ... .N).'),
+    Setting('guard', Optional[Path], None, ('--guard',), 'Input/output policy (TOML): blocked patterns and topics, prompt size, PII block/mask/log; docs/guards.md.'),
+    Setting('guard_plugin', Optional[str], None, ('--guard-plugin',), "module:function classifier run on inputs (and non-streamed outputs) off the event loop, with the policy's timeout and fail mode."),
     Setting('grace', float, 30.0, ('--grace',), 'Seconds running requests get to finish after SIGTERM/SIGINT.'),
     Setting('fast_path', bool, True, ('--fast-path/--no-fast-path',), 'Embedded engine: the lean Llama/Qwen2 forward (fused projections, no per-module overhead) when the model takes it.', engines=('embedded',)),
     Setting('compile', Optional[str], None, ('--compile',), 'Embedded engine: torch.compile the whole decode step with frozen, packed weights (auto, on, off, or DSR1_COMPILE; auto: on for bf16 on a CPU with AMX, where it measured ~1.6x faster per step, off elsewhere). Compiling takes ~1.5-2 min at start-up on 2 cores and keeps a packed copy of the weights.', engines=('embedded',), tunable=True, choices=('auto', 'on', 'off')),

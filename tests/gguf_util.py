@@ -176,3 +176,28 @@ def split_gguf(src: Path, out: Path, shards: int = 3) -> list[Path]:
     paths = sorted(out.parent.glob(f"{stem}-*-of-*.gguf"))
     assert len(paths) == shards, paths
     return paths
+
+
+def build_tool_gguf(demo_gguf: Path, out: Path) -> Path:
+    """tests/serve_util.build_tool_model as a GGUF for llama-server: the demo's tokenizer (llama
+    architecture) with the same added tokens, chat template and bigram script, written directly."""
+    from dataclasses import replace
+
+    from tests.serve_util import TEXT_SCRIPT, TOOL_CALL_JSON, TOOL_SCRIPT, TOOLS_TEMPLATE
+
+    with open(demo_gguf, "rb") as f:
+        meta = dict(gguf_meta.parse(f.read(HEAD_BYTES), tensors=False).fields)
+    added = ["<tools>", "<tool_call>", "</tool_call>", TOOL_CALL_JSON]
+    meta["tokenizer.ggml.tokens"] = replace(meta["tokenizer.ggml.tokens"],
+                                            value=list(meta["tokenizer.ggml.tokens"].value) + added)
+    meta["tokenizer.ggml.token_type"] = replace(meta["tokenizer.ggml.token_type"],
+                                                value=list(meta["tokenizer.ggml.token_type"].value) + [4] * len(added))
+    if "tokenizer.ggml.scores" in meta:
+        meta["tokenizer.ggml.scores"] = replace(meta["tokenizer.ggml.scores"],
+                                                value=list(meta["tokenizer.ggml.scores"].value) + [0.0] * len(added))
+    meta["tokenizer.chat_template"] = replace(meta["tokenizer.chat_template"], value=TOOLS_TEMPLATE)
+    spell = {"\n": "Ċ", " weather": "Ġweather", " in": "Ġin", " Paris": "ĠParis", " is": "Ġis", " sunny": "Ġsunny"}
+    script = [spell.get(p, p) for p in TEXT_SCRIPT] + TOOL_SCRIPT
+    # two scripts as one chain: "<|im_end|>" ends the first and is never a trigger, so linking it to the
+    # second's trigger "<tools>" changes nothing a request can reach
+    return build_tiny_gguf(meta, out, hidden=16, script=script)

@@ -122,3 +122,80 @@ def build_scripted_r1(src: Path, out: Path, scripts: list[list[str]], *, chat_te
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+# A ChatML template that renders tools the way Qwen2.5's does in spirit: an assistant's earlier calls
+# as <tool_call> JSON (which is also how llama-server recognises the Hermes format), tool results as
+# their own turn. With `tools` the generation prompt ends in "<tools>", so a bigram model can tell
+# a request that offers tools from one that does not.
+TOOLS_TEMPLATE = (  # newlines as expressions: transformers renders with trim_blocks
+    "{% for m in messages %}<|im_start|>{{ m.role }}{{ '\\n' }}"
+    "{% if m.content %}{{ m.content }}{% endif %}"
+    "{% if m.tool_calls %}{% for tc in m.tool_calls %}<tool_call>{{ '\\n' }}"
+    "{\"name\": \"{{ tc.function.name }}\", \"arguments\": {{ tc.function.arguments if tc.function.arguments is string "
+    "else tc.function.arguments | tojson }}}{{ '\\n' }}</tool_call>{% endfor %}{% endif %}<|im_end|>{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{% if tools %}<tools>{% else %}{{ '\\n' }}{% endif %}{% endif %}")
+TOOL_CALL_JSON = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+TOOL_SCRIPT = ["<tools>", "<tool_call>", TOOL_CALL_JSON, "</tool_call>", "<|im_end|>"]
+TEXT_SCRIPT = ["\n", "The", " weather", " in", " Paris", " is", " sunny", "<|im_end|>"]
+
+
+def build_scripted_chatml(src: Path, out: Path, scripts: list[list[str]], *, added: list[str],
+                          chat_template: str) -> Path:
+    """A bigram-table model (as build_scripted_r1) on `src`'s ChatML tokenizer with `added` tokens
+    (shown in decoded text, as Qwen's <tool_call> is): its greedy output follows `scripts`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_tokens(added)
+    tok.chat_template = chat_template
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.resize_token_embeddings(len(tok))
+    successor: dict[int, int] = {}
+    for script in scripts:
+        ids = []
+        for piece in script:
+            one = tok.encode(piece, add_special_tokens=False)
+            assert len(one) == 1, f"script piece {piece!r} is {len(one)} tokens: {one}"
+            ids += one
+        for t, nxt in zip(ids, ids[1:]):
+            assert successor.setdefault(t, nxt) == nxt, f"{tok.decode([t])!r} would have two successors"
+    assert len(successor) <= model.config.hidden_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        emb.zero_()
+        head.zero_()
+        for i, (t, nxt) in enumerate(successor.items()):
+            emb[t, i] = 10.0
+            head[nxt, i] = 10.0
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    tok.eos_token = "<|im_end|>"
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = eos
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_tool_model(demo_model_dir: Path, out: Path) -> Path:
+    """A tiny Qwen2 (head_dim 64, which vLLM's CPU attention takes) on the demo's tokenizer that answers
+    a chat offering tools with `<tool_call>{"name": "get_weather", ...}</tool_call>` (the Hermes/Qwen2.5
+    format of the R1 distills' base) and any other chat with "The weather in Paris is sunny"."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    return build_scripted_chatml(out / "base", out / "model", [TOOL_SCRIPT, TEXT_SCRIPT],
+                                 added=["<tools>", "<tool_call>", "</tool_call>", TOOL_CALL_JSON],
+                                 chat_template=TOOLS_TEMPLATE)

@@ -200,14 +200,24 @@ def test_a_plugin_that_hangs_or_raises_is_handled_as_the_policy_says(demo_model_
         srv.stop()
 
 
-def test_guards_with_an_external_engine_are_refused_not_ignored(demo_model_dir, tmp_path):
+def test_dry_run_reads_the_guard_file_and_plugin_a_start_would(demo_model_dir, demo_gguf, tmp_path):
+    """`--dry-run` refuses what a real start refuses, for every engine: a policy that does not parse, a
+    plugin that does not import."""
     import os
     import subprocess
     import sys
 
-    policy = _policy(tmp_path, '[[rules]]\nkeywords = ["x"]\n')
-    r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(demo_model_dir), "--engine", "vllm", "--guard",
-                        str(policy)], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-                            "DSR1_HOME": str(tmp_path / "home")})
-    assert r.returncode == 2 and "does not apply them yet" in r.stderr, r.stderr
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "DSR1_HOME": str(tmp_path / "home")}
+    bad = _policy(tmp_path, '[[rules]]\nname = "x"\npattern = "(unclosed"\n')
+    good = tmp_path / "good.toml"
+    good.write_text('[[rules]]\nkeywords = ["x"]\n')
+    for engine, model in (("embedded", demo_model_dir), ("vllm", demo_model_dir), ("llamacpp", demo_gguf)):
+        for extra, code, want in ((["--guard", str(bad)], 3, "bad pattern"),  # a config error (docs/exit-codes)
+                                  (["--guard", str(good), "--guard-plugin", "no_such_module_here:check"], 2,
+                                   "no_such_module_here")):
+            r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(model), "--engine", engine,
+                                "--dry-run", *extra], capture_output=True, text=True, timeout=120, env=env)
+            assert r.returncode == code and want in r.stderr, (engine, extra, r.stderr)
+        r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(model), "--engine", engine,
+                            "--dry-run", "--guard", str(good)], capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, (engine, r.stderr)

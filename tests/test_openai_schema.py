@@ -297,7 +297,7 @@ MSG = [{"role": "user", "content": "x"}]
     ("/v1/chat/completions", {"model": "gpt-9", "messages": MSG}, 404, "model_not_found"),
     ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model_not_found"),
     ("/v1/chat/completions", {"model": "demo", "messages": MSG, "temperature": "hot"}, 400, "invalid_type"),
-    ("/v1/chat/completions", {"model": "demo", "messages": MSG, "n": 2}, 400, "unsupported_value"),
+    ("/v1/chat/completions", {"model": "demo", "messages": MSG, "n": 2}, 400, "unsupported_parameter"),
     ("/v1/chat/completions", {"messages": MSG}, 400, "missing_required_parameter"),
     ("/v1/chat/completions", [1, 2], 400, "invalid_json"),
     ("/v1/completions", {"model": "demo", "prompt": "word " * (2 * MAX_LEN)}, 400, "context_length_exceeded"),

@@ -668,15 +668,22 @@ def test_every_vllm_command_parses_with_vllms_own_parser():
             "    p = make_arg_parser(FlexibleArgumentParser())\n"
             "    ns = p.parse_args(['--model', argv[0], *argv[1:]])\n"
             "    validate_parsed_serve_args(ns)\n"
-            "    out.append([ns.model, ns.tensor_parallel_size, ns.dtype, ns.quantization, ns.reasoning_parser])\n"
+            "    if ns.tool_call_parser:  # the parser class vLLM would run (raises for an unknown name)\n"
+            "        from vllm.tool_parsers import ToolParserManager\n"
+            "        ToolParserManager.get_tool_parser(ns.tool_call_parser)\n"
+            "    out.append([ns.model, ns.tensor_parallel_size, ns.dtype, ns.quantization, ns.reasoning_parser,\n"
+            "                ns.tool_call_parser, ns.enable_auto_tool_choice])\n"
             "print('PARSED ' + json.dumps(out))\n")
     res = subprocess.run([found.python, "-c", code], input=json.dumps(VLLM_ARGVS), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     parsed = json.loads(re.search(r"^PARSED (.*)$", res.stdout, re.M).group(1))
     assert len(parsed) == len(VLLM_ARGVS)
-    for argv, (model, tp, dtype, quant, reasoning) in zip(VLLM_ARGVS, parsed):
+    assert any(t for *_, t, _ in parsed), "some plans run a tool-call parser"
+    for argv, (model, tp, dtype, quant, reasoning, tools, auto_tools) in zip(VLLM_ARGVS, parsed):
         assert model == argv[0] and (reasoning or None) == ("deepseek_r1" if "--reasoning-parser" in argv else None)
+        assert tools == (_arg(argv, "--tool-call-parser") if "--tool-call-parser" in argv else None)
+        assert auto_tools == bool(tools)  # vLLM refuses tool_choice "auto" without it
         assert tp == (int(_arg(argv, "--tensor-parallel-size")) if "--tensor-parallel-size" in argv else 1)
         assert dtype == _arg(argv, "--dtype") and quant == (_arg(argv, "--quantization") if "--quantization" in argv else None)
 
@@ -697,7 +704,7 @@ for argv in json.load(sys.stdin):
     ns = parser.parse_args(argv)
     args = ServerArgs.from_cli_args(ns)
     out.append([args.model_path, args.tp_size, args.quantization, args.dtype, args.reasoning_parser,
-                args.trust_remote_code, args.context_length])
+                args.trust_remote_code, args.context_length, args.tool_call_parser])
 print("SGLANG " + sglang.__version__ + " " + json.dumps(out))
 """
 
@@ -716,7 +723,14 @@ def test_every_sglang_command_parses_with_sglangs_own_parser():
     assert version == "0.5.23"
     parsed = json.loads(parsed)
     assert len(parsed) == len(SGLANG_ARGVS)
-    for argv, (model, tp, quant, dtype, reasoning, trust, ctx) in zip(SGLANG_ARGVS, parsed):
+    # the tool-call parsers SGLang runs, read from its registry's source (importing it needs CUDA packages)
+    source = next(env.parent.parent.glob("lib/python3*/site-packages/sglang/srt/function_call/function_call_parser.py"))
+    registry = set(re.findall(r'^\s+"([\w.-]+)": \w+Detector,', source.read_text(), re.M))
+    assert {"deepseekv3", "qwen", "llama3"} <= registry, registry
+    assert any(p[-1] for p in parsed), "some plans run a tool-call parser"
+    for argv, (model, tp, quant, dtype, reasoning, trust, ctx, tools) in zip(SGLANG_ARGVS, parsed):
+        assert tools == (_arg(argv, "--tool-call-parser") if "--tool-call-parser" in argv else None)
+        assert tools is None or tools in registry
         assert model == _arg(argv, "--model-path") and tp == int(_arg(argv, "--tp-size"))
         assert quant == (_arg(argv, "--quantization") if "--quantization" in argv else None)
         assert dtype == _arg(argv, "--dtype") and ctx == int(_arg(argv, "--context-length"))

@@ -74,8 +74,9 @@ def llama_server():
     return _need("llamacpp")
 
 
-def _serve(args: list[str], home: Path, engine: dict, *, key: str | None = KEY, timeout: float = 900) -> ServerProc:
-    env = {}
+def _serve(args: list[str], home: Path, engine: dict, *, key: str | None = KEY, timeout: float = 900,
+           extra_env: dict[str, str] | None = None) -> ServerProc:
+    env = dict(extra_env or {})
     if key:
         env["DSR1_API_KEY"] = key
     if engine.get("binary"):  # llama-server from dsr1's engine dir, found on PATH as a user's would be

@@ -133,16 +133,23 @@ def _wait(cond, timeout=10.0):
 def test_overload_gives_429_then_recovers(forced, client):
     opened = []
     try:
-        for _ in range(3):  # 2 running + 1 queued fills the server
+        for _ in range(2):  # 2 running
             c, resp = _long_stream(forced.url)
             assert resp.status_code == 200
             opened.append((c, resp))
+        # + 1 queued fills the server; its answer (and its headers) waits for a turn
+        third = threading.Thread(target=lambda: opened.append(_long_stream(forced.url)), daemon=True)
+        third.start()
         _wait(lambda: _running(forced.url) == (2, 1))
         with pytest.raises(openai.RateLimitError) as e:
             client.chat.completions.create(model="r1", messages=MSG, max_tokens=3)
         assert e.value.response.headers["retry-after"] == "1"
     finally:
-        for c, resp in opened:
+        for c, resp in opened[:2]:
+            resp.close()
+            c.close()
+        third.join(30)
+        for c, resp in opened[2:]:
             resp.close()
             c.close()
     _wait(lambda: _running(forced.url) == (0, 0))

@@ -81,9 +81,59 @@ def test_sampling_seed_is_per_request_and_top_p_exact():
 ])
 def test_chat_validation_names_the_parameter(body, param):
     with pytest.raises(schema.ApiError) as e:
-        schema.parse_chat(body)
+        schema.parse_chat(body, frozenset(), "embedded")  # the embedded engine: no n, logprobs, tools
     assert e.value.status == 400 and e.value.param == param
     assert e.value.body()["error"]["param"] == param
+
+
+_MSG = [{"role": "user", "content": "x"}]
+_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"n": 0}, "n"), ({"n": 500}, "n"),
+    ({"logprobs": "yes"}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"tools": [{"type": "function"}]}, "tools"), ({"tools": {"name": "x"}}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"), ({"tools": [_TOOL], "tool_choice": "always"}, "tool_choice"),
+    ({"tools": [_TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"functions": [{"name": "f"}]}, "functions"), ({"best_of": 2}, "best_of"),
+])
+def test_options_an_engine_serves_are_checked_for_shape_before_it_sees_them(extra, param):
+    with pytest.raises(schema.ApiError) as e:
+        schema.parse_chat({"model": "m", "messages": _MSG, **extra}, schema.ALL_CAPABILITIES, "vllm")
+    assert e.value.status == 400 and e.value.param == param, e.value.message
+
+
+def test_options_pass_to_an_engine_that_serves_them_and_are_refused_by_one_that_does_not():
+    from dsr1.serve.proxy import SUPPORTS
+
+    body = {"model": "m", "messages": _MSG, "tools": [_TOOL], "tool_choice": "auto", "logprobs": True,
+            "top_logprobs": 2, "n": 2, "response_format": {"type": "json_object"}, "presence_penalty": 0.5}
+    c = schema.parse_chat(body, SUPPORTS["vllm"], "vllm")
+    assert set(c.options) == {"tools", "tool_choice", "logprobs", "top_logprobs", "n", "response_format",
+                              "presence_penalty"} and c.n == 2
+    with pytest.raises(schema.ApiError) as e:  # llama-server: "Only one completion choice is allowed"
+        schema.parse_chat(body, SUPPORTS["llamacpp"], "llamacpp")
+    assert e.value.param == "n" and e.value.code == "unsupported_parameter" and "llamacpp" in e.value.message
+    with pytest.raises(schema.ApiError) as e:
+        schema.parse_chat(body, frozenset(), "embedded")
+    assert e.value.code == "unsupported_parameter" and "--engine vllm" in e.value.message
+    # no-op values ask nothing of the engine
+    c = schema.parse_chat({"model": "m", "messages": _MSG, "n": 1, "logprobs": False, "presence_penalty": 0,
+                           "response_format": {"type": "text"}, "tool_choice": "none"}, frozenset(), "embedded")
+    assert c.options == []
+    # a tool round trip's messages pass only where tools are served
+    msgs = _MSG + [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                                          "function": {"name": "f", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    assert len(schema.parse_chat({"model": "m", "messages": msgs}, SUPPORTS["vllm"], "vllm").messages) == 3
+    with pytest.raises(schema.ApiError) as e:
+        schema.parse_chat({"model": "m", "messages": msgs}, frozenset(), "embedded")
+    assert e.value.param == "messages[1].tool_calls"
 
 
 def test_chat_defaults_follow_deepseek():

@@ -58,7 +58,7 @@ def serve(ctx: typer.Context, **kw) -> None:
     given = {s.name for s in servesettings.SETTINGS
              if (src := ctx.get_parameter_source(s.name)) is not None and src.name == "COMMANDLINE"}
     opts, overrides, note = launch.settings(model, profile, values, given=given, use_tuned=kw["use_tuned"])
-    launch.check_guards(overrides.engine, opts)
+    launch.check_start(opts)  # what a real start reads first (guard policy, plugin), --dry-run included
     if note:
         out.info(note)
     from dsr1 import plan as planner

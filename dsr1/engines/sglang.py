@@ -50,6 +50,8 @@ class SglangEngine:
         a += ["--dtype", {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.dtype]]
         if plan.quantization:  # never for R1: "The official DeepSeek V3 is already in FP8 format"
             a += ["--quantization", plan.quantization]
+        if plan.tool_parser:  # dsr1.toolcalls
+            a += ["--tool-call-parser", plan.tool_parser]
         if plan.reasoning_parser == "deepseek_r1":
             a += ["--reasoning-parser", "deepseek-r1"]
         if plan.lora:

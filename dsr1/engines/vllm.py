@@ -64,6 +64,8 @@ class VllmEngine:
             a += ["--enable-lora", "--lora-modules", *(f"{n}={p}" for n, p in plan.lora),
                   "--max-lora-rank", str(next(r for r in VLLM_LORA_RANKS if r >= plan.lora_max_rank)),
                   "--max-loras", str(len(plan.lora))]
+        if plan.tool_parser:  # dsr1.toolcalls: without both flags vLLM refuses tool_choice "auto"
+            a += ["--enable-auto-tool-choice", "--tool-call-parser", plan.tool_parser]
         if plan.reasoning_parser == "deepseek_r1":
             a += ["--reasoning-parser", "deepseek_r1"]
             if flags.known is not None and "--enable-reasoning" in flags.known and base.version_tuple(flags.version) < (0, 10):

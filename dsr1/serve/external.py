@@ -45,13 +45,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_engine(launch: EngineLaunch, front_cfg, *, host: str, port: int, grace: float,
+def run_engine(launch: EngineLaunch, front_cfg, backend_cfg, *, host: str, port: int, grace: float,
                on_ready: Callable[[str], None], progress: Callable[[str], None] = lambda m: None,
                nodes: Callable[[], list[dict]] | None = None) -> None:
     """Start the engine, wait until healthy, serve the front until a signal or the engine's death."""
     from dsr1.serve import listen
     from dsr1.serve.front import create_front
     from dsr1.serve.metrics import Metrics
+    from dsr1.serve.proxy import ProxyBackend
     from dsr1.supervise import Child
 
     progress(f"starting {launch.engine}: {' '.join(launch.argv)}")
@@ -71,14 +72,19 @@ def run_engine(launch: EngineLaunch, front_cfg, *, host: str, port: int, grace: 
             took = child.wait_healthy(health, timeout=launch.start_timeout, progress=progress,
                                       diagnose=launch.diagnose)
         progress(f"{launch.engine} is up after {took:.0f}s")
-        app, front = create_front(front_cfg, Metrics(front_cfg.model_name, engine_gauges=False, gpus=nodes is None))
+        app, front = create_front(ProxyBackend(backend_cfg), front_cfg,
+                                  Metrics(front_cfg.model_name, engine_gauges=False, gpus=nodes is None))
         front.nodes = nodes
         died = threading.Event()
 
         def draining() -> None:
             front.draining = True
 
-        server = listen.make_server(app, host=host, port=port, grace=grace, on_ready=on_ready, on_signal=draining)
+        def ready(url: str) -> None:
+            front.ready = True
+            on_ready(url)
+
+        server = listen.make_server(app, host=host, port=port, grace=grace, on_ready=ready, on_signal=draining)
 
         def watch() -> None:
             while not server.should_exit:
@@ -141,22 +147,29 @@ def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = Non
 
 def _serve_node(plan, node, launch, opts, out, on_ready, agent) -> None:
     from dsr1.serve.front import FrontConfig
+    from dsr1.serve.proxy import ProxyConfig
+    from dsr1.serve.server import load_guards
 
     if node.role != "head":  # a worker rank: the engine process only; the head node's front serves clients
         run_worker(launch, grace=opts.grace, progress=out.info)
         return
+    policy, plugin = load_guards(opts)  # a bad policy fails before the engine's minutes of loading
     running = opts.max_concurrent or plan.max_num_seqs
-    cfg = FrontConfig(model_name=plan.served_name, engine=plan.engine,
-                      engine_url=f"http://127.0.0.1:{plan.engine_port}", engine_health_path=plan.health_path,
-                      max_model_len=plan.max_model_len, max_concurrent=running,
+    cfg = FrontConfig(model_name=plan.served_name, max_model_len=plan.max_model_len, max_concurrent=running,
                       max_queue=opts.max_queue if opts.max_queue is not None else 4 * running,
                       api_key=opts.api_key, max_body_bytes=opts.max_body_bytes, reasoning_field=opts.reasoning_field,
-                      reasoning_on=plan.reasoning_parser != "none", adapters=tuple(n for n, _ in plan.lora))
+                      reasoning_on=plan.reasoning_parser != "none", adapters=tuple(n for n, _ in plan.lora),
+                      guard=policy, guard_plugin=plugin, audit_log=opts.audit_log, audit_content=opts.audit_content,
+                      audit_max_bytes=int(opts.audit_max_mb * 2**20), audit_backups=opts.audit_backups)
+    backend = ProxyConfig(engine=plan.engine, url=f"http://127.0.0.1:{plan.engine_port}",
+                          health_path=plan.health_path, max_connections=running, served_name=plan.served_name,
+                          lora_ids={n: i for i, (n, _) in enumerate(plan.lora)} if plan.engine == "llamacpp" else {},
+                          tools=bool(getattr(plan, "tool_parser", "")) or plan.engine == "llamacpp")
 
     def ready(url: str) -> None:
         requestlog.ready(url)
 
-    run_engine(launch, cfg, host=opts.host, port=opts.port, grace=opts.grace, on_ready=on_ready or ready,
+    run_engine(launch, cfg, backend, host=opts.host, port=opts.port, grace=opts.grace, on_ready=on_ready or ready,
                progress=out.info, nodes=agent.nodes if agent is not None else None)
 
 

@@ -231,7 +231,7 @@ def size_context(*, slots: int, per_token: int, wanted: int | None, model_max: i
 
 
 def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, deployment=None):
-    """Load the model and choose every setting. Returns (Plan, scheduler, app config, metrics).
+    """Load the model and choose every setting. Returns (Plan, embedded backend, front config, metrics).
 
     `deployment` is the dsr1.plan.Plan `dsr1 serve` made (profile, concurrency, memory share);
     without it one is made here. What only a loaded model tells (dtype, KV bytes, context) is
@@ -239,8 +239,9 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     import torch
 
     from dsr1.probe.host import available_ram, probe_host
-    from dsr1.serve.app import AppConfig
+    from dsr1.serve.embedded import EmbeddedBackend, EmbeddedConfig
     from dsr1.serve.engine import EmbeddedModel, parse_dtype
+    from dsr1.serve.front import FrontConfig
     from dsr1.serve.metrics import Metrics
     from dsr1.serve.scheduler import Scheduler
 
@@ -329,7 +330,9 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
                                  k=opts.num_speculative_tokens).result()
     if proposer:
         metrics.bind_speculative()
-    sched = worker.submit(Scheduler, model, max_concurrent=max_concurrent, max_queue=max_queue,
+    # the front admits max_concurrent at a time (dsr1.serve.front.Admission); the scheduler's own queue
+    # only has to hold a request admitted while an aborted one has not yet left its row
+    sched = worker.submit(Scheduler, model, max_concurrent=max_concurrent, max_queue=max_queue + max_concurrent,
                           max_model_len=max_len, prefill_chunk=opts.prefill_chunk,
                           stream_interval=opts.stream_interval, metrics=metrics, worker=worker,
                           prefix_cache=prefix_factory, proposer=proposer).result()
@@ -354,11 +357,12 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
         batches = (2, 1) if max_concurrent > 1 else (1,)
         compile_seconds = worker.submit(model.fast.warm_up, sched.cache, batches=batches, progress=progress).result()
     forward_reason = model.fast_reason or compile_why
-    cfg = AppConfig(model_name=name, max_model_len=max_len, api_key=opts.api_key,
-                    max_body_bytes=opts.max_body_bytes, reasoning_parser=parser, reasoning_field=opts.reasoning_field,
-                    system_prompt=system, audit_log=opts.audit_log, audit_content=opts.audit_content,
-                    adapters=adapters, guard=policy, guard_plugin=plugin,
-                    audit_max_bytes=int(opts.audit_max_mb * 2**20), audit_backups=opts.audit_backups)
+    cfg = FrontConfig(model_name=name, max_model_len=max_len, max_concurrent=max_concurrent, max_queue=max_queue,
+                      api_key=opts.api_key, max_body_bytes=opts.max_body_bytes, reasoning_field=opts.reasoning_field,
+                      reasoning_on=parser == "deepseek_r1", adapters=tuple(adapters), guard=policy, guard_plugin=plugin,
+                      audit_log=opts.audit_log, audit_content=opts.audit_content,
+                      audit_max_bytes=int(opts.audit_max_mb * 2**20), audit_backups=opts.audit_backups)
+    backend = EmbeddedBackend(sched, EmbeddedConfig(max_len, parser == "deepseek_r1", system, adapters))
     p = Plan(str(model_dir), name, dep.profile, dtype, why, str(model.input_device), max_concurrent, max_queue, max_len,
              sched.cache.total_bytes, per_token, budget, opts.prefill_chunk, system, parser, parser_why,
              round(model.load_seconds, 2), model.path, forward_reason, round(compile_seconds, 1),
@@ -368,7 +372,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     for k, v in measured.items():
         if k != "dtype":  # a dtype timed at start is the plan's own instruction, not a surprise
             warnings.append(f"measured at start: {k} {v} (the plan said {getattr(dep, k, None)})")
-    return p, sched, cfg, metrics
+    return p, backend, cfg, metrics
 
 
 def load_guards(opts: ServeOptions):
@@ -408,19 +412,24 @@ def _check_speculative(opts: ServeOptions) -> None:
         raise UsageError("--num-speculative-tokens must be 1-16")
 
 
-def run(opts: ServeOptions, p: Plan, sched, cfg, metrics, on_ready: Callable[[str], None]) -> None:
+def run(opts: ServeOptions, p: Plan, backend, cfg, metrics, on_ready: Callable[[str], None]) -> None:
     """Serve until a signal; drain for opts.grace seconds; return normally (exit 0)."""
     from dsr1.serve import listen
-    from dsr1.serve.app import create_app
+    from dsr1.serve.front import create_front
 
-    app, api = create_app(sched, cfg, metrics)
+    app, front = create_front(backend, cfg, metrics)
+    sched = backend.sched
 
     def ready(url: str) -> None:
-        api.ready = True
+        front.ready = True
         on_ready(url)
 
+    def draining() -> None:
+        front.draining = True
+        sched.stop_accepting()
+
     server = listen.make_server(app, host=opts.host, port=opts.port, grace=opts.grace, on_ready=ready,
-                                on_signal=sched.stop_accepting)
+                                on_signal=draining)
     sched.start()
     try:
         listen.run(server, host=opts.host, port=opts.port)

@@ -1,0 +1,175 @@
+"""An engine dsr1 supervises (vLLM, SGLang, llama-server) as a backend of dsr1's front.
+
+Every request goes to the engine as a stream (whatever the client asked; the front puts a
+non-streamed answer together), so the front sees output as it is generated and its guards
+can stop it. The engine's reasoning, under either name (vLLM >= 0.11 sends `reasoning`,
+llama-server and SGLang `reasoning_content`), becomes the piece's reasoning; tool-call and
+logprob deltas pass through as the engine wrote them. The engine listens on 127.0.0.1 only
+and gets no API key: the front checks it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx
+
+from dsr1.serve import schema
+from dsr1.serve.backend import Call, Piece
+
+REASONING_NAMES = ("reasoning_content", "reasoning")
+
+# what each engine honours of schema.CAPABILITIES (checked against the engines' own request
+# handling: vLLM's and SGLang's protocol.py; llama-server refuses n > 1, "Only one completion choice")
+SUPPORTS = {
+    "vllm": frozenset({"n", "logprobs", "tools", "response_format", "penalties", "logit_bias"}),
+    "sglang": frozenset({"n", "logprobs", "tools", "response_format", "penalties", "logit_bias"}),
+    "llamacpp": frozenset({"logprobs", "tools", "response_format", "penalties", "logit_bias"}),
+}
+
+
+@dataclass
+class ProxyConfig:
+    engine: str  # vllm | sglang | llamacpp
+    url: str  # http://127.0.0.1:PORT
+    health_path: str = "/health"
+    max_connections: int = 16
+    # LoRA adapter routing: served name -> what the engine needs. vLLM and SGLang serve each
+    # adapter under its own model name; llama-server loads all adapters at start and applies
+    # one per request by its index (the request's "lora" field), at scale 0 otherwise.
+    lora_ids: dict[str, int] = field(default_factory=dict)
+    served_name: str = ""
+    tools: bool = True  # the plan enabled the engine's tool-call parser
+
+
+class ProxyBackend:
+    measures_latency = False
+
+    def __init__(self, cfg: ProxyConfig):
+        self.cfg = cfg
+        self.engine = cfg.engine
+        self.supports = SUPPORTS.get(cfg.engine, frozenset()) - (frozenset() if cfg.tools else {"tools"})
+        self.client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        # No timeout on reads: a long generation streams for minutes. Connection limits above the
+        # front's admission, so admission, not the pool, is what queues.
+        n = self.cfg.max_connections + 8
+        self.client = httpx.AsyncClient(base_url=self.cfg.url, timeout=httpx.Timeout(None, connect=10.0),
+                                        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def healthy(self) -> bool:
+        try:
+            r = await self.client.get(self.cfg.health_path, timeout=5)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    async def engine_metrics(self) -> bytes:
+        try:
+            r = await self.client.get("/metrics", timeout=5)
+        except httpx.HTTPError:
+            return b""
+        return r.content if r.status_code == 200 else b""
+
+    def _request_body(self, call: Call) -> dict[str, Any]:
+        body = dict(call.body)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}  # the front needs the counts; it tells the client if asked
+        if call.masked:  # the input guard masked text: the engine gets the masked version
+            if call.kind == "chat":
+                body["messages"] = [{**orig, "content": m["content"]} if orig.get("content") is not None else orig
+                                    for orig, m in zip(body["messages"], call.c.messages)]
+            else:
+                body["prompt"] = call.c.prompt
+        lora = self.cfg.lora_ids
+        if lora and self.engine == "llamacpp":  # every adapter loaded; this request's at scale 1, the rest at 0
+            body["lora"] = [{"id": i, "scale": 1.0 if name == call.c.model else 0.0} for name, i in lora.items()]
+            body["model"] = self.cfg.served_name
+        return body
+
+    async def open(self, call: Call) -> AsyncIterator[Piece]:
+        path = "/v1/chat/completions" if call.kind == "chat" else "/v1/completions"
+        try:
+            resp = await self.client.send(self.client.build_request("POST", path, json=self._request_body(call)),
+                                          stream=True)
+        except httpx.HTTPError as e:
+            raise schema.ApiError(502, f"the {self.engine} engine did not answer ({type(e).__name__})",
+                                  type="server_error", code="engine_unavailable") from None
+        if resp.status_code != 200:
+            try:
+                raw = await resp.aread()
+            finally:
+                await resp.aclose()
+            raise engine_error(resp.status_code, raw)
+        return self._pieces(call, resp)
+
+    async def _pieces(self, call: Call, resp: httpx.Response) -> AsyncIterator[Piece]:
+        """The engine's SSE events as pieces. Closing this generator closes the upstream stream,
+        and the engine aborts the request."""
+        finished: set[int] = set()
+        try:
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    return
+                try:
+                    event = json.loads(payload)
+                except ValueError:
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                if "error" in event:
+                    call.error = engine_error(500, payload.encode()).message
+                    yield Piece(finish_reason="error")
+                    return
+                call.request_id = call.request_id or str(event.get("id") or "")
+                if event.get("usage"):
+                    call.usage = {k: v for k, v in event["usage"].items() if isinstance(v, int)}
+                for ch in event.get("choices") or []:
+                    yield _piece(ch)
+                    if ch.get("finish_reason"):
+                        finished.add(ch.get("index", 0))
+            if not finished:  # the engine ended the stream without a finish
+                call.error = f"the {self.engine} engine ended the stream early"
+                yield Piece(finish_reason="error")
+        finally:
+            await resp.aclose()
+
+
+def _piece(ch: dict[str, Any]) -> Piece:
+    delta = ch.get("delta")
+    if isinstance(delta, dict):
+        reasoning = next((delta[n] for n in REASONING_NAMES if delta.get(n)), "")
+        text = delta.get("content") or ""
+        tools = delta.get("tool_calls") or None
+    else:  # a text completion's choice
+        reasoning, text, tools = "", ch.get("text") or "", None
+    return Piece(index=ch.get("index", 0), text=text, reasoning=reasoning, tool_calls=tools,
+                 logprobs=ch.get("logprobs"), finish_reason=ch.get("finish_reason"))
+
+
+def engine_error(status: int, raw: bytes) -> schema.ApiError:
+    """The engine's error, in OpenAI's shape whatever shape the engine used."""
+    message, etype, code, param = raw.decode(errors="replace")[:2000] or f"HTTP {status}", None, None, None
+    try:
+        data = json.loads(raw)
+        err = data.get("error", data) if isinstance(data, dict) else {}
+        if isinstance(err, dict):
+            message = str(err.get("message") or err.get("detail") or message)
+            etype, code, param = err.get("type"), err.get("code"), err.get("param")
+        elif isinstance(err, str):
+            message = err
+    except ValueError:
+        pass
+    etype = etype if isinstance(etype, str) else ("server_error" if status >= 500 else "invalid_request_error")
+    return schema.ApiError(status, f"{message}", type=etype, code=str(code) if code is not None else None,
+                           param=param if isinstance(param, str) else None)
