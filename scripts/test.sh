@@ -14,4 +14,5 @@ if [ "${DSR1_TEST_ENGINES:-0}" = 1 ]; then
   bash scripts/engines.sh
   echo "test.sh: engines took $((SECONDS - t1))s"
 fi
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+# -rs: every skip says why (an engine test that cannot find its engine fails instead, with DSR1_TEST_ENGINES_HOME)
+exec .venv/bin/python -m pytest -q -rs --durations=15 "$@"

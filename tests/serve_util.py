@@ -27,25 +27,24 @@ class ServerProc:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
         self.lines: list[str] = []
         self.url = ""
-        deadline = time.monotonic() + timeout
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if line.startswith("dsr1 serve: ready on "):
-                self.url = line.split("ready on ", 1)[1].strip()
-                break
-            if time.monotonic() > deadline:
-                break
-        if not self.url:
-            self.proc.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines[-30:]))
-        # keep draining stderr so the child never blocks on a full pipe
+        # Read stderr on a thread, so the deadline holds even when the child prints nothing (a silent
+        # hang must fail the test at `timeout`, not block the run).
+        self._ready = threading.Event()
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
+        self._ready.wait(timeout)
+        if not self.url:
+            self.proc.kill()
+            why = "exited" if self.proc.poll() is not None else f"no ready line within {timeout:.0f}s"
+            raise RuntimeError(f"server did not start ({why}):\n" + "".join(self.lines[-30:]))
 
     def _drain(self) -> None:
         for line in self.proc.stderr:  # type: ignore[union-attr]
             self.lines.append(line)
+            if not self.url and line.startswith("dsr1 serve: ready on "):
+                self.url = line.split("ready on ", 1)[1].strip()
+                self._ready.set()
+        self._ready.set()  # the child exited (its stderr closed): no ready line will come
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:

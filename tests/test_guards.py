@@ -221,3 +221,27 @@ def test_dry_run_reads_the_guard_file_and_plugin_a_start_would(demo_model_dir, d
         r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(model), "--engine", engine,
                             "--dry-run", "--guard", str(good)], capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode == 0, (engine, r.stderr)
+
+
+def test_the_docs_example_plans_unchanged_on_every_engine(demo_gguf, tmp_path):
+    """docs/guards.md's policy and commands, as written, with --engine vllm and llamacpp (--dry-run: the
+    catalog model cannot be downloaded here; tests/test_front_engines.py serves guards on each engine).
+    llama-server takes a GGUF file as MODEL, so with it the demo's GGUF stands in for the catalog name."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "guards.md").read_text()
+    (tmp_path / "policy.toml").write_text(re.search(r"```toml\n(.*?)```", doc, re.S).group(1))
+    (tmp_path / "mychecks.py").write_text("def classify(text, where):\n    return True\n")
+    commands = [shlex.split(line) for line in re.search(r"```sh\n(.*?)```", doc, re.S).group(1).splitlines()]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parent.parent}",
+           "DSR1_HOME": str(tmp_path / "home")}
+    for argv in commands:
+        assert argv[:2] == ["dsr1", "serve"]
+        for engine in ("vllm", "llamacpp"):
+            args = [str(demo_gguf), *argv[3:]] if engine == "llamacpp" else argv[2:]
+            r = subprocess.run([sys.executable, "-m", "dsr1", "serve", *args, "--engine", engine, "--profile", "base",
+                                "--dry-run"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+            assert r.returncode == 0, (engine, argv, r.stderr)

@@ -658,8 +658,7 @@ def test_every_vllm_command_parses_with_vllms_own_parser():
     if not ENGINES_HOME:
         pytest.skip("set DSR1_TEST_ENGINES_HOME to a DSR1_HOME with vLLM installed (bash scripts/engines.sh)")
     found = envs.own("vllm", {"DSR1_HOME": ENGINES_HOME})
-    if found is None:
-        pytest.skip(f"no vllm installed in {ENGINES_HOME}")
+    assert found is not None, f"no vllm installed in DSR1_TEST_ENGINES_HOME={ENGINES_HOME} (bash scripts/engines.sh)"
     code = ("import json, sys\n"
             "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args\n"
             "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
@@ -714,8 +713,9 @@ def test_every_sglang_command_parses_with_sglangs_own_parser():
     every flag dsr1 writes must be one SGLang declares)."""
     assert SGLANG_ARGVS, "run with the matrix (pytest collects it first in this module)"
     env = Path(ENGINES_HOME or "/nonexistent") / "sglang-parser" / "bin" / "python"
-    if not env.is_file():
-        pytest.skip("no SGLang parser environment: bash scripts/sglang_parser.sh $DSR1_TEST_ENGINES_HOME/sglang-parser")
+    if not ENGINES_HOME:
+        pytest.skip("set DSR1_TEST_ENGINES_HOME (bash scripts/engines.sh installs SGLang's parser environment)")
+    assert env.is_file(), "no SGLang parser environment: bash scripts/sglang_parser.sh $DSR1_TEST_ENGINES_HOME/sglang-parser"
     res = subprocess.run([str(env), "-c", SGLANG_PARSE], input=json.dumps(SGLANG_ARGVS), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -95,6 +95,22 @@ def llama_demo(llama_server, demo_gguf, tmp_path_factory):
     srv.stop()
 
 
+ENGINE_RUNNING = {"llamacpp": "llamacpp:requests_processing", "vllm": "vllm:num_requests_running"}
+
+
+def _wait_admitted(srv: ServerProc, engine: str, key: str | None, timeout: float = 120) -> None:
+    """Until the engine itself counts a running request (its own /metrics, behind dsr1's), not a sleep."""
+    name = ENGINE_RUNNING[engine]
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{srv.url}/metrics", headers=headers, timeout=10).text
+        if any(line.startswith(name) and float(line.rsplit(" ", 1)[1]) >= 1 for line in text.splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{engine} never counted the request as running ({name})")
+
+
 def _client(srv: ServerProc, key: str | None = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=srv.url + "/v1", api_key=key or "unused", max_retries=0, timeout=300)
 
@@ -181,7 +197,7 @@ def test_llamacpp_sigterm_drains_and_stops_the_engine(llama_server, demo_gguf, t
 
     t = threading.Thread(target=ask)
     t.start()
-    time.sleep(1.0)
+    _wait_admitted(srv, "llamacpp", None)
     code = srv.stop(signal.SIGTERM, timeout=120)
     t.join(60)
     assert code == 0, "".join(srv.lines[-30:])
@@ -329,7 +345,7 @@ def test_vllm_r1_reasoning_and_drain(vllm, scripted_r1_for_vllm, tmp_path):
 
         t = threading.Thread(target=ask)
         t.start()
-        time.sleep(1.0)
+        _wait_admitted(srv, "vllm", KEY)
         code = srv.stop(signal.SIGTERM, timeout=180)
         t.join(60)
         assert code == 0, "".join(srv.lines[-30:])

@@ -232,3 +232,17 @@ def test_compile_auto_only_where_it_was_measured_faster(monkeypatch):
     assert not on and "second, packed copy" in why
     assert choose("off")[0] is False
     assert not choose("auto", fast="architecture 'gpt2'")[0]
+
+
+def test_the_server_harness_deadline_holds_when_the_child_prints_nothing(tmp_path):
+    """tests/serve_util.ServerProc: a child that hangs silently fails the test at its deadline (a
+    sitecustomize that sleeps before dsr1 starts stands in for a silent hang)."""
+    import time
+
+    from tests.serve_util import REPO, ServerProc
+
+    (tmp_path / "sitecustomize.py").write_text("import time\ntime.sleep(60)\n")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="no ready line within 2s"):
+        ServerProc(["unused"], tmp_path / "home", env={"PYTHONPATH": f"{tmp_path}:{REPO}"}, timeout=2)
+    assert time.monotonic() - t0 < 10
