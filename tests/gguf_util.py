@@ -39,7 +39,7 @@ def r1_qwen_metadata(cache: Path) -> dict[str, gguf_meta.Field]:
 
 
 def build_tiny_gguf(meta: dict[str, gguf_meta.Field], out: Path, *, hidden: int = 16,
-                    seed: int = 0, script: list[str] | None = None) -> Path:
+                    seed: int = 0, script: list[str] | None = None, q_rows: int | None = None) -> Path:
     """A 1-layer model of the metadata's architecture (qwen2 or llama) carrying its tokenizer keys verbatim.
 
     With `script` (tokens as the file spells them, e.g. "Ġme"), the model is a bigram table whose
@@ -95,7 +95,7 @@ def build_tiny_gguf(meta: dict[str, gguf_meta.Field], out: Path, *, hidden: int 
     t("output_norm.weight", hidden, ones=True)
     t("blk.0.attn_norm.weight", hidden, ones=True)
     t("blk.0.ffn_norm.weight", hidden, ones=True)
-    t("blk.0.attn_q.weight", 2 * head_dim, hidden)
+    t("blk.0.attn_q.weight", q_rows or 2 * head_dim, hidden)  # q_rows: a shape llama.cpp refuses
     t("blk.0.attn_k.weight", kv, hidden)
     t("blk.0.attn_v.weight", kv, hidden)
     if arch == "qwen2":

@@ -184,31 +184,6 @@ def test_llamacpp_overload_is_429(llama_demo):
     assert codes.count(200) >= 4 and codes.count(429) >= 1 and set(codes) <= {200, 429}
 
 
-def test_llamacpp_sigterm_drains_and_stops_the_engine(llama_server, demo_gguf, tmp_path):
-    srv = _serve([str(demo_gguf), "--engine", "llamacpp", "--served-model-name", "demo", "--max-model-len", "1024"],
-                 tmp_path / "home", llama_server, key=None)
-    got: dict = {}
-
-    def ask() -> None:
-        r = _client(srv, None).chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "Tell a story."}], max_tokens=48, temperature=0,
-            extra_body={"ignore_eos": True})
-        got["finish"], got["n"] = r.choices[0].finish_reason, r.usage.completion_tokens
-
-    t = threading.Thread(target=ask)
-    t.start()
-    _wait_admitted(srv, "llamacpp", None)
-    code = srv.stop(signal.SIGTERM, timeout=120)
-    t.join(60)
-    assert code == 0, "".join(srv.lines[-30:])
-    assert got == {"finish": "length", "n": 48}  # the running request finished before the engine stopped
-    # rich wraps the long "starting llamacpp: ..." line anywhere: read the port with whitespace removed
-    flat = "".join("".join(srv.lines).split())
-    port = int(re.search(r"startingllamacpp:.*?--port(\d+)", flat).group(1))
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-
-
 def _assert_scripted_answer(c: openai.OpenAI, streamed_field: str) -> None:
     """The scripted R1 model's answer, non-streamed (both field names) and streamed (`streamed_field`)."""
     msgs = [{"role": "user", "content": "hi"}]
@@ -235,15 +210,22 @@ def test_llamacpp_r1_reasoning_reaches_both_fields(llama_server, tmp_path):
         srv.stop()
 
 
-def test_llamacpp_impossible_context_is_diagnosed(llama_server, demo_gguf, tmp_path):
+def test_llamacpp_a_model_it_rejects_is_diagnosed_from_its_log(llama_server, demo_gguf, tmp_path):
+    """A GGUF whose header passes dsr1's checks but whose tensor shapes llama.cpp refuses: the engine
+    fails at load, and dsr1 exits with llama-server's own lines and the fix for what they say."""
+    from dsr1 import gguf_meta
+    from tests.gguf_util import HEAD_BYTES
+
+    with open(demo_gguf, "rb") as f:
+        meta = gguf_meta.parse(f.read(HEAD_BYTES), tensors=False).fields
+    bad = build_tiny_gguf(meta, tmp_path / "bad.gguf", q_rows=18)  # attn_q: 18 rows where 16 belong
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(tmp_path / "home"),
            "PATH": str(Path(llama_server["binary"]).parent) + os.pathsep + os.environ.get("PATH", "")}
-    r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(demo_gguf), "--engine", "llamacpp",
-                        "--max-model-len", "100000000", "--port", "0"], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
-    assert "--max-model-len" in r.stderr  # the fix names the flag
+    r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(bad), "--engine", "llamacpp",
+                        "--max-model-len", "512", "--port", "0"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 10 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "wrong shape" in r.stderr  # llama-server's own line, read from its log
+    assert "llama-server could not read the GGUF" in r.stderr  # the diagnosis of it
 
 
 # --- vLLM (CPU build) ---------------------------------------------------------------------------
@@ -254,10 +236,19 @@ def vllm():
 
 
 @pytest.fixture(scope="module")
-def vllm_demo(vllm, demo_model_dir, tmp_path_factory):
+def lora_adapter(demo_model_dir, tmp_path_factory):
+    from tests.test_lora import _make_adapter
+
+    return _make_adapter(demo_model_dir, tmp_path_factory.mktemp("lora") / "a", 1,
+                         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@pytest.fixture(scope="module")
+def vllm_demo(vllm, demo_model_dir, lora_adapter, tmp_path_factory):
+    """The module's one vLLM on the demo model (with a LoRA adapter beside it); its drain test runs last."""
     home = tmp_path_factory.mktemp("home-vllm")
     srv = _serve([str(demo_model_dir), "--engine", "vllm", "--served-model-name", "demo", "--max-model-len", "1024",
-                  "--dtype", "bf16"], home, vllm)
+                  "--dtype", "bf16", "--lora", f"a={lora_adapter}"], home, vllm)
     yield srv
     srv.stop()
 
@@ -302,65 +293,43 @@ def scripted_r1_for_vllm(demo_model_dir, tmp_path_factory):
     return build_scripted_r1(d / "base", d / "r1", [script], chat_template=R1_CHAT_TEMPLATE.replace("<think>\\n", ""))
 
 
-def test_vllm_serves_lora_adapters_by_name(vllm, demo_model_dir, tmp_path):
+def test_vllm_serves_lora_adapters_by_name(vllm_demo):
     """--lora with vLLM: dsr1 passes vLLM's own LoRA flags; the adapter answers under its name,
     differently from the base model, through dsr1's front."""
-    from tests.test_lora import _make_adapter
-
-    adapter = _make_adapter(demo_model_dir, tmp_path / "a", 1, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                  "up_proj", "down_proj"])
-    srv = _serve([str(demo_model_dir), "--engine", "vllm", "--served-model-name", "demo", "--max-model-len", "1024",
-                  "--dtype", "bf16", "--lora", f"a={adapter}"], tmp_path / "home", vllm)
-    try:
-        c = _client(srv)
-        assert {m.id: m.model_extra["parent"] for m in c.models.list().data} == {"demo": None, "a": "demo"}
-        texts = {}
-        for model in ("demo", "a"):
-            r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0)
-            assert r.model == model
-            texts[model] = r.choices[0].text
-        assert texts["a"] != texts["demo"]
-        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
-            model="a", prompt="The capital of France is", max_tokens=12, temperature=0, stream=True) if ch.choices)
-        assert streamed == texts["a"]
-        assert "--enable-lora" in "".join(srv.lines)
-    finally:
-        srv.stop()
+    c = _client(vllm_demo)
+    assert {m.id: m.model_extra["parent"] for m in c.models.list().data} == {"demo": None, "a": "demo"}
+    texts = {}
+    for model in ("demo", "a"):
+        r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0)
+        assert r.model == model
+        texts[model] = r.choices[0].text
+    assert texts["a"] != texts["demo"]
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="a", prompt="The capital of France is", max_tokens=12, temperature=0, stream=True) if ch.choices)
+    assert streamed == texts["a"]
+    assert "--enable-lora" in "".join(vllm_demo.lines)
 
 
-def test_vllm_r1_reasoning_and_drain(vllm, scripted_r1_for_vllm, tmp_path):
-    """vLLM's deepseek_r1 parser (its field is `reasoning` since 0.11) reaches clients in both names;
-    SIGTERM lets a running request finish, then stops vLLM."""
+def test_vllm_r1_reasoning_reaches_both_fields(vllm, scripted_r1_for_vllm, tmp_path):
+    """vLLM's deepseek_r1 parser (its field is `reasoning` since 0.11) reaches clients in both names."""
     srv = _serve([str(scripted_r1_for_vllm), "--engine", "vllm", "--served-model-name", "r1", "--max-model-len",
                   "512", "--dtype", "fp32"], tmp_path / "home", vllm)
     try:
-        c = _client(srv)
-        _assert_scripted_answer(c, "reasoning")
-        got: dict = {}
-
-        def ask() -> None:
-            r = c.completions.create(model="r1", prompt="hi", max_tokens=200, temperature=0,
-                                     extra_body={"ignore_eos": True})
-            got["finish"], got["n"] = r.choices[0].finish_reason, r.usage.completion_tokens
-
-        t = threading.Thread(target=ask)
-        t.start()
-        _wait_admitted(srv, "vllm", KEY)
-        code = srv.stop(signal.SIGTERM, timeout=180)
-        t.join(60)
-        assert code == 0, "".join(srv.lines[-30:])
-        assert got == {"finish": "length", "n": 200}
+        _assert_scripted_answer(_client(srv), "reasoning")
     finally:
         srv.stop()
 
 
-def test_vllm_impossible_context_is_diagnosed(vllm, demo_model_dir, tmp_path):
+def test_vllm_a_model_it_rejects_is_diagnosed_from_its_log(vllm, tiny_model_factory, tmp_path):
+    """A model of head size 16, which vLLM's CPU attention refuses (dsr1 plans it: the embedded engine
+    takes it): vLLM fails at start, and dsr1 exits with vLLM's own lines and the fix."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(tmp_path / "home")}
-    r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(demo_model_dir), "--engine", "vllm",
-                        "--engine-python", vllm["python"], "--max-model-len", "100000000", "--port", "0"],
+    r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(tiny_model_factory("qwen2")), "--engine", "vllm",
+                        "--engine-python", vllm["python"], "--max-model-len", "512", "--port", "0"],
                        capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "--max-model-len" in r.stderr
+    assert r.returncode == 10 and "Traceback" not in r.stderr.split("diagnos")[-1], r.stderr[-3000:]
+    assert "Unsupported CPU attention configuration" in r.stderr  # vLLM's own line
+    assert "serve it with --engine embedded" in r.stderr  # the diagnosis of it
 
 
 def test_vllm_cpu_tensor_parallel_two_nodes_on_one_host(vllm, demo_model_dir, tmp_path):
@@ -467,3 +436,55 @@ def test_vllm_dashboard_queries_name_metrics_vllm_exports(vllm_demo):
 
 def test_llamacpp_dashboard_queries_name_metrics_llama_server_exports(llama_demo):
     assert _names_missing_from_metrics(llama_demo, "llamacpp") == []
+
+
+def test_bench_counts_prompts_with_the_real_vllms_tokenize(vllm_demo, tmp_path):
+    """`dsr1 bench --url` at vLLM itself (the engine's own port, as a user who runs vLLM without dsr1
+    would point it) from a machine with no tokenizer: prompts are sized through vLLM's /tokenize and
+    chat template, and vLLM's own usage counts them exactly as long."""
+    from tests.test_bench_tokenizer_sources import RUN, _bench, _check_exact_lengths
+
+    flat = "".join("".join(vllm_demo.lines).split())
+    port = int(re.search(r"startingvllm:.*?--port(\d+)", flat).group(1))
+    url = f"http://127.0.0.1:{port}"
+    out = _bench(tmp_path / "client-home", "--url", url, "--model", "demo", *RUN, "--out", tmp_path / "r",
+                 HF_HOME=str(tmp_path / "hf"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"tokenizer: the server's /tokenize at {url}" in out.stderr
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert doc["tokenizer"]["source"] == "server"
+    _check_exact_lengths(doc)
+
+
+# --- drain tests: last in the module, each on its shared server (SIGTERM ends it) ------------------
+
+def _drain(srv: ServerProc, engine: str, key: str | None, tokens: int) -> None:
+    """SIGTERM while a request runs (the engine's own counter says so): it finishes, then dsr1 stops
+    the engine and exits 0, and the engine's port is closed."""
+    got: dict = {}
+
+    def ask() -> None:
+        r = _client(srv, key).completions.create(model="demo", prompt="Tell a story.", max_tokens=tokens,
+                                                 temperature=0, extra_body={"ignore_eos": True})
+        got["finish"], got["n"] = r.choices[0].finish_reason, r.usage.completion_tokens
+
+    t = threading.Thread(target=ask)
+    t.start()
+    _wait_admitted(srv, engine, key)
+    code = srv.stop(signal.SIGTERM, timeout=180)
+    t.join(60)
+    assert code == 0, "".join(srv.lines[-30:])
+    assert got == {"finish": "length", "n": tokens}  # the running request finished before the engine stopped
+    # rich wraps the long "starting ENGINE: ..." line anywhere: read the port with whitespace removed
+    flat = "".join("".join(srv.lines).split())
+    port = int(re.search(rf"starting{engine}:.*?--port(\d+)", flat).group(1))
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_zz_llamacpp_sigterm_drains_and_stops_the_engine(llama_demo):
+    _drain(llama_demo, "llamacpp", KEY, 48)
+
+
+def test_zz_vllm_sigterm_drains_and_stops_the_engine(vllm_demo):
+    _drain(vllm_demo, "vllm", KEY, 200)

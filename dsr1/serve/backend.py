@@ -41,6 +41,7 @@ class Call:
     usage: dict[str, int] = field(default_factory=dict)  # set by the backend at the end
     request_id: str = ""
     ttft_s: float | None = None  # the engine's own time to first token, when it measures it
+    fingerprint: str | None = None  # the engine's system_fingerprint (vLLM: version, TP size, ...)
     error: str | None = None  # why generation failed (a piece with finish_reason "error")
 
 

@@ -452,6 +452,8 @@ class Front:
         body = {"id": schema.new_id("chatcmpl" if x.kind == "chat" else "cmpl"),
                 "object": "chat.completion" if x.kind == "chat" else "text_completion", "created": schema.now(),
                 "model": x.call.c.model, "choices": out, "usage": self._usage(x)}
+        if x.call.fingerprint:
+            body["system_fingerprint"] = x.call.fingerprint
         return JSONResponse(body)
 
     def _usage(self, x: _Ctx) -> dict[str, int]:
@@ -471,6 +473,8 @@ class Front:
             else:
                 choice["text"] = text
             payload = {"id": rid, "object": obj, "created": created, "model": c.model, "choices": [choice]}
+            if x.call.fingerprint:
+                payload["system_fingerprint"] = x.call.fingerprint
             if c.include_usage:
                 payload["usage"] = None
             return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"

@@ -132,6 +132,7 @@ class ProxyBackend:
                     yield Piece(finish_reason="error")
                     return
                 call.request_id = call.request_id or str(event.get("id") or "")
+                call.fingerprint = event.get("system_fingerprint") or call.fingerprint
                 if event.get("usage"):
                     call.usage = {k: v for k, v in event["usage"].items() if isinstance(v, int)}
                 for ch in event.get("choices") or []:
