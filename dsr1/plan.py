@@ -299,8 +299,7 @@ def _adapters(o: Overrides, engine: str, ref: "ModelRef") -> tuple[tuple[tuple[s
     from dsr1 import lora
 
     if engine == "llamacpp":
-        raise UsageError("--lora is not supported with llama-server (it takes GGUF LoRA files, which dsr1 does "
-                         "not convert)", hint="serve the safetensors model with --engine embedded or vllm")
+        return _gguf_adapters(o, ref), 0
     out, rank = [], 0
     for name, where in o.lora:
         adapter = lora.read(lora.resolve(where))
@@ -309,6 +308,28 @@ def _adapters(o: Overrides, engine: str, ref: "ModelRef") -> tuple[tuple[tuple[s
         out.append((name, str(adapter.path)))
         rank = max(rank, adapter.r)
     return tuple(out), rank
+
+
+def _gguf_adapters(o: Overrides, ref: "ModelRef") -> tuple[tuple[str, str], ...]:
+    """llama-server's adapters are GGUF files (dsr1.lora_gguf): a GGUF adapter as it is, a PEFT one as the
+    GGUF it converts to at start (the plan names that file; `dsr1.serve.external` makes it)."""
+    from dsr1 import lora, lora_gguf, store
+
+    out = []
+    for name, where in o.lora:
+        p = Path(where).expanduser()
+        if p.is_file():
+            if not lora_gguf.is_gguf_adapter(p):
+                raise UsageError(f"--lora {name}={where}: not a GGUF LoRA adapter (general.type adapter, "
+                                 f"adapter.type lora)", hint="pass a PEFT adapter folder or a GGUF LoRA file")
+            out.append((name, str(p.resolve())))
+            continue
+        adapter = lora.read(lora.resolve(where))
+        stored = store.find(ref.name) if ref.kind == "store" else None
+        dirs = [Path(stored.model_dir)] if stored is not None and stored.embedded_ready else []
+        lora_gguf.base_config_dir(adapter, dirs)  # refused now, not at start, when nothing has the config
+        out.append((name, str(lora_gguf.converted_path(adapter.path))))
+    return tuple(out)
 
 
 def _engine_for(o: Overrides, ref: "ModelRef", prof: profiles.Profile, device: str,

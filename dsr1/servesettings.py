@@ -88,7 +88,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('node_metrics_port', int, 8101, ('--node-metrics-port',), "Multi-node: port of each node's metrics agent (GPUs, latency toward the head) on the NCCL interface; 0: off.", engines=('vllm', 'sglang')),
     Setting('head', Optional[str], None, ('--head',), "HOST:PORT of node 0's rendezvous, reachable from every node.", engines=('vllm', 'sglang')),
     Setting('expect_model', Optional[str], None, ('--expect-model',), "Multi-node: refuse to start unless this node's copy of MODEL has this fingerprint (the plan's model_fingerprint; --emit writes it).", engines=('vllm', 'sglang')),
-    Setting('lora', Optional[list[str]], None, ('--lora',), 'NAME=ADAPTER (a peft LoRA directory or a stored adapter), repeatable: served as model NAME beside the base model, in the same batches (docs/lora.md).', engines=('embedded', 'vllm', 'sglang')),
+    Setting('lora', Optional[list[str]], None, ('--lora',), 'NAME=ADAPTER (a peft LoRA directory, a stored adapter, or for llama-server a GGUF LoRA file; peft adapters are converted for it), repeatable: served as model NAME beside the base model (docs/lora.md).'),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -156,9 +157,26 @@ def test_vllm_and_sglang_get_their_own_lora_flags(demo_model_dir, demo_gguf, ada
         argv = json.loads(r.stdout)["nodes"][0]["argv"]
         i = argv.index(flags[0])
         assert argv[i : i + len(flags)] == flags, argv
-    r = _dsr1("serve", demo_gguf, "--engine", "llamacpp", "--lora", f"a={adapters['a']}", "--dry-run",
+    # llama-server: the peft adapter as the GGUF llama.cpp's converter makes of it at start, loaded at scale 0
+    r = _dsr1("serve", demo_gguf, "--engine", "llamacpp", "--lora", f"a={adapters['a']}", "--dry-run", "--json",
               home=tmp_path / "home")
-    assert r.returncode == 2 and "--lora is not supported with llama-server" in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr
+    argv = json.loads(r.stdout)["nodes"][0]["argv"]
+    gguf = argv[argv.index("--lora") + 1]
+    assert gguf.startswith(str(tmp_path / "home" / "cache" / "lora-gguf")) and gguf.endswith(".gguf")
+    assert "--lora-init-without-apply" in argv
+    # a file that is not a GGUF adapter, and a peft adapter whose base config is nowhere, are refused
+    (tmp_path / "x.gguf").write_bytes(b"GGUF" + bytes(60))
+    r = _dsr1("serve", demo_gguf, "--engine", "llamacpp", "--lora", f"a={tmp_path / 'x.gguf'}", "--dry-run",
+              home=tmp_path / "home")
+    assert r.returncode == 2 and "not a GGUF LoRA adapter" in r.stderr, r.stderr
+    orphan = tmp_path / "orphan"
+    shutil.copytree(adapters["a"], orphan)
+    cfg = json.loads((orphan / "adapter_config.json").read_text())
+    (orphan / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "/nowhere/base"}))
+    r = _dsr1("serve", demo_gguf, "--engine", "llamacpp", "--lora", f"a={orphan}", "--dry-run",
+              home=tmp_path / "home")
+    assert r.returncode == 2 and "base model's config.json" in r.stderr, r.stderr
 
 
 def test_pull_an_adapter_from_the_hub(demo_model_dir, adapters, tmp_path, monkeypatch):

@@ -87,10 +87,12 @@ def _serve(args: list[str], home: Path, engine: dict, *, key: str | None = KEY, 
 
 
 @pytest.fixture(scope="module")
-def llama_demo(llama_server, demo_gguf, tmp_path_factory):
+def llama_demo(llama_server, demo_gguf, lora_adapter, tmp_path_factory):
+    """The module's one llama-server on the demo GGUF, with a LoRA adapter (peft, converted to GGUF by
+    llama.cpp's converter at start); its drain test runs last."""
     home = tmp_path_factory.mktemp("home-llama")
     srv = _serve([str(demo_gguf), "--engine", "llamacpp", "--served-model-name", "demo", "--max-concurrent", "4",
-                  "--max-queue", "0", "--max-model-len", "1024"], home, llama_server)
+                  "--max-queue", "0", "--max-model-len", "1024", "--lora", f"a={lora_adapter}"], home, llama_server)
     yield srv
     srv.stop()
 
@@ -129,7 +131,29 @@ def test_llamacpp_answers_through_dsr1s_front(llama_demo):
     assert text.strip()
     cr = c.completions.create(model="demo", prompt="The capital of France is", max_tokens=4, temperature=0)
     assert cr.choices[0].text
-    assert [m.id for m in c.models.list().data] == ["demo"]
+    assert [m.id for m in c.models.list().data] == ["demo", "a"]
+
+
+def _engine_url(srv: ServerProc, engine: str) -> str:
+    flat = "".join("".join(srv.lines).split())  # rich wraps the long "starting ENGINE: ..." line anywhere
+    port = re.search(rf"starting{engine}:.*?--port(\\d+)", flat).group(1)
+    return f"http://127.0.0.1:{port}"
+
+
+def test_llamacpp_serves_lora_adapters_by_name_as_llama_server_itself_does(llama_demo):
+    """--lora with llama-server: the peft adapter converted by llama.cpp's own converter, loaded at scale 0;
+    the front sets the asked adapter's scale per request. Through dsr1 the adapter's answer differs from
+    the base model's and is exactly what llama-server gives for that adapter asked directly."""
+    c = _client(llama_demo)
+    prompt = "The capital of France is"
+    texts = {m: c.completions.create(model=m, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+             for m in ("demo", "a")}
+    assert texts["a"] != texts["demo"]
+    own = {scale: httpx.post(f"{_engine_url(llama_demo, 'llamacpp')}/v1/completions", timeout=120, json={
+        "model": "demo", "prompt": prompt, "max_tokens": 12, "temperature": 0, "lora": [{"id": 0, "scale": scale}]})
+        .json()["choices"][0]["text"] for scale in (0.0, 1.0)}
+    assert (own[0.0], own[1.0]) == (texts["demo"], texts["a"])
+    assert "--lora-init-without-apply" in "".join(llama_demo.lines)
 
 
 def test_llamacpp_front_keeps_dsr1s_rules(llama_demo):
@@ -307,6 +331,9 @@ def test_vllm_serves_lora_adapters_by_name(vllm_demo):
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model="a", prompt="The capital of France is", max_tokens=12, temperature=0, stream=True) if ch.choices)
     assert streamed == texts["a"]
+    own = httpx.post(f"{_engine_url(vllm_demo, 'vllm')}/v1/completions", timeout=120, json={
+        "model": "a", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}).json()
+    assert own["choices"][0]["text"] == texts["a"]  # what vLLM itself answers for the adapter
     assert "--enable-lora" in "".join(vllm_demo.lines)
 
 
@@ -321,15 +348,22 @@ def test_vllm_r1_reasoning_reaches_both_fields(vllm, scripted_r1_for_vllm, tmp_p
 
 
 def test_vllm_a_model_it_rejects_is_diagnosed_from_its_log(vllm, tiny_model_factory, tmp_path):
-    """A model of head size 16, which vLLM's CPU attention refuses (dsr1 plans it: the embedded engine
-    takes it): vLLM fails at start, and dsr1 exits with vLLM's own lines and the fix."""
+    """A model whose config names an architecture vLLM has no implementation of (dsr1 plans it from the
+    config's fields; the embedded engine would load it through transformers' model_type): vLLM refuses
+    at start, and dsr1 exits with vLLM's own line and the fix."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("qwen2"), model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "architectures": ["Dsr1NoSuchForCausalLM"]}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(tmp_path / "home")}
-    r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(tiny_model_factory("qwen2")), "--engine", "vllm",
+    r = subprocess.run([sys.executable, "-m", "dsr1", "serve", str(model), "--engine", "vllm",
                         "--engine-python", vllm["python"], "--max-model-len", "512", "--port", "0"],
-                       capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 10 and "Traceback" not in r.stderr.split("diagnos")[-1], r.stderr[-3000:]
-    assert "Unsupported CPU attention configuration" in r.stderr  # vLLM's own line
-    assert "serve it with --engine embedded" in r.stderr  # the diagnosis of it
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 10, r.stderr[-3000:]
+    assert "Model architectures ['Dsr1NoSuchForCausalLM'] are not supported" in r.stderr  # vLLM's own line
+    assert "vLLM has no implementation of 'Dsr1NoSuchForCausalLM'" in r.stderr  # the diagnosis of it
 
 
 def test_vllm_cpu_tensor_parallel_two_nodes_on_one_host(vllm, demo_model_dir, tmp_path):
@@ -444,9 +478,7 @@ def test_bench_counts_prompts_with_the_real_vllms_tokenize(vllm_demo, tmp_path):
     chat template, and vLLM's own usage counts them exactly as long."""
     from tests.test_bench_tokenizer_sources import RUN, _bench, _check_exact_lengths
 
-    flat = "".join("".join(vllm_demo.lines).split())
-    port = int(re.search(r"startingvllm:.*?--port(\d+)", flat).group(1))
-    url = f"http://127.0.0.1:{port}"
+    url = _engine_url(vllm_demo, "vllm")
     out = _bench(tmp_path / "client-home", "--url", url, "--model", "demo", *RUN, "--out", tmp_path / "r",
                  HF_HOME=str(tmp_path / "hf"))
     assert out.returncode == 0, out.stderr[-3000:]

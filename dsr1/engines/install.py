@@ -338,14 +338,15 @@ def _llamacpp_engine(plan: InstallPlan, log: Log, reporter: Reporter, stage: Cal
 
 
 def _keep_converter(tree: Path, dest: Path) -> None:
-    """llama.cpp's own HF->GGUF converter (convert_hf_to_gguf.py, its `conversion` package and the
+    """llama.cpp's own HF->GGUF converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py, the `conversion` package and the
     gguf-py it imports), from the same source as the binary: a GGUF it writes is one this llama-server
     reads. Kept at ENGINE_DIR/convert (the source tree goes after the build); run it with any Python
     that has torch, numpy and transformers."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(tree / "convert_hf_to_gguf.py", tmp / "convert_hf_to_gguf.py")
+    for script in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py"):  # models; PEFT adapters (dsr1.lora_gguf)
+        shutil.copy2(tree / script, tmp / script)
     for sub in ("conversion", "gguf-py"):
         if (tree / sub).is_dir():
             shutil.copytree(tree / sub, tmp / sub)

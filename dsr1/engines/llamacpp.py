@@ -53,6 +53,8 @@ class LlamaCppEngine:
             args += ["-ngl", "999"]  # every layer on the GPUs
         if plan.reasoning_parser == "deepseek_r1":
             args += ["--reasoning-format", "deepseek"]
+        if plan.lora:  # loaded at scale 0; dsr1's front sets this request's adapter to 1 (the "lora" field)
+            args += ["--lora", ",".join(p for _, p in plan.lora), "--lora-init-without-apply"]
         args += ["--host", plan.engine_host, "--port", str(plan.engine_port), "--metrics"]
         flags.check(args)
         binary = (installed.binary if installed is not None else None) or "llama-server"

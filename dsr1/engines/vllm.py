@@ -122,6 +122,10 @@ class VllmEngine:
         if "Unsupported CPU attention configuration" in text:
             return ("vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 and 512; "
                     "this model's is not one of them: serve it with --engine embedded")
+        arch = re.search(r"Model architectures \[([^\]]*)\] are not supported", text)
+        if arch:
+            return (f"vLLM has no implementation of {arch.group(1)}: serve this model with --engine embedded "
+                    f"(transformers runs it), or convert it to GGUF for --engine llamacpp")
         kv = re.search(r"max seq len \((\d+)\) is larger than the maximum number of tokens that can be stored in KV "
                        r"cache \((\d+)\)", text)
         if kv:

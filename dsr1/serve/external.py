@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 import threading
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,8 @@ def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = Non
         out.info(f"checked: {line}")
     node = plan.local
     assert node is not None  # preflight.run refuses a rank the plan has no command for
+    if plan.engine == "llamacpp" and plan.lora:
+        _convert_adapters(plan, opts, out.info)
     engine = base.get(plan.engine)
     env = {**plan.env, **node.env}
     for cmd in node.setup:  # e.g. `ray start --head`: returns once the daemon is up
@@ -143,6 +146,21 @@ def serve_external(plan, opts, out, on_ready: Callable[[str], None] | None = Non
     finally:
         if agent is not None:
             agent.stop()
+
+
+def _convert_adapters(plan, opts, progress) -> None:
+    """The GGUFs of the PEFT adapters the plan gives llama-server (dsr1.lora_gguf), made if missing."""
+    from dsr1 import lora, lora_gguf, store
+
+    given = dict(opts.lora)
+    stored = store.find(opts.model)
+    dirs = [Path(stored.model_dir)] if stored is not None and stored.embedded_ready else []
+    for name, path in plan.lora:
+        if Path(path).is_file() or name not in given:
+            continue
+        adapter = lora.read(lora.resolve(given[name]))
+        lora_gguf.convert(adapter.path, lora_gguf.base_config_dir(adapter, dirs), Path(path), progress,
+                          binary=plan.local.argv[0])
 
 
 def _serve_node(plan, node, launch, opts, out, on_ready, agent) -> None:
