@@ -138,10 +138,12 @@ def test_tool_calls_come_back_through_the_engines_own_parser(served):
 def test_options_the_engine_serves_pass_and_the_rest_are_refused_alike(served):
     engine, srv, _ = served
     c = _client(srv)
-    if engine == "embedded":
+    if engine == "embedded":  # n choices are rows of its batch; logprobs it does not compute
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="t", messages=ASK, max_tokens=4, logprobs=True)
         assert e.value.code == "unsupported_parameter" and e.value.param == "logprobs"
+        r = c.chat.completions.create(model="t", messages=ASK, max_tokens=3, temperature=0.6, seed=1, n=2)
+        assert [ch.message.content for ch in r.choices] == ["The weather in"] * 2
         return
     r = c.chat.completions.create(model="t", messages=ASK, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
     assert [t.token for t in r.choices[0].logprobs.content] == ["The", " weather", " in"]

@@ -217,6 +217,30 @@ def test_chat_completion_reasoning(r1):
     assert (msg["reasoning_content"], msg["reasoning"], msg["content"]) == ("Let me think", "Let me think", "The answer")
 
 
+def test_n_choices_non_streamed_and_streamed(demo):
+    """`n`: n rows of one batch, each its own choice (seeded: seed, seed + 1, ...); the prompt counts once."""
+    body = {"model": "demo", "messages": HI, "max_tokens": 6, "temperature": 1.0, "seed": 7, "n": 3, "ignore_eos": True}
+    r = post(demo, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    check("CreateChatCompletionResponse", whole)
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    single = post(demo, "/v1/chat/completions", {**body, "n": 1}).json()
+    assert whole["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
+    assert whole["usage"]["completion_tokens"] == 3 * 6
+    assert whole["choices"][0]["message"]["content"] == single["choices"][0]["message"]["content"]  # same seed
+    texts: dict[int, str] = {}
+    finished = set()
+    for c in stream(demo, "/v1/chat/completions", body):
+        check("CreateChatCompletionStreamResponse", c)
+        for ch in c["choices"]:
+            texts[ch["index"]] = texts.get(ch["index"], "") + (ch["delta"].get("content") or "")
+            if ch["finish_reason"]:
+                finished.add(ch["index"])
+    assert finished == {0, 1, 2}
+    assert [texts[i] for i in range(3)] == [c["message"]["content"] for c in whole["choices"]]
+
+
 @pytest.mark.parametrize("include_usage", [True, False])
 def test_chat_stream_chunks(demo, include_usage):
     body = {"model": "demo", "messages": HI, "max_tokens": 4, "temperature": 0}
@@ -297,7 +321,7 @@ MSG = [{"role": "user", "content": "x"}]
     ("/v1/chat/completions", {"model": "gpt-9", "messages": MSG}, 404, "model_not_found"),
     ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model_not_found"),
     ("/v1/chat/completions", {"model": "demo", "messages": MSG, "temperature": "hot"}, 400, "invalid_type"),
-    ("/v1/chat/completions", {"model": "demo", "messages": MSG, "n": 2}, 400, "unsupported_parameter"),
+    ("/v1/chat/completions", {"model": "demo", "messages": MSG, "logprobs": True}, 400, "unsupported_parameter"),
     ("/v1/chat/completions", {"messages": MSG}, 400, "missing_required_parameter"),
     ("/v1/chat/completions", [1, 2], 400, "invalid_json"),
     ("/v1/completions", {"model": "demo", "prompt": "word " * (2 * MAX_LEN)}, 400, "context_length_exceeded"),

@@ -136,7 +136,7 @@ def test_llamacpp_answers_through_dsr1s_front(llama_demo):
 
 def _engine_url(srv: ServerProc, engine: str) -> str:
     flat = "".join("".join(srv.lines).split())  # rich wraps the long "starting ENGINE: ..." line anywhere
-    port = re.search(rf"starting{engine}:.*?--port(\\d+)", flat).group(1)
+    port = re.search(rf"starting{engine}:.*?--port(\d+)", flat).group(1)
     return f"http://127.0.0.1:{port}"
 
 
@@ -507,9 +507,7 @@ def _drain(srv: ServerProc, engine: str, key: str | None, tokens: int) -> None:
     t.join(60)
     assert code == 0, "".join(srv.lines[-30:])
     assert got == {"finish": "length", "n": tokens}  # the running request finished before the engine stopped
-    # rich wraps the long "starting ENGINE: ..." line anywhere: read the port with whitespace removed
-    flat = "".join("".join(srv.lines).split())
-    port = int(re.search(rf"starting{engine}:.*?--port(\d+)", flat).group(1))
+    port = int(_engine_url(srv, engine).rsplit(":", 1)[1])
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 

@@ -2,8 +2,9 @@
 tokenized here, the request handed to the scheduler's thread, its events turned into pieces
 with the reasoning split off (dsr1.serve.reasoning) the way vLLM's deepseek_r1 parser splits it.
 
-It honours `seed` and `stop` (in dsr1.serve.sampling); the options of schema.CAPABILITIES it
-lacks are refused by the front with the same error an engine lacking them gets.
+It honours `seed`, `stop` (in dsr1.serve.sampling) and `n` (n rows of the batch); the options of
+schema.CAPABILITIES it lacks (logprobs, tools, response_format, penalties, logit_bias) are refused
+by the front with the same error an engine lacking them gets.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class EmbeddedConfig:
 
 class EmbeddedBackend:
     engine = "embedded"
-    supports = frozenset()
+    supports = frozenset({"n"})  # n choices as n rows; logprobs, tools, penalties, ... are refused
     measures_latency = True
 
     def __init__(self, scheduler: Scheduler, cfg: EmbeddedConfig):
@@ -99,45 +100,55 @@ class EmbeddedBackend:
         ids, param = self._ids(call)
         max_tokens = self._budget(len(ids), c.max_tokens, param)
         adapter = (self.cfg.adapters or {}).get(c.model, 0)
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        params = SamplingParams(max_tokens=max_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed,
-                                stop=c.stop, ignore_eos=c.ignore_eos)
+        handles: list[Request] = []
         try:
-            handle = self.sched.submit(Request(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
-                                               adapter=adapter))
-        except Overloaded as e:  # the front's admission keeps this from happening; the scheduler's own guard
+            for i in range(c.n):  # `n` choices: n rows of one batch, seeds seed, seed+1, ... when seeded
+                params = SamplingParams(max_tokens=max_tokens, temperature=c.temperature, top_p=c.top_p,
+                                        seed=None if c.seed is None else c.seed + i, stop=c.stop,
+                                        ignore_eos=c.ignore_eos)
+                sink = (lambda i: lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))(i)
+                handles.append(self.sched.submit(Request(ids, params, sink, adapter=adapter)))
+        except (Overloaded, Draining) as e:
+            for h in handles:
+                self.sched.abort(h)
+            if isinstance(e, Draining):
+                raise schema.ApiError(503, "Server is shutting down", type="server_error",
+                                      code="shutting_down") from None
+            # the front's admission keeps this from happening; the scheduler's own guard
             raise schema.ApiError(429, f"Server is overloaded ({e}); retry later", type="rate_limit_error",
                                   code="overloaded") from None
-        except Draining:
-            raise schema.ApiError(503, "Server is shutting down", type="server_error", code="shutting_down") from None
-        call.prompt_tokens, call.request_id = len(ids), handle.id
-        split = ReasoningParser() if call.kind == "chat" and self.cfg.reasoning_on else None
-        return self._pieces(call, handle, queue, split)
+        call.prompt_tokens, call.request_id = len(ids), handles[0].id
+        return self._pieces(call, handles, queue)
 
-    async def _pieces(self, call: Call, handle: Request, queue: asyncio.Queue, split) -> AsyncIterator[Piece]:
-        done = False
+    async def _pieces(self, call: Call, handles: list[Request], queue: asyncio.Queue) -> AsyncIterator[Piece]:
         c = call.c
+        split = [ReasoningParser() if call.kind == "chat" and self.cfg.reasoning_on else None for _ in handles]
+        done: set[int] = set()
+        tokens = [0] * len(handles)
         if call.kind == "completions" and c.echo and isinstance(c.prompt, str):
-            yield Piece(text=c.prompt, echo=True)
+            for i in range(len(handles)):
+                yield Piece(index=i, text=c.prompt, echo=True)
         try:
-            while True:
-                ev = await queue.get()
-                if split is not None:
-                    reasoning, text = split.feed(ev.text)
+            while len(done) < len(handles):
+                i, ev = await queue.get()
+                if split[i] is not None:
+                    reasoning, text = split[i].feed(ev.text)
                     if ev.finish_reason:
-                        r2, t2 = split.finish()
+                        r2, t2 = split[i].finish()
                         reasoning, text = reasoning + r2, text + t2
                 else:
                     reasoning, text = "", ev.text
-                call.usage = schema.usage(ev.prompt_tokens, ev.completion_tokens)
+                tokens[i] = ev.completion_tokens
+                call.usage = schema.usage(ev.prompt_tokens, sum(tokens))  # the prompt counts once
                 if ev.finish_reason:
-                    if handle.first_token_at is not None:
-                        call.ttft_s = handle.first_token_at - handle.arrived
-                    done = True
-                yield Piece(text=text, reasoning=reasoning, finish_reason=ev.finish_reason)
-                if done:
-                    return
+                    done.add(i)
+                    h = handles[i]
+                    if i == 0 and h.first_token_at is not None:
+                        call.ttft_s = h.first_token_at - h.arrived
+                yield Piece(index=i, text=text, reasoning=reasoning, finish_reason=ev.finish_reason)
         finally:
-            if not done:  # closed early: the client left or a guard blocked; free the slot now
-                self.sched.abort(handle)
+            for i, h in enumerate(handles):
+                if i not in done:  # closed early: the client left or a guard blocked; free the rows now
+                    self.sched.abort(h)
