@@ -7,7 +7,12 @@ front, raw, front, ...), so both see the same warm engine and the same neighbour
 reports the median of --repeat runs; the ratio front / raw of output tokens/s is the front's
 overhead (1.00: none). The target ([13/14]): within 3% at concurrency 1 and 16.
 
+The embedded engine has no raw port: `--embedded-baseline COMMIT` measures it against dsr1 as it
+was at COMMIT (a git worktree; before the one front, its own HTTP layer), both `dsr1 serve` on
+the same model, in turns.
+
     python benchmarks/front_overhead.py --engines-home .cache/engines-home
+    python benchmarks/front_overhead.py --only embedded --embedded-baseline 9aa6e5b
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from engines import installed  # noqa: E402
 
 
 def start(args_: list[str], env: dict) -> tuple[subprocess.Popen, str, str, list[str]]:
-    """`dsr1 serve ARGS --port 0`: (process, front URL, engine URL, its log lines)."""
+    """`dsr1 serve ARGS --port 0`: (process, front URL, engine URL or "", its log lines)."""
     proc = subprocess.Popen([sys.executable, "-m", "dsr1", "serve", *args_, "--port", "0"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -47,8 +52,8 @@ def start(args_: list[str], env: dict) -> tuple[subprocess.Popen, str, str, list
     threading.Thread(target=lambda: [lines.append(x) for x in proc.stderr], daemon=True).start()
     front = lines[-1].split("ready on ", 1)[1].strip()
     flat = "".join("".join(lines).split())  # the long "starting ENGINE: ..." line may be wrapped
-    port = re.search(r"starting\w+:.*?--port(\d+)", flat).group(1)
-    return proc, front, f"http://127.0.0.1:{port}", lines
+    port = re.search(r"starting\w+:.*?--port(\d+)", flat)  # none for the embedded engine (in-process)
+    return proc, front, f"http://127.0.0.1:{port.group(1)}" if port else "", lines
 
 
 def sweep(url: str, args, env: dict) -> dict[int, dict]:
@@ -75,6 +80,8 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--embedded-baseline", help="with --only embedded: the commit to compare dsr1's embedded "
+                                                "engine with (a git worktree of it)")
     args = ap.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="front-overhead-home-"))
@@ -87,6 +94,8 @@ def main() -> int:
           f"{args.input_len} in / {args.output_len} out, EOS ignored, {args.requests} requests per point, median of "
           f"{args.repeat} runs in turns; {cpu}, {os.cpu_count()} CPUs")
     ok = True
+    if args.only == "embedded":
+        return embedded_against(args, env, levels)
     for engine in args.only.split(","):
         found = installed(Path(args.engines_home), engine)
         if found is None:
@@ -119,6 +128,39 @@ def main() -> int:
                   f"front {a['output_throughput']:7.1f} tok/s (TPOT {a['tpot_ms']['mean']:.1f} ms)  "
                   f"front/raw {ratio:.3f}  runs {spread}")
     return 0 if ok else 1
+
+
+def embedded_against(args, env: dict, levels: list[int]) -> int:
+    """dsr1's embedded engine now against dsr1 at --embedded-baseline, each its own `dsr1 serve`."""
+    if not args.embedded_baseline:
+        raise SystemExit("--only embedded needs --embedded-baseline COMMIT")
+    tree = Path(tempfile.mkdtemp(prefix="front-baseline-")) / "tree"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.embedded_baseline],
+                   check=True, capture_output=True)
+    try:
+        servers = {}
+        for label, root in (("before", tree), ("now", REPO)):
+            servers[label] = start([args.model, "--engine", "embedded", "--dtype", "bf16", "--served-model-name",
+                                    "demo", "--max-model-len", "1024", "--max-concurrent", "16"],
+                                   {**env, "PYTHONPATH": str(root)})
+        runs: dict[str, list[dict[int, dict]]] = {"before": [], "now": []}
+        for _ in range(args.repeat):
+            for label, (_, url, _, _) in servers.items():
+                runs[label].append(sweep(url, args, env))
+        for proc, *_ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    for c in levels:
+        med = {k: sorted((r[c] for r in v), key=lambda s: s["output_throughput"])[len(v) // 2] for k, v in runs.items()}
+        spread = {k: [round(r[c]["output_throughput"], 1) for r in v] for k, v in runs.items()}
+        a, b = med["now"], med["before"]
+        print(f"embedded  c={c:<3} at {args.embedded_baseline} {b['output_throughput']:7.1f} tok/s "
+              f"(TPOT {b['tpot_ms']['mean']:.1f} ms)  now {a['output_throughput']:7.1f} tok/s (TPOT "
+              f"{a['tpot_ms']['mean']:.1f} ms)  now/before {a['output_throughput'] / b['output_throughput']:.3f}  "
+              f"runs {spread}")
+    return 0
 
 
 if __name__ == "__main__":

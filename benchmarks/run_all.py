@@ -51,6 +51,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "guard_overhead": (["benchmarks/guard_overhead.py"], "throughput with and without a 20-rule --guard policy"),
     "gguf_fit": (["benchmarks/gguf_fit.py", "--engines-home", ENGINES_HOME],
                  "dsr1's GGUF placement flags against llama-server's --fit"),
+    "front_overhead": (["benchmarks/front_overhead.py", "--engines-home", ENGINES_HOME, "--requests", "16"],
+                       "dsr1's front over vLLM and llama-server against the same engine asked directly"),
 }
 
 

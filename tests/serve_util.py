@@ -81,7 +81,6 @@ def build_scripted_r1(src: Path, out: Path, scripts: list[list[str]], *, chat_te
     follows it too. Hence a token has one successor: scripts may share a tail (they merge
     at a common token) but never branch.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src)
@@ -89,7 +88,21 @@ def build_scripted_r1(src: Path, out: Path, scripts: list[list[str]], *, chat_te
     tok.add_tokens(["<think>", "</think>"])  # not special in R1's tokenizer: they show in decoded text
     tok.bos_token, tok.eos_token = R1_SPECIAL[0], R1_SPECIAL[1]
     tok.chat_template = chat_template
-    model = AutoModelForCausalLM.from_pretrained(src)
+    model = _bigram(AutoModelForCausalLM.from_pretrained(src), tok, scripts)
+    eos, bos = tok.convert_tokens_to_ids(R1_SPECIAL[1]), tok.convert_tokens_to_ids(R1_SPECIAL[0])
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id, cfg.bos_token_id = eos, bos
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+
+def _bigram(model, tok, scripts: list[list[str]]):
+    """`model` (its vocabulary resized to `tok`) made a bigram table whose greedy output follows `scripts`."""
+    import torch
+
     model.resize_token_embeddings(len(tok))
     successor: dict[int, int] = {}
     for script in scripts:
@@ -106,21 +119,13 @@ def build_scripted_r1(src: Path, out: Path, scripts: list[list[str]], *, chat_te
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-        emb = model.get_input_embeddings().weight
-        head = model.get_output_embeddings().weight
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
         emb.zero_()
         head.zero_()
         for i, (t, nxt) in enumerate(successor.items()):
             emb[t, i] = 10.0
             head[nxt, i] = 10.0
-    eos, bos = tok.convert_tokens_to_ids(R1_SPECIAL[1]), tok.convert_tokens_to_ids(R1_SPECIAL[0])
-    for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id, cfg.bos_token_id = eos, bos
-    model.config.tie_word_embeddings = False
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
+    return model
 
 # A ChatML template that renders tools the way Qwen2.5's does in spirit: an assistant's earlier calls
 # as <tool_call> JSON (which is also how llama-server recognises the Hermes format), tool results as
@@ -134,7 +139,7 @@ TOOLS_TEMPLATE = (  # newlines as expressions: transformers renders with trim_bl
     "else tc.function.arguments | tojson }}}{{ '\\n' }}</tool_call>{% endfor %}{% endif %}<|im_end|>{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant{% if tools %}<tools>{% else %}{{ '\\n' }}{% endif %}{% endif %}")
-TOOL_CALL_JSON = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+TOOL_CALL_JSON = '\n{"name": "get_weather", "arguments": {"city": "Paris", "notify": "ops@example.org"}}\n'
 TOOL_SCRIPT = ["<tools>", "<tool_call>", TOOL_CALL_JSON, "</tool_call>", "<|im_end|>"]
 TEXT_SCRIPT = ["\n", "The", " weather", " in", " Paris", " is", " sunny", "<|im_end|>"]
 
@@ -143,34 +148,12 @@ def build_scripted_chatml(src: Path, out: Path, scripts: list[list[str]], *, add
                           chat_template: str) -> Path:
     """A bigram-table model (as build_scripted_r1) on `src`'s ChatML tokenizer with `added` tokens
     (shown in decoded text, as Qwen's <tool_call> is): its greedy output follows `scripts`."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src)
     tok.add_tokens(added)
     tok.chat_template = chat_template
-    model = AutoModelForCausalLM.from_pretrained(src)
-    model.resize_token_embeddings(len(tok))
-    successor: dict[int, int] = {}
-    for script in scripts:
-        ids = []
-        for piece in script:
-            one = tok.encode(piece, add_special_tokens=False)
-            assert len(one) == 1, f"script piece {piece!r} is {len(one)} tokens: {one}"
-            ids += one
-        for t, nxt in zip(ids, ids[1:]):
-            assert successor.setdefault(t, nxt) == nxt, f"{tok.decode([t])!r} would have two successors"
-    assert len(successor) <= model.config.hidden_size
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-        emb.zero_()
-        head.zero_()
-        for i, (t, nxt) in enumerate(successor.items()):
-            emb[t, i] = 10.0
-            head[nxt, i] = 10.0
+    model = _bigram(AutoModelForCausalLM.from_pretrained(src), tok, scripts)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     tok.eos_token = "<|im_end|>"
     for cfg in (model.config, model.generation_config):
@@ -181,10 +164,9 @@ def build_scripted_chatml(src: Path, out: Path, scripts: list[list[str]], *, add
     return out
 
 
-def build_tool_model(demo_model_dir: Path, out: Path) -> Path:
-    """A tiny Qwen2 (head_dim 64, which vLLM's CPU attention takes) on the demo's tokenizer that answers
-    a chat offering tools with `<tool_call>{"name": "get_weather", ...}</tool_call>` (the Hermes/Qwen2.5
-    format of the R1 distills' base) and any other chat with "The weather in Paris is sunny"."""
+def _vllm_base(demo_model_dir: Path, out: Path) -> Path:
+    """A random 1-layer Qwen2 on the demo's tokenizer with head_dim 64 (128 hidden, 2 heads), which vLLM's
+    CPU attention takes: the base the scripted models are made from."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
@@ -192,8 +174,27 @@ def build_tool_model(demo_model_dir: Path, out: Path) -> Path:
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out / "base")
-    tok.save_pretrained(out / "base")
-    return build_scripted_chatml(out / "base", out / "model", [TOOL_SCRIPT, TEXT_SCRIPT],
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_tool_model(demo_model_dir: Path, out: Path) -> Path:
+    """A tiny Qwen2 (head_dim 64, which vLLM's CPU attention takes) on the demo's tokenizer that answers
+    a chat offering tools with `<tool_call>{"name": "get_weather", ...}</tool_call>` (the Hermes/Qwen2.5
+    format of the R1 distills' base) and any other chat with "The weather in Paris is sunny"."""
+    return build_scripted_chatml(_vllm_base(demo_model_dir, out / "base"), out / "model", [TOOL_SCRIPT, TEXT_SCRIPT],
                                  added=["<tools>", "<tool_call>", "</tool_call>", TOOL_CALL_JSON],
                                  chat_template=TOOLS_TEMPLATE)
+
+
+def build_r1_for_vllm(demo_model_dir: Path, d: Path) -> Path:
+    """build_scripted_r1 on a base vLLM's CPU attention takes (head_dim 64), the template without
+    "<think>\\n" (the model opens the tag itself): its greedy answer is
+    "<think>\\nLet me think</think>The answer", 8 tokens."""
+    from dsr1.serve.engine import R1_CHAT_TEMPLATE
+
+    _vllm_base(demo_model_dir, d / "base")
+    script = ["<｜Assistant｜>", "<think>", "\n", "Let", " me", " think", "</think>", "The", " answer",
+              "<｜end▁of▁sentence｜>"]
+    return build_scripted_r1(d / "base", d / "r1", [script], chat_template=R1_CHAT_TEMPLATE.replace("<think>\\n", ""))

@@ -7,7 +7,8 @@ tests/gguf_util.build_tool_gguf): offered tools, its greedy answer is a Hermes/Q
 (vLLM --tool-call-parser hermes, which dsr1's plan picks from the chat template; llama-server's
 --jinja format detection); otherwise it answers "The weather in Paris is sunny". Every server has
 the same guard policy, plugin and rotating audit log, so the guard tests check the front's guards
-with each engine behind it. The embedded engine does not serve tools: it must refuse them with the
+with each engine behind it (the tool call's arguments carry an address the PII mask must catch:
+guards see tool calls too). The embedded engine does not serve tools: it must refuse them with the
 error shape an engine lacking them gets.
 """
 
@@ -28,14 +29,14 @@ from tests.test_openai_schema import check
 pytestmark = pytest.mark.slow
 EMAIL = "alice.smith@example.org"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                          "required": ["city"]}}}]
+                                           "parameters": {"type": "object", "required": ["city"], "properties": {
+                                               "city": {"type": "string"}, "notify": {"type": "string"}}}}}]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 ANSWER = "The weather in Paris is sunny"
 POLICY = """
 [pii]
 mode = "mask"
-where = "input"
+where = "both"
 
 [[rules]]
 name = "topic"
@@ -123,11 +124,12 @@ def test_tool_calls_come_back_through_the_engines_own_parser(served):
     check("CreateChatCompletionResponse", r.model_dump(exclude_unset=True))
     (call,) = r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
-    assert json.loads(call.function.arguments) == {"city": "Paris"} and call.id
+    # the guard saw the arguments: the address the model wrote into them is masked (PII, where = both)
+    assert json.loads(call.function.arguments) == {"city": "Paris", "notify": "[EMAIL]"} and call.id
     # streamed: the calls are held while the output guard runs, then sent whole
     text, finish, calls = _stream(c, messages=ASK, tools=TOOLS)
     assert (text, finish) == ("", "tool_calls") and calls[0]["name"] == "get_weather"
-    assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris", "notify": "[EMAIL]"}
     # the round trip: the call and its result go back; the model answers in text
     back = ASK + [r.choices[0].message.model_dump(exclude_none=True),
                   {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]

@@ -58,3 +58,19 @@ def test_no_import_circle_in_dsr1():
 
 def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_serve_modules_import_nothing_private_from_each_other():
+    """One front over every engine (dsr1.serve.front): no serve module reaches into another's private
+    names, and the routes are declared once (front.ROUTES), not per engine."""
+    import ast
+    from pathlib import Path
+
+    serve = Path(__file__).resolve().parent.parent / "dsr1" / "serve"
+    for f in serve.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dsr1.serve"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{f.name} imports {private} from {node.module}"
+    routes = [f.name for f in serve.glob("*.py") if "Route(" in f.read_text()]
+    assert routes == ["front.py"], routes

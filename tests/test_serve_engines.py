@@ -296,25 +296,10 @@ def test_vllm_answers_through_dsr1s_front(vllm_demo):
 
 @pytest.fixture(scope="module")
 def scripted_r1_for_vllm(demo_model_dir, tmp_path_factory):
-    """A bigram-table Qwen2 with R1's tokens whose greedy answer is "<think>\\nLet me think</think>The answer".
-    vLLM's CPU attention rejects head_dim 8 or 16, so the base model has head_dim 64."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    """A bigram-table Qwen2 with R1's tokens whose greedy answer is "<think>\\nLet me think</think>The answer"."""
+    from tests.serve_util import build_r1_for_vllm
 
-    from dsr1.serve.engine import R1_CHAT_TEMPLATE
-    from tests.serve_util import build_scripted_r1
-
-    d = tmp_path_factory.mktemp("vllm-r1")
-    tok = AutoTokenizer.from_pretrained(demo_model_dir)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d / "base")
-    tok.save_pretrained(d / "base")
-    script = ["<｜Assistant｜>", "<think>", "\n", "Let", " me", " think", "</think>", "The", " answer",
-              "<｜end▁of▁sentence｜>"]
-    # the template without "<think>\n": the model opens the tag itself
-    return build_scripted_r1(d / "base", d / "r1", [script], chat_template=R1_CHAT_TEMPLATE.replace("<think>\\n", ""))
+    return build_r1_for_vllm(demo_model_dir, tmp_path_factory.mktemp("vllm-r1"))
 
 
 def test_vllm_serves_lora_adapters_by_name(vllm_demo):

@@ -26,7 +26,6 @@ class Piece:
     tool_calls: list[dict] | None = None
     logprobs: Any = None
     finish_reason: str | None = None
-    echo: bool = False  # the prompt, echoed (a completion's `echo`): not model output, not checked
 
 
 @dataclass

@@ -123,13 +123,9 @@ class EmbeddedBackend:
         return self._pieces(call, handles, queue)
 
     async def _pieces(self, call: Call, handles: list[Request], queue: asyncio.Queue) -> AsyncIterator[Piece]:
-        c = call.c
         split = [ReasoningParser() if call.kind == "chat" and self.cfg.reasoning_on else None for _ in handles]
         done: set[int] = set()
         tokens = [0] * len(handles)
-        if call.kind == "completions" and c.echo and isinstance(c.prompt, str):
-            for i in range(len(handles)):
-                yield Piece(index=i, text=c.prompt, echo=True)
         try:
             while len(done) < len(handles):
                 i, ev = await queue.get()

@@ -337,9 +337,6 @@ class Front:
         finish_reason "content_filter" and stops the engine), reasoning laid out, hidden if the policy says."""
         hide = self.cfg.guard is not None and not self.cfg.guard.return_reasoning
         async for p in x.pieces:
-            if p.echo:
-                yield p
-                continue
             ch = x.choices.get(p.index)
             if ch is None:
                 ch = x.choices[p.index] = self._new_choice()
@@ -363,8 +360,9 @@ class Front:
                     tools = None if calls is None else [{"index": i, **c} for i, c in enumerate(calls)]
             if hide:
                 reasoning = ""
-            reasoning = ch.layout.reasoning(reasoning) if reasoning else ""
-            text = ch.layout.content(text) if text and x.kind == "chat" and self.cfg.reasoning_on else text
+            if reasoning or self.cfg.reasoning_on:
+                reasoning = ch.layout.reasoning(reasoning) if reasoning else ""
+                text = ch.layout.content(text) if text and x.kind == "chat" else text
             if x.blocked:
                 yield Piece(p.index, text, reasoning, finish_reason="content_filter")
                 for i, other in x.choices.items():
@@ -375,7 +373,10 @@ class Front:
                 x.ttft = time.perf_counter() - x.t0
                 if not self.backend.measures_latency:  # the embedded scheduler observes its own
                     self.metrics.observe_ttft(x.ttft)
-            yield Piece(p.index, text, reasoning, tools, p.logprobs, p.finish_reason)
+            if text is p.text and reasoning is p.reasoning and tools is p.tool_calls:
+                yield p  # unchanged (no guard, no layout to fix): no copy per token
+            else:
+                yield Piece(p.index, text, reasoning, tools, p.logprobs, p.finish_reason)
 
     def _reasoning_fields(self, text: str) -> dict[str, str]:
         f = self.cfg.reasoning_field
@@ -388,14 +389,10 @@ class Front:
 
     async def _whole(self, req: HttpRequest, x: _Ctx) -> Response:
         """A non-streamed answer: the pieces put together, the client's departure watched on a clock."""
-        echo = ""
+        echo = _echo(x)
 
         async def gather() -> None:
-            nonlocal echo
             async for p in self._guarded(x):
-                if p.echo:
-                    echo += p.text
-                    continue
                 ch = x.choices.setdefault(p.index, _Choice())
                 ch.text += p.text
                 ch.reasoning += p.reasoning
@@ -465,6 +462,10 @@ class Front:
         rid, created = schema.new_id("chatcmpl" if x.kind == "chat" else "cmpl"), schema.now()
         obj = "chat.completion.chunk" if x.kind == "chat" else "text_completion"
 
+        # every chunk is this frame around its one choice: rendered once, not per token
+        head = (f'data: {{"id": "{rid}", "object": "{obj}", "created": {created}, "model": '
+                f'{json.dumps(c.model, ensure_ascii=False)}, "choices": [').encode()
+
         def chunk(index: int, delta: dict | None, finish: str | None = None, text: str = "",
                   logprobs: Any = None) -> bytes:
             choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
@@ -472,22 +473,18 @@ class Front:
                 choice["delta"] = delta or {}
             else:
                 choice["text"] = text
-            payload = {"id": rid, "object": obj, "created": created, "model": c.model, "choices": [choice]}
-            if x.call.fingerprint:
-                payload["system_fingerprint"] = x.call.fingerprint
-            if c.include_usage:
-                payload["usage"] = None
-            return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+            tail = (f', "system_fingerprint": {json.dumps(x.call.fingerprint)}' if x.call.fingerprint else "") + \
+                (', "usage": null' if c.include_usage else "")
+            return head + json.dumps(choice, ensure_ascii=False).encode() + b"]" + tail.encode() + b"}\n\n"
 
         finished = False
         try:
-            if x.kind == "chat":
-                for i in range(c.n):
+            for i in range(c.n):
+                if x.kind == "chat":
                     yield chunk(i, {"role": "assistant", "content": ""})
+                elif _echo(x):
+                    yield chunk(i, None, text=_echo(x))
             async for p in self._guarded(x):
-                if p.echo:
-                    yield chunk(p.index, None, text=p.text)
-                    continue
                 if p.finish_reason:
                     x.choices.setdefault(p.index, _Choice()).finish = p.finish_reason
                 if p.finish_reason == "error":
@@ -532,9 +529,11 @@ class Front:
         self.admission.release()
         seconds = time.perf_counter() - x.t0
         self.metrics.requests.labels(x.endpoint, str(status)).inc()
-        if not self.backend.measures_latency:
-            self.metrics.e2e.observe(seconds)
         c, u = x.call.c, self._usage(x)
+        if not self.backend.measures_latency:  # the embedded scheduler counts its own
+            self.metrics.e2e.observe(seconds)
+            self.metrics.prompt_tokens.inc(u["prompt_tokens"])
+            self.metrics.generation_tokens.inc(u["completion_tokens"])
         finish = next((ch.finish for ch in x.choices.values() if ch.finish), None)
         if x.blocked:
             finish = "content_filter"
@@ -551,8 +550,9 @@ class Front:
 
 
 class _Layout:
-    """Leading newlines of the reasoning, and of the answer after reasoning, dropped across deltas: the
-    embedded parser's layout whichever engine split (llama-server keeps the newline after <think>)."""
+    """Leading newlines (and an opening <think>) of the reasoning, and the newlines starting the answer
+    after reasoning, dropped across deltas: the embedded parser's layout whichever engine split
+    (llama-server keeps the newline after <think>)."""
 
     def __init__(self) -> None:
         self.in_reasoning = self.in_content = False
@@ -561,6 +561,10 @@ class _Layout:
     def reasoning(self, text: str) -> str:
         if not self.in_reasoning:
             text = text.lstrip("\n")
+            # vLLM's streaming parser leaves the opening tag in when it comes in one delta with what
+            # follows (seen under load: "<think>\nLet me"); the embedded parser drops it, so does this
+            if text.startswith("<think>"):
+                text = text[len("<think>"):].lstrip("\n")
             self.in_reasoning = bool(text)
         self.had_reasoning |= bool(text)
         return text
@@ -570,6 +574,13 @@ class _Layout:
             text = text.lstrip("\n")
         self.in_content |= bool(text)
         return text
+
+
+def _echo(x: _Ctx) -> str:
+    """A completion's `echo`: the prompt text before the output, done here for every engine (llama-server
+    has none; token-id prompts are not echoed)."""
+    c = x.call.c
+    return c.prompt if x.kind == "completions" and c.echo and isinstance(c.prompt, str) else ""
 
 
 def _merge_tool_calls(calls: list[dict], deltas: list[dict]) -> list[dict]:
