@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 
-
 @dataclass
 class Piece:
     """A part of one choice's output: text (a chat message's content or a completion's text),
