@@ -77,6 +77,9 @@ def test_sweep_token_counts_match_server_usage(served, demo_model_dir, tmp_path)
         assert s["token_check"]["input_mismatched"] == 0
         assert s["token_check"]["mismatched"] == sum(r["client_output_tokens"] != r["usage_output_tokens"]
                                                      for r in p["requests"])
+        # the server's own counters over the point count exactly the point's requests: not the warm-up's
+        # last one, not one short (the server counts a request before its last event goes out)
+        assert p["server_token_counters"]["dsr1_generation_tokens_total"] == s["output_tokens"]
     assert [p["summary"]["output_tokens"] for p in data["points"]] == [32, 32]
 
     # the official openai client sees the same usage for the same request shape
@@ -86,6 +89,15 @@ def test_sweep_token_counts_match_server_usage(served, demo_model_dir, tmp_path)
         model=model, messages=[{"role": "user", "content": "Name three colours."}], max_tokens=8, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_server_counters_match_the_window_without_warmup(served, demo_model_dir, tmp_path):
+    _bench("--url", served, "--tokenizer", demo_model_dir, "--concurrency", "4", "--requests", 8, "--warmup", 0,
+           "--input-len", 32, "--output-len", 16, "--out", tmp_path / "r", "--no-plots")
+    (p,) = json.loads((tmp_path / "r" / "results.json").read_text())["points"]
+    assert p["summary"]["output_tokens"] == 8 * 16
+    assert p["server_token_counters"]["dsr1_generation_tokens_total"] == 8 * 16
+    assert p["server_token_counters"]["dsr1_prompt_tokens_total"] == p["summary"]["input_tokens"]
 
 
 def test_bench_model_starts_and_stops_dsr1_serve(demo_model_dir, tmp_path):

@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -140,11 +141,26 @@ def _plan(cfg: BenchConfig) -> list[tuple[str, float]]:
     return [("concurrency", float(c)) for c in (cfg.concurrency or [1])]
 
 
+async def _settled_counters(client: Client, wait: float = 0.05, limit: float = 2.0) -> dict[str, float] | None:
+    """The server's token counters once two reads `wait` apart agree (at most `limit` s): a server may
+    count a request just after its last event reaches the client, which would move the warm-up's last
+    request into the point (+1 request) or the point's last one out of it (-1)."""
+    last = await client.token_counters()
+    deadline = time.monotonic() + limit
+    while last is not None and time.monotonic() < deadline:
+        await asyncio.sleep(wait)
+        now = await client.token_counters()
+        if now == last:
+            break
+        last = now
+    return last
+
+
 async def _point(cfg: BenchConfig, client: Client, idx: int, mode: str, x: float, specs: list[RequestSpec],
                  rng: random.Random, encode: Callable[[str], int] | None, hooks: Hooks) -> dict[str, Any]:
     """Measure one load level; return its results entry (summary and per-request rows)."""
     label = f"c={int(x)}" if mode == "concurrency" else f"rate={x:g}"
-    before = await client.token_counters()
+    before = await _settled_counters(client)
     hooks.point_start(idx, label, cfg.requests)
     pick = lambda i: specs[i % len(specs)]  # noqa: E731
     if mode == "concurrency":
@@ -154,7 +170,7 @@ async def _point(cfg: BenchConfig, client: Client, idx: int, mode: str, x: float
         offsets = arrival_offsets(x, cfg.arrival, rng, count=cfg.requests, duration=cfg.duration)
         run = await run_open(client.send, pick, offsets, max_concurrency=cfg.max_concurrency,
                              duration=cfg.duration, on_done=hooks.request_done)
-    after = await client.token_counters() if before is not None else None
+    after = await _settled_counters(client) if before is not None else None
     rows = []
     for r in sorted(run.results, key=lambda r: r.sent):
         row = request_metrics(r, count_tokens(r, encode))

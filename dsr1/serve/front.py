@@ -466,6 +466,15 @@ class Front:
         head = (f'data: {{"id": "{rid}", "object": "{obj}", "created": {created}, "model": '
                 f'{json.dumps(c.model, ensure_ascii=False)}, "choices": [').encode()
 
+        tails: dict[str | None, bytes] = {}
+
+        def tail() -> bytes:  # what follows the choices; the fingerprint comes with the engine's first event
+            fp = x.call.fingerprint
+            if fp not in tails:
+                tails[fp] = ((f', "system_fingerprint": {json.dumps(fp)}' if fp else "") +
+                             (', "usage": null' if c.include_usage else "") + "}\n\n").encode()
+            return tails[fp]
+
         def chunk(index: int, delta: dict | None, finish: str | None = None, text: str = "",
                   logprobs: Any = None) -> bytes:
             choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
@@ -473,9 +482,12 @@ class Front:
                 choice["delta"] = delta or {}
             else:
                 choice["text"] = text
-            tail = (f', "system_fingerprint": {json.dumps(x.call.fingerprint)}' if x.call.fingerprint else "") + \
-                (', "usage": null' if c.include_usage else "")
-            return head + json.dumps(choice, ensure_ascii=False).encode() + b"]" + tail.encode() + b"}\n\n"
+            return head + json.dumps(choice, ensure_ascii=False).encode() + b"]" + tail()
+
+        def content(index: int, text: str) -> bytes:
+            """chunk(index, {"content": text}), the one every token of an answer is, rendered without the dicts"""
+            return b'%s{"index": %d, "finish_reason": null, "logprobs": null, "delta": {"content": %s}}]%s' % (
+                head, index, json.dumps(text, ensure_ascii=False).encode(), tail())
 
         finished = False
         try:
@@ -490,6 +502,11 @@ class Front:
                 if p.finish_reason == "error":
                     continue
                 if x.kind == "chat":
+                    if p.text and not (p.reasoning or p.tool_calls or p.logprobs):
+                        yield content(p.index, p.text)
+                        if p.finish_reason:
+                            yield chunk(p.index, {}, p.finish_reason)
+                        continue
                     delta: dict[str, Any] = {}
                     if p.reasoning:
                         delta.update(self._reasoning_fields(p.reasoning))

@@ -6,16 +6,22 @@ can stop it. The engine's reasoning, under either name (vLLM >= 0.11 sends `reas
 llama-server and SGLang `reasoning_content`), becomes the piece's reasoning; tool-call and
 logprob deltas pass through as the engine wrote them. The engine listens on 127.0.0.1 only
 and gets no API key: the front checks it.
+
+aiohttp rather than httpx for the engine's stream: every token passes through here, and
+httpx's per-chunk path (httpcore, h11, anyio cancel scopes) cost the front about twice the
+CPU per token (benchmarks/front_overhead.py; docs/performance.md) on a box where the engine
+needs every core.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-import httpx
+import aiohttp
 
 from dsr1.serve import schema
 from dsr1.serve.backend import Call, Piece
@@ -55,32 +61,38 @@ class ProxyBackend:
         self.cfg = cfg
         self.engine = cfg.engine
         self.supports = SUPPORTS.get(cfg.engine, frozenset()) - (frozenset() if cfg.tools else {"tools"})
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         # No timeout on reads: a long generation streams for minutes. Connection limits above the
         # front's admission, so admission, not the pool, is what queues.
-        n = self.cfg.max_connections + 8
-        self.client = httpx.AsyncClient(base_url=self.cfg.url, timeout=httpx.Timeout(None, connect=10.0),
-                                        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+        self.client = aiohttp.ClientSession(
+            # llama-server's HTTP server (cpp-httplib) gives each open connection one of its few threads
+            # for as long as it is kept alive, and closes it past a count or 5 s idle: no keep-alive there.
+            # vLLM's and SGLang's (uvicorn) close idle connections after 5 s: ours go after 4.
+            self.cfg.url, connector=aiohttp.TCPConnector(
+                limit=self.cfg.max_connections + 8,
+                **({"force_close": True} if self.engine == "llamacpp" else {"keepalive_timeout": 4})),
+            timeout=aiohttp.ClientTimeout(total=None, connect=10.0))
 
     async def stop(self) -> None:
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
+
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        """A short GET to the engine: (status, body), (0, b"") when it does not answer in 5 s."""
+        try:
+            async with self.client.get(path, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                return r.status, await r.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return 0, b""
 
     async def healthy(self) -> bool:
-        try:
-            r = await self.client.get(self.cfg.health_path, timeout=5)
-        except httpx.HTTPError:
-            return False
-        return r.status_code == 200
+        return (await self._get(self.cfg.health_path))[0] == 200
 
     async def engine_metrics(self) -> bytes:
-        try:
-            r = await self.client.get("/metrics", timeout=5)
-        except httpx.HTTPError:
-            return b""
-        return r.content if r.status_code == 200 else b""
+        status, body = await self._get("/metrics")
+        return body if status == 200 else b""
 
     def _request_body(self, call: Call) -> dict[str, Any]:
         body = dict(call.body)
@@ -101,54 +113,80 @@ class ProxyBackend:
 
     async def open(self, call: Call) -> AsyncIterator[Piece]:
         path = "/v1/chat/completions" if call.kind == "chat" else "/v1/completions"
-        try:
-            resp = await self.client.send(self.client.build_request("POST", path, json=self._request_body(call)),
-                                          stream=True)
-        except httpx.HTTPError as e:
-            raise schema.ApiError(502, f"the {self.engine} engine did not answer ({type(e).__name__})",
-                                  type="server_error", code="engine_unavailable") from None
-        if resp.status_code != 200:
+        body = self._request_body(call)
+        for attempt in (1, 2, 3):
             try:
-                raw = await resp.aread()
+                resp = await self.client.post(path, json=body)
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # A kept-alive connection the engine closed meanwhile: the request never reached the
+                # engine, so it goes again (the next idle connection may be as stale: up to three tries).
+                if attempt == 3 or isinstance(e, aiohttp.ClientConnectorError):
+                    raise self._unavailable(e) from None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                raise self._unavailable(e) from None
+        if resp.status != 200:
+            try:
+                raw = await resp.read()
+            except aiohttp.ClientError:
+                raw = b""
             finally:
-                await resp.aclose()
-            raise engine_error(resp.status_code, raw)
+                resp.release()
+            raise engine_error(resp.status, raw)
         return self._pieces(call, resp)
 
-    async def _pieces(self, call: Call, resp: httpx.Response) -> AsyncIterator[Piece]:
-        """The engine's SSE events as pieces. Closing this generator closes the upstream stream,
-        and the engine aborts the request."""
+    def _unavailable(self, e: BaseException) -> schema.ApiError:
+        return schema.ApiError(502, f"the {self.engine} engine did not answer ({type(e).__name__}: {e})",
+                               type="server_error", code="engine_unavailable")
+
+    async def _pieces(self, call: Call, resp: aiohttp.ClientResponse) -> AsyncIterator[Piece]:
+        """The engine's SSE events as pieces. Closing this generator before the end closes the
+        connection, and the engine aborts the request."""
         finished: set[int] = set()
+        done = False
+        rest = b""
         try:
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    return
-                try:
-                    event = json.loads(payload)
-                except ValueError:
-                    continue
-                if not isinstance(event, dict):
-                    continue
-                if "error" in event:
-                    call.error = engine_error(500, payload.encode()).message
-                    yield Piece(finish_reason="error")
-                    return
-                call.request_id = call.request_id or str(event.get("id") or "")
-                call.fingerprint = event.get("system_fingerprint") or call.fingerprint
-                if event.get("usage"):
-                    call.usage = {k: v for k, v in event["usage"].items() if isinstance(v, int)}
-                for ch in event.get("choices") or []:
-                    yield _piece(ch)
-                    if ch.get("finish_reason"):
-                        finished.add(ch.get("index", 0))
+            # What the socket delivered, split into lines here: an engine writes one event per token,
+            # so a read is usually one event (two lines) and this is one await per event, not two.
+            async for data in resp.content.iter_any():
+                *lines, rest = (rest + data).split(b"\n") if rest else data.split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        return
+                    try:
+                        event = json.loads(payload)
+                    except ValueError:
+                        continue
+                    if not isinstance(event, dict):
+                        continue
+                    if "error" in event:
+                        call.error = engine_error(500, payload).message
+                        yield Piece(finish_reason="error")
+                        return
+                    call.request_id = call.request_id or str(event.get("id") or "")
+                    call.fingerprint = event.get("system_fingerprint") or call.fingerprint
+                    if event.get("usage"):
+                        call.usage = {k: v for k, v in event["usage"].items() if isinstance(v, int)}
+                    for ch in event.get("choices") or []:
+                        yield _piece(ch)
+                        if ch.get("finish_reason"):
+                            finished.add(ch.get("index", 0))
+            done = True
             if not finished:  # the engine ended the stream without a finish
                 call.error = f"the {self.engine} engine ended the stream early"
                 yield Piece(finish_reason="error")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # the engine died mid-stream
+            call.error = f"the {self.engine} engine broke the stream ({type(e).__name__})"
+            yield Piece(finish_reason="error")
         finally:
-            await resp.aclose()
+            if done:
+                resp.release()  # read to the end: the connection goes back to the pool
+            else:
+                resp.close()  # the engine sees the connection drop and aborts the request
 
 
 def _piece(ch: dict[str, Any]) -> Piece:

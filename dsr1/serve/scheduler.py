@@ -366,10 +366,12 @@ class Scheduler:
         with self._lock:
             self._live -= 1
             self._aborts.discard(req)
-        self._emit(req, req.text[req.sent :], reason)
-        req.sent = len(req.text)
+        # Counted before the last event goes out: a client that has its answer (dsr1 bench reading
+        # /metrics right after its last request) finds the request in the counters.
         if self.metrics:
             self.metrics.observe_finish(req, time.perf_counter())
+        self._emit(req, req.text[req.sent :], reason)
+        req.sent = len(req.text)
 
     def _remove_row(self, req: Request) -> None:
         self._rows.remove(req)
