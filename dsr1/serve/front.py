@@ -501,12 +501,9 @@ class Front:
                     x.choices.setdefault(p.index, _Choice()).finish = p.finish_reason
                 if p.finish_reason == "error":
                     continue
-                if x.kind == "chat":
-                    if p.text and not (p.reasoning or p.tool_calls or p.logprobs):
-                        yield content(p.index, p.text)
-                        if p.finish_reason:
-                            yield chunk(p.index, {}, p.finish_reason)
-                        continue
+                if x.kind == "chat" and p.text and not (p.reasoning or p.tool_calls or p.logprobs):
+                    yield content(p.index, p.text)
+                elif x.kind == "chat":
                     delta: dict[str, Any] = {}
                     if p.reasoning:
                         delta.update(self._reasoning_fields(p.reasoning))
