@@ -55,7 +55,7 @@ class EmbeddedModel:
 
     def __init__(self, model_dir: Path, *, dtype: torch.dtype, device_map: str | None = None,
                  max_memory: dict[Any, str] | None = None, offload_dir: Path | None = None, threads: int | None = None,
-                 fast_path: bool = True, quantize: str = "none"):
+                 fast_path: bool = True, quantize: str = "none", weights: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -109,6 +109,12 @@ class EmbeddedModel:
 
         self.fast = None
         self.fast_reason = unsupported_reason(self.model) if fast_path else "turned off (--no-fast-path)"
+        self.weights = weights  # weight-only int8/int4 (dsr1.serve.wquant): the fast path packs them
+        if weights and self.fast_reason is not None:
+            raise ConfigError(f"weight-only {weights} needs the embedded engine's fast path, which this model "
+                              f"cannot take: {self.fast_reason}", hint="use --precision nf4 or bf16")
+        if weights and self.input_device.type != "cpu":
+            raise ConfigError(f"weight-only {weights} runs on the CPU", hint="on a GPU use --engine vllm")
         self.adapters: list[list[dict]] = []  # LoRA adapters, id i+1 (dsr1.lora.load's layout)
         self.load_seconds = time.perf_counter() - t0
 
@@ -123,7 +129,7 @@ class EmbeddedModel:
         if self.fast_reason is None and (self.fast is None or self.fast.max_len < max_len):
             from dsr1.serve.fastpath import FastForward
 
-            self.fast = FastForward(self.model, max_len)
+            self.fast = FastForward(self.model, max_len, quant=self.weights)
             for per_layer in self.adapters:  # ids stay as they were: i+1
                 self.fast.add_adapter(per_layer)
         return SlotCache(self.layers, slots, self.kv_heads, max_len, self.head_dim, self.dtype, self._layer_devices())

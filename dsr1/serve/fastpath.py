@@ -34,6 +34,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dsr1.serve.wquant import QuantWeight, quantize
+
 ARCHS = ("llama", "qwen2")
 
 
@@ -69,6 +71,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, cont
     transposed in memory, which elementwise ops keep and the next projection's x.T then reads
     contiguously, the layout mm likes best.
     """
+    if isinstance(w, QuantWeight):  # weight-only int8/int4 (dsr1.serve.wquant)
+        shape = x.shape
+        y = w.mm(x.reshape(-1, shape[-1]))
+        if b is not None:
+            y = y + b
+        return y.view(*shape[:-1], w.shape[0])
     if w.dtype != torch.bfloat16 or w.device.type != "cpu" or torch.compiler.is_compiling():
         # compiled (FrozenStep): inductor packs a frozen weight for its own GEMM when it is the
         # second operand of x @ w.T; the transposed form above would hide it
@@ -112,7 +120,7 @@ def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
 class FastForward:
     """Prefill, decode and multi-token verify for a Llama/Qwen2 model into a SlotCache."""
 
-    def __init__(self, model, max_len: int):
+    def __init__(self, model, max_len: int, quant: str | None = None):
         cfg = model.config
         inner = model.model
         self.embed = inner.embed_tokens.weight
@@ -129,13 +137,22 @@ class FastForward:
         self.kv_size = self.kv_heads * self.head_dim
         self.inter = cfg.intermediate_size
         self.max_len = max_len
-        self.layers = []
-        for layer in inner.layers:
-            a, m = layer.self_attn, layer.mlp
-            wqkv, bqkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
-            wgu, _ = _fuse([m.gate_proj, m.up_proj])
-            self.layers.append((layer.input_layernorm.weight, wqkv, bqkv, a.o_proj.weight, a.o_proj.bias,
-                                layer.post_attention_layernorm.weight, wgu, m.down_proj.weight))
+        self.quant = quant
+        done = getattr(model, "_dsr1_quantized", None)  # a FastForward made before (a longer context)
+        if done is not None:
+            if done[0] != quant:
+                raise ValueError(f"the model's weights are already {done[0] or 'unquantized'}, not {quant}")
+            self.layers, self.head = list(done[1]), done[2]
+        else:
+            self.layers = []
+            for layer in inner.layers:
+                a, m = layer.self_attn, layer.mlp
+                wqkv, bqkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
+                wgu, _ = _fuse([m.gate_proj, m.up_proj])
+                self.layers.append((layer.input_layernorm.weight, wqkv, bqkv, a.o_proj.weight, a.o_proj.bias,
+                                    layer.post_attention_layernorm.weight, wgu, m.down_proj.weight))
+            if quant:
+                self._quantize(model, quant)
         with torch.no_grad():
             pos = torch.arange(max_len, device=self.device)[None]
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32, device=self.device), pos)
@@ -146,6 +163,26 @@ class FastForward:
         self._lora_src: list[list[dict]] = []  # LoRA adapters, id i+1 (0 is the base model)
         self.lora_w: list[dict] = [{} for _ in self.layers]
         self.lora_owner: dict[str, torch.Tensor] = {}
+
+    def _quantize(self, model, method: str) -> None:
+        """Weight-only `method` for every projection and the LM head; the bf16 copies are released
+        (the transformers modules keep empty weights: with the fast path nothing else reads them),
+        so memory holds the packed weights only. The embedding table stays bf16 (rows are looked up)."""
+        empty = torch.empty(0, dtype=self.embed.dtype)
+        for i, (ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd) in enumerate(self.layers):
+            self.layers[i] = (ln1, quantize(wqkv, method), bqkv, quantize(wo, method), bo, ln2,
+                              quantize(wgu, method), quantize(wd, method))
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                lin.weight.data = empty
+        # the head: int8 whatever the method (llama.cpp's Q4_K_M keeps it at 6 bits); tied to the
+        # embedding in small models, whose bf16 table then stays for the lookups
+        self.head = quantize(self.head, "int8")
+        out = model.get_output_embeddings()
+        if out.weight.data_ptr() != self.embed.data_ptr():
+            out.weight.data = empty
+        model._dsr1_quantized = (method, tuple(self.layers), self.head)
 
     # -- LoRA ------------------------------------------------------------------------------------
     # Every adapter's A matrices are stacked on the rank axis and its B matrices side by side, per
