@@ -123,13 +123,16 @@ def _serve_embedded(opts, overrides, deployment, out, *, json: bool, on_ready) -
             from dsr1.pull import pull
 
             pull(opts.model, profile=opts.profile, quant=deployment.quant)
+        elif deployment.weights:
+            pass  # the fast path packs the weights itself at load (the plan's `weights`)
         elif precision in ("int8", "nf4"):
             opts.quantize = precision  # a model already here: quantized while loading
     p, backend, cfg, metrics = server.plan(opts, progress=out.info, deployment=deployment)
     for w in p.warnings:
         out.warn(w)
     gib = 2**30
-    quantized = f"; {opts.quantize} (bitsandbytes) while loading" if opts.quantize != "none" else ""
+    quantized = f"; {opts.quantize} (bitsandbytes) while loading" if opts.quantize != "none" else \
+        f"; weight-only {deployment.weights}, packed at load" if deployment.weights else ""
     out.info(f"model      {p.model_dir} as [cyan]{p.served_name}[/] ({p.dtype}: {p.dtype_reason}{quantized}; "
              f"loaded in {p.load_seconds}s)")
     out.info(f"profile    {p.profile}; device {p.device}")
@@ -143,7 +146,8 @@ def _serve_embedded(opts, overrides, deployment, out, *, json: bool, on_ready) -
     compiled = f", compiled in {p.compile_seconds}s" if p.forward == "compiled" else ""
     extras = [f"prefix cache {p.prefix_cache_bytes / 2**20:.0f} MiB" if p.prefix_cache_bytes else "prefix cache off",
               f"speculative {p.speculative}"]
-    out.info(f"forward    {p.forward} ({p.forward_reason}{compiled}); {'; '.join(extras)}")
+    packed = f" with weight-only {deployment.weights}" if deployment.weights and p.forward == "fast" else ""
+    out.info(f"forward    {p.forward}{packed} ({p.forward_reason}{compiled}); {'; '.join(extras)}")
 
     def ready(url: str) -> None:
         if json:

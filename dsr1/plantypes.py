@@ -129,6 +129,7 @@ class Plan:
     compile: bool = False
     compile_reason: str = ""
     fast_path_reason: str | None = None  # why the lean forward is not used (None: it is)
+    weights: str | None = None  # int8 | int4: packed weight-only by the fast path at load (CPU; dsr1.serve.wquant)
     prefix_cache_bytes: int = 0
     max_queue: int = 0
     # llama-server: the GGUF's quantization and where its parts go (dsr1.gguf_place.Placement as a

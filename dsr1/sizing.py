@@ -24,6 +24,7 @@ from dsr1.errors import HardwareError, UsageError
 GiB = 1024**3
 R1_GGUF_CONTEXT = 8192  # the published R1 GGUF runs use 8K or less (dsr1/data/gguf_quants.toml)
 PULL_QUANT = {"int4": "nf4", "nf4": "nf4", "int8": "int8"}  # plan precision -> `dsr1 pull --quant` (bitsandbytes)
+WEIGHT_ONLY = ("int8", "int4")  # precisions the embedded engine's fast path packs itself on a CPU
 KV_MARGIN = 0.95  # engines measure activations themselves at start; keep 5% of the KV estimate spare
 # Throughput deployments of R1 on SGLang use data-parallel attention (docs/basic_usage/deepseek_v3.md:
 # "not recommended for low-latency, small-batch use cases").
@@ -113,7 +114,7 @@ def _fields(**kw) -> dict:
                 weights_bytes_per_device=0, mem_fraction_static=None, threads=None, checkpoint=None,
                 checkpoint_format=None, checkpoint_gb=0.0, dtype_reason="", compile=False, compile_reason="",
                 fast_path_reason=None, prefix_cache_bytes=0, max_queue=0, gguf_quant=None, placement=None,
-                expected_tok_s=None, expected_source=None)
+                expected_tok_s=None, expected_source=None, weights=None)
     base.update(kw)
     return base
 
@@ -146,6 +147,12 @@ def _embedded(spec, ref, device, gpus, host, prof, o, util, want_seqs, ctx_flag,
             and dtype != f.precision:
         f = fit.estimate(spec, dtype, target)  # the weights are held in the dtype that runs
     quant = ref.quantized if ref.quantized in ("int8", "nf4", "nf4-dq") else PULL_QUANT.get(f.precision, "none")
+    weights = None
+    if device == "cpu" and f.precision in WEIGHT_ONLY and ref.quantized in (None, "none") and \
+            decide.fast_path_reason(config, enabled=o.fast_path) is None:
+        # on a CPU the fast path packs bf16 weights into int8/int4 at load (dsr1.serve.wquant): nothing
+        # quantized to pull, and PyTorch's weight-only kernels instead of bitsandbytes' (slower than bf16 here)
+        weights, quant = f.precision, "none"
     free = max(0.0, f.kv_free_per_device) * f.tp
     kv_tok = spec.kv_bytes_per_token(fit.DTYPE_BYTES.get(dtype if dtype != decide.MEASURE else "bf16", 2.0))
     capacity = int(free // kv_tok) if kv_tok else 0
@@ -161,7 +168,8 @@ def _embedded(spec, ref, device, gpus, host, prof, o, util, want_seqs, ctx_flag,
     fast_why = decide.fast_path_reason(config, enabled=o.fast_path, quantized=quant != "none", devices=devices)
     compile_on, compile_why = decide.compile_choice(
         o.compile, fast_reason=fast_why, device=device, dtype="bf16" if dtype == decide.MEASURE else dtype,
-        cpu_flags=host.cpu_flags, weights_bytes=int(f.weights_per_device * f.tp), spare_bytes=host.ram_available)
+        cpu_flags=host.cpu_flags, weights_bytes=int(f.weights_per_device * f.tp), spare_bytes=host.ram_available,
+        weights=weights)
     if dtype == decide.MEASURE and compile_on and o.compile != "on":
         compile_on, compile_why = False, "auto: follows the dtype timed at start (on for bf16 on a CPU with AMX)"
     kv_total = int(kv_tok * want_seqs * max(ctx, 0))
@@ -176,7 +184,7 @@ def _embedded(spec, ref, device, gpus, host, prof, o, util, want_seqs, ctx_flag,
                    kv_bytes_per_token=kv_tok, kv_budget_bytes=int(free), kv_capacity_tokens=capacity,
                    sequences_at_full_context=capacity // ctx if ctx else 0,
                    weights_bytes_per_device=int(f.weights_per_device), dtype_reason=dtype_why, compile=compile_on,
-                   compile_reason=compile_why, fast_path_reason=fast_why, prefix_cache_bytes=int(prefix),
+                   compile_reason=compile_why, fast_path_reason=fast_why, prefix_cache_bytes=int(prefix), weights=weights,
                    max_queue=int(queue), checkpoint=ref.repo if ref.kind != "dir" else None)
 
 

@@ -34,6 +34,11 @@ class ServerProc:
         self._ready.wait(timeout)
         if not self.url:
             self.proc.kill()
+            if not self._reader.is_alive():  # stderr closed: the child is exiting; let it, before saying which
+                try:
+                    self.proc.wait(2)
+                except subprocess.TimeoutExpired:
+                    pass
             why = "exited" if self.proc.poll() is not None else f"no ready line within {timeout:.0f}s"
             raise RuntimeError(f"server did not start ({why}):\n" + "".join(self.lines[-30:]))
 

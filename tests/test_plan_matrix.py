@@ -488,7 +488,11 @@ def test_plan_matrix_embedded_and_llamacpp(where, model, engine, precision, devi
     spec = catalog.get(model)
     assert p.reasoning_parser == ("deepseek_r1" if spec.reasoning else "none")
     assert p.checkpoint == spec.repo and p.model_path == spec.repo and p.needs_pull
-    assert p.quant == {"int8": "int8", "nf4": "nf4"}.get(p.precision, "none")  # bitsandbytes while pulling/loading
+    if device == "cpu" and p.precision in ("int8", "int4") and p.fast_path_reason is None:
+        # the fast path packs the bf16/fp32 checkpoint itself (dsr1.serve.wquant): no bitsandbytes, nothing quantized
+        assert (p.quant, p.weights, p.compile) == ("none", p.precision, False)
+    else:  # bitsandbytes while pulling/loading
+        assert p.quant == {"int8": "int8", "nf4": "nf4"}.get(p.precision, "none") and p.weights is None
     if not any("does not fit" in w for w in p.warnings):
         assert p.max_model_len * p.kv_bytes_per_token * p.max_num_seqs <= p.kv_budget_bytes
     assert p.dtype in ("bf16", "fp16", "fp32", "measure") and p.dtype_reason

@@ -4,6 +4,8 @@ real weights: quality by the NLL of pull's fixed text against bf16 (the issue's 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -63,3 +65,24 @@ def test_kernel_computes_with_the_weights_it_stands_for(method):
     # and the quantized weight is close to the original (4 bits: groups of 32 columns)
     err = ((q.dequantize().float() - w.float()).norm() / w.float().norm()).item()
     assert err < (0.01 if method == "int8" else 0.1)
+
+
+def test_serve_precision_int4_packs_the_weights_and_answers(demo_model_dir, tmp_path):
+    """`dsr1 serve MODEL --precision int4` on a CPU: the plan says weight-only int4 on the fast path (no
+    bitsandbytes, nothing to pull), the server packs at load and answers through the official client."""
+    import openai
+
+    from tests.serve_util import ServerProc
+
+    srv = ServerProc([str(demo_model_dir), "--engine", "embedded", "--precision", "int4", "--max-model-len", "512",
+                      "--max-concurrent", "2"], tmp_path / "home")
+    try:
+        log = "".join(srv.lines)
+        assert "weight-only int4, packed at load" in log and "bitsandbytes" not in log
+        assert re.search(r"forward\s+fast with weight-only int4", log)
+        cli = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+        r = cli.completions.create(model=cli.models.list().data[0].id, prompt="The capital of France is",
+                                   max_tokens=8, temperature=0)
+        assert r.usage.completion_tokens == 8 and r.choices[0].text.strip()
+    finally:
+        srv.stop()

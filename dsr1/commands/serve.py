@@ -135,7 +135,8 @@ def render_plan(c, p) -> None:
             f"({p.sequences_at_full_context} at full context)")
     if p.engine == "embedded":
         c.print(f"[bold]embedded[/]   dtype {p.dtype} ({p.dtype_reason}); forward "
-                f"{'compiled' if p.compile else 'fast' if p.fast_path_reason is None else 'transformers'} "
+                f"{'compiled' if p.compile else 'fast' if p.fast_path_reason is None else 'transformers'}"
+                f"{f' with weight-only {p.weights}' if p.weights else ''} "
                 f"({p.compile_reason}); prefix cache {p.prefix_cache_bytes / 2**20:.0f} MiB; queue {p.max_queue}")
     for n in p.nodes:
         c.print(f"[bold]node {n.rank}[/] ({n.role})")

@@ -86,7 +86,8 @@ def dtype(requested: str, *, device: str, gpu_bf16: bool, cpu_bf16: bool, config
 
 
 def compile_choice(requested: str | None, *, fast_reason: str | None, device: str, dtype: str,
-                   cpu_flags: list[str] | tuple[str, ...], weights_bytes: int, spare_bytes: int) -> tuple[bool, str]:
+                   cpu_flags: list[str] | tuple[str, ...], weights_bytes: int, spare_bytes: int,
+                   weights: str | None = None) -> tuple[bool, str]:
     """Whether the embedded engine compiles its decode step, and why (measured: docs/performance.md)."""
     from dsr1 import settings
     from dsr1.errors import ConfigError, UsageError
@@ -99,6 +100,11 @@ def compile_choice(requested: str | None, *, fast_reason: str | None, device: st
             raise ConfigError(f"--compile on needs the embedded engine's fast path: {fast_reason}",
                               hint="drop --compile")
         return False, f"transformers forward: {fast_reason}"
+    if weights:  # the frozen step holds plain tensors; the packed int8/int4 weights run eager
+        if requested == "on":
+            raise ConfigError(f"--compile on does not take weight-only {weights} weights yet",
+                              hint="drop --compile, or use --precision bf16")
+        return False, "not compiled: the packed weights run eager"
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if requested == "on" and device != "cuda" and not compiler:
         raise ConfigError("--compile on needs a C++ compiler for torch.compile on CPU",

@@ -273,7 +273,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     max_mem = _parse_max_memory(opts.max_memory)
     model = worker.submit(EmbeddedModel, model_dir, dtype=parse_dtype(dtype), device_map=device_map,
                           max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads,
-                          fast_path=opts.fast_path, quantize=opts.quantize).result()
+                          fast_path=opts.fast_path, quantize=opts.quantize, weights=dep.weights).result()
     parser, parser_why = choose_reasoning_parser(dep.reasoning_parser, has_think=model.has_think)
     if model.fast_reason != dep.fast_path_reason:
         measured["fast_path_reason"] = model.fast_reason
@@ -341,10 +341,10 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
         metrics.bind_prefix_cache(sched.prefix)
     compile_on, compile_why = dep.compile, dep.compile_reason
     if "dtype" in measured or model.fast_reason != dep.fast_path_reason:  # the plan's inputs were measured
-        weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+        size = sum(p.numel() * p.element_size() for p in model.model.parameters())
         compile_on, compile_why = decide.compile_choice(
             opts.compile, fast_reason=model.fast_reason, device="cuda" if cuda else "cpu", dtype=dtype,
-            cpu_flags=host.cpu_flags, weights_bytes=weights, spare_bytes=available_ram() + weights)
+            cpu_flags=host.cpu_flags, weights_bytes=size, spare_bytes=available_ram() + size, weights=dep.weights)
         if compile_on != dep.compile:
             measured["compile"] = compile_on
     elif compile_on and model.fast is None and model.fast_reason is not None:

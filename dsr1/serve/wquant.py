@@ -28,7 +28,7 @@ GROUPS = (32,)
 
 
 class QuantWeight:
-    """A [out, in] weight stored in `method`; `mm(x)` is x @ w.T for bf16 rows x [m, in]."""
+    """A [out, in] weight stored in `method`; `mm(x)` is x @ w.T for rows x [m, in]."""
 
     __slots__ = ("method", "shape", "q", "scales", "dtype", "group")
 
@@ -37,14 +37,16 @@ class QuantWeight:
             raise ValueError(f"unknown weight-only method {method!r}")
         if w.device.type != "cpu":
             raise ValueError("weight-only int8/int4 runs on the CPU")
-        self.method, self.shape, self.dtype = method, tuple(w.shape), torch.bfloat16
+        # activations, scales and the result in the model's compute dtype (bf16, or fp32 on a CPU without
+        # bf16 units: both kernels take either)
+        self.method, self.shape, self.dtype = method, tuple(w.shape), w.dtype
         wf = w.detach().float()
         n, k = wf.shape
         if method == "int8":
             # symmetric per output channel: w ~= q * s, q in [-127, 127]
             s = (wf.abs().amax(1) / 127).clamp(min=1e-12)
             self.q = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.scales = s.to(torch.bfloat16)
+            self.scales = s.to(self.dtype)
         else:
             group = next((g for g in GROUPS if k % g == 0), None)
             if group is None:
@@ -57,17 +59,17 @@ class QuantWeight:
             # the kernel computes w = (q - 8) * scale + zero per group, so zero = lo + 8 * scale
             zero = lo + 8 * s
             self.q = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-            self.scales = torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self.scales = torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(self.dtype)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.bfloat16)
+        x = x.to(self.dtype)
         if self.method == "int8":
             return torch._weight_int8pack_mm(x, self.q, self.scales)
         return torch._weight_int4pack_mm_for_cpu(x, self.q, self.group, self.scales)
 
     def dequantize(self) -> torch.Tensor:
         """The bf16 weight these bits stand for (tests; the quality check)."""
-        eye = torch.eye(self.shape[1], dtype=torch.bfloat16)
+        eye = torch.eye(self.shape[1], dtype=self.dtype)
         return self.mm(eye).t().contiguous()
 
     @property
