@@ -151,7 +151,7 @@ def test_every_knob_is_a_declared_setting_its_engine_honours():
     from dsr1 import servesettings, tuned
     from dsr1.bench import tune
 
-    for table in (tune.KNOBS, tune.CUDA_KNOBS):
+    for table in (tune.KNOBS, tune.CPU_KNOBS, tune.CUDA_KNOBS):
         for engine, knobs in table.items():
             for name, flag, values in knobs:
                 s = servesettings.get(name)

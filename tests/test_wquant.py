@@ -65,6 +65,43 @@ def test_kernel_computes_with_the_weights_it_stands_for(method):
     # and the quantized weight is close to the original (4 bits: groups of 32 columns)
     err = ((q.dequantize().float() - w.float()).norm() / w.float().norm()).item()
     assert err < (0.01 if method == "int8" else 0.1)
+    # a row's result does not depend on the rows batched with it (int8 quantizes activations per call)
+    x[1] *= 40
+    alone = torch.cat([q.mm(x[i:i + 1]) for i in range(3)])
+    assert torch.equal(alone, q.mm(x))
+
+
+def test_packed_bf16_decodes_as_the_plain_weights(demo_model_dir):
+    """bf16 on a CPU, eager: the weights reordered for oneDNN replace the plain ones and greedy decoding
+    is unchanged; a longer context reuses them."""
+    from dsr1.serve.engine import EmbeddedModel
+
+    if not wquant.can_pack():
+        pytest.skip("this PyTorch has no oneDNN")
+
+    def greedy(m, n=24):
+        cache = m.make_cache(2, 128)
+        with torch.inference_mode():
+            ids = m.tokenizer("The capital of France is")["input_ids"]
+            logits = m.prefill_rows(cache, 0, [ids, ids[:3]])
+            out = [logits.argmax(-1).tolist()]
+            pos = [len(ids), 3]
+            for _ in range(n):
+                logits = m.decode(cache, out[-1], pos)
+                out.append(logits.argmax(-1).tolist())
+                pos = [p + 1 for p in pos]
+        return out
+
+    m = EmbeddedModel(demo_model_dir, dtype=torch.bfloat16)
+    want = greedy(m)
+    assert m.pack_weights() and m.weights == wquant.PACKED
+    assert greedy(m) == want
+    ff = m.fast
+    assert all(isinstance(w, wquant.QuantWeight) and w.method == wquant.PACKED for w in ff.layers[0][1::2][:1])
+    assert m.model.model.layers[0].mlp.down_proj.weight.numel() == 0  # released, not doubled
+    m.make_cache(1, ff.max_len * 2)
+    assert m.fast is not ff and m.fast.layers[0][1] is ff.layers[0][1]
+    assert not m.pack_weights()  # once
 
 
 def test_serve_precision_int4_packs_the_weights_and_answers(demo_model_dir, tmp_path):

@@ -54,9 +54,6 @@ KNOBS: dict[str, list[tuple[str, str, list[Any]]]] = {
         _knob("stream_interval", [1, 4]),
         _knob("dtype", ["bf16", "fp32"]),
         _knob("speculative", ["off", "ngram"]),
-        # bitsandbytes while loading: leaves the fast path, so it rarely wins on a CPU (last, and
-        # the first to be skipped by a budget); on a GPU it frees memory for more sequences
-        _knob("precision", ["int8", "nf4"]),
     ],
     # max_batched_tokens: vLLM's --max-num-batched-tokens, SGLang's --chunked-prefill-size,
     # llama-server's -b (their defaults differ by version and device, so every value is tried)
@@ -67,7 +64,12 @@ KNOBS: dict[str, list[tuple[str, str, list[Any]]]] = {
     "llamacpp": [_knob("max_concurrent", [2, 4, 8, 16, 32]), _knob("threads", [1, 2]),
                  _knob("max_batched_tokens", [512, 2048, 4096])],
 }
-CUDA_KNOBS = {"embedded": [_knob("compile", ["off", "on"])],
+# On a CPU, --precision int8/int4 packs the weights for the fast path (weight-only, dsr1.serve.wquant):
+# the largest gain at one or a few users on a model bound by memory bandwidth. --compile on costs a
+# compile at every start (70-140 s on 2 cores), so it is tried last, and first skipped by a budget.
+CPU_KNOBS = {"embedded": [_knob("precision", ["int8", "int4"]), _knob("compile", ["off", "on"])]}
+# On a GPU, --precision int8/nf4 is bitsandbytes: it frees memory for more sequences
+CUDA_KNOBS = {"embedded": [_knob("compile", ["off", "on"]), _knob("precision", ["int8", "nf4"])],
               "vllm": [_knob("memory_utilization", [0.85, 0.9, 0.95])],
               "sglang": [_knob("memory_utilization", [0.8, 0.85, 0.9])]}
 NUMERIC = {"max_concurrent", "prefill_chunk", "stream_interval", "threads", "max_batched_tokens"}
@@ -137,7 +139,7 @@ class Candidate:
         return Candidate(self.engine, tuple(sorted(d.items())), self.use_tuned)
 
     def serve_args(self) -> list[str]:
-        flags = {k: f for k, f, _ in KNOBS.get(self.engine, []) + CUDA_KNOBS.get(self.engine, [])}
+        flags = {k: f for table in (KNOBS, CPU_KNOBS, CUDA_KNOBS) for k, f, _ in table.get(self.engine, [])}
         args = ["--engine", self.engine] if self.engine else []
         for k, v in self.settings:
             args += [flags[k], str(v)]
@@ -352,7 +354,7 @@ def tune(cfg: TuneConfig, hooks: Hooks | None = None) -> Outcome:
         hooks.candidate_done(r)
         return r
 
-    knobs = {e: KNOBS.get(e, []) + (CUDA_KNOBS.get(e, []) if cfg.cuda else []) for e in cfg.engines}
+    knobs = {e: KNOBS.get(e, []) + (CUDA_KNOBS if cfg.cuda else CPU_KNOBS).get(e, []) for e in cfg.engines}
     own = {e: engine_defaults(cfg.model, e) for e in cfg.engines}
 
     def vary(cand: Candidate, knob: str, value: Any) -> Candidate:

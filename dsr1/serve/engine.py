@@ -125,6 +125,18 @@ class EmbeddedModel:
             devs.append(self.input_device if d.type == "meta" else d)
         return devs
 
+    def pack_weights(self) -> bool:
+        """bf16 on a CPU, eager fast path: reorder the weights for oneDNN once (dsr1.serve.wquant,
+        PACKED); later FastForwards (a longer context) reuse them. Whether it was done."""
+        from dsr1.serve.wquant import PACKED, can_pack
+
+        if (self.fast is None or self.weights or self.dtype != torch.bfloat16 or self.input_device.type != "cpu"
+                or self.fast.compiled or not can_pack()):
+            return False
+        self.fast.pack(self.model)
+        self.weights = PACKED
+        return True
+
     def make_cache(self, slots: int, max_len: int) -> SlotCache:
         if self.fast_reason is None and (self.fast is None or self.fast.max_len < max_len):
             from dsr1.serve.fastpath import FastForward

@@ -1,20 +1,37 @@
 """Weight-only int8 and int4 for the embedded engine's fast path on CPU.
 
-Why weight-only: a decode step at a few rows is bound by reading the weights (a 7B distill in
-bf16 reads ~15 GB per token), so storing them in 8 or 4 bits and widening on the fly inside the
-matmul cuts what each step reads 2x or ~3.5x, with activations kept in bf16.
+Why low-bit weights: a decode step at a few rows is bound by reading the weights (a 7B distill
+in bf16 reads ~15 GB per token), so storing them in 8 or 4 bits cuts what each step reads 2x or
+~3.5x.
 
-Why PyTorch's own kernels and not torchao: the CPU kernels are ATen operators in PyTorch
-itself (`_weight_int8pack_mm`: per-output-channel int8; `_weight_int4pack_mm_for_cpu` over a
-weight packed by `_convert_weight_to_int4pack_for_cpu`: groups of `group` (32) input columns, each
-with a bf16 scale and offset). torchao's CPU layouts called these; torchao 0.18 (the release
-that imports beside torch 2.13) removed its CPU int4 layout and its int8 weight-only tensor
-dequantizes the whole weight per call (measured 7x slower than bf16 at one row on a 2-core
-AMD EPYC), so dsr1 calls the operators directly.
+The kernels are PyTorch's own CPU operators, chosen by measuring (2-core AMD EPYC, AVX-512 VNNI,
+no AMX; eight distinct [17920, 1536] matrices in turn, so nothing sits in cache; ms per matrix at
+1 / 4 / 16 rows):
 
-Measured at one row on that CPU (gate|up of R1-Distill-Qwen-1.5B, [17920, 1536]): bf16 2.48 ms,
-int8 1.18 ms, int4 0.71 ms; at 16 rows bf16 3.91, int8 7.32, int4 5.10: these kernels win while
-decode is bound by memory and lose once it is bound by arithmetic (benchmarks/engines.py).
+    bf16 F.linear                                   2.85 / 2.87 / 4.20
+    int8 fbgemm dynamic (quantized.linear_dynamic)  0.95 / 1.18 / 1.59   <- int8
+    int8 _weight_int8pack_mm (weight-only)          1.65 / 2.23 / 8.33
+    int4 _weight_int4pack_mm_for_cpu (groups of 32) 0.79 / 1.52 / 5.57   <- int4
+
+- int8 runs fbgemm's dynamic linear: the weight per output channel in int8, prepacked once; each
+  call quantizes the activations to 8 bits and multiplies in integers (VNNI), so it stays fast at
+  16 rows where the weight-only kernel, which widens every weight to floating point per row, is
+  2x slower than bf16. fbgemm takes one activation scale per call; to keep a row's result
+  independent of the rows batched with it, each row is divided by its own largest magnitude first
+  (and multiplied back after), with one extra row holding +1 and -1 so the range is always [-1, 1].
+  On the demo model's real weights the NLL of pull's fixed text moved 2.7355 -> 2.7095 (target +1%).
+  Where fbgemm is not PyTorch's quantized engine (ARM), `_weight_int8pack_mm` is used instead.
+- int4 runs `_weight_int4pack_mm_for_cpu` over a weight packed by `_convert_weight_to_int4pack_for_cpu`:
+  groups of 32 input columns, each with a scale and offset in the compute dtype. It wins at 1-4
+  rows and loses to bf16 at 16 (no integer path: it widens per row).
+- "packed" is not quantization: the bf16 weight reordered once into oneDNN's blocked layout
+  (`mkldnn._reorder_linear_weight`, what inductor's freezing does for a compiled linear) and run by
+  `mkldnn._linear_pointwise`: 2.09 / 2.22 / 1.85 / 2.93 ms at 1 / 2 / 4 / 16 rows where the plain
+  layout took 2.9 / 2.6 / 2.7 / 3.7, and no slower on prompt chunks (64 rows: 8.5 vs 9.0 ms). Used
+  for bf16 on a CPU when the step is not compiled (FastForward.pack), replacing the plain weights.
+torchao 0.18 (the release that imports beside torch 2.13) was measured first: its CPU int4 layout
+is gone ("Unsupported int4 packing format: opaque") and its int8 weight-only tensor dequantizes the
+whole weight per call (7x slower than bf16 at one row), so dsr1 calls the operators directly.
 """
 
 from __future__ import annotations
@@ -22,31 +39,65 @@ from __future__ import annotations
 import torch
 
 METHODS = ("int8", "int4")
+PACKED = "packed"  # bf16 in oneDNN's blocked layout (not a user-facing precision)
 # int4: input columns per scale/offset pair. 32, as llama.cpp's 4-bit blocks: on the demo model's real
 # weights the NLL of pull's fixed text rose 13% with groups of 64/128 (outlier columns) and 0.07% with 32.
 GROUPS = (32,)
 
 
+_REDUCE_RANGE = [False]  # 7-bit activations where u8*s8 pairs could saturate int16 sums (AVX2 without VNNI)
+
+
+def _fbgemm() -> bool:
+    """Whether int8 runs fbgemm's dynamic linear (x86 with fbgemm as PyTorch's quantized engine)."""
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        return False
+    try:
+        from dsr1.probe.host import cpu_info
+
+        flags = set(cpu_info()[1])
+    except Exception:  # noqa: BLE001 - no /proc/cpuinfo: assume the safe, 7-bit activations
+        flags = set()
+    _REDUCE_RANGE[0] = not ({"avx512_vnni", "avx_vnni"} & flags)
+    return True
+
+
 class QuantWeight:
     """A [out, in] weight stored in `method`; `mm(x)` is x @ w.T for rows x [m, in]."""
 
-    __slots__ = ("method", "shape", "q", "scales", "dtype", "group")
+    __slots__ = ("method", "shape", "q", "scales", "dtype", "group")  # group: int4's, or "fbgemm" for int8
 
     def __init__(self, w: torch.Tensor, method: str):
-        if method not in METHODS:
+        if method not in METHODS + (PACKED,):
             raise ValueError(f"unknown weight-only method {method!r}")
         if w.device.type != "cpu":
             raise ValueError("weight-only int8/int4 runs on the CPU")
         # activations, scales and the result in the model's compute dtype (bf16, or fp32 on a CPU without
         # bf16 units: both kernels take either)
         self.method, self.shape, self.dtype = method, tuple(w.shape), w.dtype
+        if method == PACKED:
+            if w.dtype != torch.bfloat16:
+                raise ValueError("packing is for bf16 weights")
+            self.q, self.scales, self.group = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 1), None, None
+            return
         wf = w.detach().float()
         n, k = wf.shape
         if method == "int8":
             # symmetric per output channel: w ~= q * s, q in [-127, 127]
             s = (wf.abs().amax(1) / 127).clamp(min=1e-12)
-            self.q = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.scales = s.to(self.dtype)
+            if _fbgemm():
+                import warnings
+
+                with warnings.catch_warnings():  # quantize_per_channel: "deprecated" in 2.13, the one way in
+                    warnings.simplefilter("ignore")
+                    qw = torch.quantize_per_channel(wf, s.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+                self.q = torch.ops.quantized.linear_prepack(qw, None)
+                self.scales = s  # kept for nbytes only: the packed weight carries its own
+                self.group = "fbgemm"
+            else:
+                self.q = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+                self.scales = s.to(self.dtype)
+                self.group = None
         else:
             group = next((g for g in GROUPS if k % g == 0), None)
             if group is None:
@@ -62,6 +113,18 @@ class QuantWeight:
             self.scales = torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(self.dtype)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method == PACKED:
+            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.q, None, "none", [], "")
+        if self.group == "fbgemm":
+            lead = x.shape[:-1]
+            xf = x.reshape(-1, self.shape[1]).float()
+            peak = xf.abs().amax(1, keepdim=True).clamp(min=1e-30)
+            # each row scaled to [-1, 1] and one row spanning it: the activation scale fbgemm picks
+            # for the whole call is then the same whatever rows share it (batch-independent output)
+            span = torch.zeros(1, xf.shape[1])
+            span[0, 0], span[0, 1] = 1.0, -1.0
+            y = torch.ops.quantized.linear_dynamic(torch.cat([xf / peak, span]), self.q, _REDUCE_RANGE[0])
+            return (y[:-1] * peak).to(self.dtype).reshape(*lead, self.shape[0])
         x = x.to(self.dtype)
         if self.method == "int8":
             return torch._weight_int8pack_mm(x, self.q, self.scales)
@@ -74,8 +137,17 @@ class QuantWeight:
 
     @property
     def nbytes(self) -> int:
+        if self.method == PACKED:
+            return self.shape[0] * self.shape[1] * 2
+        if self.group == "fbgemm":  # int8 weights + an fp32 scale per channel (fbgemm's packed copy: the same)
+            return self.shape[0] * self.shape[1] + 4 * self.shape[0]
         return self.q.numel() * self.q.element_size() + self.scales.numel() * self.scales.element_size()
 
 
 def quantize(w: torch.Tensor, method: str) -> QuantWeight:
     return QuantWeight(w, method)
+
+
+def can_pack() -> bool:
+    """Whether bf16 weights can be packed for oneDNN here (PyTorch built with it, x86)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
