@@ -18,7 +18,7 @@ the embedded engine.
         --gguf /path/smollm2-135m-bf16.gguf --engines-home .cache/engines-home
 
 At the sizes users run on a CPU (--shape 1.5b|7b: random weights with R1-Distill-Qwen-1.5B's or
--7B's exact config, and GGUFs of the same weights, made once by benchmarks/shapes.py), each engine
+-7B's exact config, and GGUFs of the same weights, made once by benchmarks/_shapes.py), each engine
 runs at matching bits per weight, one table per precision:
   bf16  embedded --dtype bf16 | vLLM --dtype bf16 | llama-server BF16 GGUF
   int8  embedded --precision int8 (int8 weights per channel, activations per row) | llama-server Q8_0
@@ -112,7 +112,7 @@ def main() -> int:
                                            / "smollm2-135m-bf16"), help="safetensors model directory")
     ap.add_argument("--gguf", help="GGUF of the same weights for llama-server (BF16 for the same dtype)")
     ap.add_argument("--shape", choices=("1.5b", "7b"),
-                    help="random weights with R1-Distill-Qwen-1.5B's / -7B's shapes (benchmarks/shapes.py), "
+                    help="random weights with R1-Distill-Qwen-1.5B's / -7B's shapes (benchmarks/_shapes.py), "
                          "every engine at each of --precisions; replaces --model and --gguf")
     ap.add_argument("--precisions", default="bf16,int8,int4", help="with --shape")
     ap.add_argument("--engines-home", default=str(REPO / ".cache" / "engines-home"),
@@ -147,7 +147,7 @@ def main() -> int:
     extra = args.embedded_variants if args.embedded_variants is not None else ("" if args.shape else "eager,fast")
     plan: list[tuple[str, str, str, list[str], dict]] = []  # (precision, label, model, serve args, env)
     if args.shape:
-        import shapes
+        import _shapes as shapes
 
         model = str(shapes.hf_model(args.shape))
         for prec in args.precisions.split(","):
@@ -210,7 +210,7 @@ def report(args, plan: list, extra: str) -> int:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.shape:
-        import shapes
+        import _shapes as shapes
 
     what = f"shape {args.shape} ({shapes.SHAPES[args.shape]}, random weights)" if args.shape else args.model
     print(f"\n{what}; CPU: {cpu_line()}")

@@ -44,6 +44,9 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "serve_prefill": (["benchmarks/serve_prefill.py"], "a long prompt does not stall streams"),
     "engines": (["benchmarks/engines.py", "--engines-home", ENGINES_HOME, "--repeat", "3"]
                 + (["--gguf", GGUF] if GGUF else []), "the engines side by side"),
+    "engines_1.5b": (["benchmarks/engines.py", "--engines-home", ENGINES_HOME, "--shape", "1.5b", "--duration", "60",
+                      "--output-len", "64", "--input-len", "64", "--requests", "32", "--warmup", "1"],
+                     "the engines at R1-Distill-Qwen-1.5B's shape, at matching precisions (bf16, int8, int4)"),
     "serve_fastpath": (["benchmarks/serve_fastpath.py"], "prefix caching and speculative decoding"),
     "client_ceiling": (["benchmarks/bench_client_ceiling.py"], "the bench client's own ceiling"),
     "tune_gain": (["benchmarks/tune_gain.py", "--engines-home", ENGINES_HOME], "tuning gain"),

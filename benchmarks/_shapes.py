@@ -1,7 +1,7 @@
 """Models at the real sizes users run on a CPU, for the benchmarks: random weights, exact shapes.
 
-    python benchmarks/shapes.py 1.5b          # build (once) and print the paths
-    python benchmarks/shapes.py 7b --quants Q4_K_M
+    python benchmarks/_shapes.py 1.5b          # build (once) and print the paths
+    python benchmarks/_shapes.py 7b --quants Q4_K_M
 
 Decode speed does not depend on the weight values when EOS is ignored, so a random-weight model
 with R1-Distill-Qwen-1.5B's or -7B's exact config (from dsr1's catalog) measures what the real
