@@ -36,6 +36,8 @@ whole weight per call (7x slower than bf16 at one row), so dsr1 calls the operat
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 METHODS = ("int8", "int4")
@@ -45,21 +47,20 @@ PACKED = "packed"  # bf16 in oneDNN's blocked layout (not a user-facing precisio
 GROUPS = (32,)
 
 
-_REDUCE_RANGE = [False]  # 7-bit activations where u8*s8 pairs could saturate int16 sums (AVX2 without VNNI)
-
-
-def _fbgemm() -> bool:
-    """Whether int8 runs fbgemm's dynamic linear (x86 with fbgemm as PyTorch's quantized engine)."""
+@functools.lru_cache(maxsize=None)
+def _fbgemm() -> tuple[bool, bool]:
+    """(whether int8 runs fbgemm's dynamic linear, whether it needs 7-bit activations). fbgemm is
+    PyTorch's quantized engine on x86; without VNNI its u8*s8 pair sums can saturate int16, which
+    7-bit activations (reduce_range) avoid."""
     if torch.backends.quantized.engine not in ("x86", "fbgemm"):
-        return False
+        return False, True
     try:
         from dsr1.probe.host import cpu_info
 
         flags = set(cpu_info()[1])
     except Exception:  # noqa: BLE001 - no /proc/cpuinfo: assume the safe, 7-bit activations
         flags = set()
-    _REDUCE_RANGE[0] = not ({"avx512_vnni", "avx_vnni"} & flags)
-    return True
+    return True, not ({"avx512_vnni", "avx_vnni"} & flags)
 
 
 class QuantWeight:
@@ -85,7 +86,7 @@ class QuantWeight:
         if method == "int8":
             # symmetric per output channel: w ~= q * s, q in [-127, 127]
             s = (wf.abs().amax(1) / 127).clamp(min=1e-12)
-            if _fbgemm():
+            if _fbgemm()[0]:
                 import warnings
 
                 with warnings.catch_warnings():  # quantize_per_channel: "deprecated" in 2.13, the one way in
@@ -123,7 +124,7 @@ class QuantWeight:
             # for the whole call is then the same whatever rows share it (batch-independent output)
             span = torch.zeros(1, xf.shape[1])
             span[0, 0], span[0, 1] = 1.0, -1.0
-            y = torch.ops.quantized.linear_dynamic(torch.cat([xf / peak, span]), self.q, _REDUCE_RANGE[0])
+            y = torch.ops.quantized.linear_dynamic(torch.cat([xf / peak, span]), self.q, _fbgemm()[1])
             return (y[:-1] * peak).to(self.dtype).reshape(*lead, self.shape[0])
         x = x.to(self.dtype)
         if self.method == "int8":
