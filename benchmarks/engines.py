@@ -63,7 +63,7 @@ def sweep(label: str, model: str, serve_args: list[str], args, env: dict) -> dic
         cmd += ["--duration", str(args.duration)]
     if args.warmup is not None:
         cmd += ["--warmup", str(args.warmup)]
-    for a in serve_args:
+    for a in [*serve_args, *args.serve_arg]:
         cmd += ["--serve-arg", a]
     print(f"# {label}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     with tempfile.TemporaryFile("w+") as err:
@@ -128,6 +128,8 @@ def main() -> int:
     ap.add_argument("--embedded-variants", default=None,
                     help="extra embedded rows: eager (--no-fast-path), fast (--compile off); '' for none "
                          "(default eager,fast; none with --shape)")
+    ap.add_argument("--serve-arg", action="append", default=[],
+                    help="an argument for every engine's `dsr1 serve` (repeat), e.g. --serve-arg=--max-model-len=2048")
     ap.add_argument("--embedded-baseline", metavar="COMMIT",
                     help="also run the embedded engine as dsr1 at COMMIT (a git worktree), row emb@COMMIT")
     ap.add_argument("--repeat", type=int, default=1,

@@ -145,14 +145,17 @@ class FastForward:
             self.layers, self.head = list(done[1]), done[2]
         else:
             self.layers = []
-            for layer in inner.layers:
+            for i, layer in enumerate(inner.layers):
                 a, m = layer.self_attn, layer.mlp
                 wqkv, bqkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
                 wgu, _ = _fuse([m.gate_proj, m.up_proj])
                 self.layers.append((layer.input_layernorm.weight, wqkv, bqkv, a.o_proj.weight, a.o_proj.bias,
                                     layer.post_attention_layernorm.weight, wgu, m.down_proj.weight))
+                del wqkv, wgu
+                if quant:  # now, so only one layer's fused bf16 copy exists at a time
+                    self._pack_layer(i, layer, quant)
             if quant:
-                self._quantize(model, quant)
+                self._pack_rest(model, quant)
         with torch.no_grad():
             pos = torch.arange(max_len, device=self.device)[None]
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32, device=self.device), pos)
@@ -165,20 +168,31 @@ class FastForward:
         self.lora_owner: dict[str, torch.Tensor] = {}
 
     def _quantize(self, model, method: str) -> None:
-        """Weight-only `method` for every projection and the LM head; the bf16 copies are released
-        (the transformers modules keep empty weights: with the fast path nothing else reads them),
-        so memory holds the packed weights only. The embedding table stays bf16 (rows are looked up)."""
-        empty = torch.empty(0, dtype=self.embed.dtype)
+        """Weight-only `method` (or PACKED) for every projection and the LM head of an existing fast
+        path; the bf16 copies are released (the transformers modules keep empty weights: with the fast
+        path nothing else reads them), so memory holds the new weights only. The embedding table stays
+        bf16 (rows are looked up)."""
         for i, layer in enumerate(model.model.layers):
-            ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd = self.layers[i]
-            self.layers[i] = (ln1, quantize(wqkv, method), bqkv, quantize(wo, method), bo, ln2,
-                              quantize(wgu, method), quantize(wd, method))
-            del wqkv, wo, wgu, wd
-            # released layer by layer, so the peak is the plain weights plus one layer's new ones
-            # (measured: all at the end put the 1.5B shape's peak RSS at twice its weights)
-            a, m = layer.self_attn, layer.mlp
-            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-                lin.weight.data = empty
+            self._pack_layer(i, layer, method)
+        self._pack_rest(model, method)
+
+    def _pack_layer(self, i: int, layer, method: str) -> None:
+        """Layer i's projections in `method`, its plain weights released at once: the peak is the plain
+        weights plus one layer's new ones (measured: releasing all at the end put the 1.5B shape's peak
+        RSS at twice its weights; fusing every layer before quantizing put the 7B shape's int4 peak at
+        21 GB)."""
+        empty = torch.empty(0, dtype=self.embed.dtype)
+        ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd = self.layers[i]
+        self.layers[i] = (ln1, quantize(wqkv, method), bqkv, quantize(wo, method), bo, ln2,
+                          quantize(wgu, method), quantize(wd, method))
+        del wqkv, wo, wgu, wd
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            lin.weight.data = empty
+
+    def _pack_rest(self, model, method: str) -> None:
+        """The head in `method`'s head format, what is left copied out of the checkpoint's mapping."""
+        empty = torch.empty(0, dtype=self.embed.dtype)
         # the head: int8 whatever the method (llama.cpp's Q4_K_M keeps it at 6 bits), packed when packing;
         # tied to the embedding in small models, whose bf16 table then stays for the lookups
         self.head = quantize(self.head, PACKED if method == PACKED else "int8")
