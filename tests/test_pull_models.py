@@ -128,17 +128,18 @@ def test_reload_guard_catches_the_real_nf4_save_bug(demo_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_serve_quantizes_a_local_model_while_loading(demo_model_dir, tmp_path):
-    """`dsr1 serve DIR --precision int8` (a `dsr1 bench tune` candidate): bitsandbytes while loading,
-    no stored copy; the real server answers through the official client."""
+    """`dsr1 serve DIR --precision nf4` (a `dsr1 bench tune` candidate on a GPU): bitsandbytes while
+    loading, no stored copy; the real server answers through the official client. (On a CPU
+    `--precision int8|int4` packs for the fast path instead: tests/test_wquant.py.)"""
     import openai
 
     from tests.serve_util import ServerProc
 
-    srv = ServerProc([str(demo_model_dir), "--engine", "embedded", "--precision", "int8", "--max-concurrent", "2",
+    srv = ServerProc([str(demo_model_dir), "--engine", "embedded", "--precision", "nf4", "--max-concurrent", "2",
                       "--max-model-len", "256"], home=tmp_path / "home", timeout=300)
     try:
         log = "".join(srv.lines)
-        assert "int8 (bitsandbytes) while loading" in log and "bitsandbytes-quantized weights" in log, log[-2000:]
+        assert "nf4 (bitsandbytes) while loading" in log and "bitsandbytes-quantized weights" in log, log[-2000:]
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
         r = client.completions.create(model="smollm2-135m-bf16", prompt="The capital of France is", max_tokens=4,
                                       temperature=0)
