@@ -4,8 +4,8 @@ Each loop iteration (1) takes in new requests and cancellations, (2) prefills up
 `prefill_chunk` prompt tokens per waiting request (whole short prompts together in one
 padded forward, or one chunk of a long one; see `_budget`), and (3) runs one decode step
 for every running request. Requests therefore join and leave the batch between decode
-steps, a long prompt delays running streams by at most one chunk per step, and a cancelled
-request (client gone) leaves at the next iteration.
+steps, a long prompt delays running streams by at most one budget per step (QUEUE_CHUNKS
+chunks when the queue is long), and a cancelled request (client gone) leaves at the next iteration.
 
 Running requests occupy rows 0..n-1 of the slot cache; at most one request is
 part-way through its prompt and sits right after them. When a request leaves,
@@ -186,7 +186,7 @@ class Scheduler:
             self._finish(req, "abort")
 
     def _prefill_some(self) -> None:
-        """Spend up to `prefill_chunk` prompt tokens: first on a part-prefilled long prompt, then on
+        """Spend up to `_budget()` prompt tokens: first on a part-prefilled long prompt, then on
         whole short prompts together in one forward, then on the next prompt that is long or whose
         beginning the prefix cache holds (loaded, then computed from there in chunks)."""
         budget = self._budget()

@@ -356,7 +356,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
         model.fast.enable_compile()
         batches = (2, 1) if max_concurrent > 1 else (1,)
         compile_seconds = worker.submit(model.fast.warm_up, sched.cache, batches=batches, progress=progress).result()
-    elif model.fast is not None and worker.submit(model.pack_weights).result():
+    elif worker.submit(model.pack_weights).result():  # False when there is nothing to pack
         # eager bf16 on a CPU: the weights reordered once for oneDNN (dsr1.serve.wquant, PACKED)
         compile_why += "; bf16 weights packed for oneDNN"
     forward_reason = model.fast_reason or compile_why
