@@ -143,7 +143,7 @@ def _serve_embedded(opts, overrides, deployment, out, *, json: bool, on_ready) -
     fields = "reasoning_content and reasoning" if opts.reasoning_field == "both" else opts.reasoning_field
     split = f"{p.reasoning_parser}, into {fields}" if p.reasoning_parser != "none" else "off, everything in content"
     out.info(f"reasoning  {split} ({p.reasoning_why}); system prompt: {p.system_prompt}")
-    compiled = f", compiled in {p.compile_seconds}s" if p.forward == "compiled" else ""
+    compiled = f", ready in {p.compile_seconds}s" if p.forward == "compiled" else ""
     extras = [f"prefix cache {p.prefix_cache_bytes / 2**20:.0f} MiB" if p.prefix_cache_bytes else "prefix cache off",
               f"speculative {p.speculative}"]
     packed = f" with weight-only {deployment.weights}" if deployment.weights and p.forward == "fast" else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import re
+import time
 
 import httpx
 import openai
@@ -84,6 +85,105 @@ def test_compiled_decode_matches_transformers(demo_model_dir, fp32_models, tmp_p
     want = _greedy(ref, ref.make_cache(3, 256), prompts, 24)
     assert _greedy(m, cache, prompts, 24) == want
     assert _greedy(m, m.make_cache(1, 256), prompts[:1], 24) == want[:1]  # batch 1: its own variant
+
+
+def test_compiled_step_is_kept_and_the_next_start_loads_it(demo_model_dir, fp32_models, tmp_path, monkeypatch):
+    """The CPU's ahead-of-time compiled step (dsr1.serve.aotstep): compiled once into the store, loaded
+    by a second model object in seconds, for another cache shape too (every size is dynamic), and greedy
+    output in fp32 stays the transformers forward's, at every batch size."""
+    from dsr1.serve import aotstep
+    from dsr1.serve.engine import EmbeddedModel
+    from dsr1.serve.fastpath import COMPILE_OPTIONS, FrozenStep
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    store = tmp_path / "compiled"
+    ref, _ = fp32_models
+    prompts = [ref.tokenizer(p)["input_ids"] for p in PROMPTS]
+    want = _greedy(ref, ref.make_cache(3, 256), prompts, 24)
+
+    m = EmbeddedModel(demo_model_dir, dtype=torch.float32)
+    cache = m.make_cache(3, 256)
+    m.fast.enable_compile(store=store)
+    m.fast.warm_up(cache)
+    assert m.path == "compiled" and m.fast.compile_how == "compiled"
+    assert [p.name for p in store.iterdir()] == [m.fast.package.name]  # nothing half-written beside it
+    assert _greedy(m, cache, prompts, 24) == want
+    assert _greedy(m, cache, prompts[:1], 24) == want[:1]  # one row: the same package
+
+    again = EmbeddedModel(demo_model_dir, dtype=torch.float32)
+    other = again.make_cache(2, 128)
+    again.fast.enable_compile(store=store)
+    seconds = again.fast.warm_up(other)
+    assert again.fast.compile_how == "loaded" and again.fast.package == m.fast.package and seconds < 10
+    assert _greedy(again, other, prompts[:2], 24) == want[:2]
+
+    # the key follows the weights: one changed value in one matrix makes another package
+    key = aotstep.package_key(FrozenStep(again.fast), COMPILE_OPTIONS)
+    with torch.no_grad():
+        again.fast.layers[3][6].view(-1)[0] += 1.0
+    assert aotstep.package_key(FrozenStep(again.fast), COMPILE_OPTIONS) != key
+
+
+def test_rows_for_keeps_the_compiled_step_up_to_the_last_size_it_won():
+    from dsr1.serve.fastpath import rows_for
+
+    assert rows_for({1: (0.01, 0.03), 2: (0.02, 0.03), 4: (0.05, 0.04)}, 16) == 2
+    assert rows_for({1: (0.01, 0.03), 2: (0.02, 0.03), 4: (0.03, 0.04)}, 4) == 4
+    assert rows_for({1: (0.01, 0.03), 2: (0.02, 0.03), 4: (0.03, 0.04)}, 6) == 6  # past the sizes measured
+    assert rows_for({1: (0.05, 0.03)}, 8) == 0
+    assert rows_for({1: (0.01, 0.03), 2: (0.02, 0.03), 4: (0.05, 0.04)}, 3) == 3  # 4 is past this cache
+
+
+def test_bf16_compiled_step_beside_packed_eager_weights(demo_model_dir, tmp_path, monkeypatch):
+    """bf16 on a CPU, compiled ahead of time: the eager forward beside the package runs on oneDNN-packed
+    weights (prompts, and the batch sizes where it measured faster); the batch-size timings are kept
+    with the package and read back; compiled and eager rows give the plain bf16 forward's greedy tokens."""
+    from dsr1.serve.engine import EmbeddedModel
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    plain = EmbeddedModel(demo_model_dir, dtype=torch.bfloat16)
+    prompts = [plain.tokenizer(p)["input_ids"] for p in PROMPTS]
+    want = _greedy(plain, plain.make_cache(3, 128), prompts, 8)
+
+    m = EmbeddedModel(demo_model_dir, dtype=torch.bfloat16)
+    cache = m.make_cache(3, 128)
+    m.fast.enable_compile(store=tmp_path / "compiled")
+    m.fast.warm_up(cache)
+    assert m.fast.ahead_of_time and m.pack_weights() and m.fast.quant == "packed"
+    saved = m.fast.package.with_suffix(".rows.json")
+    rows = m.fast.measure_rows(cache, saved=saved)
+    assert saved.is_file() and set(m.fast.row_timings) <= {1, 2} and 0 <= rows <= 3
+    m.fast.compiled_rows = 0  # every batch eager, on the packed weights: the plain forward's tokens
+    assert _greedy(m, cache, prompts, 8) == want
+    # compiled against eager on the same step: bf16 sums in another order (a near-tie may flip a later
+    # greedy token, which is why fp32 is the token-for-token check above); same best token, close logits
+    logits = m.prefill_rows(cache, 0, prompts)
+    step = ([int(t) for t in logits.argmax(-1)], [len(p) for p in prompts])
+    for limit in (3, 1):
+        m.fast.compiled_rows = limit  # every batch compiled; then one row only (a batch of 3 runs eager)
+        got = m.decode(cache, *step)
+        m.fast.compiled_rows = 0
+        ref = m.decode(cache, *step)
+        assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
+        assert (got - ref).abs().max() < 1.0 and (limit == 3) == bool((got != ref).any())
+    m.fast.row_timings = {}
+    assert m.fast.measure_rows(cache, saved=saved) == rows and set(m.fast.row_timings) <= {1, 2}
+
+
+def test_compiled_step_without_disk_for_it_compiles_just_in_time(demo_model_dir, tmp_path, monkeypatch):
+    """Too little free disk for the package: said, and the step is compiled in memory instead. The disk's
+    free space is the one seam faked (filling a real disk is not something a test should do)."""
+    import shutil
+
+    from dsr1.serve.engine import EmbeddedModel
+
+    m = EmbeddedModel(demo_model_dir, dtype=torch.bfloat16)
+    m.make_cache(1, 64)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**8, 10**8))
+    m.fast.enable_compile(store=tmp_path / "compiled")
+    assert m.fast.not_kept.startswith("0.1 GB free at ") and "needs about" in m.fast.not_kept
+    assert m.fast._store is None and m.fast.compiled and m.path == "compiled"
+    assert not (tmp_path / "compiled").exists()
 
 
 def test_prefix_cache_blocks_round_trip(fp32_models):
@@ -192,7 +292,7 @@ def test_serve_options_leave_greedy_output_unchanged(demo_model_dir, reference_o
     try:
         assert any("forward    compiled" in line for line in fast.lines), "".join(fast.lines)
         # inductor's autotune tables (written to stderr while compiling) stay off the console
-        assert not any(line.startswith(("AUTOTUNE", "SingleProcess AUTOTUNE")) for line in fast.lines), \
+        assert not any(line.startswith(("AUTOTUNE", "SingleProcess AUTOTUNE", "Autotune Choices")) for line in fast.lines), \
             "".join(fast.lines)
         got = run(fast)
         assert got == want
@@ -201,6 +301,18 @@ def test_serve_options_leave_greedy_output_unchanged(demo_model_dir, reference_o
         assert 0 < _metric(fast.url, "dsr1_spec_decode_acceptance_rate") <= 1
     finally:
         assert fast.stop() == 0
+    # a restart (same DSR1_HOME, another context length) loads the step compiled by the first start
+    t0 = time.monotonic()
+    again = ServerProc([*common[:-1], "512", "--compile", "on"], tmp_path / "b", timeout=120)
+    try:
+        started = time.monotonic() - t0
+        line = next(line for line in again.lines if "forward    " in line)
+        assert "the compiled step of an earlier start" in line, line
+        assert float(re.search(r"ready in ([\d.]+)s", line).group(1)) < 10, line
+        assert started < 60, f"restart took {started:.0f}s"  # model load and start-up included
+        assert _run(again) == want
+    finally:
+        assert again.stop() == 0
 
 
 def test_draft_model_speculation_is_greedy_exact(demo_model_dir, demo_draft_dir, reference_outputs, tmp_path):

@@ -131,7 +131,7 @@ class EmbeddedModel:
         from dsr1.serve.wquant import PACKED, can_pack
 
         if (self.fast is None or self.weights or self.dtype != torch.bfloat16 or self.input_device.type != "cpu"
-                or self.fast.compiled or not can_pack()):
+                or (self.fast.compiled and not self.fast.ahead_of_time) or not can_pack()):
             return False
         self.fast.pack(self.model)
         self.weights = PACKED

@@ -163,6 +163,11 @@ class FastForward:
         self.sin = sin[0].to(self.embed.dtype)
         self.compiled = False
         self.compile_seconds = 0.0
+        self._aot = self._store = None  # the ahead-of-time compiled step and where it is kept (enable_compile)
+        self.package = None  # its file
+        self.not_kept = None  # why the compiled step is not kept on disk (enable_compile), when it is not
+        self.compiled_rows = 1 << 30  # batches up to this many rows take the compiled step (measure_rows)
+        self.row_timings: dict[int, tuple[float, float]] = {}  # rows -> (compiled, eager) seconds per step
         self._lora_src: list[list[dict]] = []  # LoRA adapters, id i+1 (0 is the base model)
         self.lora_w: list[dict] = [{} for _ in self.layers]
         self.lora_owner: dict[str, torch.Tensor] = {}
@@ -366,30 +371,53 @@ class FastForward:
 
     def pack(self, model) -> None:
         """Reorder the bf16 weights into oneDNN's blocked layout, replacing the plain ones (eager decode
-        1.3-1.45x faster per matmul on a 2-core AVX-512 CPU: dsr1.serve.wquant). Not with compile:
-        inductor packs the frozen weights its own way."""
-        if self.compiled or self.quant:
+        1.3-1.45x faster per matmul on a 2-core AVX-512 CPU: dsr1.serve.wquant). Not with a step
+        compiled just in time (inductor packs the frozen weights its own way, from these); with one
+        compiled ahead of time, which holds its own copy, the eager forward beside it (prompts, and the
+        batches it is faster at: measure_rows) runs on packed weights too."""
+        if (self.compiled and self._aot is None) or self.quant:
             raise ValueError("pack() is for the eager bf16 step")
+        self._frozen = None  # the package has its own copy: the plain weights go once packed
         self.quant = PACKED
         self._quantize(model, PACKED)
 
-    def enable_compile(self) -> None:
-        """Compile the whole decode step (torch.compile, inductor) over a FrozenStep: the weights are
-        the module's parameters, frozen into the graph as constants, so inductor packs each one once for
-        its own GEMM kernels (AMX/AVX-512 micro-kernels on CPU, chosen by timing them against ATen's:
-        max_autotune) and fuses the small ops around them. Batch rows and the context span are
-        dynamic; one row is a variant of its own. `warm_up` compiles both."""
+    def enable_compile(self, store=None) -> None:
+        """Compile the whole decode step (inductor) over a FrozenStep: the weights are the module's
+        parameters, frozen into the graph as constants, so inductor packs each one once for its own
+        GEMM kernels (AMX/AVX-512 micro-kernels on CPU, chosen by timing them against ATen's:
+        max_autotune) and fuses the small ops around them. `warm_up` compiles.
+
+        `store` (a directory; CPU): ahead of time, into a package kept there and loaded by the next
+        start in seconds (dsr1.serve.aotstep; one dynamic graph for every batch and span). Without
+        it (and on a GPU) just in time with torch.compile: batch rows and span dynamic, one row a
+        variant of its own, compiled again at every start."""
+        from dsr1.serve import aotstep
+
         if self.quant:
             raise ValueError(f"the decode step is not compiled over {self.quant} weights")
         self._frozen = FrozenStep(self)
-        self._compiled_step = torch.compile(self._frozen)
+        self._store = store if store is not None and aotstep.supported(self.device) else None
+        self._aot = None
+        self.compile_how = "compiled"  # or "loaded" (a package from the store)
+        self.not_kept = aotstep.room_for(self._frozen, store) if self._store is not None else None
+        if self.not_kept:  # no disk for the package: compiled just in time, as on a GPU
+            self._store = None
+        if self._store is None:
+            self._compiled_step = torch.compile(self._frozen)
         self.compiled = True
 
     @torch.inference_mode()
     def warm_up(self, cache, *, batches: tuple[int, ...] = (2, 1), progress=lambda m: None) -> float:
-        """Run the compiled step once per variant so compiling happens now, not on a user's request.
-        Writes only position 0 of rows it uses, which hold no request yet."""
+        """Compile now, not on a user's request: load or build the ahead-of-time package, or run the
+        just-in-time step once per variant (writing only position 0 of rows it uses, which hold no
+        request yet)."""
         t0 = time.perf_counter()
+        if self._store is not None:
+            from dsr1.serve import aotstep
+
+            self._aot, self.compile_how, self.package = aotstep.load_or_build(self._frozen, cache, self._store,
+                                                                              COMPILE_OPTIONS, progress)
+            batches = ()
         for n in batches:
             if n > cache.slots:
                 continue
@@ -400,7 +428,16 @@ class FastForward:
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
 
+    @property
+    def ahead_of_time(self) -> bool:
+        """Whether the compiled step is a package (dsr1.serve.aotstep), not torch.compile's."""
+        return self._aot is not None
+
     def _run_compiled(self, ids, pos, cols, cache) -> torch.Tensor:
+        if self._aot is not None:
+            if cols.shape[0] < 2:  # below the package's smallest span (no decode step attends to one column)
+                return self._step(ids, pos, cols, cache.k, cache.v)
+            return self._aot(ids, pos, cols, cache.k, cache.v, self.cos, self.sin)
         if ids.shape[0] > 1:  # rows and span vary from step to step: one graph for all of them
             for t, dim in ((ids, 0), (pos, 0), (cols, 0)):
                 torch._dynamo.mark_dynamic(t, dim)
@@ -422,9 +459,42 @@ class FastForward:
         pos = torch.tensor(positions, device=dev).view(-1, 1)
         cols = torch.arange(max(positions) + 1, device=dev)
         masks = self._masks(adapters)
-        if self.compiled and masks is None:
+        if self.compiled and masks is None and len(tokens) <= self.compiled_rows:
             return self._run_compiled(ids, pos, cols, cache)[:, 0]
         return self._step(ids, pos, cols, cache.k, cache.v, masks)[:, 0]
+
+    @torch.inference_mode()
+    def measure_rows(self, cache, *, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 3,
+                     saved=None) -> int:
+        """Time the compiled step against the eager one at growing batch sizes on this CPU and keep the
+        compiled one up to the largest size where it was faster (`compiled_rows`; 0: never). Why: on a
+        2-core AVX-512 CPU without AMX the compiled step was 3.2x faster at one row and 0.69x at sixteen
+        (issue 14/14), so the right one depends on the CPU and the batch. `saved` (a JSON file beside the
+        package): timings of an earlier start are read from it, or written to it. Writes only position 0
+        of the rows it uses, which hold no request yet (run at start-up)."""
+        import json
+
+        if saved is not None and saved.is_file():
+            self.row_timings = {int(n): tuple(t) for n, t in json.loads(saved.read_text()).items()}
+        else:
+            dev = self.device
+            for n in sizes:
+                if n > cache.slots:
+                    break
+                ids = torch.zeros(n, 1, dtype=torch.long, device=dev)
+                pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
+                cols = torch.arange(2, device=dev)
+                compiled = _fastest(lambda: self._run_compiled(ids, pos, cols, cache), repeats)
+                eager = _fastest(lambda: self._step(ids, pos, cols, cache.k, cache.v), repeats)
+                self.row_timings[n] = (compiled, eager)
+                if compiled > eager:
+                    break
+            if saved is not None:
+                tmp = saved.with_name(saved.name + ".tmp")
+                tmp.write_text(json.dumps(self.row_timings))
+                tmp.replace(saved)
+        self.compiled_rows = rows_for(self.row_timings, cache.slots)
+        return self.compiled_rows
 
     @torch.inference_mode()
     def verify(self, cache, rows: list[list[int]], starts: list[int], adapters: list[int] | None = None) -> torch.Tensor:
@@ -505,13 +575,39 @@ class FastForward:
         return x
 
 
+def rows_for(timings: dict[int, tuple[float, float]], slots: int) -> int:
+    """The largest batch that takes the compiled step, from (compiled, eager) seconds per measured batch
+    size: the compiled step up to the last size where it was faster; past the largest size measured
+    (all faster), every batch."""
+    best = 0
+    for n in sorted(timings):
+        if n > slots:
+            break
+        compiled, eager = timings[n]
+        if compiled > eager:
+            return best
+        best = n
+    return slots if best else 0
+
+
+def _fastest(fn, repeats: int) -> float:
+    fn()  # first call: caches, lazily initialised kernels
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 # Inductor options for the compiled step. freezing: weights are constants (packed once);
 # max_autotune with the CPP backend: inductor's own GEMM micro-kernels are timed against ATen's
 # (oneDNN) per shape at compile time and the faster one is kept. autotune_num_choices_displayed 0:
 # inductor writes each GEMM's timing table straight to stderr (sys.stderr.write, not logging), which put
 # dozens of "AUTOTUNE mm(...)" lines on the server's console; its own debug logs still have them.
+# max_autotune_report_choices_stats off: the same for its "Autotune Choices Stats" JSON lines.
 COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                   "autotune_num_choices_displayed": 0}
+                   "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 _NAMES = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "wd")
 
 

@@ -26,8 +26,10 @@ class SlotCache:
         self.slots, self.max_len, self.layers = slots, max_len, layers
         # zeros, not empty: masked-out columns are still multiplied, and garbage NaNs
         # would survive an additive -inf mask.
-        self.k = [torch.zeros(slots, kv_heads, max_len, head_dim, dtype=dtype, device=d) for d in devices]
-        self.v = [torch.zeros(slots, kv_heads, max_len, head_dim, dtype=dtype, device=d) for d in devices]
+        # One column more than any request uses: the longest span attended is then still a strict slice
+        # of a row, so one compiled step (dsr1.serve.aotstep) covers every span with one layout.
+        self.k = [torch.zeros(slots, kv_heads, max_len + 1, head_dim, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(slots, kv_heads, max_len + 1, head_dim, dtype=dtype, device=d) for d in devices]
         self._mode = "decode"
         self._rows = 0
         self._pos: torch.Tensor | None = None

@@ -353,9 +353,24 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     compile_seconds = 0.0
     if compile_on:
         _inductor_cache()
-        model.fast.enable_compile()
+        model.fast.enable_compile(store=settings.home() / "cache" / "compiled")
         batches = (2, 1) if max_concurrent > 1 else (1,)
         compile_seconds = worker.submit(model.fast.warm_up, sched.cache, batches=batches, progress=progress).result()
+        if model.fast.not_kept:
+            compile_why += f"; not kept for the next start: {model.fast.not_kept}"
+            warnings.append(f"the compiled decode step is not kept for the next start: {model.fast.not_kept}")
+        elif model.fast.ahead_of_time:
+            compile_why += ("; the compiled step of an earlier start" if model.fast.compile_how == "loaded"
+                            else "; compiled ahead of time, kept for the next start")
+            # beside the package the eager forward (prompts; the batch sizes it wins) runs on packed
+            # weights, and which of the two runs a batch is measured here once per package
+            if worker.submit(model.pack_weights).result():
+                compile_why += "; eager weights packed for oneDNN"
+            rows = worker.submit(model.fast.measure_rows, sched.cache,
+                                 saved=model.fast.package.with_suffix(".rows.json")).result()
+            compile_why += ("; compiled at every batch size" if rows >= max_concurrent else
+                            "; eager at every batch size (the compiled step measured slower here)" if rows == 0 else
+                            f"; compiled up to {rows} rows, eager above (measured faster there)")
     elif worker.submit(model.pack_weights).result():  # False when there is nothing to pack
         # eager bf16 on a CPU: the weights reordered once for oneDNN (dsr1.serve.wquant, PACKED)
         compile_why += "; bf16 weights packed for oneDNN"
