@@ -126,7 +126,8 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--only", default="embedded,vllm,llamacpp")
     ap.add_argument("--embedded-variants", default=None,
-                    help="extra embedded rows: eager (--no-fast-path), fast (--compile off); '' for none "
+                    help="extra embedded rows: eager (--no-fast-path), fast (--compile off), compiled "
+                         "(--compile on: compiled at its first start, outside the timed window); '' for none "
                          "(default eager,fast; none with --shape)")
     ap.add_argument("--serve-arg", action="append", default=[],
                     help="an argument for every engine's `dsr1 serve` (repeat), e.g. --serve-arg=--max-model-len=2048")
@@ -145,7 +146,8 @@ def main() -> int:
     vllm = installed(engines_home, "vllm") if "vllm" in wanted else None
     llama = installed(engines_home, "llamacpp") if "llamacpp" in wanted else None
     lenv = {**env, "PATH": str(Path(llama["binary"]).parent) + os.pathsep + env.get("PATH", "")} if llama else env
-    variants = {"eager": ["--no-fast-path", "--compile", "off"], "fast": ["--compile", "off"]}
+    variants = {"eager": ["--no-fast-path", "--compile", "off"], "fast": ["--compile", "off"],
+                "compiled": ["--compile", "on"]}
     extra = args.embedded_variants if args.embedded_variants is not None else ("" if args.shape else "eager,fast")
     plan: list[tuple[str, str, str, list[str], dict]] = []  # (precision, label, model, serve args, env)
     if args.shape:
