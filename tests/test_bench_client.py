@@ -134,6 +134,16 @@ def test_preflight_reports_server_facts():
         assert preflight(srv.url).reasoning_seen is True
 
 
+def test_preflight_takes_tokens_without_text_when_usage_counts_them():
+    """A random-weight model can sample ids its tokenizer has no text for: the stream carries no text,
+    usage counts the tokens, and the endpoint works. Without usage nothing shows it generated at all."""
+    with LoopbackServer(behaviour=Behaviour(textless=True)) as srv:
+        assert preflight(srv.url).usage_reported
+    with LoopbackServer(behaviour=Behaviour(textless=True, report_usage=False)) as srv:
+        with pytest.raises(NetworkError, match="without any token"):
+            preflight(srv.url)
+
+
 def test_preflight_clear_errors_before_the_run():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -245,6 +245,10 @@ class Client:
         info = ServerInfo(self.base_url, self.model, ids, server, raw_models=listing.get("data"))
         info.version = await self._get_json("/version")
         probe = await self.send(RequestSpec("Say hello.", max_tokens=4))
+        if probe.error == "empty" and (probe.usage or {}).get("completion_tokens"):
+            # the server generated tokens whose text is empty (special or unknown ids: a random-weight
+            # model sampling outside its tokenizer's vocabulary); the endpoint works
+            probe.ok, probe.error = True, None
         if not probe.ok:
             if probe.error in ("http_401", "http_403"):
                 raise AuthError(f"the server rejected the API key for {self.path}", hint="pass --api-key")

@@ -31,6 +31,7 @@ class Behaviour:
     report_usage: bool = True
     role_chunk: bool = True  # a role-only first chunk, as vLLM sends (vllm #3759)
     tokens_per_chunk: int = 1
+    textless: bool = False  # tokens whose text is empty (a random-weight model's ids past its tokenizer)
 
 
 @dataclass
@@ -207,7 +208,7 @@ class LoopbackServer:
         i = 0
         while i < n:
             k = min(b.tokens_per_chunk, n - i)
-            text = "".join(f"tok{j} " for j in range(i, i + k))
+            text = "" if b.textless else "".join(f"tok{j} " for j in range(i, i + k))
             if chat:
                 key = b.reasoning_field if i < b.reasoning_tokens else "content"
                 choice = {"index": 0, "delta": {key: text}, "finish_reason": None}
