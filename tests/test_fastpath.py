@@ -134,6 +134,17 @@ def test_rows_for_keeps_the_compiled_step_up_to_the_last_size_it_won():
     assert rows_for({1: (0.01, 0.03), 2: (0.02, 0.03), 4: (0.05, 0.04)}, 3) == 3  # 4 is past this cache
 
 
+def test_saved_row_timings_are_reused_only_when_they_cover_the_cache():
+    from dsr1.serve.fastpath import covers
+
+    sizes = (1, 2, 4, 8, 16)
+    won_to_4 = {1: (0.01, 0.03), 2: (0.02, 0.03), 4: (0.03, 0.04)}
+    assert covers(won_to_4, 4, sizes) and covers(won_to_4, 6, sizes)  # 8 is past a 6-row cache
+    assert not covers(won_to_4, 16, sizes)  # 8 and 16 rows never measured: measure again
+    assert covers({**won_to_4, 8: (0.09, 0.05)}, 16, sizes)  # lost at 8: larger sizes do not matter
+    assert not covers({}, 1, sizes)
+
+
 def test_bf16_compiled_step_beside_packed_eager_weights(demo_model_dir, tmp_path, monkeypatch):
     """bf16 on a CPU, compiled ahead of time: the eager forward beside the package runs on oneDNN-packed
     weights (prompts, and the batch sizes where it measured faster); the batch-size timings are kept

@@ -474,9 +474,13 @@ class FastForward:
         of the rows it uses, which hold no request yet (run at start-up)."""
         import json
 
+        known = {}
         if saved is not None and saved.is_file():
-            self.row_timings = {int(n): tuple(t) for n, t in json.loads(saved.read_text()).items()}
-        else:
+            known = {int(n): tuple(t) for n, t in json.loads(saved.read_text()).items()}
+        if covers(known, cache.slots, sizes):
+            self.row_timings = known
+        else:  # never measured, or only for fewer rows than this cache has
+            self.row_timings = {}
             dev = self.device
             for n in sizes:
                 if n > cache.slots:
@@ -588,6 +592,15 @@ def rows_for(timings: dict[int, tuple[float, float]], slots: int) -> int:
             return best
         best = n
     return slots if best else 0
+
+
+def covers(timings: dict[int, tuple[float, float]], slots: int, sizes: tuple[int, ...]) -> bool:
+    """Whether timings of an earlier start answer for a cache of `slots` rows: the compiled step lost at
+    some size already, or every size up to this cache's was measured."""
+    if any(c > e for c, e in timings.values()):
+        return True
+    wanted = [n for n in sizes if n <= slots]
+    return bool(timings) and max(timings) >= max(wanted, default=1)
 
 
 def _fastest(fn, repeats: int) -> float:
