@@ -70,8 +70,6 @@ def _fingerprint(t: torch.Tensor) -> bytes:
 
 def package_key(step: torch.nn.Module, options: dict) -> str:
     """What the package depends on, hashed: weights, shapes, dtype, CPU, torch, compile options, code."""
-    from dsr1.serve import fastpath
-
     h = hashlib.sha256()
     for name, p in step.named_parameters():
         if name in ("cos", "sin"):  # inputs of the package (_Bounded), not frozen into it
@@ -82,8 +80,9 @@ def package_key(step: torch.nn.Module, options: dict) -> str:
     shapes = {k: getattr(ff, k) for k in ("heads", "kv_heads", "head_dim", "group", "q_size", "kv_size", "inter",
                                           "eps", "scale") if hasattr(ff, k)}
     meta = {"shapes": shapes, "torch": torch.__version__, "cpu": _cpu(), "options": options,
-            "code": hashlib.sha256((inspect.getsource(fastpath) + inspect.getsource(inspect.getmodule(package_key)))
-                                   .encode()).hexdigest()}
+            # the forward's module (dsr1.serve.fastpath, found from the step: no import cycle) and this one
+            "code": hashlib.sha256((inspect.getsource(inspect.getmodule(type(ff)))
+                                    + inspect.getsource(inspect.getmodule(package_key))).encode()).hexdigest()}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
