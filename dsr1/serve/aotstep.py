@@ -34,6 +34,8 @@ from typing import Callable
 import torch
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
+from dsr1.download import free_bytes
+
 log = logging.getLogger(__name__)
 
 KEEP = 3  # packages kept per DSR1_HOME: each holds a packed copy of a model's weights
@@ -137,12 +139,9 @@ def room_for(step: torch.nn.Module, root: Path) -> str | None:
     package's shared library and the package itself, each about the size of the weights, plus
     inductor's headers: three times the weights is asked for."""
     need = 3 * sum(p.numel() * p.element_size() for p in step.parameters())
-    probe = root
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(root)
     if free < need:
-        return f"{free / 1e9:.1f} GB free at {probe}, keeping the compiled step needs about {need / 1e9:.1f} GB"
+        return f"{free / 1e9:.1f} GB free at {root}, keeping the compiled step needs about {need / 1e9:.1f} GB"
     return None
 
 

@@ -417,7 +417,8 @@ class FastForward:
 
             self._aot, self.compile_how, self.package = aotstep.load_or_build(self._frozen, cache, self._store,
                                                                               COMPILE_OPTIONS, progress)
-            batches = ()
+            self.compile_seconds = time.perf_counter() - t0
+            return self.compile_seconds
         for n in batches:
             if n > cache.slots:
                 continue
@@ -474,6 +475,8 @@ class FastForward:
         of the rows it uses, which hold no request yet (run at start-up)."""
         import json
 
+        from dsr1.fsutil import atomic_write_bytes
+
         known = {}
         if saved is not None and saved.is_file():
             known = {int(n): tuple(t) for n, t in json.loads(saved.read_text()).items()}
@@ -494,9 +497,7 @@ class FastForward:
                 if compiled > eager:
                     break
             if saved is not None:
-                tmp = saved.with_name(saved.name + ".tmp")
-                tmp.write_text(json.dumps(self.row_timings))
-                tmp.replace(saved)
+                atomic_write_bytes(saved, json.dumps(self.row_timings).encode())
         self.compiled_rows = rows_for(self.row_timings, cache.slots)
         return self.compiled_rows
 
