@@ -170,8 +170,6 @@ def _embedded(spec, ref, device, gpus, host, prof, o, util, want_seqs, ctx_flag,
         o.compile, fast_reason=fast_why, device=device, dtype="bf16" if dtype == decide.MEASURE else dtype,
         cpu_flags=host.cpu_flags, weights_bytes=int(f.weights_per_device * f.tp), spare_bytes=host.ram_available,
         weights=weights)
-    if dtype == decide.MEASURE and compile_on and o.compile != "on":
-        compile_on, compile_why = False, "auto: follows the dtype timed at start (on for bf16 on a CPU with AMX)"
     kv_total = int(kv_tok * want_seqs * max(ctx, 0))
     if o.prefix_cache_mb is not None and o.prefix_cache_mb < 0:
         raise UsageError("--prefix-cache-mb must be 0 or more")

@@ -209,29 +209,31 @@ def test_dtype_calibration_times_both_dtypes_once_per_machine(tmp_path):
     assert dtype == faster and "cached measurement" in why and "batch 4" in why
 
 
-def test_compile_auto_only_where_it_was_measured_faster(monkeypatch):
-    """auto compiles for bf16 on a CPU with AMX (where the frozen step measured ~1.6x faster) when
-    RAM has room for the packed copy of the weights; off for fp32, without AMX and on a GPU. The
-    plan decides it (dsr1.serve.decide), before the model is loaded."""
-    from dsr1.serve.decide import compile_choice
+def test_compile_auto_is_timed_at_start_on_a_cpu(monkeypatch):
+    """auto on a CPU (bf16 or fp32, whatever its flags) leaves the choice to a timing at start
+    (dsr1.serve.compileprobe) when a compiler is there and RAM has room for the packed copy of the
+    weights; off on a GPU, without room, and for a model that cannot take the fast path. The plan
+    decides this much before the model is loaded (dsr1.serve.decide)."""
+    from dsr1.serve.decide import COMPILE_AT_START, compile_choice
 
     monkeypatch.delenv("DSR1_COMPILE", raising=False)
-    amx = ("avx512f", "amx_bf16", "amx_tile")
     w = 4 * 2**20
 
-    def choose(req, dtype="bf16", device="cpu", flags=amx, spare=8 * 2**30, fast=None):
+    def choose(req, dtype="bf16", device="cpu", flags=("avx512f", "avx512_bf16"), spare=8 * 2**30, fast=None):
         return compile_choice(req, fast_reason=fast, device=device, dtype=dtype, cpu_flags=flags, weights_bytes=w,
                               spare_bytes=spare)
 
-    on, why = choose("auto")
-    assert on and "AMX" in why
-    assert not choose("auto", dtype="fp32")[0]
-    assert not choose("auto", flags=("avx512f", "avx512_bf16"))[0]
-    assert not choose("auto", device="cuda")[0]
+    assert choose("auto") == (False, COMPILE_AT_START)
+    assert choose("auto", flags=("avx512f", "amx_bf16", "amx_tile")) == (False, COMPILE_AT_START)  # AMX: timed too
+    assert choose("auto", dtype="fp32") == (False, COMPILE_AT_START)
+    on, why = choose("auto", device="cuda")
+    assert not on and why != COMPILE_AT_START
     on, why = choose("auto", spare=2**30)
     assert not on and "second, packed copy" in why
-    assert choose("off")[0] is False
-    assert not choose("auto", fast="architecture 'gpt2'")[0]
+    assert choose("on") == (True, "compile on")
+    assert choose("off") == (False, "compile off")
+    on, why = choose("auto", fast="architecture 'gpt2'")
+    assert not on and "gpt2" in why
 
 
 def test_the_server_harness_deadline_holds_when_the_child_prints_nothing(tmp_path):

@@ -6,15 +6,16 @@ packed once for inductor's GEMM kernels), and with freezing both of its caches s
 with torch 2.13 on the demo model: AOTAutograd's cache bypasses the graph ("Cannot cache a graph with
 freezing enabled") and the FX-graph cache bypasses it too ("mkldnn tensors unpickleable": the frozen
 graph holds oneDNN-packed weights), so every start traced, lowered and compiled again (95-280 s on two
-cores) even with TORCHINDUCTOR_CACHE_DIR kept. An AOTInductor package is the compiled step as a shared
-library with its packed weights inside: export once, compile once, `aoti_load_package` afterwards.
+cores) even with TORCHINDUCTOR_CACHE_DIR kept. AOTInductor compiles the step into a shared library with
+its packed weights inside: export once, compile once, load the library afterwards (kept as the library
+itself, `step-<key>.so`, not zipped into a .pt2 package: see _compile).
 
-One package serves every batch and context: the batch rows, the context span and the KV cache's slots
+One library serves every batch and context: the batch rows, the context span and the KV cache's slots
 and columns are all dynamic dimensions, so `--max-concurrent` and `--max-model-len` can change without
 a recompile (one dynamic graph measured as fast at one row as a graph made for one row: 8.7 vs 9.6-11.1
-ms per step on the demo model, 2-core AMD EPYC). The package is keyed by what is frozen or compiled
+ms per step on the demo model, 2-core AMD EPYC). The library is keyed by what is frozen or compiled
 into it: the weights (a fingerprint of every tensor, below), the model's shapes, the dtype, the CPU,
-torch's version and this code; anything else changing makes a new package, never a wrong one.
+torch's version and this code; anything else changing makes a new library, never a wrong one.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from dsr1.download import free_bytes
 log = logging.getLogger(__name__)
 
 KEEP = 3  # packages kept per DSR1_HOME: each holds a packed copy of a model's weights
-MADV_PAGEOUT = 21  # <linux/mman.h>
+MADV_DONTNEED = 4  # <linux/mman.h>
 
 
 def supported(device: torch.device) -> bool:
@@ -48,7 +49,8 @@ def supported(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _cpu() -> str:
+def cpu_identity() -> str:
+    """The CPU as compiled code depends on it: model name, feature flags and the ISA torch dispatches to."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -81,7 +83,7 @@ def package_key(step: torch.nn.Module, options: dict) -> str:
     ff = step._ff[0]
     shapes = {k: getattr(ff, k) for k in ("heads", "kv_heads", "head_dim", "group", "q_size", "kv_size", "inter",
                                           "eps", "scale") if hasattr(ff, k)}
-    meta = {"shapes": shapes, "torch": torch.__version__, "cpu": _cpu(), "options": options,
+    meta = {"shapes": shapes, "torch": torch.__version__, "cpu": cpu_identity(), "options": options,
             # the forward's module (dsr1.serve.fastpath, found from the step: no import cycle) and this one
             "code": hashlib.sha256((inspect.getsource(inspect.getmodule(type(ff)))
                                     + inspect.getsource(inspect.getmodule(package_key))).encode()).hexdigest()}
@@ -135,9 +137,9 @@ class _Weights:
 
 
 def room_for(step: torch.nn.Module, root: Path) -> str | None:
-    """Why a package cannot be built under `root` (not enough free disk), or None. A build needs the
-    package's shared library and the package itself, each about the size of the weights, plus
-    inductor's headers: three times the weights is asked for."""
+    """Why a library cannot be built under `root` (not enough free disk), or None. A build writes the
+    shared library (about the size of the weights) beside inductor's intermediate files and headers:
+    three times the weights is asked for, as a margin."""
     need = 3 * sum(p.numel() * p.element_size() for p in step.parameters())
     free = free_bytes(root)
     if free < need:
@@ -147,12 +149,12 @@ def room_for(step: torch.nn.Module, root: Path) -> str | None:
 
 def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
                   progress: Callable[[str], None] = lambda m: None) -> tuple[Callable, str, Path]:
-    """The compiled step for `step` (a fastpath.FrozenStep): loaded from `root` when a package with its key
+    """The compiled step for `step` (a fastpath.FrozenStep): loaded from `root` when a library with its key
     is there, else exported, compiled and saved first. Returns (callable, "loaded" | "compiled", path).
-    Written to a temporary name and renamed, so a crash never leaves a package that looks whole; a
-    package that does not load (damaged on disk) is removed and built again."""
+    Compiled in a build directory under `root` and renamed into place, so a crash never leaves a library
+    that looks whole; one that does not load (damaged on disk) is removed and built again."""
     key = package_key(step, options)
-    path = root / f"step-{key}.pt2"
+    path = root / f"step-{key}.so"
     if path.is_file():
         progress("loading the compiled decode step")
         try:
@@ -165,41 +167,61 @@ def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
     root.mkdir(parents=True, exist_ok=True)
     progress("compiling the decode step ahead of time (once per model and machine)")
     build = root / f".build-{key}-{os.getpid()}"
-    tmp = root / f".step-{key}.{os.getpid()}.tmp.pt2"
     try:
-        # inductor's own cache dir for the build's intermediate files (a shared library as large as the
-        # package among them), removed afterwards: the package is self-contained
+        # inductor's own cache dir for the build's intermediate files, under `root` so that the library
+        # it writes there is renamed into place (same file system), not copied; the rest is removed
         with temporary_cache_dir(str(build)):
-            torch._inductor.aoti_compile_and_package(_export(step, cache), package_path=str(tmp),
-                                                     inductor_configs=dict(options))
-        os.replace(tmp, path)
+            os.replace(_compile(_export(step, cache), options), path)
     finally:
-        tmp.unlink(missing_ok=True)
         shutil.rmtree(build, ignore_errors=True)
     _prune(root, keep=path)
     _release()
     return _load(path, key), "compiled", path
 
 
+def _compile(program, options: dict) -> str:
+    """The exported step compiled into one shared library (weights inside); its path. What
+    `aoti_compile_and_package` does before zipping: the zip (.pt2) is left out because loading one
+    extracts the library again at every start (measured on the 1.5B shape: 3.6 GB unzipped to a
+    temporary directory, 5-27 s depending on the page cache, against 1.9 s to load the library itself)."""
+    gm = program.module(check_guards=False)
+    args, kwargs = program.example_inputs
+    out = torch._inductor.aot_compile(gm, args, kwargs, options={**options, "aot_inductor.package": True})
+    libraries = [f for f in ([out] if isinstance(out, str) else out) if isinstance(f, str) and f.endswith(".so")]
+    if len(libraries) != 1:
+        raise RuntimeError(f"AOTInductor wrote {len(libraries)} shared libraries, expected one: {libraries}")
+    return libraries[0]
+
+
 def _load(path: Path, key: str) -> Callable:
-    """aoti_load_package, then the file pages of the library's weights handed back. The runtime copies
-    every weight out of the library's mapped data section into its own memory, and the touched pages of
-    the mapping stayed resident beside that copy: measured on the 1.5B shape, 3.55 GB of file pages on
-    top of the 3.70 GB copy. MADV_PAGEOUT (Linux 5.4+) reclaims clean pages only, so nothing written is
-    lost; a page read again comes back from the file."""
-    runner = torch._inductor.aoti_load_package(str(path))
+    """The library loaded by AOTInductor's runner, called as the exported step is; then the file pages of
+    its weights dropped from this process. The runner copies every weight out of the library's mapped
+    data section into its own memory, and the touched pages of the mapping stayed resident beside that
+    copy: measured on the 1.5B shape, 3.55 GB of file pages on top of the 3.70 GB copy. MADV_DONTNEED on
+    that (private, read-only) mapping unmaps them here and leaves them in the page cache, so the next
+    start reads the library from memory (MADV_PAGEOUT, used first, evicted them from the cache too: the
+    next load read 3.6 GB from disk again, 2.0 -> 5-7.6 s)."""
+    from torch.utils import _pytree as pytree
+
+    runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+    out_spec = pytree.treespec_loads(runner.get_call_spec()[1])
+
+    def step(*args):
+        flat = [x for x in pytree.tree_leaves((args, {})) if isinstance(x, torch.Tensor)]
+        return pytree.tree_unflatten(runner.run(flat), out_spec)
+
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as maps:
             for line in maps:
-                if key in line:  # the package's library, extracted under a name with the key
+                if key in line:  # the library, named with the key
                     lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
                     if hi - lo >= 64 << 20:  # the weights' section, not the code
-                        libc.madvise(lo, hi - lo, MADV_PAGEOUT)
+                        libc.madvise(lo, hi - lo, MADV_DONTNEED)
     except OSError:  # not Linux/glibc: the pages stay, as without this
         pass
-    return runner
+    return step
 
 
 def _release() -> None:
@@ -213,8 +235,12 @@ def _release() -> None:
 
 
 def _prune(root: Path, keep: Path) -> None:
-    """Keep the KEEP most recently used packages (each holds a model's packed weights)."""
-    packages = sorted(root.glob("step-*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
+    """Keep the KEEP most recently used libraries (each holds a model's packed weights). Packages of the
+    earlier zipped format (.pt2) go too: nothing loads them any more."""
+    for old in root.glob("step-*.pt2"):
+        old.unlink(missing_ok=True)
+        old.with_suffix(".rows.json").unlink(missing_ok=True)
+    packages = sorted(root.glob("step-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in [p for p in packages if p != keep][KEEP - 1 :]:
         old.unlink(missing_ok=True)
         old.with_suffix(".rows.json").unlink(missing_ok=True)  # its batch-size timings (fastpath.measure_rows)

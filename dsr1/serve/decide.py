@@ -16,6 +16,9 @@ from pathlib import Path
 
 ARCHS = ("llama", "qwen2")  # what the lean forward (dsr1.serve.fastpath) implements
 MEASURE = "measure"  # the dtype is timed at start (no cached measurement on this CPU yet)
+# --compile auto on a CPU: decided at start by timing one compiled layer against the eager one
+# (dsr1.serve.compileprobe); the plan, made before anything is loaded, says so and leaves it off
+COMPILE_AT_START = "auto: timed at start on this CPU (one compiled layer against the eager one)"
 
 
 def fast_path_reason(config: dict, *, enabled: bool = True, quantized: bool = False,
@@ -113,16 +116,16 @@ def compile_choice(requested: str | None, *, fast_reason: str | None, device: st
         return requested == "on", f"compile {requested}"
     if device == "cuda":
         return False, "auto: off (compiled decode not yet measured on a GPU; --compile on to try it)"
-    # Measured on the demo model on a 2-core Xeon with AMX (docs/performance.md): the frozen,
-    # autotuned step took 15/16/23 ms at batch 1/4/16 against 27/28/38 ms for the lean eager
-    # forward, after ~100 s of compiling at start-up. Only AMX bf16 was measured; elsewhere (fp32,
-    # AVX-512 without AMX) the earlier, unfrozen compile measured no faster, so it stays opt-in.
-    if dtype == "bf16" and "amx_bf16" in cpu_flags:
+    # The compiled step measured 1.6x faster on a Xeon with AMX (bf16), 1.4-3.2x at one row on an AMD
+    # EPYC without AMX and slower there at 16 rows (issue 14/14): the CPU, the model's shapes and the
+    # batch decide, so auto times it at start (dsr1.serve.compileprobe, cached per CPU and model shape)
+    # and, once the step is built, per batch size (FastForward.measure_rows).
+    if dtype in ("bf16", "fp32"):
         if not compiler:
-            return False, "auto: off (no C++ compiler for torch.compile; install g++ for a ~1.6x faster decode)"
+            return False, "auto: off (no C++ compiler for torch.compile; install g++ for a faster decode)"
         # freezing keeps a packed copy of every weight beside the model's own: auto needs room for it
         if spare_bytes < 2.2 * weights_bytes + 2 * 2**30:
             return False, (f"auto: off (compiling keeps a second, packed copy of the weights: "
                            f"{weights_bytes / 2**30:.1f} GiB more than the {spare_bytes / 2**30:.1f} GiB free allows)")
-        return True, "auto: on (bf16 on a CPU with AMX)"
-    return False, "auto: off (measured faster only for bf16 on CPUs with AMX; --compile on to try it)"
+        return False, COMPILE_AT_START
+    return False, f"auto: off ({dtype} is not timed compiled; --compile on to try it)"

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from dsr1.serve.wquant import PACKED, QuantWeight, quantize
 
 ARCHS = ("llama", "qwen2")
+MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes measure_rows times, up to the cache's rows
 
 
 def unsupported_reason(model) -> str | None:
@@ -465,7 +466,7 @@ class FastForward:
         return self._step(ids, pos, cols, cache.k, cache.v, masks)[:, 0]
 
     @torch.inference_mode()
-    def measure_rows(self, cache, *, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 3,
+    def measure_rows(self, cache, *, sizes: tuple[int, ...] = MEASURED_ROWS, repeats: int = 3,
                      saved=None) -> int:
         """Time the compiled step against the eager one at growing batch sizes on this CPU and keep the
         compiled one up to the largest size where it was faster (`compiled_rows`; 0: never). Why: on a
@@ -477,9 +478,7 @@ class FastForward:
 
         from dsr1.fsutil import atomic_write_bytes
 
-        known = {}
-        if saved is not None and saved.is_file():
-            known = {int(n): tuple(t) for n, t in json.loads(saved.read_text()).items()}
+        known = saved_timings(saved)
         if covers(known, cache.slots, sizes):
             self.row_timings = known
         else:  # never measured, or only for fewer rows than this cache has
@@ -500,6 +499,14 @@ class FastForward:
                 atomic_write_bytes(saved, json.dumps(self.row_timings).encode())
         self.compiled_rows = rows_for(self.row_timings, cache.slots)
         return self.compiled_rows
+
+    def decodes_eager(self, cache, saved, sizes: tuple[int, ...] = MEASURED_ROWS) -> bool:
+        """Whether some batch size of `cache` will decode eagerly, by the timings saved beside the package
+        (True when they do not answer yet: measure_rows times the eager step as it will run). When none
+        will, the eager weights serve prompts only, where packing them gains little (64 rows: 8.5 vs
+        9.0 ms per matrix, dsr1.serve.wquant) and costs 1.4-2.3 s of a 1.5B model's restart."""
+        known = saved_timings(saved)
+        return not covers(known, cache.slots, sizes) or rows_for(known, cache.slots) < cache.slots
 
     @torch.inference_mode()
     def verify(self, cache, rows: list[list[int]], starts: list[int], adapters: list[int] | None = None) -> torch.Tensor:
@@ -578,6 +585,15 @@ class FastForward:
             x = self._mlp(x + self._out(o.transpose(1, 2).reshape(n, t, self.q_size), wo, bo, lora), ln2, wgu, wd,
                           lora)
         return x
+
+
+def saved_timings(saved) -> dict[int, tuple[float, float]]:
+    """The batch-size timings measure_rows kept in `saved` (a JSON file; None or absent: none)."""
+    import json
+
+    if saved is None or not saved.is_file():
+        return {}
+    return {int(n): tuple(t) for n, t in json.loads(saved.read_text()).items()}
 
 
 def rows_for(timings: dict[int, tuple[float, float]], slots: int) -> int:

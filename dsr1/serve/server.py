@@ -350,6 +350,9 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     elif compile_on and model.fast is None and model.fast_reason is not None:
         raise ConfigError(f"the plan compiles the decode step, but this model cannot take the fast path: "
                           f"{model.fast_reason}", hint="use --compile off")
+    if compile_why == decide.COMPILE_AT_START and model.fast is not None:
+        compile_on, compile_why = _compile_at_start(model, worker, progress)
+        measured["compile"] = compile_on
     compile_seconds = 0.0
     if compile_on:
         _inductor_cache()
@@ -363,11 +366,13 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
             compile_why += ("; the compiled step of an earlier start" if model.fast.compile_how == "loaded"
                             else "; compiled ahead of time, kept for the next start")
             # beside the package the eager forward (prompts; the batch sizes it wins) runs on packed
-            # weights, and which of the two runs a batch is measured here once per package
-            if worker.submit(model.pack_weights).result():
+            # weights, and which of the two runs a batch is measured here once per package; a restart
+            # whose saved timings leave no batch size to the eager step leaves them unpacked (prompts
+            # only: packing would gain little there and cost seconds of the start)
+            saved = model.fast.package.with_suffix(".rows.json")
+            if model.fast.decodes_eager(sched.cache, saved) and worker.submit(model.pack_weights).result():
                 compile_why += "; eager weights packed for oneDNN"
-            rows = worker.submit(model.fast.measure_rows, sched.cache,
-                                 saved=model.fast.package.with_suffix(".rows.json")).result()
+            rows = worker.submit(model.fast.measure_rows, sched.cache, saved=saved).result()
             compile_why += ("; compiled at every batch size" if rows >= max_concurrent else
                             "; eager at every batch size (the compiled step measured slower here)" if rows == 0 else
                             f"; compiled up to {rows} rows, eager above (measured faster there)")
@@ -388,9 +393,27 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
              f"draft ({opts.draft_model}, {opts.num_speculative_tokens} tokens)" if draft else
              f"ngram ({opts.num_speculative_tokens} tokens)" if proposer else "off", warnings, measured)
     for k, v in measured.items():
-        if k != "dtype":  # a dtype timed at start is the plan's own instruction, not a surprise
+        if k not in ("dtype", "compile") or (k == "compile" and dep.compile_reason != decide.COMPILE_AT_START):
+            # a dtype or a compile choice timed at start is the plan's own instruction, not a surprise
             warnings.append(f"measured at start: {k} {v} (the plan said {getattr(dep, k, None)})")
     return p, backend, cfg, metrics
+
+
+def _compile_at_start(model, worker, progress) -> tuple[bool, str]:
+    """--compile auto on a CPU: one compiled layer timed against the eager one (dsr1.serve.compileprobe,
+    cached per CPU and model shape); on only where compiling measured faster and the disk has room to
+    keep the compiled step for later starts (without it every start would compile again, for minutes)."""
+    from dsr1.download import free_bytes
+    from dsr1.serve import calibrate, compileprobe
+
+    progress("timing one compiled layer against the eager one (once per CPU and model shape)")
+    on, why = worker.submit(compileprobe.choose, model.fast, calibrate.cache_dir_for(settings.home())).result()
+    store = settings.home() / "cache" / "compiled"
+    need = 3 * sum(p.numel() * p.element_size() for p in model.model.parameters())
+    if on and free_bytes(store) < need:
+        return False, (f"{why.replace('auto: on', 'auto: off', 1)}; but only {free_bytes(store) / 1e9:.1f} GB free "
+                       f"at {store} to keep the compiled step (needs about {need / 1e9:.1f} GB)")
+    return on, why
 
 
 def load_guards(opts: ServeOptions):
