@@ -8,7 +8,7 @@ ahead of time and keeps it (dsr1/serve/aotstep.py), the later ones load it. Each
 `dsr1 serve` process, stopped with SIGINT once it prints its ready line. Printed per start: seconds
 from launch to the ready line, the process's peak and current RSS at that moment (/proc/PID/status),
 and the forward line (how the step was had); then the ratios the issue asks about: later start /
-10 s, and RSS / (weights + KV cache). Weights: the safetensors' size; KV: the plan's "kv cache" line.
+10 s, and RSS / (weights + KV cache). Weights: the safetensors' size; KV: the plan's "kv cache" line plus its prefix cache (KV blocks too).
 Dirty pages are flushed (os.sync) before each start, so a start does not share the disk with the
 writeback of what the previous one wrote.
 The CPU is printed first: the figures depend on it.
@@ -79,8 +79,10 @@ def start(model: Path, home: Path, port: int, extra: list[str], timeout: float, 
             proc.kill()
     text = "\n".join(lines)
     kv = re.search(r"kv cache\s+([\d.]+) GiB", text)
+    prefix = re.search(r"prefix cache ([\d.]+) MiB", text)  # KV blocks too, allocated at start
     forward = re.search(r"^forward\s+(.*?)^dsr1 serve: ", text, re.S | re.M)  # the plan's last lines
-    return {"seconds": seconds, **mem, "kv_bytes": float(kv.group(1)) * 2**30 if kv else 0.0,
+    kv_bytes = (float(kv.group(1)) * 2**30 if kv else 0.0) + (float(prefix.group(1)) * 2**20 if prefix else 0.0)
+    return {"seconds": seconds, **mem, "kv_bytes": kv_bytes,
             "forward": " ".join(forward.group(1).split()) if forward else "?"}
 
 
@@ -104,7 +106,8 @@ def main() -> int:
     print(f"CPU: {_cpu()}")
     print(f"model: {model} ({weights / 1e9:.2f} GB of safetensors); --compile {args.compile}; "
           f"serve args: {' '.join(args.serve_args) or '-'}")
-    print(f"{'start':<7}{'ready s':>9}{'peak RSS GB':>13}{'RSS GB':>8}{'peak/(w+KV)':>13}{'RSS/(w+KV)':>12}  forward")
+    print(f"{'start':<7}{'ready s':>9}{'peak RSS GB':>13}{'RSS GB':>8}{'w+KV GB':>9}{'peak/(w+KV)':>13}{'RSS/(w+KV)':>12}"
+          "  forward")
     with tempfile.TemporaryDirectory(prefix="dsr1-restart-") as home:
         results = []
         for i in range(args.starts):
@@ -115,7 +118,7 @@ def main() -> int:
             r = start(model, Path(home), args.port, args.serve_args, args.timeout, args.compile)
             base = weights + r["kv_bytes"]
             results.append(r)
-            print(f"{i + 1:<7}{r['seconds']:>9.1f}{r['VmHWM'] / 1e9:>13.2f}{r['VmRSS'] / 1e9:>8.2f}"
+            print(f"{i + 1:<7}{r['seconds']:>9.1f}{r['VmHWM'] / 1e9:>13.2f}{r['VmRSS'] / 1e9:>8.2f}{base / 1e9:>9.2f}"
                   f"{r['VmHWM'] / base:>13.2f}{r['VmRSS'] / base:>12.2f}  {r['forward']}", flush=True)
     later = [r["seconds"] for r in results[1:]]
     if later:
