@@ -69,12 +69,7 @@ def measure(hidden: int, inter: int, batches: tuple[int, ...], cache_dir: Path |
 
     key = f"{_cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{hidden}x{inter}"
     path = (cache_dir / "dtype-calibration.json") if cache_dir else None
-    saved: dict = {}
-    if path and path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            saved = {}
+    saved = read_saved(path)
     entry = saved.get(key, {})
     missing = [b for b in batches if str(b) not in entry.get("fp32", {})]
     if missing:
@@ -85,13 +80,30 @@ def measure(hidden: int, inter: int, batches: tuple[int, ...], cache_dir: Path |
             for b in missing:
                 timings[str(b)] = _time_matmuls(name, hidden, inter, b, reps)
         saved[key] = entry
-        if path:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, (json.dumps(saved, indent=1) + "\n").encode())
-            except OSError:
-                pass  # a read-only home only costs a second at the next start
+        write_saved(path, saved)  # a read-only home only costs a second at the next start
     return {**{n: {int(b): t for b, t in entry[n].items()} for n in CANDIDATES}, "cached": not missing}
+
+
+def read_saved(path: Path | None) -> dict:
+    """A calibration file's measurements by key ({} when absent or unreadable: measured again)."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_saved(path: Path | None, saved: dict) -> None:
+    """Keep measurements for the next start (atomically); a home that cannot be written only means
+    measuring again next time."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(saved, indent=1) + "\n").encode())
+    except OSError:
+        pass
 
 
 def choose(model_dir: Path, batch: int, cache_dir: Path | None) -> tuple[str, str]:

@@ -16,13 +16,10 @@ compiled and eager steps are timed again per batch size once the whole step is b
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
-
-from dsr1.fsutil import atomic_write_bytes
 
 FILE = "compile-calibration.json"
 GAIN = 1.1  # compiled must be this much faster at one row: it costs minutes at the first start and RAM
@@ -35,17 +32,6 @@ def _key(ff) -> str:
     head = ff.head.shape if hasattr(ff.head, "shape") else None
     return (f"{cpu_identity()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{ff.embed.dtype}|"
             f"{shapes}|head {tuple(head) if head else None}")
-
-
-def _best(fn, reps: int = 5) -> float:
-    fn()
-    fn()  # the first calls compile or initialise kernels
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 class _Packed:
@@ -65,7 +51,7 @@ class _Packed:
 def _measure(ff) -> dict[str, float]:
     import torch._inductor.config as inductor_config
 
-    from dsr1.serve.fastpath import COMPILE_OPTIONS, FrozenStep
+    from dsr1.serve.fastpath import COMPILE_OPTIONS, FrozenStep, fastest
     from dsr1.serve.wquant import can_pack
 
     probe = FrozenStep(ff)
@@ -88,30 +74,22 @@ def _measure(ff) -> dict[str, float]:
     if src is None:  # fp32, or no oneDNN: eager runs the plain weights
         src = FrozenStep(ff)
         src._n = 1
-    return {"compiled": _best(run_compiled), "eager": _best(lambda: ff._step(ids, pos, cols, [k], [v], src=src)),
-            "compile_seconds": compile_seconds}
+    eager = fastest(lambda: ff._step(ids, pos, cols, [k], [v], src=src), 5)
+    return {"compiled": fastest(run_compiled, 5), "eager": eager, "compile_seconds": compile_seconds}
 
 
 def measure(ff, cache_dir: Path | None) -> dict:
     """{"compiled": s, "eager": s, "compile_seconds": s, "cached": bool}: one layer + head at one row."""
+    from dsr1.serve.calibrate import read_saved, write_saved
+
     key = _key(ff)
     path = cache_dir / FILE if cache_dir else None
-    saved: dict = {}
-    if path and path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            saved = {}
+    saved = read_saved(path)
     if key in saved:
         return {**saved[key], "cached": True}
     entry = _measure(ff)
     torch._dynamo.reset()  # the probe's graph is not kept: the whole step is compiled (or not) next
-    if path:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, (json.dumps({**saved, key: entry}, indent=1) + "\n").encode())
-        except OSError:
-            pass  # a read-only home measures again at the next start
+    write_saved(path, {**saved, key: entry})  # a read-only home measures again at the next start
     return {**entry, "cached": False}
 
 

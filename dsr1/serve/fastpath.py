@@ -490,8 +490,8 @@ class FastForward:
                 ids = torch.zeros(n, 1, dtype=torch.long, device=dev)
                 pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
                 cols = torch.arange(2, device=dev)
-                compiled = _fastest(lambda: self._run_compiled(ids, pos, cols, cache), repeats)
-                eager = _fastest(lambda: self._step(ids, pos, cols, cache.k, cache.v), repeats)
+                compiled = fastest(lambda: self._run_compiled(ids, pos, cols, cache), repeats)
+                eager = fastest(lambda: self._step(ids, pos, cols, cache.k, cache.v), repeats)
                 self.row_timings[n] = (compiled, eager)
                 if compiled > eager:
                     break
@@ -620,7 +620,8 @@ def covers(timings: dict[int, tuple[float, float]], slots: int, sizes: tuple[int
     return bool(timings) and max(timings) >= max(wanted, default=1)
 
 
-def _fastest(fn, repeats: int) -> float:
+def fastest(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls of `fn`, in seconds, after one untimed call."""
     fn()  # first call: caches, lazily initialised kernels
     best = float("inf")
     for _ in range(repeats):
