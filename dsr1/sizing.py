@@ -168,7 +168,7 @@ def _embedded(spec, ref, device, gpus, host, prof, o, util, want_seqs, ctx_flag,
     fast_why = decide.fast_path_reason(config, enabled=o.fast_path, quantized=quant != "none", devices=devices)
     compile_on, compile_why = decide.compile_choice(
         o.compile, fast_reason=fast_why, device=device, dtype="bf16" if dtype == decide.MEASURE else dtype,
-        cpu_flags=host.cpu_flags, weights_bytes=int(f.weights_per_device * f.tp), spare_bytes=host.ram_available,
+        weights_bytes=int(f.weights_per_device * f.tp), spare_bytes=host.ram_available,
         weights=weights)
     kv_total = int(kv_tok * want_seqs * max(ctx, 0))
     if o.prefix_cache_mb is not None and o.prefix_cache_mb < 0:

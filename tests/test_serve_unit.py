@@ -219,12 +219,10 @@ def test_compile_auto_is_timed_at_start_on_a_cpu(monkeypatch):
     monkeypatch.delenv("DSR1_COMPILE", raising=False)
     w = 4 * 2**20
 
-    def choose(req, dtype="bf16", device="cpu", flags=("avx512f", "avx512_bf16"), spare=8 * 2**30, fast=None):
-        return compile_choice(req, fast_reason=fast, device=device, dtype=dtype, cpu_flags=flags, weights_bytes=w,
-                              spare_bytes=spare)
+    def choose(req, dtype="bf16", device="cpu", spare=8 * 2**30, fast=None):
+        return compile_choice(req, fast_reason=fast, device=device, dtype=dtype, weights_bytes=w, spare_bytes=spare)
 
-    assert choose("auto") == (False, COMPILE_AT_START)
-    assert choose("auto", flags=("avx512f", "amx_bf16", "amx_tile")) == (False, COMPILE_AT_START)  # AMX: timed too
+    assert choose("auto") == (False, COMPILE_AT_START)  # the CPU's flags (AMX or not) no longer decide
     assert choose("auto", dtype="fp32") == (False, COMPILE_AT_START)
     on, why = choose("auto", device="cuda")
     assert not on and why != COMPILE_AT_START

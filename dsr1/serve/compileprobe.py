@@ -70,10 +70,8 @@ def _measure(ff) -> dict[str, float]:
     t0 = time.perf_counter()
     run_compiled()
     compile_seconds = time.perf_counter() - t0
-    src = _Packed(ff) if ff.embed.dtype == torch.bfloat16 and can_pack() else None
-    if src is None:  # fp32, or no oneDNN: eager runs the plain weights
-        src = FrozenStep(ff)
-        src._n = 1
+    # fp32, or no oneDNN: eager runs the plain weights, the probe's own
+    src = _Packed(ff) if ff.embed.dtype == torch.bfloat16 and can_pack() else probe
     eager = fastest(lambda: ff._step(ids, pos, cols, [k], [v], src=src), 5)
     return {"compiled": fastest(run_compiled, 5), "eager": eager, "compile_seconds": compile_seconds}
 

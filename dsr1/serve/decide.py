@@ -89,7 +89,7 @@ def dtype(requested: str, *, device: str, gpu_bf16: bool, cpu_bf16: bool, config
 
 
 def compile_choice(requested: str | None, *, fast_reason: str | None, device: str, dtype: str,
-                   cpu_flags: list[str] | tuple[str, ...], weights_bytes: int, spare_bytes: int,
+                   weights_bytes: int, spare_bytes: int,
                    weights: str | None = None) -> tuple[bool, str]:
     """Whether the embedded engine compiles its decode step, and why (measured: docs/performance.md)."""
     from dsr1 import settings

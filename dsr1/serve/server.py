@@ -344,7 +344,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
         size = sum(p.numel() * p.element_size() for p in model.model.parameters())
         compile_on, compile_why = decide.compile_choice(
             opts.compile, fast_reason=model.fast_reason, device="cuda" if cuda else "cpu", dtype=dtype,
-            cpu_flags=host.cpu_flags, weights_bytes=size, spare_bytes=available_ram() + size, weights=dep.weights)
+            weights_bytes=size, spare_bytes=available_ram() + size, weights=dep.weights)
         if compile_on != dep.compile:
             measured["compile"] = compile_on
     elif compile_on and model.fast is None and model.fast_reason is not None:
@@ -403,16 +403,13 @@ def _compile_at_start(model, worker, progress) -> tuple[bool, str]:
     """--compile auto on a CPU: one compiled layer timed against the eager one (dsr1.serve.compileprobe,
     cached per CPU and model shape); on only where compiling measured faster and the disk has room to
     keep the compiled step for later starts (without it every start would compile again, for minutes)."""
-    from dsr1.download import free_bytes
-    from dsr1.serve import calibrate, compileprobe
+    from dsr1.serve import aotstep, calibrate, compileprobe
 
     progress("timing one compiled layer against the eager one (once per CPU and model shape)")
     on, why = worker.submit(compileprobe.choose, model.fast, calibrate.cache_dir_for(settings.home())).result()
-    store = settings.home() / "cache" / "compiled"
-    need = 3 * sum(p.numel() * p.element_size() for p in model.model.parameters())
-    if on and free_bytes(store) < need:
-        return False, (f"{why.replace('auto: on', 'auto: off', 1)}; but only {free_bytes(store) / 1e9:.1f} GB free "
-                       f"at {store} to keep the compiled step (needs about {need / 1e9:.1f} GB)")
+    no_room = aotstep.room_for(model.model, settings.home() / "cache" / "compiled") if on else None
+    if no_room:
+        return False, f"{why.replace('auto: on', 'auto: off', 1)}; but {no_room}"
     return on, why
 
 
