@@ -56,6 +56,9 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
                  "dsr1's GGUF placement flags against llama-server's --fit"),
     "front_overhead": (["benchmarks/front_overhead.py", "--engines-home", ENGINES_HOME, "--requests", "16"],
                        "dsr1's front over vLLM and llama-server against the same engine asked directly"),
+    "serve_restart": (["benchmarks/serve_restart.py", "--shape", "1.5b", "--starts", "3", "--compile", "auto", "--",
+                       "--max-model-len", "2048", "--max-concurrent", "16", "--prefix-cache-mb", "0"],
+                      "a compiled model's first start and restarts, peak RSS against weights + KV"),
 }
 
 
