@@ -22,7 +22,6 @@ import contextlib
 import fcntl
 import fnmatch
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Iterator
 from dsr1.errors import (AuthError, DiskSpaceError, Dsr1Error, IntegrityError, NetworkError, NotFoundError,
                          UsageError)
 from dsr1 import transfer
-from dsr1.fsutil import atomic_symlink, atomic_write_bytes, fsync_dir, git_blob_sha1, sha256_file
+from dsr1.fsutil import atomic_symlink, atomic_write_bytes, free_bytes, fsync_dir, git_blob_sha1, sha256_file
 
 # What a model needs (top-level files only: sub-folders such as onnx/ or original/ are other formats).
 NEEDED = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
@@ -301,13 +300,6 @@ def _complete(layout: Layout, f: RemoteFile) -> bool:
 
 
 # --------------------------------------------------------------------------- preflight
-def free_bytes(path: Path) -> int:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
 def preflight(layout: Layout, extra: int = 0, extra_label: str = "") -> dict:
     """Stop before downloading when the disk cannot hold what is left to fetch (+ extra output)."""
     todo = [f for f in layout.plan.files if not _complete(layout, f)]

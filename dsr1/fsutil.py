@@ -19,6 +19,14 @@ from typing import Any, Callable
 HASH_BLOCK = 8 << 20
 
 
+def free_bytes(path: Path) -> int:
+    """Free space on the disk that holds `path`, or would hold it: the nearest existing parent is asked."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -36,7 +36,7 @@ def bf16_bytes(tensors: list[gguf_files.Tensor]) -> int:
 def store_set(gset: gguf_files.GgufSet, entry: Path, reporter, before_install=None) -> tuple[Path, list[store.FileRecord]]:
     """Copy `gset` into `entry/gguf/` (resumable, hashed while copying); returns the folder and its records.
     `before_install(entry)` runs just before the copy replaces an earlier one (pull withdraws the old manifest)."""
-    from dsr1.download import free_bytes
+    from dsr1.fsutil import free_bytes
 
     partial = entry / PARTIAL
     stamp = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in gset.paths}
@@ -109,7 +109,7 @@ def make_embedded(first: Path, entry: Path, reporter) -> tuple[Path, list[store.
     """Dequantize the GGUF set at `first` into `entry/model/` (built aside, moved in whole); returns the
     folder, its file records and the import's findings. The caller records it in the manifest."""
     from dsr1 import gguf_import
-    from dsr1.download import free_bytes
+    from dsr1.fsutil import free_bytes
 
     gset = gguf_files.read_set(first)
     need = bf16_bytes(gset.tensors)

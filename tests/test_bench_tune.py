@@ -53,7 +53,7 @@ def test_tuned_profile_validation_and_profiles_ignore_it(tmp_path, monkeypatch):
     assert "tuned-m-hw" not in profiles.load_all()  # not a hardware profile
     for settings, why in (({"engine": "ollama"}, "engine"), ({"max_concurrent": 0}, "at least 1"),
                           ({"max_concurrent": "8"}, "must be a int"), ({"batch": 4}, "not a setting")):
-        path.write_text(f'model = "m"\nhardware = "hw"\n[settings]\n' +
+        path.write_text('model = "m"\nhardware = "hw"\n[settings]\n' +
                         "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
         with pytest.raises(ConfigError, match=why):
             tuned.load(path)

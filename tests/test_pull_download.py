@@ -226,7 +226,7 @@ def test_disk_preflight_stops_before_downloading(hub, tmp_path, monkeypatch):
         import shutil as _shutil
 
         real = _shutil.disk_usage
-        monkeypatch.setattr("dsr1.download.shutil.disk_usage", lambda p: real(p)._replace(free=1 << 20))
+        monkeypatch.setattr("dsr1.fsutil.shutil.disk_usage", lambda p: real(p)._replace(free=1 << 20))
     try:
         r = cli("pull", REPO, "--quant", "none", "--local-dir", str(mnt / "m"))
         assert r.exit_code == DiskSpaceError.exit_code, r.output

@@ -8,7 +8,6 @@ import fcntl
 import os
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 from dsr1.engines import envs
 from dsr1.errors import DiskSpaceError, Dsr1Error, NetworkError, NotFoundError
+from dsr1.fsutil import free_bytes
 
 # --- progress ------------------------------------------------------------------------
 
@@ -172,12 +172,9 @@ class InstallLock:
 
 
 def check_disk(path: Path, need: int) -> None:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(path)
     if free < need:
-        raise DiskSpaceError(f"{free / 1e9:.1f} GB free at {probe}, the install needs about {need / 1e9:.0f} GB",
+        raise DiskSpaceError(f"{free / 1e9:.1f} GB free at {path}, the install needs about {need / 1e9:.0f} GB",
                              hint="free space, or set DSR1_HOME to a directory on a larger disk")
 
 

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-from dsr1.download import free_bytes
+from dsr1.fsutil import free_bytes
 
 log = logging.getLogger(__name__)
 
