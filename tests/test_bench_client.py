@@ -177,6 +177,51 @@ def test_keepalive_connections_are_reused():
         assert run(go) == 1
 
 
+def test_idle_connections_the_server_closed_are_not_reused():
+    # Every pooled connection is stale after a pause between sweep points (the server's keep-alive
+    # timeout); a request must not fail because it retried on a second stale one. This server answers
+    # one request per connection, keep-alive by its headers, then hangs up, as a timeout would.
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (len(event), event)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    accepted = []
+
+    def answer(conn):
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    async def go():
+        async with Client(url, "m") as c:
+            first = await asyncio.gather(*(c.send(RequestSpec("x", 1)) for _ in range(3)))
+            pooled = len(c.pool._idle)
+            await asyncio.sleep(0.3)  # the server has closed all three by now
+            later = [await c.send(RequestSpec("x", 1)) for _ in range(3)]
+            return first, pooled, later
+
+    try:
+        first, pooled, later = run(go)
+    finally:
+        sock.close()
+    assert all(r.ok for r in first) and pooled == 3
+    assert all(r.ok for r in later), [(r.error, r.detail) for r in later]
+    assert len(accepted) == 6  # each later request on a new connection, none sent down a closed one
+
+
 def test_loopback_non_streaming_is_valid_json():
     # the loopback server also answers plain requests, so the openai client can talk to it
     import openai

@@ -136,6 +136,15 @@ class Pool:
             raise HTTPFailure("connect", f"{self.host}:{self.port}: {exc.strerror or exc}") from None
         return _Conn(reader, writer)
 
+    def _take_idle(self) -> _Conn | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.reader.at_eof() or conn.writer.is_closing():  # the server hung up while it sat idle
+                conn.close()
+                continue
+            return conn
+        return None
+
     async def request(self, method: str, path: str, *, body: bytes = b"", headers: dict[str, str] | None = None
                       ) -> Response:
         """Send a request; return once the status line and headers have arrived."""
@@ -143,17 +152,22 @@ class Pool:
                 f"content-length: {len(body)}", "accept: */*"]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
         data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
-        # A pooled connection may have been closed by the server while idle: retry once on a fresh one.
+        # A pooled connection may have been closed by the server while idle (keep-alive timeouts: uvicorn
+        # closes after 5 s): skip those already seen closed, and if the one taken fails before any
+        # response byte, retry once on a new connection, never on another pooled one, which may be as
+        # stale (after a pause between sweep points every idle connection is).
         for attempt in (0, 1):
-            fresh = not self._idle
-            conn = self._idle.pop() if self._idle else await self._connect()
+            conn = self._take_idle() if attempt == 0 else None
+            fresh = conn is None
+            if conn is None:
+                conn = await self._connect()
             try:
                 conn.writer.write(data)
                 status_line = await conn.reader.readuntil(b"\r\n")
                 break
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 conn.close()
-                if fresh or attempt:
+                if fresh:
                     raise HTTPFailure("read", f"connection closed before the response: {exc!r}") from None
         try:
             raw = await conn.reader.readuntil(b"\r\n\r\n")
