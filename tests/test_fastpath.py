@@ -215,8 +215,8 @@ def test_a_restart_packs_the_eager_weights_only_when_some_batch_decodes_eagerly(
     assert eager(16) and eager(4) and not eager(2)  # eager from 4 rows on
 
 
-def test_compile_probe_times_one_layer_and_keeps_the_result(demo_model_dir, tmp_path, monkeypatch):
-    """--compile auto's timing at start (dsr1.serve.compileprobe): the model's first layer and head,
+def test_compile_probe_times_four_layers_and_the_head_and_keeps_the_result(demo_model_dir, tmp_path, monkeypatch):
+    """--compile auto's timing at start (dsr1.serve.compileprobe): the model's first four layers and head, and the head alone,
     compiled just in time, against the same eager with oneDNN-packed copies; kept under the CPU and the
     model's shapes, so the next start reads it back without compiling; the verdict follows the ratio on
     record; the model's own weights are left as they were."""
@@ -230,6 +230,14 @@ def test_compile_probe_times_one_layer_and_keeps_the_result(demo_model_dir, tmp_
     m.make_cache(1, 128)
     first = compileprobe.measure(m.fast, tmp_path / "cache")
     assert not first["cached"] and first["compiled"] > 0 and first["eager"] > 0 and first["compile_seconds"] > 1
+    # the whole step is estimated from the first layers (their mean x the model's layers) and the head,
+    # each timed both ways
+    layers, n = len(m.fast.layers), compileprobe.PROBE_LAYERS
+    assert first["layers"] == layers > n == first["probed_layers"]
+    assert first["compiled_probed"] > first["compiled_head"] > 0 and first["eager_probed"] > first["eager_head"] > 0
+    for way in ("compiled", "eager"):
+        one = max(first[f"{way}_probed"] - first[f"{way}_head"], 0.0) / n
+        assert first[way] == pytest.approx(first[f"{way}_head"] + layers * one)
     t0 = time.perf_counter()
     on, why = compileprobe.choose(m.fast, tmp_path / "cache")
     assert time.perf_counter() - t0 < 1  # read back, not compiled again
@@ -368,7 +376,7 @@ def test_serve_options_leave_greedy_output_unchanged(demo_model_dir, reference_o
         started = time.monotonic() - t0
         line = " ".join(ln.strip() for ln in again.lines if not ln.startswith("dsr1 serve:"))
         line = line[line.index("forward "):]
-        assert re.search(r"auto: (on|off) \(measured now on this CPU: one compiled layer \+ head [\d.]+x", line), line
+        assert re.search(r"auto: (on|off) \(measured now on this CPU: compiled step [\d.]+x", line), line
         if "auto: on" in line:  # fp32 on the demo model: 3.5x at one row on a 2-core AMD EPYC
             assert "the compiled step of an earlier start" in line, line
             assert float(re.search(r"ready in ([\d.]+)s", line).group(1)) < 10, line

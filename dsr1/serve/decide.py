@@ -16,9 +16,9 @@ from pathlib import Path
 
 ARCHS = ("llama", "qwen2")  # what the lean forward (dsr1.serve.fastpath) implements
 MEASURE = "measure"  # the dtype is timed at start (no cached measurement on this CPU yet)
-# --compile auto on a CPU: decided at start by timing one compiled layer against the eager one
+# --compile auto on a CPU: decided at start by timing four compiled layers and the head against eager
 # (dsr1.serve.compileprobe); the plan, made before anything is loaded, says so and leaves it off
-COMPILE_AT_START = "auto: timed at start on this CPU (one compiled layer against the eager one)"
+COMPILE_AT_START = "auto: timed at start on this CPU (four compiled layers and the head against eager)"
 
 
 def fast_path_reason(config: dict, *, enabled: bool = True, quantized: bool = False,

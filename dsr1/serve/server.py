@@ -400,12 +400,12 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
 
 
 def _compile_at_start(model, worker, progress) -> tuple[bool, str]:
-    """--compile auto on a CPU: one compiled layer timed against the eager one (dsr1.serve.compileprobe,
+    """--compile auto on a CPU: four compiled layers and the head timed against eager (dsr1.serve.compileprobe,
     cached per CPU and model shape); on only where compiling measured faster and the disk has room to
     keep the compiled step for later starts (without it every start would compile again, for minutes)."""
     from dsr1.serve import aotstep, calibrate, compileprobe
 
-    progress("timing one compiled layer against the eager one (once per CPU and model shape)")
+    progress("timing four compiled layers and the head against eager (once per CPU and model shape)")
     on, why = worker.submit(compileprobe.choose, model.fast, calibrate.cache_dir_for(settings.home())).result()
     no_room = aotstep.room_for(model.model, settings.home() / "cache" / "compiled") if on else None
     if no_room:
