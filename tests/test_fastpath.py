@@ -216,8 +216,8 @@ def test_a_restart_packs_the_eager_weights_only_when_some_batch_decodes_eagerly(
 
 
 def test_compile_probe_times_four_layers_and_the_head_and_keeps_the_result(demo_model_dir, tmp_path, monkeypatch):
-    """--compile auto's timing at start (dsr1.serve.compileprobe): the model's first four layers and head, and the head alone,
-    compiled just in time, against the same eager with oneDNN-packed copies; kept under the CPU and the
+    """--compile auto's timing at start (dsr1.serve.compileprobe): the model's first four layers and head,
+    and the head alone, compiled just in time, against the same eager with oneDNN-packed copies; kept under the CPU and the
     model's shapes, so the next start reads it back without compiling; the verdict follows the ratio on
     record; the model's own weights are left as they were."""
     import json

@@ -119,4 +119,5 @@ def choose(ff, cache_dir: Path | None) -> tuple[bool, str]:
     how = "cached measurement" if t["cached"] else "measured now"
     verdict = "on" if gain >= GAIN else "off"
     return gain >= GAIN, (f"auto: {verdict} ({how} on this CPU: compiled step {gain:.2f}x the eager one's "
-                          f"speed at one row, from {t['probed_layers']} layers and the head timed both ways; on from {GAIN}x)")
+                          f"speed at one row, from {t['probed_layers']} layers and the head timed both ways; "
+                          f"on from {GAIN}x)")
