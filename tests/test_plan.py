@@ -56,15 +56,19 @@ def test_auto_engine_by_profile_and_model(snapshot, model, engine, tmp_path):
 @pytest.mark.parametrize("flags", [["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"],
                                    ["avx2", "avx512f", "avx512_bf16"], ["avx2"]])
 @pytest.mark.parametrize("seqs", [1, 16])
-def test_auto_on_a_cpu_picks_the_engine_measured_fastest_on_its_class(flags, seqs, tmp_path):
-    """With vLLM's CPU build installed, auto picks by dsr1/data/engine_speed.toml for this CPU class and
-    concurrency, and says the figures; a class nothing was measured on keeps the embedded engine."""
-    from dsr1 import engine_speed
+@pytest.mark.parametrize("model", ["smollm2-135m", "r1-distill-qwen-1.5b"])
+def test_auto_on_a_cpu_picks_the_engine_measured_fastest_on_its_class(flags, seqs, model, tmp_path):
+    """With vLLM's CPU build installed, auto picks by dsr1/data/engine_speed.toml for this CPU class,
+    the measured model nearest in size and the concurrency, and says the figures; a class nothing was
+    measured on keeps the embedded engine."""
+    from dsr1 import catalog, engine_speed
 
     snap = load_snapshot("driver-missing")
     snap["host"]["flags"] = flags
-    p = make("driver-missing", "smollm2-135m", tmp_path, installed={"vllm": VLLM_CPU}, snap=snap, max_concurrent=seqs)
-    rows = {r.engine: r.at(seqs) for r in engine_speed.rows() if r.cpu_class == engine_speed.cpu_class(flags)}
+    p = make("driver-missing", model, tmp_path, installed={"vllm": VLLM_CPU}, snap=snap, max_concurrent=seqs)
+    here = [r for r in engine_speed.rows() if r.cpu_class == engine_speed.cpu_class(flags)]
+    size = min({r.model_params_b for r in here}, key=lambda b: abs(b - catalog.get(model).params_b), default=None)
+    rows = {r.engine: r.at(seqs) for r in here if r.model_params_b == size}
     if set(rows) >= {"embedded", "vllm"}:
         assert p.engine == max(rows, key=rows.get), p.engine_reason
         assert all(f"{e} {v:g}" in p.engine_reason for e, v in rows.items()), p.engine_reason
