@@ -68,11 +68,18 @@ def test_server_errors_are_recorded_not_raised():
     assert results[1].error == "http_500" and "injected failure" in results[1].detail
 
 
-def _broken_server(payload: bytes):
-    """A socket server that sends `payload` then hangs up: a stream cut mid-response."""
+def _broken_server(payload: bytes, accepted: list | None = None):
+    """A socket server that answers each connection's first request with `payload` then hangs up (a
+    stream cut mid-response; a keep-alive connection closed by the server), each connection on its
+    own thread and appended to `accepted`."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
+    sock.listen(16)
+
+    def answer(conn):
+        with conn:
+            conn.recv(65536)
+            conn.sendall(payload)
 
     def serve():
         while True:
@@ -80,9 +87,9 @@ def _broken_server(payload: bytes):
                 conn, _ = sock.accept()
             except OSError:
                 return
-            conn.recv(65536)
-            conn.sendall(payload)
-            conn.close()
+            if accepted is not None:
+                accepted.append(conn)
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -183,27 +190,8 @@ def test_idle_connections_the_server_closed_are_not_reused():
     # one request per connection, keep-alive by its headers, then hangs up, as a timeout would.
     event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
     reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (len(event), event)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    accepted = []
-
-    def answer(conn):
-        with conn:
-            conn.recv(65536)
-            conn.sendall(reply)
-
-    def serve():
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            accepted.append(conn)
-            threading.Thread(target=answer, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    accepted: list = []
+    sock, url = _broken_server(reply, accepted)
 
     async def go():
         async with Client(url, "m") as c:
