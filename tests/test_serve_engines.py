@@ -412,7 +412,7 @@ def test_vllm_cpu_tensor_parallel_two_nodes_on_one_host(vllm, demo_model_dir, tm
     assert "node 0 reachable" in text or "waiting for node 0" in text, text[-3000:]
 
 
-def test_llamacpp_segfault_while_loading_is_retried_without_repacking():
+def test_llamacpp_crash_while_loading_is_retried_without_repacking():
     """The retry rule alone (whether this CPU crashes depends on the CPU: an AVX512/AMX Xeon does with
     the demo Q4_1 GGUF, and then every llama-server test above goes through the retry)."""
     from dsr1.engines.llamacpp import ENGINE
@@ -423,6 +423,14 @@ def test_llamacpp_segfault_while_loading_is_retried_without_repacking():
     assert ENGINE.start_fallback(-11, lines, argv) is None  # once only
     assert ENGINE.start_fallback(1, lines, ["llama-server"]) is None  # not a crash
     assert ENGINE.start_fallback(-11, lines + ["llama_server: model loaded"], ["llama-server"]) is None
+    # the abort a deepseek2 GGUF gives on a Xeon with AMX (b11434), lines as llama-server printed them
+    aborted = ["0.00.004.294 I srv    load_model: loading model 'tiny-v3-TQ1_0-00001-of-00003.gguf'",
+               "llama.cpp/ggml/src/ggml-backend.cpp:1434: GGML_ASSERT(*cur_backend_id != -1) failed",
+               "#3  0x000055ef4f32dfbd in ggml_backend_sched_split_graph ()"]
+    argv, why = ENGINE.start_fallback(-6, aborted, ["llama-server", "-m", "x.gguf"])
+    assert argv[-1] == "--no-repack" and "GGML_ASSERT" in why
+    assert ENGINE.start_fallback(-6, aborted, argv) is None
+    assert ENGINE.start_fallback(-6, lines, ["llama-server"]) is None  # another abort: not this one
 
 
 def _names_missing_from_metrics(srv: ServerProc, engine: str) -> list[str]:

@@ -61,14 +61,25 @@ class LlamaCppEngine:
         return (NodeCommand(0, "head", (binary, *args), base.env_dict(plan.env)),)
 
     def start_fallback(self, code: int, log_tail: Sequence[str], argv: list[str]):
-        """llama.cpp b11434 built with GGML_NATIVE segfaults while repacking Q4_1 weights for the CPU's
-        extra buffer types on an AVX512/AMX Xeon (measured here: exit -11 right after "llama threadpool
-        init"; the same file loads with --no-repack). Such a crash is retried once without repacking:
-        slower prompt processing for quantized weights beats no server."""
+        """Two crashes of llama.cpp b11434 built with GGML_NATIVE on a Xeon with AMX come from its CPU
+        "extra buffer types" (repacked and AMX weight layouts), and the same files load with --no-repack:
+        - a segfault while repacking Q4_1 weights (exit -11 right after "llama threadpool init");
+        - an abort while reserving the compute graph, `GGML_ASSERT(*cur_backend_id != -1)` in
+          ggml_backend_sched_split_graph (exit -6): a DeepSeek-V3 (deepseek2) GGUF, with or without
+          --n-cpu-moe, where weights put in the AMX buffer type are used by an op the AMX backend
+          refuses and the CPU backend cannot read them (llama.cpp's AMX buffer is not a host buffer).
+        Such a crash is retried once without repacking: slower prompt processing for quantized weights
+        beats no server."""
         text = "\n".join(log_tail)
-        if code in (-11, 139) and "load_model" in text and "model loaded" not in text and "--no-repack" not in argv:
+        if "--no-repack" in argv or "load_model" not in text or "model loaded" in text:
+            return None
+        if code in (-11, 139):
             return [*argv, "--no-repack"], ("llama-server crashed (SIGSEGV) while loading the weights, as llama.cpp "
                                              "does when repacking some quantized types on AVX512/AMX CPUs")
+        if code in (-6, 134) and "cur_backend_id != -1" in text:
+            return [*argv, "--no-repack"], ("llama-server aborted placing its compute graph (GGML_ASSERT "
+                                             "cur_backend_id != -1), as llama.cpp does with some weights in its AMX "
+                                             "buffer type")
         return None
 
     def diagnose(self, log_tail: Sequence[str], plan: "Plan | None" = None) -> str | None:

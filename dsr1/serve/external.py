@@ -64,7 +64,9 @@ def run_engine(launch: EngineLaunch, front_cfg, backend_cfg, *, host: str, port:
             took = child.wait_healthy(health, timeout=launch.start_timeout, progress=progress,
                                       diagnose=launch.diagnose)
         except ServerError:
-            retry = None if child.alive() else launch.fallback(child.proc.returncode, child.last_lines(60))
+            # the whole kept tail: a crash's backtrace (gdb's thread list, ~70 lines) follows the line that
+            # says which crash it was
+            retry = None if child.alive() else launch.fallback(child.proc.returncode, child.last_lines(200))
             if retry is None:
                 raise
             argv, why = retry
