@@ -431,6 +431,10 @@ def test_llamacpp_crash_while_loading_is_retried_without_repacking():
     assert argv[-1] == "--no-repack" and "GGML_ASSERT" in why
     assert ENGINE.start_fallback(-6, aborted, argv) is None
     assert ENGINE.start_fallback(-6, lines, ["llama-server"]) is None  # another abort: not this one
+    # with --lora, a line per adapted tensor pushes "load_model" out of the kept tail before the crash
+    flood = [f"W llama_adapter_lora_init_impl: lora for 'blk.{i}.attn_q.weight' cannot use buft 'AMX', fallback to CPU"
+             for i in range(250)] + ["init: llama threadpool init, n_threads = 2"]
+    assert ENGINE.start_fallback(-11, flood[-200:], ["llama-server", "--lora", "a.gguf"])[0][-1] == "--no-repack"
 
 
 def _names_missing_from_metrics(srv: ServerProc, engine: str) -> list[str]:

@@ -71,7 +71,10 @@ class LlamaCppEngine:
         Such a crash is retried once without repacking: slower prompt processing for quantized weights
         beats no server."""
         text = "\n".join(log_tail)
-        if "--no-repack" in argv or "load_model" not in text or "model loaded" in text:
+        # Called only for an exit before the health check passed. Not "load_model" in the tail as the
+        # sign of loading: with --lora, llama-server prints a line per adapted tensor (~200 for the demo
+        # model) between that line and the crash.
+        if "--no-repack" in argv or "model loaded" in text:
             return None
         if code in (-11, 139):
             return [*argv, "--no-repack"], ("llama-server crashed (SIGSEGV) while loading the weights, as llama.cpp "
