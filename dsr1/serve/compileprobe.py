@@ -4,9 +4,9 @@ Why a measurement and not the CPU's flags: the compiled step (inductor, frozen w
 micro-kernels) measured 1.6x faster than eager on a Xeon with AMX, 3.2x faster at one row on a 2-core
 AMD EPYC without AMX for the demo model (Python overhead dominates a 135M step) and 1.4x for the
 1.5B shape, where the GEMMs do (issue 14/14). Whether it wins depends on the CPU, the model's shapes
-and the torch build, so it is timed here, on the model being served: its first decoder layer plus
+and the torch build, so it is timed here, on the model being served: its first decoder layers plus
 the final norm and LM head, compiled just in time exactly as the whole step is (fastpath.FrozenStep,
-COMPILE_OPTIONS), against the same layer eager with oneDNN-packed weights (what serve runs when not
+COMPILE_OPTIONS), against the same layers eager with oneDNN-packed weights (what serve runs when not
 compiling), at one row, where compiling matters most. Four layers, not one: the LM head weighs as
 much as four to five of the 1.5B's layers, and one layer's ~110 MB stays partly in a server CPU's
 last-level cache between timed runs, which the whole step's 3.5 GB never does (measured on a Xeon with

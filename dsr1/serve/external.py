@@ -66,7 +66,8 @@ def run_engine(launch: EngineLaunch, front_cfg, backend_cfg, *, host: str, port:
         except ServerError:
             # the whole kept tail: a crash's backtrace (gdb's thread list, ~70 lines) follows the line that
             # says which crash it was
-            retry = None if child.alive() else launch.fallback(child.proc.returncode, child.last_lines(200))
+            retry = None if child.alive() else launch.fallback(child.proc.returncode,
+                                                                 child.last_lines(child.tail.maxlen))
             if retry is None:
                 raise
             argv, why = retry
