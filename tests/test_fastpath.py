@@ -109,6 +109,16 @@ def test_compiled_step_is_kept_and_the_next_start_loads_it(demo_model_dir, fp32_
     assert [p.name for p in store.iterdir()] == [m.fast.package.name]  # nothing half-written beside it
     assert _greedy(m, cache, prompts, 24) == want
     assert _greedy(m, cache, prompts[:1], 24) == want[:1]  # one row: the same package
+    # prompts through the package too (its token axis is dynamic; measure_rows turns this on where it
+    # measured faster): whole prompts padded to one length, and one prompt in chunks into a later row
+    m.fast.prompt_compiled = True
+    assert _greedy(m, cache, prompts, 24) == want
+    a = ref.prefill(ref.make_cache(1, 256), 0, prompts[2], 0)
+    m.prefill(cache, 2, prompts[2][:1], 0)  # one token: below the package's smallest span, still right
+    m.prefill(cache, 2, prompts[2][1:5], 1)
+    torch.testing.assert_close(m.prefill(cache, 2, prompts[2][5:], 5), a, rtol=1e-4, atol=1e-4)
+    b = ref.prefill_rows(ref.make_cache(3, 256), 1, prompts[1:])
+    torch.testing.assert_close(m.prefill_rows(cache, 1, prompts[1:]), b, rtol=1e-4, atol=1e-4)
 
     again = EmbeddedModel(demo_model_dir, dtype=torch.float32)
     other = again.make_cache(2, 128)
@@ -122,6 +132,18 @@ def test_compiled_step_is_kept_and_the_next_start_loads_it(demo_model_dir, fp32_
     with torch.no_grad():
         again.fast.layers[3][6].view(-1)[0] += 1.0
     assert aotstep.package_key(FrozenStep(again.fast), COMPILE_OPTIONS) != key
+
+    # a package that serves every batch and every prompt (what the server checks first): the eager
+    # weights are released, nearly all of the model's bytes, and the output is still the reference's
+    with torch.no_grad():
+        again.fast.layers[3][6].view(-1)[0] -= 1.0
+    total = sum(p.numel() * p.element_size() for p in again.model.parameters())
+    again.fast.prompt_compiled = True
+    assert again.fast.release_eager(again.model) > 0.9 * total
+    assert max(p.numel() for p in again.model.parameters()) <= 1 << 16
+    assert _greedy(again, other, prompts[:2], 24) == want[:2]
+    with pytest.raises(ValueError, match="released"):
+        again.make_cache(2, 512)  # a longer context would need a new eager forward
 
 
 def test_rows_for_keeps_the_compiled_step_up_to_the_last_size_it_won():
@@ -149,6 +171,7 @@ def test_bf16_compiled_step_beside_packed_eager_weights(demo_model_dir, tmp_path
     """bf16 on a CPU, compiled ahead of time: the eager forward beside the package runs on oneDNN-packed
     weights (prompts, and the batch sizes where it measured faster); the batch-size timings are kept
     with the package and read back; compiled and eager rows give the plain bf16 forward's greedy tokens."""
+    from dsr1.serve import fastpath
     from dsr1.serve.engine import EmbeddedModel
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -164,7 +187,10 @@ def test_bf16_compiled_step_beside_packed_eager_weights(demo_model_dir, tmp_path
     saved = m.fast.package.with_suffix(".rows.json")
     rows = m.fast.measure_rows(cache, saved=saved)
     assert saved.is_file() and set(m.fast.row_timings) <= {1, 2} and 0 <= rows <= 3
-    m.fast.compiled_rows = 0  # every batch eager, on the packed weights: the plain forward's tokens
+    # a 256-token prompt timed through the package and eagerly, kept with the rows' timings; the faster serves
+    compiled, eager = m.fast.prompt_timing
+    assert fastpath.saved_prompt_timing(saved) == (compiled, eager) and m.fast.prompt_compiled == (compiled < eager)
+    m.fast.compiled_rows, m.fast.prompt_compiled = 0, False  # all eager, on the packed weights: the plain tokens
     assert _greedy(m, cache, prompts, 8) == want
     # compiled against eager on the same step: bf16 sums in another order (a near-tie may flip a later
     # greedy token, which is why fp32 is the token-for-token check above); same best token, close logits
@@ -179,6 +205,30 @@ def test_bf16_compiled_step_beside_packed_eager_weights(demo_model_dir, tmp_path
         assert (got - ref).abs().max() < 1.0 and (limit == 3) == bool((got != ref).any())
     m.fast.row_timings = {}
     assert m.fast.measure_rows(cache, saved=saved) == rows and set(m.fast.row_timings) <= {1, 2}
+    assert m.fast.prompt_timing == (compiled, eager)  # read back, not timed again
+
+    # A new process that loads the package and sends a prompt through it before anything else runs
+    # (a restart's first request): on a CPU with AMX its kernels need the process's AMX permission,
+    # which nothing had asked for there (SIGILL); aotstep._load asks for it.
+    code = f"""
+import torch
+from pathlib import Path
+from dsr1.serve.engine import EmbeddedModel
+m = EmbeddedModel(Path({str(demo_model_dir)!r}), dtype=torch.bfloat16)
+cache = m.make_cache(3, 128)
+m.fast.enable_compile(store=Path({str(tmp_path / "compiled")!r}))
+m.fast.warm_up(cache)
+assert m.fast.compile_how == "loaded"
+m.fast.prompt_compiled = True
+print(m.prefill_rows(cache, 0, {prompts!r}).argmax(-1).tolist())
+"""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    m.fast.prompt_compiled = True
+    assert run.stdout.strip() == str(m.prefill_rows(cache, 0, prompts).argmax(-1).tolist())
 
 
 def test_compiled_step_without_disk_for_it_compiles_just_in_time(demo_model_dir, tmp_path, monkeypatch):
@@ -362,7 +412,9 @@ def test_serve_options_leave_greedy_output_unchanged(demo_model_dir, reference_o
             "".join(fast.lines)
         got = run(fast)
         assert got == want
-        assert _metric(fast.url, "dsr1_kv_cache_hit_rate") > 0.3  # 4 misses arriving together, then 4 hits
+        # 4 misses arriving together (one forward: none can reuse another's prefix yet), then 4 hits that
+        # reuse the shared system prompt's whole blocks: about half of their tokens, a quarter of all
+        assert _metric(fast.url, "dsr1_kv_cache_hit_rate") > 0.2
         assert _metric(fast.url, "dsr1_spec_decode_draft_tokens_total") > 0
         assert 0 < _metric(fast.url, "dsr1_spec_decode_acceptance_rate") <= 1
     finally:

@@ -38,6 +38,8 @@ from dsr1.serve.wquant import PACKED, QuantWeight, quantize
 
 ARCHS = ("llama", "qwen2")
 MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes measure_rows times, up to the cache's rows
+PROMPT_TOKENS = 256  # the prompt measure_rows times through the package and eagerly (one default chunk)
+PROMPT_KEY = "prompt"  # its timing's key in the saved timings
 
 
 def unsupported_reason(model) -> str | None:
@@ -139,6 +141,8 @@ class FastForward:
         self.inter = cfg.intermediate_size
         self.max_len = max_len
         self.quant = quant
+        if getattr(model, "_dsr1_released", False):
+            raise ValueError("this model's weights were released to its compiled step (release_eager)")
         done = getattr(model, "_dsr1_quantized", None)  # a FastForward made before (a longer context)
         if done is not None:
             if done[0] != quant:
@@ -169,6 +173,7 @@ class FastForward:
         self.not_kept = None  # why the compiled step is not kept on disk (enable_compile), when it is not
         self.compiled_rows = 1 << 30  # batches up to this many rows take the compiled step (measure_rows)
         self.row_timings: dict[int, tuple[float, float]] = {}  # rows -> (compiled, eager) seconds per step
+        self.prompt_compiled = False  # prompts through the compiled package: it was faster (measure_rows)
         self._lora_src: list[list[dict]] = []  # LoRA adapters, id i+1 (0 is the base model)
         self.lora_w: list[dict] = [{} for _ in self.layers]
         self.lora_owner: dict[str, torch.Tensor] = {}
@@ -314,10 +319,12 @@ class FastForward:
 
     # -- the decode / verify step ----------------------------------------------------------------
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, ks: list[torch.Tensor],
-              vs: list[torch.Tensor], groups=None, src=None) -> torch.Tensor:
+              vs: list[torch.Tensor], groups=None, src=None, pick: torch.Tensor | None = None) -> torch.Tensor:
         """tokens/pos [n, t]: the t new tokens of cache rows 0..n-1 and their positions; cols =
         arange(span), the cached columns attended (span > every position). Each query sees the
-        columns up to its own position. Writes K/V in place; returns logits [n, t, vocab] (fp32).
+        columns up to its own position. Writes K/V in place; returns logits [n, t, vocab] (fp32), or
+        with `pick` (indices into the n*t tokens, row-major) [len(pick), vocab]: a prompt needs its last
+        token's only, and the LM head over every prompt token would cost more than the layers.
         `src`: where the weights and RoPE tables come from (this object, or a FrozenStep's parameters)."""
         src = self if src is None else src
         n, t = tokens.shape
@@ -335,6 +342,8 @@ class FastForward:
         for li, weights in enumerate(src.layers):
             lora = self._layer_lora(li, groups) if groups else None
             x = self._layer(x, cos, sin, mask, rows, pos, ks[li], vs[li], *weights, lora=lora)
+        if pick is not None:
+            x = x.reshape(n * t, -1)[pick]
         return self.logits(x, src)
 
     def _layer(self, x, cos, sin, mask, rows, pos, ck, cv, ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd, lora=None):
@@ -352,7 +361,10 @@ class FastForward:
         cv[rows, :, pos] = qkv[..., self.q_size + self.kv_size :].view(n, t, self.kv_heads, self.head_dim)
         q = qk[:, :, : self.heads].transpose(1, 2).reshape(n, self.kv_heads, self.group * t, self.head_dim)
         o = F.scaled_dot_product_attention(q, ck[:n, :, :span], cv[:n, :, :span], attn_mask=mask, scale=self.scale)
-        o = o.view(n, self.heads, t, self.head_dim).transpose(1, 2).reshape(n, t, self.q_size)
+        # [n, kv_heads, group*t, d] -> [n, t, heads*d]. Split group from t before moving t forward: the
+        # shorter view(n, heads, t, d) made export guard on an expression of t it could not prove, so
+        # a token axis of any length (prompts through the compiled step) could not be exported.
+        o = o.view(n, self.kv_heads, self.group, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(n, t, self.q_size)
         return self._mlp(x + self._out(o, wo, bo, lora), ln2, wgu, wd, lora)
 
     def _out(self, o, wo, bo, lora):
@@ -381,6 +393,34 @@ class FastForward:
         self._frozen = None  # the package has its own copy: the plain weights go once packed
         self.quant = PACKED
         self._quantize(model, PACKED)
+
+    def release_eager(self, model) -> int:
+        """Drop the eager forward's weights once the compiled package serves every batch size of this cache
+        and every prompt (measure_rows): nothing reads them any more, and they were a second copy beside
+        the package's own packed one (the 1.5B shape: 3.5 GB of a restart's 9.9 GB resident). The
+        transformers modules keep empty weights, as after `_quantize`; what still points into the
+        checkpoint's file mapping (norms, biases) is copied out so the mapping goes too. Bytes released.
+        Not for a server with LoRA adapters or speculative decoding: those rows run the eager forward."""
+        if self._aot is None or not self.prompt_compiled:
+            raise ValueError("release_eager() is for a loaded package that serves prompts too")
+        size = lambda t: t.nbytes if isinstance(t, QuantWeight) else t.numel() * t.element_size()  # noqa: E731
+        weights = {id(t): t for t in (self.embed, self.head, *(w for ws in self.layers for w in ws[1:]))
+                   if t is not None}
+        freed = sum(size(t) for t in weights.values())
+        empty = torch.empty(0, dtype=self.embed.dtype, device=self.device)
+        own = lambda t: None if t is None else t.clone()  # noqa: E731 - out of the file mapping
+        self.layers = [(own(ln1), empty, own(bqkv), empty, own(bo), own(ln2), empty, empty)
+                       for ln1, _, bqkv, _, bo, ln2, _, _ in self.layers]
+        self.embed = self.head = empty
+        self.norm_w = own(self.norm_w)
+        self._frozen = None  # its parameters are these weights; the package holds its own copy
+        for p in model.parameters():
+            p.data = empty if p.numel() > 1 << 16 else p.data.clone()
+        model._dsr1_released = True  # a later FastForward (a longer context) would find no weights
+        from dsr1.serve import aotstep
+
+        aotstep._release()
+        return freed
 
     def enable_compile(self, store=None) -> None:
         """Compile the whole decode step (inductor) over a FrozenStep: the weights are the module's
@@ -435,13 +475,20 @@ class FastForward:
         """Whether the compiled step is a package (dsr1.serve.aotstep), not torch.compile's."""
         return self._aot is not None
 
-    def _run_compiled(self, ids, pos, cols, cache) -> torch.Tensor:
+    def _run_compiled(self, ids, pos, cols, cache, pick=None, first: int = 0) -> torch.Tensor:
+        """The compiled step over rows first..first+n-1 of `cache` (ids/pos [n, t]): logits of the tokens
+        `pick` selects (default: every token, row-major), [len(pick), vocab]."""
+        if pick is None:
+            pick = torch.arange(ids.numel(), device=ids.device)
+        ks, vs = cache.k, cache.v
+        if first:  # the step's rows are 0..n-1: hand it the cache from row `first` on (views, no copy)
+            ks, vs = [k[first:] for k in ks], [v[first:] for v in vs]
         if self._aot is not None:
             if cols.shape[0] < 2:  # below the package's smallest span (no decode step attends to one column)
-                return self._step(ids, pos, cols, cache.k, cache.v)
-            return self._aot(ids, pos, cols, cache.k, cache.v, self.cos, self.sin)
+                return self._step(ids, pos, cols, ks, vs, pick=pick)
+            return self._aot(ids, pos, cols, ks, vs, self.cos, self.sin, pick)
         if ids.shape[0] > 1:  # rows and span vary from step to step: one graph for all of them
-            for t, dim in ((ids, 0), (pos, 0), (cols, 0)):
+            for t, dim in ((ids, 0), (pos, 0), (cols, 0), (pick, 0)):
                 torch._dynamo.mark_dynamic(t, dim)
         # The options as a config patch around every call, not torch.compile(options=): freezing
         # given that way was silently not applied (the weights stayed graph inputs, and the step
@@ -449,7 +496,13 @@ class FastForward:
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(COMPILE_OPTIONS):
-            return self._compiled_step(ids, pos, cols, cache.k, cache.v)
+            return self._compiled_step(ids, pos, cols, ks, vs, pick)
+
+    def _prompts_compiled(self, masks) -> bool:
+        """Whether prompts go through the compiled package: one was loaded (its token axis is dynamic,
+        so a prompt is one call of it, fused and on its packed weights), no row uses a LoRA adapter, and
+        it was the faster for a prompt on this CPU (measure_rows)."""
+        return self._aot is not None and masks is None and self.prompt_compiled
 
     # -- what the engine calls -----------------------------------------------------------------
     @torch.inference_mode()
@@ -462,7 +515,7 @@ class FastForward:
         cols = torch.arange(max(positions) + 1, device=dev)
         masks = self._masks(adapters)
         if self.compiled and masks is None and len(tokens) <= self.compiled_rows:
-            return self._run_compiled(ids, pos, cols, cache)[:, 0]
+            return self._run_compiled(ids, pos, cols, cache)
         return self._step(ids, pos, cols, cache.k, cache.v, masks)[:, 0]
 
     @torch.inference_mode()
@@ -473,12 +526,16 @@ class FastForward:
         2-core AVX-512 CPU without AMX the compiled step was 3.2x faster at one row and 0.69x at sixteen
         (issue 14/14), so the right one depends on the CPU and the batch. `saved` (a JSON file beside the
         package): timings of an earlier start are read from it, or written to it. Writes only position 0
-        of the rows it uses, which hold no request yet (run at start-up)."""
+        of the rows it uses, which hold no request yet (run at start-up). With a package, a prompt is timed
+        through it and eagerly too, and goes the faster way (`prompt_compiled`)."""
         import json
 
         from dsr1.fsutil import atomic_write_bytes
 
         known = saved_timings(saved)
+        prompt = saved_prompt_timing(saved)
+        if self._aot is not None and prompt is None:
+            prompt = self._time_prompt(cache, repeats)
         if covers(known, cache.slots, sizes):
             self.row_timings = known
         else:  # never measured, or only for fewer rows than this cache has
@@ -495,10 +552,30 @@ class FastForward:
                 self.row_timings[n] = (compiled, eager)
                 if compiled > eager:
                     break
-            if saved is not None:
-                atomic_write_bytes(saved, json.dumps(self.row_timings).encode())
+        if saved is not None and (self.row_timings != known or prompt != saved_prompt_timing(saved)):
+            kept = {str(n): t for n, t in self.row_timings.items()}
+            if prompt is not None:
+                kept[PROMPT_KEY] = prompt
+            atomic_write_bytes(saved, json.dumps(kept).encode())
+        self.prompt_timing = prompt
+        self.prompt_compiled = prompt is not None and prompt[0] < prompt[1]
         self.compiled_rows = rows_for(self.row_timings, cache.slots)
         return self.compiled_rows
+
+    def _time_prompt(self, cache, repeats: int) -> tuple[float, float]:
+        """(compiled, eager) seconds for one PROMPT_TOKENS-token prompt into row 0 (which holds no request
+        yet: run at start-up), the package against the eager prompt forward. Why measured: the package's
+        GEMMs were chosen by timing them at a few rows; on a 2-core Xeon with AMX it prefilled 8 x 256
+        tokens 2.3x faster than the eager forward, but a CPU where its kernels lose may differ."""
+        n = min(PROMPT_TOKENS, self.max_len - 1)
+        tokens = [0] * n
+        self.prompt_compiled = True
+        try:
+            compiled = fastest(lambda: self.prefill(cache, 0, tokens, 0), repeats)
+        finally:
+            self.prompt_compiled = False
+        eager = fastest(lambda: self.prefill(cache, 0, tokens, 0), repeats)
+        return compiled, eager
 
     def decodes_eager(self, cache, saved, sizes: tuple[int, ...] = MEASURED_ROWS) -> bool:
         """Whether some batch size of `cache` will decode eagerly, by the timings saved beside the package
@@ -527,6 +604,13 @@ class FastForward:
         Eager: a prompt chunk is a few large matmuls, where Python overhead does not matter."""
         dev = self.device
         c, end = len(tokens), start + len(tokens)
+        masks = self._masks([adapter])
+        if self._prompts_compiled(masks):
+            ids = torch.tensor([tokens], device=dev)
+            pos = torch.arange(start, end, device=dev).view(1, c)
+            # at least two columns, the package's smallest span; a column past the end is masked
+            cols = torch.arange(max(2, end), device=dev)
+            return self._run_compiled(ids, pos, cols, cache, torch.tensor([c - 1], device=dev), first=slot)[0]
         x = self.embed[torch.tensor(tokens, device=dev)].view(1, c, -1)
         cos = self.cos[start:end].view(1, 1, c, -1)
         sin = self.sin[start:end].view(1, 1, c, -1)
@@ -539,7 +623,7 @@ class FastForward:
             cv[slot, :, start:end] = v[0]
             return ck[slot : slot + 1, :, :end], cv[slot : slot + 1, :, :end]
 
-        x = self._prompt_layers(x, cos, sin, kv, mask, 1, c, self._masks([adapter]))
+        x = self._prompt_layers(x, cos, sin, kv, mask, 1, c, masks)
         return self.logits(x[0, -1])
 
     @torch.inference_mode()
@@ -552,6 +636,13 @@ class FastForward:
             ids[i, : len(p)] = torch.tensor(p)
         ids = ids.to(dev)
         lens = torch.tensor([len(p) for p in prompts], device=dev)
+        masks = self._masks(adapters)
+        if self._prompts_compiled(masks):
+            # Every row at positions 0..L-1: a shorter prompt's padding writes K/V past its end, where
+            # nothing reads them before its own tokens overwrite them, and no real token attends there.
+            pos = torch.arange(L, device=dev).repeat(n, 1)
+            pick = torch.arange(n, device=dev) * L + lens - 1
+            return self._run_compiled(ids, pos, torch.arange(max(2, L), device=dev), cache, pick, first=first)
         cols = torch.arange(L, device=dev)
         # causal, and never a padded key; padded queries still see column 0 (no all-masked rows)
         mask = ((cols[None, None, :] <= cols[None, :, None]) & (cols[None, None, :] < lens[:, None, None]))[:, None]
@@ -565,7 +656,7 @@ class FastForward:
             cv[a:b, :, :L] = v
             return ck[a:b, :, :L], cv[a:b, :, :L]
 
-        x = self._prompt_layers(self.embed[ids], cos, sin, kv, mask, n, L, self._masks(adapters))
+        x = self._prompt_layers(self.embed[ids], cos, sin, kv, mask, n, L, masks)
         return self.logits(x[torch.arange(n, device=dev), lens - 1])
 
     def _prompt_layers(self, x, cos, sin, kv, mask, n: int, t: int, groups=None):
@@ -587,13 +678,23 @@ class FastForward:
         return x
 
 
-def saved_timings(saved) -> dict[int, tuple[float, float]]:
-    """The batch-size timings measure_rows kept in `saved` (a JSON file; None or absent: none)."""
+def _saved(saved) -> dict:
     import json
 
     if saved is None or not saved.is_file():
         return {}
-    return {int(n): tuple(t) for n, t in json.loads(saved.read_text()).items()}
+    return json.loads(saved.read_text())
+
+
+def saved_timings(saved) -> dict[int, tuple[float, float]]:
+    """The batch-size timings measure_rows kept in `saved` (a JSON file; None or absent: none)."""
+    return {int(n): tuple(t) for n, t in _saved(saved).items() if n.isdigit()}
+
+
+def saved_prompt_timing(saved) -> tuple[float, float] | None:
+    """The (compiled, eager) prompt timing measure_rows kept in `saved`, or None."""
+    t = _saved(saved).get(PROMPT_KEY)
+    return tuple(t) if t else None
 
 
 def rows_for(timings: dict[int, tuple[float, float]], slots: int) -> int:
@@ -661,5 +762,5 @@ class FrozenStep(torch.nn.Module):
     def layers(self) -> list[tuple]:
         return [tuple(getattr(self, f"{name}_{i}", None) for name in _NAMES) for i in range(self._n)]
 
-    def forward(self, tokens, pos, cols, ks, vs):
-        return self._ff[0]._step(tokens, pos, cols, ks, vs, src=self)
+    def forward(self, tokens, pos, cols, ks, vs, pick=None):
+        return self._ff[0]._step(tokens, pos, cols, ks, vs, src=self, pick=pick)

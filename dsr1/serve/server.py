@@ -376,6 +376,12 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
             compile_why += ("; compiled at every batch size" if rows >= max_concurrent else
                             "; eager at every batch size (the compiled step measured slower here)" if rows == 0 else
                             f"; compiled up to {rows} rows, eager above (measured faster there)")
+            compile_why += ("; prompts through the compiled step" if model.fast.prompt_compiled else
+                            "; prompts eager (measured faster than the compiled step here)")
+            if rows >= max_concurrent and model.fast.prompt_compiled and not adapters and proposer is None:
+                # every batch and prompt takes the package, which holds its own weights: the eager copy goes
+                freed = worker.submit(model.fast.release_eager, model.model).result()
+                compile_why += f"; eager weights released ({freed / 1e9:.1f} GB)"
     elif worker.submit(model.pack_weights).result():  # False when there is nothing to pack
         # eager bf16 on a CPU: the weights reordered once for oneDNN (dsr1.serve.wquant, PACKED)
         compile_why += "; bf16 weights packed for oneDNN"
