@@ -27,8 +27,10 @@ def _wait(cond, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
-def test_prompts_arriving_together_are_prefilled_together(demo_model_dir):
-    worker = cf.ThreadPoolExecutor(1)  # the model is loaded on the thread the engine loop runs on
+def _recording_model(demo_model_dir):
+    """(worker, model, calls): the demo model loaded on the worker thread the engine loop will run on,
+    its prefill_rows wrapped to record how many prompts each call carried."""
+    worker = cf.ThreadPoolExecutor(1)
     model = worker.submit(lambda: EmbeddedModel(demo_model_dir, dtype=torch.float32)).result()
     calls: list[int] = []
     real = model.prefill_rows
@@ -38,6 +40,11 @@ def test_prompts_arriving_together_are_prefilled_together(demo_model_dir):
         return real(cache, first, rows, *a, **k)
 
     model.prefill_rows = prefill_rows
+    return worker, model, calls
+
+
+def test_prompts_arriving_together_are_prefilled_together(demo_model_dir):
+    worker, model, calls = _recording_model(demo_model_dir)
     # a chunk as long as each question (all of one length): QUEUE_CHUNKS chunks hold exactly four of them
     chunk = len(model.tokenizer("Question 0: what is 0 plus 0? Answer briefly.")["input_ids"])
     sched = Scheduler(model, max_concurrent=8, max_queue=8, max_model_len=256, prefill_chunk=chunk, worker=worker)
@@ -83,16 +90,7 @@ def test_requests_sent_together_to_an_idle_engine_are_prefilled_together(demo_mo
 
     monkeypatch.setattr(scheduler, "COALESCE_GAP", 0.25)
     monkeypatch.setattr(scheduler, "COALESCE_MAX", 5.0)
-    worker = cf.ThreadPoolExecutor(1)
-    model = worker.submit(lambda: EmbeddedModel(demo_model_dir, dtype=torch.float32)).result()
-    calls: list[int] = []
-    real = model.prefill_rows
-
-    def prefill_rows(cache, first, rows, *a, **k):
-        calls.append(len(rows))
-        return real(cache, first, rows, *a, **k)
-
-    model.prefill_rows = prefill_rows
+    worker, model, calls = _recording_model(demo_model_dir)
     sched = Scheduler(model, max_concurrent=8, max_queue=8, max_model_len=128, prefill_chunk=32, worker=worker)
     sched.start()
     prompts = [model.tokenizer(f"Question {i}: what is {i} plus {i}?")["input_ids"] for i in range(5)]
