@@ -15,8 +15,8 @@ the KV cache's slots and columns are all dynamic dimensions, so `--max-concurren
 can change without a recompile, and a prompt (or several, padded to one length) is one call of the same
 library: on a 2-core Xeon with AMX it prefilled 8 x 256 tokens of the demo model in 388 ms against the
 eager forward's 901 (its elementwise ops fused, its GEMMs on the packed weights), without a second copy
-of the weights. Only the chosen tokens' logits come out (`pick`). One dynamic graph (one dynamic graph measured as fast at one row as a graph made for one row: 8.7 vs 9.6-11.1
-ms per step on the demo model, 2-core AMD EPYC). The library is keyed by what is frozen or compiled
+of the weights. Only the chosen tokens' logits come out (`pick`). One dynamic graph measured as fast at
+one row as a graph made for one row (8.7 vs 9.6-11.1 ms per step on the demo model, 2-core AMD EPYC). The library is keyed by what is frozen or compiled
 into it: the weights (a fingerprint of every tensor, below), the model's shapes, the dtype, the CPU,
 torch's version and this code; anything else changing makes a new library, never a wrong one.
 """
