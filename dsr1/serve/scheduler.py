@@ -174,6 +174,8 @@ class Scheduler:
                 if self._stop:
                     break
                 self._gather()
+                if self._stop:  # shut down while gathering: the requests are aborted below, not prefilled
+                    break
                 self._waiting.extend(self._inbox)
                 self._inbox.clear()
                 aborts, self._aborts = self._aborts, set()
