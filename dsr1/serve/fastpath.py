@@ -174,6 +174,7 @@ class FastForward:
         self.compiled_rows = 1 << 30  # batches up to this many rows take the compiled step (measure_rows)
         self.row_timings: dict[int, tuple[float, float]] = {}  # rows -> (compiled, eager) seconds per step
         self.prompt_compiled = False  # prompts through the compiled package: it was faster (measure_rows)
+        self.prompt_timing: tuple[float, float] | None = None  # (compiled, eager) seconds for a prompt
         self._lora_src: list[list[dict]] = []  # LoRA adapters, id i+1 (0 is the base model)
         self.lora_w: list[dict] = [{} for _ in self.layers]
         self.lora_owner: dict[str, torch.Tensor] = {}
@@ -403,10 +404,9 @@ class FastForward:
         Not for a server with LoRA adapters or speculative decoding: those rows run the eager forward."""
         if self._aot is None or not self.prompt_compiled:
             raise ValueError("release_eager() is for a loaded package that serves prompts too")
-        size = lambda t: t.nbytes if isinstance(t, QuantWeight) else t.numel() * t.element_size()  # noqa: E731
         weights = {id(t): t for t in (self.embed, self.head, *(w for ws in self.layers for w in ws[1:]))
                    if t is not None}
-        freed = sum(size(t) for t in weights.values())
+        freed = sum(t.nbytes for t in weights.values())  # a tensor's, or a QuantWeight's own count
         empty = torch.empty(0, dtype=self.embed.dtype, device=self.device)
         own = lambda t: None if t is None else t.clone()  # noqa: E731 - out of the file mapping
         self.layers = [(own(ln1), empty, own(bqkv), empty, own(bo), own(ln2), empty, empty)
@@ -533,7 +533,7 @@ class FastForward:
         from dsr1.fsutil import atomic_write_bytes
 
         known = saved_timings(saved)
-        prompt = saved_prompt_timing(saved)
+        prompt = kept_prompt = saved_prompt_timing(saved)
         if self._aot is not None and prompt is None:
             prompt = self._time_prompt(cache, repeats)
         if covers(known, cache.slots, sizes):
@@ -552,7 +552,7 @@ class FastForward:
                 self.row_timings[n] = (compiled, eager)
                 if compiled > eager:
                     break
-        if saved is not None and (self.row_timings != known or prompt != saved_prompt_timing(saved)):
+        if saved is not None and (self.row_timings != known or prompt != kept_prompt):
             kept = {str(n): t for n, t in self.row_timings.items()}
             if prompt is not None:
                 kept[PROMPT_KEY] = prompt
@@ -567,14 +567,9 @@ class FastForward:
         yet: run at start-up), the package against the eager prompt forward. Why measured: the package's
         GEMMs were chosen by timing them at a few rows; on a 2-core Xeon with AMX it prefilled 8 x 256
         tokens 2.3x faster than the eager forward, but a CPU where its kernels lose may differ."""
-        n = min(PROMPT_TOKENS, self.max_len - 1)
-        tokens = [0] * n
-        self.prompt_compiled = True
-        try:
-            compiled = fastest(lambda: self.prefill(cache, 0, tokens, 0), repeats)
-        finally:
-            self.prompt_compiled = False
-        eager = fastest(lambda: self.prefill(cache, 0, tokens, 0), repeats)
+        tokens = [0] * min(PROMPT_TOKENS, self.max_len - 1)
+        compiled = fastest(lambda: self._prefill_compiled(cache, 0, tokens, 0), repeats)
+        eager = fastest(lambda: self._prefill_eager(cache, 0, tokens, 0, None), repeats)
         return compiled, eager
 
     def decodes_eager(self, cache, saved, sizes: tuple[int, ...] = MEASURED_ROWS) -> bool:
@@ -602,15 +597,25 @@ class FastForward:
     def prefill(self, cache, slot: int, tokens: list[int], start: int, adapter: int = 0) -> torch.Tensor:
         """Append `tokens` to row `slot` after `start` cached positions; logits of the last one.
         Eager: a prompt chunk is a few large matmuls, where Python overhead does not matter."""
-        dev = self.device
-        c, end = len(tokens), start + len(tokens)
         masks = self._masks([adapter])
         if self._prompts_compiled(masks):
-            ids = torch.tensor([tokens], device=dev)
-            pos = torch.arange(start, end, device=dev).view(1, c)
-            # at least two columns, the package's smallest span; a column past the end is masked
-            cols = torch.arange(max(2, end), device=dev)
-            return self._run_compiled(ids, pos, cols, cache, torch.tensor([c - 1], device=dev), first=slot)[0]
+            return self._prefill_compiled(cache, slot, tokens, start)
+        return self._prefill_eager(cache, slot, tokens, start, masks)
+
+    def _prefill_compiled(self, cache, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """`prefill` as one call of the package."""
+        dev = self.device
+        c, end = len(tokens), start + len(tokens)
+        ids = torch.tensor([tokens], device=dev)
+        pos = torch.arange(start, end, device=dev).view(1, c)
+        # at least two columns, the package's smallest span; a column past the end is masked
+        cols = torch.arange(max(2, end), device=dev)
+        return self._run_compiled(ids, pos, cols, cache, torch.tensor([c - 1], device=dev), first=slot)[0]
+
+    def _prefill_eager(self, cache, slot: int, tokens: list[int], start: int, masks) -> torch.Tensor:
+        """`prefill` through the eager forward (`masks`: the row's LoRA adapter, or None)."""
+        dev = self.device
+        c, end = len(tokens), start + len(tokens)
         x = self.embed[torch.tensor(tokens, device=dev)].view(1, c, -1)
         cos = self.cos[start:end].view(1, 1, c, -1)
         sin = self.sin[start:end].view(1, 1, c, -1)
