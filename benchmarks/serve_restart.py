@@ -1,14 +1,16 @@
 """A compiled model's restart: launch-to-ready of `dsr1 serve --compile on`, first start and the next ones.
 
-    python benchmarks/serve_restart.py --shape 1.5b --starts 3 -- --max-model-len 2048 --max-concurrent 16
+    python benchmarks/serve_restart.py --shape 1.5b --starts 3 -- --max-model-len 2048 --max-concurrent 16 --prefix-cache-mb 0
     python benchmarks/serve_restart.py --shape demo --compile auto
 
 Every start uses the same fresh DSR1_HOME (a temporary directory): the first compiles the decode step
 ahead of time and keeps it (dsr1/serve/aotstep.py), the later ones load it. Each start is a new
-`dsr1 serve` process, stopped with SIGINT once it prints its ready line. Printed per start: seconds
-from launch to the ready line, the process's peak and current RSS at that moment (/proc/PID/status),
-and the forward line (how the step was had); then the ratios the issue asks about: later start /
-10 s, and RSS / (weights + KV cache). Weights: the safetensors' size; KV: the plan's "kv cache" line plus its prefix cache (KV blocks too).
+`dsr1 serve` process: once it prints its ready line, `--users` requests are sent at once (distinct
+~1,000-token prompts: every weight and part of the KV cache touched, as serving does), then it is
+stopped with SIGINT. Printed per start: seconds from launch to the ready line, the process's peak and
+current RSS at that moment and after the requests (/proc/PID/status), and the forward line (how the
+step was had); then the ratios the issue asks about: later start / 10 s, and peak RSS (after the
+requests) / (weights + KV cache). Weights: the safetensors' size; KV: the plan's "kv cache" line plus its prefix cache (KV blocks too).
 Dirty pages are flushed (os.sync) before each start, so a start does not share the disk with the
 writeback of what the previous one wrote.
 The CPU is printed first: the figures depend on it.
@@ -17,13 +19,17 @@ The CPU is printed first: the figures depend on it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,8 +58,27 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def start(model: Path, home: Path, port: int, extra: list[str], timeout: float, compile_: str = "on") -> dict:
-    """One `dsr1 serve` start: seconds to ready, RSS then, the plan's lines; stopped afterwards."""
+def _load(port: int, users: int, prompt_tokens: int, out_tokens: int) -> None:
+    """`users` completions at once, each a ~prompt_tokens-token prompt (distinct, so no prefix is shared)
+    and out_tokens generated: every weight and a share of the KV cache is touched, as serving does."""
+    base = f"http://127.0.0.1:{port}/v1"
+    name = json.loads(urllib.request.urlopen(f"{base}/models", timeout=30).read())["data"][0]["id"]
+
+    def one(i: int) -> None:
+        body = {"model": name, "prompt": f"{i} " + "word " * prompt_tokens, "max_tokens": out_tokens,
+                "temperature": 0}
+        req = urllib.request.Request(f"{base}/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=600).read()
+
+    with ThreadPoolExecutor(users) as pool:
+        list(pool.map(one, range(users)))
+
+
+def start(model: Path, home: Path, port: int, extra: list[str], timeout: float, compile_: str = "on",
+          users: int = 0, prompt_tokens: int = 0, out_tokens: int = 0) -> dict:
+    """One `dsr1 serve` start: seconds to ready, RSS then, the plan's lines, and with `users` the RSS after
+    that many requests at once; stopped afterwards."""
     argv = [sys.executable, "-m", "dsr1", "serve", str(model), "--dtype", "bf16", "--compile", compile_,
             "--port", str(port), *extra]
     env = {**os.environ, "DSR1_HOME": str(home), "PYTHONPATH": str(REPO)}
@@ -66,6 +91,11 @@ def start(model: Path, home: Path, port: int, extra: list[str], timeout: float, 
             if line.startswith(READY):
                 seconds = time.perf_counter() - t0
                 mem = _status(proc.pid)
+                if users:
+                    threading.Thread(target=lambda: [lines.append(ln.rstrip("\n")) for ln in proc.stdout],
+                                     daemon=True).start()  # the server's output keeps flowing meanwhile
+                    _load(port, users, prompt_tokens, out_tokens)
+                    mem.update({f"{k} after load": v for k, v in _status(proc.pid).items()})
                 break
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError(f"not ready after {timeout:.0f} s")
@@ -77,7 +107,7 @@ def start(model: Path, home: Path, port: int, extra: list[str], timeout: float, 
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    text = "\n".join(lines)
+    text = "\n".join(list(lines))
     kv = re.search(r"kv cache\s+([\d.]+) GiB", text)
     prefix = re.search(r"prefix cache ([\d.]+) MiB", text)  # KV blocks too, allocated at start
     forward = re.search(r"^forward\s+(.*?)^dsr1 serve: ", text, re.S | re.M)  # the plan's last lines
@@ -94,6 +124,12 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one start may take")
     ap.add_argument("--compile", default="on", choices=("on", "auto"),
                     help="auto: the first start also times one compiled layer (dsr1/serve/compileprobe.py)")
+    ap.add_argument("--users", type=int, default=16, help="after each ready line, this many requests at once "
+                    "before RSS is read again (0: none)")
+    ap.add_argument("--prompt-tokens", type=int, default=1000, help="words per request's prompt (about as many tokens)")
+    ap.add_argument("--output-tokens", type=int, default=32, help="tokens each request generates")
+    ap.add_argument("--home", type=Path, help="DSR1_HOME to use and keep (default: a temporary one, removed); "
+                    "starts there find what earlier runs compiled")
     ap.add_argument("serve_args", nargs="*", help="more `dsr1 serve` arguments, after --")
     args = ap.parse_args()
     if args.shape == "demo":
@@ -108,23 +144,31 @@ def main() -> int:
           f"serve args: {' '.join(args.serve_args) or '-'}")
     print(f"{'start':<7}{'ready s':>9}{'peak RSS GB':>13}{'RSS GB':>8}{'w+KV GB':>9}{'peak/(w+KV)':>13}{'RSS/(w+KV)':>12}"
           "  forward")
-    with tempfile.TemporaryDirectory(prefix="dsr1-restart-") as home:
+    with tempfile.TemporaryDirectory(prefix="dsr1-restart-") as scratch:
+        home = args.home or scratch
         results = []
         for i in range(args.starts):
             # what the previous start wrote (the first start's 3.6 GB library, at 1.5B) is flushed to disk
             # first: a restart seconds later otherwise shares the disk with that writeback (measured on the
             # 1.5B shape: 11-12 s instead of 8)
             os.sync()
-            r = start(model, Path(home), args.port, args.serve_args, args.timeout, args.compile)
+            r = start(model, Path(home), args.port, args.serve_args, args.timeout, args.compile,
+                      args.users, args.prompt_tokens, args.output_tokens)
             base = weights + r["kv_bytes"]
             results.append(r)
             print(f"{i + 1:<7}{r['seconds']:>9.1f}{r['VmHWM'] / 1e9:>13.2f}{r['VmRSS'] / 1e9:>8.2f}{base / 1e9:>9.2f}"
                   f"{r['VmHWM'] / base:>13.2f}{r['VmRSS'] / base:>12.2f}  {r['forward']}", flush=True)
+            if args.users:
+                print(f"{'':<7}{'after load':>9}{r['VmHWM after load'] / 1e9:>13.2f}{r['VmRSS after load'] / 1e9:>8.2f}"
+                      f"{'':>9}{r['VmHWM after load'] / base:>13.2f}{r['VmRSS after load'] / base:>12.2f}  "
+                      f"{args.users} requests at once, ~{args.prompt_tokens} + {args.output_tokens} tokens each",
+                      flush=True)
     later = [r["seconds"] for r in results[1:]]
     if later:
         print(f"later starts: {min(later):.1f}-{max(later):.1f} s (first {results[0]['seconds']:.1f} s); "
               f"worst / 10 s target: {max(later) / 10:.2f} ({'met' if max(later) < 10 else 'NOT met'})")
-        worst = max(r["VmHWM"] / (weights + r["kv_bytes"]) for r in results[1:])
+        # the peak after the load where there was one: it includes the peak at ready
+        worst = max(r.get("VmHWM after load", r["VmHWM"]) / (weights + r["kv_bytes"]) for r in results[1:])
         print(f"peak RSS of later starts / (weights + KV): {worst:.2f} (target 1.2: {'met' if worst <= 1.2 else 'NOT met'})")
     return 0
 

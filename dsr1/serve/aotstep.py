@@ -6,9 +6,9 @@ packed once for inductor's GEMM kernels), and with freezing both of its caches s
 with torch 2.13 on the demo model: AOTAutograd's cache bypasses the graph ("Cannot cache a graph with
 freezing enabled") and the FX-graph cache bypasses it too ("mkldnn tensors unpickleable": the frozen
 graph holds oneDNN-packed weights), so every start traced, lowered and compiled again (95-280 s on two
-cores) even with TORCHINDUCTOR_CACHE_DIR kept. AOTInductor compiles the step into a shared library with
-its packed weights inside: export once, compile once, load the library afterwards (kept as the library
-itself, `step-<key>.so`, not zipped into a .pt2 package: see _compile).
+cores) even with TORCHINDUCTOR_CACHE_DIR kept. AOTInductor compiles the step into a shared library: export
+once, compile once, load the library afterwards (kept as the library itself, `step-<key>.so`, not zipped
+into a .pt2 package, and its packed weights beside it in `step-<key>.consts`, used in place: see _compile).
 
 One library serves every batch and context: the batch rows, the tokens per row, the context span and
 the KV cache's slots and columns are all dynamic dimensions, so `--max-concurrent` and `--max-model-len`
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 KEEP = 3  # packages kept per DSR1_HOME: each holds a packed copy of a model's weights
 MADV_DONTNEED = 4  # <linux/mman.h>
+CONSTANTS = ".consts"  # beside each library: the constants it reads (_save_constants)
 
 
 def supported(device: torch.device) -> bool:
@@ -67,12 +68,20 @@ def cpu_identity() -> str:
 
 
 def _fingerprint(t: torch.Tensor) -> bytes:
-    """Shape, dtype and a strided sample of the values (about 4,096 per tensor): a different checkpoint,
-    a merged adapter or a fine-tune changes them; hashing every byte would cost seconds per GB at start."""
+    """Shape, dtype and a sample of the values: 64 runs of 64 consecutive values spread over the tensor
+    (about 4,096 values); a different checkpoint, a merged adapter or a fine-tune changes them. Runs, not
+    4,096 single values at a stride: each value read through the checkpoint's file mapping makes its page
+    resident, and a strided sample read ~0.6 GB of the 1.5B shape's pages at every start for 8 KB of
+    values. Hashing every byte would cost seconds per GB at start."""
     flat = t.detach().reshape(-1)
-    step = max(1, flat.numel() // 4096)
-    sample = flat[::step].float().contiguous().cpu().numpy().tobytes()
-    return f"{tuple(t.shape)}{t.dtype}".encode() + hashlib.sha256(sample).digest()
+    runs, run = 64, 64
+    if flat.numel() <= runs * run:
+        sample = flat
+    else:
+        starts = torch.linspace(0, flat.numel() - run, runs, dtype=torch.float64).long().tolist()
+        sample = torch.cat([flat[i : i + run] for i in starts])
+    data = sample.float().contiguous().cpu().numpy().tobytes()
+    return f"{tuple(t.shape)}{t.dtype}".encode() + hashlib.sha256(data).digest()
 
 
 def package_key(step: torch.nn.Module, options: dict) -> str:
@@ -157,19 +166,21 @@ def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
                   progress: Callable[[str], None] = lambda m: None) -> tuple[Callable, str, Path]:
     """The compiled step for `step` (a fastpath.FrozenStep): loaded from `root` when a library with its key
     is there, else exported, compiled and saved first. Returns (callable, "loaded" | "compiled", path).
-    Compiled in a build directory under `root` and renamed into place, so a crash never leaves a library
-    that looks whole; one that does not load (damaged on disk) is removed and built again."""
+    Compiled in a build directory under `root` and renamed into place, its constants first, so a crash
+    never leaves a library that looks whole; one that does not load (damaged or missing constants) is
+    removed and built again."""
     key = package_key(step, options)
     path = root / f"step-{key}.so"
     if path.is_file():
         progress("loading the compiled decode step")
         try:
-            runner = _load(path, key)
+            runner = _load(path, step)
             os.utime(path)  # most recently used, for _prune
             return runner, "loaded", path
         except Exception as e:  # noqa: BLE001 - any failure to load means: build it again
             log.warning("compiled step %s did not load (%s); compiling it again", path, e)
             path.unlink(missing_ok=True)
+            path.with_suffix(CONSTANTS).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     progress("compiling the decode step ahead of time (once per model and machine)")
     build = root / f".build-{key}-{os.getpid()}"
@@ -177,36 +188,79 @@ def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
         # inductor's own cache dir for the build's intermediate files, under `root` so that the library
         # it writes there is renamed into place (same file system), not copied; the rest is removed
         with temporary_cache_dir(str(build)):
-            os.replace(_compile(_export(step, cache), options), path)
+            program = _export(step, cache)
+            library, constants = None, None
+            if next(step.parameters()).dtype != torch.float32:  # fp32's are oneDNN's own (see _compile)
+                try:
+                    library, constants = _compile(program, options, apart=True)
+                except Exception as e:  # noqa: BLE001 - inductor wraps the cause in its own error
+                    if "OpaqueTensorImpl" not in str(e):
+                        raise
+                    log.info("the compiled step holds oneDNN-packed weights: they are kept inside the library")
+            if library is None:
+                library, _ = _compile(program, options, apart=False)
+            if constants is not None:
+                _save_constants(step, constants, build / "constants")
+                del constants  # inductor's packed copies: the next start's are read from the file
+                os.replace(build / "constants", path.with_suffix(CONSTANTS))
+            os.replace(library, path)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     _prune(root, keep=path)
     _release()
-    return _load(path, key), "compiled", path
+    return _load(path, step), "compiled", path
 
 
-def _compile(program, options: dict) -> str:
-    """The exported step compiled into one shared library (weights inside); its path. What
+def _compile(program, options: dict, apart: bool) -> tuple[str, dict[str, torch.Tensor] | None]:
+    """The exported step compiled into one shared library, and with `apart` the constants it reads kept
+    out of it (name -> tensor: the frozen weights, inductor's packed copies of them). What
     `aoti_compile_and_package` does before zipping: the zip (.pt2) is left out because loading one
     extracts the library again at every start (measured on the 1.5B shape: 3.6 GB unzipped to a
-    temporary directory, 5-27 s depending on the page cache, against 1.9 s to load the library itself)."""
+    temporary directory, 5-27 s depending on the page cache). The constants are kept out of the library
+    because AOTInductor's runner copies a library's own constants into memory it allocates, reading them
+    through the library's mapping: on the 1.5B shape a restart held the checkpoint's weights, that
+    3.7 GB copy and the pages it was read from at once (peak 2.9x the weights plus the KV cache).
+    Handed to the runner as tensors it does not own (_load), they are used where they lie. That cannot
+    hold oneDNN's opaque packed tensors (inductor packs fp32 weights for oneDNN's linear that way; torch
+    2.13 fails to describe them): such a step keeps its constants inside the library, as before."""
     gm = program.module(check_guards=False)
     args, kwargs = program.example_inputs
-    out = torch._inductor.aot_compile(gm, args, kwargs, options={**options, "aot_inductor.package": True})
-    libraries = [f for f in ([out] if isinstance(out, str) else out) if isinstance(f, str) and f.endswith(".so")]
-    if len(libraries) != 1:
-        raise RuntimeError(f"AOTInductor wrote {len(libraries)} shared libraries, expected one: {libraries}")
-    return libraries[0]
+    extra = ({"aot_inductor.package_constants_in_so": False,
+              "aot_inductor.package_constants_on_disk_format": "pickle_weights"} if apart else {})
+    out = torch._inductor.aot_compile(gm, args, kwargs, options={**options, "aot_inductor.package": True, **extra})
+    out = [out] if isinstance(out, str) else out
+    libraries = [f for f in out if isinstance(f, str) and f.endswith(".so")]
+    weights = [f for f in out if isinstance(f, dict)]  # torch.export's Weights: name -> (tensor, properties)
+    if len(libraries) != 1 or len(weights) != int(apart):
+        raise RuntimeError(f"AOTInductor wrote {len(libraries)} shared libraries and {len(weights)} weight "
+                           f"sets, expected one library{' and its weights' if apart else ''}: {libraries}")
+    return libraries[0], ({name: t for name, (t, _) in weights[0].items()} if apart else None)
 
 
-def _load(path: Path, key: str) -> Callable:
-    """The library loaded by AOTInductor's runner, called as the exported step is; then the file pages of
-    its weights dropped from this process. The runner copies every weight out of the library's mapped
-    data section into its own memory, and the touched pages of the mapping stayed resident beside that
-    copy: measured on the 1.5B shape, 3.55 GB of file pages on top of the 3.70 GB copy. MADV_DONTNEED on
-    that (private, read-only) mapping unmaps them here and leaves them in the page cache, so the next
-    start reads the library from memory (MADV_PAGEOUT, used first, evicted them from the cache too: the
-    next load read 3.6 GB from disk again, 2.0 -> 5-7.6 s)."""
+def _save_constants(step: torch.nn.Module, constants: dict[str, torch.Tensor], dest: Path) -> None:
+    """The library's constants to `dest`: those that are the step's own weights by name, shape and value
+    (the exported module holds the step as `step`) are recorded by name only and handed over from the
+    live model at load, not stored twice; the rest (inductor's packed layouts) are stored. torch.save's
+    format, read back by torch.load with weights_only (no code runs) and mmap (no copy)."""
+    params = dict(step.named_parameters())
+    live, stored = {}, {}
+    with torch.no_grad():
+        for name, t in constants.items():
+            p = params.get(name.removeprefix("step.")) if name.startswith("step.") else None
+            same = (p is not None and p.dtype == t.dtype and p.shape == t.shape and p.stride() == t.stride()
+                    and torch.equal(p, t))
+            if same:
+                live[name] = name.removeprefix("step.")
+            else:
+                stored[name] = t
+    torch.save({"live": live, "stored": stored}, dest)
+
+
+def _load(path: Path, step: torch.nn.Module) -> Callable:
+    """The library loaded by AOTInductor's runner, called as the exported step is, its constants handed to
+    it as tensors it uses in place (user-managed): the step's own weights from the live model, the packed
+    ones mapped from the constants file (read from the page cache as they are used, not copied). The
+    callable keeps every one of them alive (`shared`: the live ones) for as long as the runner is used."""
     from torch.utils import _pytree as pytree
 
     # Inductor's AMX kernels in the library need this process's permission for the AMX tile state
@@ -218,22 +272,44 @@ def _load(path: Path, key: str) -> Callable:
     runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
     out_spec = pytree.treespec_loads(runner.get_call_spec()[1])
 
-    def step(*args):
+    def run(*args):
         flat = [x for x in pytree.tree_leaves((args, {})) if isinstance(x, torch.Tensor)]
         return pytree.tree_unflatten(runner.run(flat), out_spec)
 
+    if not path.with_suffix(CONSTANTS).is_file():  # constants inside the library (oneDNN's: _compile)
+        _drop_mapped(path)
+        run.constants, run.shared = {}, []
+        return run
+    saved = torch.load(path.with_suffix(CONSTANTS), mmap=True, weights_only=True)
+    params = dict(step.named_parameters())
+    constants = {}
+    for name, fqn in runner.get_constant_names_to_original_fqns().items():
+        live = saved["live"].get(fqn)
+        t = params[live] if live is not None else saved["stored"][fqn]  # KeyError: built again
+        constants[name] = t
+    runner.update_constant_buffer(constants, False, True, True)  # all of them, used where they lie
+    run.constants = constants  # the runner only points at them
+    run.shared = [params[n] for n in saved["live"].values()]
+    return run
+
+
+def _drop_mapped(path: Path) -> None:
+    """For a library with its constants inside: the file pages of its weights dropped from this process.
+    The runner copies every weight out of the library's mapped data section into its own memory, and the
+    touched pages of the mapping stayed resident beside that copy (the 1.5B shape: 3.55 GB on top of the
+    3.70 GB copy). MADV_DONTNEED on that (private, read-only) mapping unmaps them here and leaves them in
+    the page cache, so the next start reads the library from memory."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as maps:
             for line in maps:
-                if key in line:  # the library, named with the key
+                if line.rstrip().endswith(str(path)):
                     lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
                     if hi - lo >= 64 << 20:  # the weights' section, not the code
                         libc.madvise(lo, hi - lo, MADV_DONTNEED)
     except OSError:  # not Linux/glibc: the pages stay, as without this
         pass
-    return step
 
 
 def _release() -> None:
@@ -256,3 +332,7 @@ def _prune(root: Path, keep: Path) -> None:
     for old in [p for p in packages if p != keep][KEEP - 1 :]:
         old.unlink(missing_ok=True)
         old.with_suffix(".rows.json").unlink(missing_ok=True)  # its batch-size timings (fastpath.measure_rows)
+        old.with_suffix(CONSTANTS).unlink(missing_ok=True)
+    for orphan in root.glob(f"step-*{CONSTANTS}"):  # of a library that failed to load and was removed
+        if not orphan.with_suffix(".so").is_file():
+            orphan.unlink(missing_ok=True)
