@@ -106,7 +106,8 @@ def test_compiled_step_is_kept_and_the_next_start_loads_it(demo_model_dir, fp32_
     m.fast.enable_compile(store=store)
     m.fast.warm_up(cache)
     assert m.path == "compiled" and m.fast.compile_how == "compiled"
-    assert [p.name for p in store.iterdir()] == [m.fast.package.name]  # nothing half-written beside it
+    consts = m.fast.package.with_suffix(aotstep.CONSTANTS)  # fp32: says the constants are inside the library
+    assert sorted(p.name for p in store.iterdir()) == sorted([m.fast.package.name, consts.name])  # nothing else
     assert _greedy(m, cache, prompts, 24) == want
     assert _greedy(m, cache, prompts[:1], 24) == want[:1]  # one row: the same package
     # prompts through the package too (its token axis is dynamic; measure_rows turns this on where it
@@ -126,6 +127,12 @@ def test_compiled_step_is_kept_and_the_next_start_loads_it(demo_model_dir, fp32_
     seconds = again.fast.warm_up(other)
     assert again.fast.compile_how == "loaded" and again.fast.package == m.fast.package and seconds < 10
     assert _greedy(again, other, prompts[:2], 24) == want[:2]
+    # without its constants file a library is not run (one built without its weights would have none):
+    # the load fails, and load_or_build compiles again
+    consts.rename(tmp_path / "aside")
+    with pytest.raises(FileNotFoundError):
+        aotstep._load(m.fast.package, FrozenStep(again.fast))
+    (tmp_path / "aside").rename(consts)
 
     # the key follows the weights: one changed value in one matrix makes another package
     key = aotstep.package_key(FrozenStep(again.fast), COMPILE_OPTIONS)

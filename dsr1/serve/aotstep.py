@@ -199,10 +199,9 @@ def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
                     log.info("the compiled step holds oneDNN-packed weights: they are kept inside the library")
             if library is None:
                 library, _ = _compile(program, options, apart=False)
-            if constants is not None:
-                _save_constants(step, constants, build / "constants")
-                del constants  # inductor's packed copies: the next start's are read from the file
-                os.replace(build / "constants", path.with_suffix(CONSTANTS))
+            _save_constants(step, constants, build / "constants")
+            del constants  # inductor's packed copies: the next start's are read from the file
+            os.replace(build / "constants", path.with_suffix(CONSTANTS))
             os.replace(library, path)
     finally:
         shutil.rmtree(build, ignore_errors=True)
@@ -237,11 +236,16 @@ def _compile(program, options: dict, apart: bool) -> tuple[str, dict[str, torch.
     return libraries[0], ({name: t for name, (t, _) in weights[0].items()} if apart else None)
 
 
-def _save_constants(step: torch.nn.Module, constants: dict[str, torch.Tensor], dest: Path) -> None:
+def _save_constants(step: torch.nn.Module, constants: dict[str, torch.Tensor] | None, dest: Path) -> None:
     """The library's constants to `dest`: those that are the step's own weights by name, shape and value
     (the exported module holds the step as `step`) are recorded by name only and handed over from the
     live model at load, not stored twice; the rest (inductor's packed layouts) are stored. torch.save's
-    format, read back by torch.load with weights_only (no code runs) and mmap (no copy)."""
+    format, read back by torch.load with weights_only (no code runs) and mmap (no copy). None: the
+    library holds its constants itself, which the file says (a library built without them must never
+    run without them, so a start that finds no file builds again)."""
+    if constants is None:
+        torch.save({"inside": True}, dest)
+        return
     params = dict(step.named_parameters())
     live, stored = {}, {}
     with torch.no_grad():
@@ -269,6 +273,7 @@ def _load(path: Path, step: torch.nn.Module) -> Callable:
     # call died with SIGILL (2-core Xeon with AMX).
     if torch.cpu._is_amx_tile_supported():
         torch.cpu._init_amx()
+    saved = torch.load(path.with_suffix(CONSTANTS), mmap=True, weights_only=True)  # none: built again
     runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
     out_spec = pytree.treespec_loads(runner.get_call_spec()[1])
 
@@ -276,11 +281,10 @@ def _load(path: Path, step: torch.nn.Module) -> Callable:
         flat = [x for x in pytree.tree_leaves((args, {})) if isinstance(x, torch.Tensor)]
         return pytree.tree_unflatten(runner.run(flat), out_spec)
 
-    if not path.with_suffix(CONSTANTS).is_file():  # constants inside the library (oneDNN's: _compile)
+    if saved.get("inside"):  # constants inside the library (oneDNN's: _compile)
         _drop_mapped(path)
         run.constants, run.shared = {}, []
         return run
-    saved = torch.load(path.with_suffix(CONSTANTS), mmap=True, weights_only=True)
     params = dict(step.named_parameters())
     constants = {}
     for name, fqn in runner.get_constant_names_to_original_fqns().items():
@@ -304,7 +308,7 @@ def _drop_mapped(path: Path) -> None:
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as maps:
             for line in maps:
-                if line.rstrip().endswith(str(path)):
+                if line.rstrip().endswith(path.name):
                     lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
                     if hi - lo >= 64 << 20:  # the weights' section, not the code
                         libc.madvise(lo, hi - lo, MADV_DONTNEED)
