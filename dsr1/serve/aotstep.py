@@ -39,11 +39,11 @@ import torch
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 from dsr1.fsutil import free_bytes
+from dsr1.serve import pages
 
 log = logging.getLogger(__name__)
 
 KEEP = 3  # packages kept per DSR1_HOME: each holds a packed copy of a model's weights
-MADV_DONTNEED = 4  # <linux/mman.h>
 CONSTANTS = ".consts"  # beside each library: the constants it reads (_save_constants)
 
 
@@ -250,11 +250,11 @@ def _save_constants(step: torch.nn.Module, constants: dict[str, torch.Tensor] | 
     live, stored = {}, {}
     with torch.no_grad():
         for name, t in constants.items():
-            p = params.get(name.removeprefix("step.")) if name.startswith("step.") else None
-            same = (p is not None and p.dtype == t.dtype and p.shape == t.shape and p.stride() == t.stride()
-                    and torch.equal(p, t))
-            if same:
-                live[name] = name.removeprefix("step.")
+            own = name.removeprefix("step.") if name.startswith("step.") else None
+            p = params.get(own)
+            if (p is not None and p.dtype == t.dtype and p.shape == t.shape and p.stride() == t.stride()
+                    and torch.equal(p, t)):
+                live[name] = own
             else:
                 stored[name] = t
     torch.save({"live": live, "stored": stored}, dest)
@@ -264,7 +264,8 @@ def _load(path: Path, step: torch.nn.Module) -> Callable:
     """The library loaded by AOTInductor's runner, called as the exported step is, its constants handed to
     it as tensors it uses in place (user-managed): the step's own weights from the live model, the packed
     ones mapped from the constants file (read from the page cache as they are used, not copied). The
-    callable keeps every one of them alive (`shared`: the live ones) for as long as the runner is used."""
+    callable keeps every one of them alive (`shared`: the live ones; none where the library holds its
+    constants itself) for as long as the runner is used."""
     from torch.utils import _pytree as pytree
 
     # Inductor's AMX kernels in the library need this process's permission for the AMX tile state
@@ -283,7 +284,6 @@ def _load(path: Path, step: torch.nn.Module) -> Callable:
 
     if saved.get("inside"):  # constants inside the library (oneDNN's: _compile)
         _drop_mapped(path)
-        run.constants, run.shared = {}, []
         return run
     params = dict(step.named_parameters())
     constants = {}
@@ -301,19 +301,11 @@ def _drop_mapped(path: Path) -> None:
     """For a library with its constants inside: the file pages of its weights dropped from this process.
     The runner copies every weight out of the library's mapped data section into its own memory, and the
     touched pages of the mapping stayed resident beside that copy (the 1.5B shape: 3.55 GB on top of the
-    3.70 GB copy). MADV_DONTNEED on that (private, read-only) mapping unmaps them here and leaves them in
-    the page cache, so the next start reads the library from memory."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                if line.rstrip().endswith(path.name):
-                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-                    if hi - lo >= 64 << 20:  # the weights' section, not the code
-                        libc.madvise(lo, hi - lo, MADV_DONTNEED)
-    except OSError:  # not Linux/glibc: the pages stay, as without this
-        pass
+    3.70 GB copy). Dropped (dsr1.serve.pages), they stay in the page cache, so the next start reads the
+    library from memory."""
+    for lo, hi, name in pages.file_mappings():
+        if name.endswith(path.name) and hi - lo >= 64 << 20:  # the weights' section, not the code
+            pages.drop(lo, hi)
 
 
 def _release() -> None:

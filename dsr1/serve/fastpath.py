@@ -29,20 +29,18 @@ one real device takes this path; device_map offload keeps the transformers forwa
 
 from __future__ import annotations
 
-import ctypes
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+from dsr1.serve import pages
 from dsr1.serve.wquant import PACKED, QuantWeight, quantize
 
 ARCHS = ("llama", "qwen2")
 MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes measure_rows times, up to the cache's rows
 PROMPT_TOKENS = 256  # the prompt measure_rows times through the package and eagerly (one default chunk)
 PROMPT_KEY = "prompt"  # its timing's key in the saved timings
-MADV_DONTNEED = 4  # <linux/mman.h>
 TIE = 1.05  # the compiled step is kept unless eager measured this much faster (loses)
 
 
@@ -107,46 +105,20 @@ def _offsets(sizes: list[int]) -> list[int]:
     return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """This process's file-backed memory mappings as (start, end) addresses (none where /proc is not)."""
-    out = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                parts = line.split()
-                if len(parts) >= 6 and parts[4] != "0" and parts[5].startswith("/"):  # an inode and a path
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    out.append((lo, hi))
-    except OSError:
-        pass
-    return out
-
-
-def _drop_pages(sources: list[torch.Tensor], mappings: list[tuple[int, int]]) -> int:
+def _drop_pages(sources: list[torch.Tensor], mappings: list[tuple[int, int, str]]) -> None:
     """Hand back the resident pages of tensors nothing reads any more (a layer's projection weights once
     fused: the modules view the fused copy) where they lie in a file mapping (a safetensors checkpoint
     loaded in place, bf16 into bf16): the mapping stays, other weights in it are read, but every page
-    the fuse read through it stayed resident beside the fused copy (the 1.5B shape: 2.2 GB). MADV_DONTNEED
-    drops them from this process only; the file and the page cache keep them. Only whole pages inside a
-    tensor's bytes and inside one file mapping: on anonymous memory the same call would zero it. The
-    caller holds `sources`, so their mapping cannot go away meanwhile. Bytes handed back."""
-    if not mappings:
-        return 0
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not glibc
-        return 0
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = os.sysconf("SC_PAGE_SIZE")
-    dropped = 0
+    the fuse read through it stayed resident beside the fused copy (the 1.5B shape: 2.2 GB). Only whole
+    pages inside a tensor's bytes and inside one file mapping (dsr1.serve.pages). The caller holds
+    `sources`, so their mapping cannot go away meanwhile."""
     for t in sources:
         if t.device.type != "cpu" or not t.is_contiguous():
             continue
-        lo = -(-t.data_ptr() // page) * page
-        hi = (t.data_ptr() + t.nbytes) // page * page
-        if hi > lo and any(a <= lo and hi <= b for a, b in mappings) and libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
-            dropped += hi - lo
-    return dropped
+        lo = -(-t.data_ptr() // pages.PAGE) * pages.PAGE
+        hi = (t.data_ptr() + t.nbytes) // pages.PAGE * pages.PAGE
+        if hi > lo and any(a <= lo and hi <= b for a, b, _ in mappings):
+            pages.drop(lo, hi)
 
 
 def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,7 +159,7 @@ class FastForward:
         self.inter = cfg.intermediate_size
         self.max_len = max_len
         self.quant = quant
-        self._mappings = _file_mappings() if self.device.type == "cpu" else []  # where _drop_pages may act
+        self._mappings = pages.file_mappings() if self.device.type == "cpu" else []  # where _drop_pages may act
         if getattr(model, "_dsr1_released", False):
             raise ValueError("this model's weights were released to its compiled step (release_eager)")
         done = getattr(model, "_dsr1_quantized", None)  # a FastForward made before (a longer context)
@@ -197,13 +169,12 @@ class FastForward:
             self.layers, self.head = list(done[1]), done[2]
         else:
             self.layers = []
-            mappings = self._mappings
             for i, layer in enumerate(inner.layers):
                 a, m = layer.self_attn, layer.mlp
                 sources = [x.weight.data for x in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)]
                 wqkv, bqkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
                 wgu, _ = _fuse([m.gate_proj, m.up_proj])
-                _drop_pages(sources, mappings)
+                _drop_pages(sources, self._mappings)
                 del sources
                 self.layers.append((layer.input_layernorm.weight, wqkv, bqkv, a.o_proj.weight, a.o_proj.bias,
                                     layer.post_attention_layernorm.weight, wgu, m.down_proj.weight))

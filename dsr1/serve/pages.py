@@ -1,0 +1,39 @@
+"""Handing resident pages of file mappings back to the system (Linux, glibc): memory the process still
+maps but no longer needs resident, such as a checkpoint's weights once copied (dsr1.serve.fastpath) or a
+compiled library's weights once its runner has copied them (dsr1.serve.aotstep). MADV_DONTNEED on a
+file-backed mapping drops the pages from this process only; the file and the page cache keep them, and a
+later read fetches them again. Never on anonymous memory, where the same call zeroes it: callers pass
+ranges inside the file mappings `file_mappings` lists."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+MADV_DONTNEED = 4  # <linux/mman.h>
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def file_mappings() -> list[tuple[int, int, str]]:
+    """This process's file-backed memory mappings as (start, end, path) (none where /proc is not)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/"):  # an inode and a path
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((lo, hi, parts[5].rstrip("\n")))
+    except OSError:
+        pass
+    return out
+
+
+def drop(lo: int, hi: int) -> bool:
+    """MADV_DONTNEED on [lo, hi) (page-aligned, inside a file mapping); whether it was done."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc: the pages stay
+        return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0
