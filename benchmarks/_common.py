@@ -23,6 +23,17 @@ def demo_model() -> str:
     return str(CACHE / "smollm2-135m-bf16")
 
 
+def cpu_line() -> str:
+    """The CPU a figure was measured on, with what decides the fast path's kernels (AVX-512 BF16,
+    AMX): every table names it."""
+    from dsr1.probe.host import cpu_info
+
+    model, flags = cpu_info()
+    bf16 = ", AVX-512 BF16" if "avx512_bf16" in flags else ""
+    amx = "AMX" if "amx_tile" in flags else "no AMX"
+    return f"{model} ({os.cpu_count()} threads{bf16}, {amx})"
+
+
 def tokens_per_second(one, items) -> float:
     """Run `one(item)` for every item at once (a thread each); the tokens they return per second
     of the wave's wall time."""

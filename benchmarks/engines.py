@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO  # noqa: E402
+from _common import REPO, cpu_line  # noqa: E402
 
 
 def installed(engines_home: Path, name: str) -> dict | None:
@@ -87,16 +87,6 @@ def sweep(label: str, model: str, serve_args: list[str], args, env: dict) -> dic
 
 def tput(point: dict) -> float:
     return point["summary"]["output_throughput"]
-
-
-def cpu_line() -> str:
-    """The CPU every table is measured on, and whether it has AMX (the fast path's best case)."""
-    from dsr1.probe.host import cpu_info
-
-    model, flags = cpu_info()
-    bf16 = ", AVX-512 BF16" if "avx512_bf16" in flags else ""
-    amx = "AMX" if "amx_tile" in flags else "no AMX"
-    return f"{model} ({os.cpu_count()} threads{bf16}, {amx})"
 
 
 MATCHING = {  # precision -> (embedded serve args, llama.cpp GGUF type); vLLM's CPU build: bf16 only

@@ -33,20 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, demo_model  # noqa: E402
+from _common import REPO, cpu_line, demo_model  # noqa: E402
 
 READY = "dsr1 serve: ready on "
-
-
-def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    extras = [f for f in ("avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
-    return f"{name}, {os.cpu_count()} cores, {' '.join(extras) or 'no AVX-512 BF16/VNNI, no AMX'}"
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -139,7 +128,7 @@ def main() -> int:
 
         model = hf_model(args.shape)
     weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-    print(f"CPU: {_cpu()}")
+    print(f"CPU: {cpu_line()}")
     print(f"model: {model} ({weights / 1e9:.2f} GB of safetensors); --compile {args.compile}; "
           f"serve args: {' '.join(args.serve_args) or '-'}")
     print(f"{'start':<7}{'ready s':>9}{'peak RSS GB':>13}{'RSS GB':>8}{'w+KV GB':>9}{'peak/(w+KV)':>13}{'RSS/(w+KV)':>12}"

@@ -6,7 +6,7 @@ AMD EPYC without AMX for the demo model (Python overhead dominates a 135M step) 
 1.5B shape, where the GEMMs do (issue 14/14). Whether it wins depends on the CPU, the model's shapes
 and the torch build, so it is timed here, on the model being served: its first decoder layers plus
 the final norm and LM head, compiled just in time exactly as the whole step is (fastpath.FrozenStep,
-COMPILE_OPTIONS), against the same layers eager with oneDNN-packed weights (what serve runs when not
+fastpath.compile_options), against the same layers eager with oneDNN-packed weights (what serve runs when not
 compiling), at one row, where compiling matters most. Four layers, not one: the LM head weighs as
 much as four to five of the 1.5B's layers, and one layer's ~110 MB stays partly in a server CPU's
 last-level cache between timed runs, which the whole step's 3.5 GB never does (measured on a Xeon with
@@ -59,7 +59,7 @@ class _Packed:
 def _measure(ff) -> dict[str, float]:
     import torch._inductor.config as inductor_config
 
-    from dsr1.serve.fastpath import COMPILE_OPTIONS, FrozenStep, fastest
+    from dsr1.serve.fastpath import FrozenStep, compile_options, fastest
     from dsr1.serve.wquant import can_pack
 
     layers = len(ff.layers)
@@ -70,6 +70,7 @@ def _measure(ff) -> dict[str, float]:
     pos = torch.full((1, 1), 63, dtype=torch.long, device=ff.device)
     cols = torch.arange(64, device=ff.device)
     packed = ff.embed.dtype == torch.bfloat16 and can_pack()
+    options = compile_options(ff.embed.dtype, ff.device)  # the options the step itself is compiled with
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     for n in (probed, 0):  # the first layers + head, then the head alone (the others: registered, unused)
@@ -78,7 +79,7 @@ def _measure(ff) -> dict[str, float]:
         compiled = torch.compile(probe)
 
         def run_compiled():
-            with inductor_config.patch(COMPILE_OPTIONS):
+            with inductor_config.patch(options):
                 return compiled(ids, pos, cols, ks[:n], vs[:n])
 
         run_compiled()

@@ -484,8 +484,8 @@ class FastForward:
         if self._store is not None:
             from dsr1.serve import aotstep
 
-            self._aot, self.compile_how, self.package = aotstep.load_or_build(self._frozen, cache, self._store,
-                                                                              COMPILE_OPTIONS, progress)
+            self._aot, self.compile_how, self.package = aotstep.load_or_build(
+                self._frozen, cache, self._store, compile_options(self.embed.dtype, self.device), progress)
             self.compile_seconds = time.perf_counter() - t0
             return self.compile_seconds
         for n in batches:
@@ -523,7 +523,7 @@ class FastForward:
         # 1.6x slower). Around every call, so a recompile gets them too.
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(COMPILE_OPTIONS):
+        with inductor_config.patch(compile_options(self.embed.dtype, self.device)):
             return self._compiled_step(ids, pos, cols, ks, vs, pick)
 
     def _prompts_compiled(self, masks) -> bool:
@@ -780,6 +780,19 @@ def fastest(fn, repeats: int) -> float:
 # max_autotune_report_choices_stats off: the same for its "Autotune Choices Stats" JSON lines.
 COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+
+
+def compile_options(dtype: torch.dtype, device: torch.device) -> dict:
+    """COMPILE_OPTIONS for a step in `dtype` on `device`. bf16 on a CPU with AMX: inductor's AMX
+    micro-kernels only, not timed against oneDNN's linear. Why (1.5B shape, 2-core Xeon with AMX,
+    torch 2.13): the two tie at a few rows, so autotune picked oneDNN for a GEMM in some builds and not in
+    others, and where it did the step's prompts ran 14% slower (468 vs 404 ms for 256 tokens; the choice
+    was timed at the export's 4 tokens) and oneDNN's opaque packed weight kept every constant inside the
+    library (aotstep._compile), compiled twice and held twice at a restart; decode within 3% either way.
+    Elsewhere oneDNN can win by more (not measured without AMX), so it stays a choice there."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+        return {**COMPILE_OPTIONS, "max_autotune_gemm_backends": "CPP"}
+    return COMPILE_OPTIONS
 _NAMES = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "wd")
 
 
