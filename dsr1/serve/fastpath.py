@@ -453,8 +453,8 @@ class FastForward:
     def enable_compile(self, store=None) -> None:
         """Compile the whole decode step (inductor) over a FrozenStep: the weights are the module's
         parameters, frozen into the graph as constants, so inductor packs each one once for its own
-        GEMM kernels (AMX/AVX-512 micro-kernels on CPU, chosen by timing them against ATen's:
-        max_autotune) and fuses the small ops around them. `warm_up` compiles.
+        GEMM kernels (AMX/AVX-512 micro-kernels on CPU, timed against ATen's where compile_options
+        leaves that choice: max_autotune) and fuses the small ops around them. `warm_up` compiles.
 
         `store` (a directory; CPU): ahead of time, into a package kept there and loaded by the next
         start in seconds (dsr1.serve.aotstep; one dynamic graph for every batch and span). Without
