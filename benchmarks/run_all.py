@@ -59,6 +59,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "serve_restart": (["benchmarks/serve_restart.py", "--shape", "1.5b", "--starts", "3", "--compile", "auto", "--",
                        "--max-model-len", "2048", "--max-concurrent", "16", "--prefix-cache-mb", "0"],
                       "a compiled model's first start and restarts, peak RSS against weights + KV"),
+    "package_constants": (["benchmarks/package_constants.py", "--shape", "1.5b"],
+                          "decode with the compiled package's weights mapped from its file against anonymous copies"),
 }
 
 
