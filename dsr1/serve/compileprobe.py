@@ -32,11 +32,14 @@ GAIN = 1.1  # compiled must be this much faster at one row: it costs minutes at 
 
 def _key(ff) -> str:
     from dsr1.serve.aotstep import cpu_identity
+    from dsr1.serve.fastpath import compile_options
 
     shapes = [getattr(ff, k, None) for k in ("heads", "kv_heads", "head_dim", "q_size", "kv_size", "inter")]
     head = ff.head.shape if hasattr(ff.head, "shape") else None
+    # the GEMM kernels the step may compile to: a measurement with other choices says nothing of these
+    gemm = compile_options(ff.embed.dtype, ff.device)["max_autotune_gemm_backends"]
     return (f"{cpu_identity()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{ff.embed.dtype}|"
-            f"{shapes}|head {tuple(head) if head else None}|layers {len(ff.layers)}|probe {PROBE_LAYERS}")
+            f"{shapes}|head {tuple(head) if head else None}|layers {len(ff.layers)}|probe {PROBE_LAYERS}|gemm {gemm}")
 
 
 PROBE_LAYERS = 4
