@@ -465,6 +465,7 @@ class FastForward:
         if self.quant:
             raise ValueError(f"the decode step is not compiled over {self.quant} weights")
         self._frozen = FrozenStep(self)
+        self._options = compile_options(self.embed.dtype, self.device)  # for every compile of this step
         self._store = store if store is not None and aotstep.supported(self.device) else None
         self._aot = None
         self.compile_how = "compiled"  # or "loaded" (a package from the store)
@@ -485,7 +486,7 @@ class FastForward:
             from dsr1.serve import aotstep
 
             self._aot, self.compile_how, self.package = aotstep.load_or_build(
-                self._frozen, cache, self._store, compile_options(self.embed.dtype, self.device), progress)
+                self._frozen, cache, self._store, self._options, progress)
             self.compile_seconds = time.perf_counter() - t0
             return self.compile_seconds
         for n in batches:
@@ -523,7 +524,7 @@ class FastForward:
         # 1.6x slower). Around every call, so a recompile gets them too.
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(compile_options(self.embed.dtype, self.device)):
+        with inductor_config.patch(self._options):
             return self._compiled_step(ids, pos, cols, ks, vs, pick)
 
     def _prompts_compiled(self, masks) -> bool:
@@ -793,6 +794,8 @@ def compile_options(dtype: torch.dtype, device: torch.device) -> dict:
     if dtype == torch.bfloat16 and device.type == "cpu" and torch.cpu._is_amx_tile_supported():
         return {**COMPILE_OPTIONS, "max_autotune_gemm_backends": "CPP"}
     return COMPILE_OPTIONS
+
+
 _NAMES = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "wd")
 
 

@@ -8,6 +8,7 @@ ranges inside the file mappings `file_mappings` lists."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 MADV_DONTNEED = 4  # <linux/mman.h>
@@ -29,11 +30,20 @@ def file_mappings() -> list[tuple[int, int, str]]:
     return out
 
 
-def drop(lo: int, hi: int) -> bool:
-    """MADV_DONTNEED on [lo, hi) (page-aligned, inside a file mapping); whether it was done."""
+@functools.cache
+def _madvise():
+    """libc's madvise with its argument types set, or None (not glibc); looked up once, not per range."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not glibc: the pages stay
-        return False
+    except OSError:
+        return None
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0
+    return libc.madvise
+
+
+def drop(lo: int, hi: int) -> bool:
+    """MADV_DONTNEED on [lo, hi) (page-aligned, inside a file mapping); whether it was done."""
+    madvise = _madvise()
+    if madvise is None:  # not glibc: the pages stay
+        return False
+    return madvise(lo, hi - lo, MADV_DONTNEED) == 0
