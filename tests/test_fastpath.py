@@ -164,6 +164,15 @@ def test_rows_for_keeps_the_compiled_step_up_to_the_last_size_it_won():
     # within 5% the package is kept (it lets the eager weights go); past it, eager
     assert rows_for({1: (0.15, 0.22), 8: (0.218, 0.212)}, 16) == 16
     assert rows_for({1: (0.15, 0.22), 8: (0.23, 0.212)}, 16) == 1
+    # int4 (inductor's template over a dynamic row count): eager wins at a row or two, compiled from 4 up
+    from dsr1.serve.fastpath import eager_below, lost_after_winning
+
+    int4 = {1: (0.113, 0.083), 2: (0.12, 0.1), 4: (0.12, 0.15), 8: (0.13, 0.2), 16: (0.15, 0.3)}
+    assert rows_for(int4, 16) == 16 and eager_below(int4, 16) == 2 and not lost_after_winning(int4)
+    assert rows_for(int4, 2) == 0 and eager_below(int4, 2) == 0  # a 2-row cache: never compiled
+    assert eager_below({1: (0.01, 0.03), 2: (0.05, 0.03)}, 4) == 0 and lost_after_winning({1: (0.01, 0.03), 2: (0.05, 0.03)})
+    assert rows_for({1: (0.2, 0.1), 2: (0.1, 0.2), 4: (0.3, 0.2)}, 16) == 2  # a window: eager, compiled, eager
+    assert eager_below({1: (0.2, 0.1), 2: (0.1, 0.2), 4: (0.3, 0.2)}, 16) == 1
 
 
 def test_prune_keeps_the_newest_libraries_with_their_files_and_drops_orphans(tmp_path):
@@ -193,6 +202,8 @@ def test_saved_row_timings_are_reused_only_when_they_cover_the_cache():
     assert not covers(won_to_4, 16, sizes)  # 8 and 16 rows never measured: measure again
     assert covers({**won_to_4, 8: (0.09, 0.05)}, 16, sizes)  # lost at 8: larger sizes do not matter
     assert not covers({}, 1, sizes)
+    assert not covers({1: (0.05, 0.03)}, 16, sizes)  # lost at one row only: a larger batch may still win
+    assert covers({n: (0.05, 0.03) for n in (1, 2, 4)}, 4, sizes)  # lost everywhere up to this cache
 
 
 def test_bf16_compiled_step_beside_packed_eager_weights(demo_model_dir, tmp_path, monkeypatch):
@@ -335,6 +346,10 @@ def test_compile_probe_times_four_layers_and_the_head_and_keeps_the_result(demo_
     path.write_text(json.dumps(saved))
     on, why = compileprobe.choose(m.fast, tmp_path / "cache")
     assert not on and why.startswith("auto: off") and "0.50x" in why
+    saved[key]["batch"] = {"compiled": 1.0, "eager": 2.0}  # ... but a 16-row batch gained (int4's template)
+    path.write_text(json.dumps(saved))
+    on, why = compileprobe.choose(m.fast, tmp_path / "cache")
+    assert on and "0.50x the eager one's speed at one row, 2.00x at 16 rows" in why
     assert m.fast.quant is None and not m.fast.compiled and isinstance(m.fast.layers[0][1], torch.Tensor)
 
 

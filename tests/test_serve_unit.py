@@ -219,8 +219,9 @@ def test_compile_auto_is_timed_at_start_on_a_cpu(monkeypatch):
     monkeypatch.delenv("DSR1_COMPILE", raising=False)
     w = 4 * 2**20
 
-    def choose(req, dtype="bf16", device="cpu", spare=8 * 2**30, fast=None):
-        return compile_choice(req, fast_reason=fast, device=device, dtype=dtype, weights_bytes=w, spare_bytes=spare)
+    def choose(req, dtype="bf16", device="cpu", spare=8 * 2**30, fast=None, weights=None):
+        return compile_choice(req, fast_reason=fast, device=device, dtype=dtype, weights_bytes=w, spare_bytes=spare,
+                              weights=weights)
 
     assert choose("auto") == (False, COMPILE_AT_START)  # the CPU's flags (AMX or not) no longer decide
     assert choose("auto", dtype="fp32") == (False, COMPILE_AT_START)
@@ -232,6 +233,15 @@ def test_compile_auto_is_timed_at_start_on_a_cpu(monkeypatch):
     assert choose("off") == (False, "compile off")
     on, why = choose("auto", fast="architecture 'gpt2'")
     assert not on and "gpt2" in why
+    # weight-only int4 compiles (plain tensors, inductor's int4 template); int8's fbgemm packing cannot
+    assert choose("auto", weights="int4") == (False, COMPILE_AT_START)
+    assert choose("on", weights="int4") == (True, "compile on")
+    on, why = choose("auto", weights="int8")
+    assert not on and "fbgemm" in why
+    from dsr1.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not take weight-only int8"):
+        choose("on", weights="int8")
 
 
 def test_the_server_harness_deadline_holds_when_the_child_prints_nothing(tmp_path):

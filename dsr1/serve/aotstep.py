@@ -147,7 +147,7 @@ class _Weights:
     """What `_step` reads: the frozen step's weights, the RoPE tables given."""
 
     def __init__(self, step, cos, sin):
-        self.embed, self.norm_w, self.head, self.layers = step.embed, step.norm_w, step.head, step.layers
+        self.embed, self.norm_w, self.head, self.layers = step.embed, step.norm_w, step.head_weight, step.layers
         self.cos, self.sin = cos, sin
 
 

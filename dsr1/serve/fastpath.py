@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dsr1.serve import pages
-from dsr1.serve.wquant import PACKED, QuantWeight, quantize
+from dsr1.serve.wquant import PACKED, Frozen, QuantWeight, frozen_mm, quantize
 
 ARCHS = ("llama", "qwen2")
 MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes measure_rows times, up to the cache's rows
@@ -76,9 +76,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, cont
     transposed in memory, which elementwise ops keep and the next projection's x.T then reads
     contiguously, the layout mm likes best.
     """
-    if isinstance(w, QuantWeight):  # weight-only int8/int4 (dsr1.serve.wquant)
+    if isinstance(w, (QuantWeight, Frozen)):  # weight-only int8/int4 (dsr1.serve.wquant), eager or compiled
         shape = x.shape
-        y = w.mm(x.reshape(-1, shape[-1]))
+        x2 = x.reshape(-1, shape[-1])
+        y = frozen_mm(w, x2) if isinstance(w, Frozen) else w.mm(x2)
         if b is not None:
             y = y + b
         return y.view(*shape[:-1], w.shape[0])
@@ -194,6 +195,7 @@ class FastForward:
         self.package = None  # its file
         self.not_kept = None  # why the compiled step is not kept on disk (enable_compile), when it is not
         self.compiled_rows = 1 << 30  # batches up to this many rows take the compiled step (measure_rows)
+        self.eager_rows = 0  # ... and more than this many (below it the eager step measured faster)
         self.row_timings: dict[int, tuple[float, float]] = {}  # rows -> (compiled, eager) seconds per step
         self.prompt_compiled = False  # prompts through the compiled package: it was faster (measure_rows)
         self.prompt_timing: tuple[float, float] | None = None  # (compiled, eager) seconds for a prompt
@@ -341,7 +343,8 @@ class FastForward:
         src = self if src is None else src
         # Row-major: sampling reduces along the vocabulary, and on the transposed result of
         # `linear` amax/topk/argmax over [16, 49152] took 1-2 ms each instead of 0.03-0.6 ms.
-        return linear(self._norm(x, src.norm_w), src.head, contiguous=True).float()
+        head = src.head_weight if isinstance(src, FrozenStep) else src.head
+        return linear(self._norm(x, src.norm_w), head, contiguous=True).float()
 
     # -- the decode / verify step ----------------------------------------------------------------
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, ks: list[torch.Tensor],
@@ -433,8 +436,8 @@ class FastForward:
                    if t is not None}
         # what the package reads in place (the step's own weights, aotstep._load) stays, held by it
         kept = {t.untyped_storage().data_ptr() for t in getattr(self._aot, "shared", ())}
-        freed = sum(t.nbytes for t in weights.values()  # a tensor's, or a QuantWeight's own count
-                    if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() not in kept)
+        freed = sum(t.nbytes for w in weights.values() for t in _tensors(w)
+                    if t.untyped_storage().data_ptr() not in kept)
         empty = torch.empty(0, dtype=self.embed.dtype, device=self.device)
         own = lambda t: None if t is None else t.clone()  # noqa: E731 - out of the file mapping
         self.layers = [(own(ln1), empty, own(bqkv), empty, own(bo), own(ln2), empty, empty)
@@ -462,8 +465,12 @@ class FastForward:
         variant of its own, compiled again at every start."""
         from dsr1.serve import aotstep
 
-        if self.quant:
+        if self.quant not in (None, "int4"):
             raise ValueError(f"the decode step is not compiled over {self.quant} weights")
+        if isinstance(self.head, QuantWeight):
+            # int4's head is int8 (_pack_rest) in fbgemm's opaque packing, which inductor cannot trace: the
+            # same integers and scales as plain tensors, for eager and compiled alike (one copy)
+            self.head = self.head.frozen()
         self._frozen = FrozenStep(self)
         self._options = compile_options(self.embed.dtype, self.device)  # for every compile of this step
         self._store = store if store is not None and aotstep.supported(self.device) else None
@@ -543,7 +550,7 @@ class FastForward:
         pos = torch.tensor(positions, device=dev).view(-1, 1)
         cols = torch.arange(max(positions) + 1, device=dev)
         masks = self._masks(adapters)
-        if self.compiled and masks is None and len(tokens) <= self.compiled_rows:
+        if self.compiled and masks is None and self.eager_rows < len(tokens) <= self.compiled_rows:
             return self._run_compiled(ids, pos, cols, cache)
         return self._step(ids, pos, cols, cache.k, cache.v, masks)[:, 0]
 
@@ -551,9 +558,12 @@ class FastForward:
     def measure_rows(self, cache, *, sizes: tuple[int, ...] = MEASURED_ROWS, repeats: int = 3,
                      saved=None) -> int:
         """Time the compiled step against the eager one at growing batch sizes on this CPU and keep the
-        compiled one up to the largest size where it was faster (`compiled_rows`; 0: never). Why: on a
-        2-core AVX-512 CPU without AMX the compiled step was 3.2x faster at one row and 0.69x at sixteen
-        (issue 14/14), so the right one depends on the CPU and the batch. `saved` (a JSON file beside the
+        compiled one from the first size where it was faster (`eager_rows`: the sizes below, eager) up to
+        the last before it lost again (`compiled_rows`; 0: never). Why: on a 2-core AVX-512 CPU without AMX
+        the compiled bf16 step was 3.2x faster at one row and 0.69x at sixteen (issue 14/14), and the int4
+        step the other way round (inductor's int4 template over a dynamic row count takes AMX tiles, slower
+        than the eager kernel at a row or two, 2.6x faster at sixteen): the CPU, the weights and the batch
+        decide. `saved` (a JSON file beside the
         package): timings of an earlier start are read from it, or written to it. Writes only position 0
         of the rows it uses, which hold no request yet (run at start-up). With a package, a prompt is timed
         through it and eagerly too, and goes the faster way (`prompt_compiled`)."""
@@ -579,7 +589,7 @@ class FastForward:
                 compiled = fastest(lambda: self._run_compiled(ids, pos, cols, cache), repeats)
                 eager = fastest(lambda: self._step(ids, pos, cols, cache.k, cache.v), repeats)
                 self.row_timings[n] = (compiled, eager)
-                if loses(compiled, eager):
+                if lost_after_winning(self.row_timings):
                     break
         if saved is not None and (self.row_timings != known or prompt != kept_prompt):
             kept = {str(n): t for n, t in self.row_timings.items()}
@@ -589,6 +599,7 @@ class FastForward:
         self.prompt_timing = prompt
         self.prompt_compiled = prompt is not None and not loses(*prompt)
         self.compiled_rows = rows_for(self.row_timings, cache.slots)
+        self.eager_rows = eager_below(self.row_timings, cache.slots)
         return self.compiled_rows
 
     def _time_prompt(self, cache, repeats: int) -> tuple[float, float]:
@@ -607,7 +618,8 @@ class FastForward:
         will, the eager weights serve prompts only, where packing them gains little (64 rows: 8.5 vs
         9.0 ms per matrix, dsr1.serve.wquant) and costs 1.4-2.3 s of a 1.5B model's restart."""
         known = saved_timings(saved)
-        return not covers(known, cache.slots, sizes) or rows_for(known, cache.slots) < cache.slots
+        return (not covers(known, cache.slots, sizes) or rows_for(known, cache.slots) < cache.slots
+                or eager_below(known, cache.slots) > 0)
 
     @torch.inference_mode()
     def verify(self, cache, rows: list[list[int]], starts: list[int], adapters: list[int] | None = None) -> torch.Tensor:
@@ -741,22 +753,49 @@ def loses(compiled: float, eager: float) -> bool:
 
 def rows_for(timings: dict[int, tuple[float, float]], slots: int) -> int:
     """The largest batch that takes the compiled step, from (compiled, eager) seconds per measured batch
-    size: the compiled step up to the last size where it was faster; past the largest size measured
-    (all faster), every batch."""
-    best = 0
+    size: past the sizes where it lost before winning (eager_below), the compiled step up to the last
+    size where it was faster; past the largest size measured (all faster), every batch. 0: it never won."""
+    best, won = 0, False
     for n in sorted(timings):
         if n > slots:
             break
         if loses(*timings[n]):
-            return best
-        best = n
-    return slots if best else 0
+            if won:
+                return best
+            continue
+        best, won = n, True
+    return slots if won else 0
+
+
+def eager_below(timings: dict[int, tuple[float, float]], slots: int) -> int:
+    """The largest batch below the compiled step's range: the sizes where it lost before it first won
+    (batches between the last of them and the first win take the compiled step). 0: none."""
+    below = 0
+    for n in sorted(timings):
+        if n > slots:
+            break
+        if not loses(*timings[n]):
+            return below
+        below = n
+    return 0  # it never won for this cache: rows_for says 0, and every batch runs eager anyway
+
+
+def lost_after_winning(timings: dict[int, tuple[float, float]]) -> bool:
+    """Whether the compiled step lost at some size after winning at a smaller one: larger sizes need no
+    measuring (the compiled step's range ends there)."""
+    won = False
+    for n in sorted(timings):
+        if not loses(*timings[n]):
+            won = True
+        elif won:
+            return True
+    return False
 
 
 def covers(timings: dict[int, tuple[float, float]], slots: int, sizes: tuple[int, ...]) -> bool:
     """Whether timings of an earlier start answer for a cache of `slots` rows: the compiled step lost at
-    some size already, or every size up to this cache's was measured."""
-    if any(loses(c, e) for c, e in timings.values()):
+    some size after winning, or every size up to this cache's was measured."""
+    if lost_after_winning(timings):
         return True
     wanted = [n for n in sizes if n <= slots]
     return bool(timings) and max(timings) >= max(wanted, default=1)
@@ -799,6 +838,16 @@ def compile_options(dtype: torch.dtype, device: torch.device) -> dict:
 _NAMES = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "wd")
 
 
+def _tensors(w) -> list[torch.Tensor]:
+    """The tensors a weight is made of: itself, or a weight-only one's integers and scales (an int8 weight
+    in fbgemm's packing has none to hand over: it is an opaque object, counted by its own size)."""
+    if isinstance(w, torch.Tensor):
+        return [w]
+    if isinstance(w, QuantWeight) and not isinstance(w.q, torch.Tensor):
+        return [torch.empty(w.nbytes, dtype=torch.uint8)]
+    return [t for t in (w.q, w.scales) if isinstance(t, torch.Tensor)]
+
+
 class FrozenStep(torch.nn.Module):
     """FastForward's decode step as a module whose weights are its parameters (the same tensors, not
     copies), which is what torch.compile's freezing turns into constants (buffers stay inputs)."""
@@ -807,16 +856,38 @@ class FrozenStep(torch.nn.Module):
         super().__init__()
         self._ff = [ff]  # in a list: a plain attribute, not something dynamo should treat as state
         self._n = len(ff.layers)
+        self._quant: dict[str, tuple[str, int | None]] = {}  # weight-only weights: name -> (method, group)
         for i, weights in enumerate(ff.layers):
             for name, t in zip(_NAMES, weights):
                 if t is not None:
-                    self.register_parameter(f"{name}_{i}", torch.nn.Parameter(t, requires_grad=False))
+                    self._add(f"{name}_{i}", t)
         for name in ("embed", "cos", "sin", "norm_w", "head"):
-            self.register_parameter(name, torch.nn.Parameter(getattr(ff, name), requires_grad=False))
+            self._add(name, getattr(ff, name))
+
+    def _add(self, name: str, t) -> None:
+        """A weight as parameters (what freezing makes constants): a tensor as `name`; a weight-only one's
+        integers as `name` and its scales as `name`_s (the same tensors as the eager forward's)."""
+        if isinstance(t, QuantWeight):
+            t = t.frozen()
+        if isinstance(t, Frozen):
+            self._quant[name] = (t.method, t.group)
+            self.register_parameter(f"{name}_s", torch.nn.Parameter(t.scales, requires_grad=False))
+            t = t.q
+        self.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+
+    def _get(self, name: str):
+        t = getattr(self, name, None)
+        kind = self._quant.get(name)
+        return t if kind is None else Frozen(kind[0], t, getattr(self, f"{name}_s"), kind[1])
 
     @property
     def layers(self) -> list[tuple]:
-        return [tuple(getattr(self, f"{name}_{i}", None) for name in _NAMES) for i in range(self._n)]
+        return [tuple(self._get(f"{name}_{i}") for name in _NAMES) for i in range(self._n)]
+
+    @property
+    def head_weight(self):
+        """The LM head as `_step` reads it (a Frozen for a weight-only head)."""
+        return self._get("head")
 
     def forward(self, tokens, pos, cols, ks, vs, pick=None):
         return self._ff[0]._step(tokens, pos, cols, ks, vs, src=self, pick=pick)

@@ -23,7 +23,10 @@ no AMX; eight distinct [17920, 1536] matrices in turn, so nothing sits in cache;
   Where fbgemm is not PyTorch's quantized engine (ARM), `_weight_int8pack_mm` is used instead.
 - int4 runs `_weight_int4pack_mm_for_cpu` over a weight packed by `_convert_weight_to_int4pack_for_cpu`:
   groups of 32 input columns, each with a scale and offset in the compute dtype. It wins at 1-4
-  rows and loses to bf16 at 16 (no integer path: it widens per row).
+  rows and loses to bf16 at 16 (no integer path: it widens per row). With the compiled step (`Frozen`)
+  inductor's own int4 GEMM template takes the same integers: it widens each weight tile once for every
+  row of the call (AMX), 2.6x faster at 16 rows and 11x at 256, slower at a row or two, so the
+  batch size picks (fastpath.measure_rows).
 - "packed" is not quantization: the bf16 weight reordered once into oneDNN's blocked layout
   (`mkldnn._reorder_linear_weight`, what inductor's freezing does for a compiled linear) and run by
   `mkldnn._linear_pointwise`: 2.09 / 2.22 / 1.85 / 2.93 ms at 1 / 2 / 4 / 16 rows where the plain
@@ -37,6 +40,7 @@ whole weight per call (7x slower than bf16 at one row), so dsr1 calls the operat
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -131,6 +135,18 @@ class QuantWeight:
             return torch._weight_int8pack_mm(x, self.q, self.scales)
         return torch._weight_int4pack_mm_for_cpu(x, self.q, self.group, self.scales)
 
+    def frozen(self) -> "Frozen":
+        """These bits as plain tensors a compiled step can hold as constants (fastpath.FrozenStep). int4: the
+        same tensors. int8: fbgemm's packed weight is an opaque object inductor cannot trace, so it is
+        unpacked into int8 values and per-channel scales (exact: the same integers and scales) for
+        `_weight_int8pack_mm`, which inductor lowers to its own int8 GEMM template."""
+        if self.method == PACKED:
+            raise ValueError("oneDNN-packed weights are compiled from the plain bf16 weights, not these")
+        if self.group == "fbgemm":
+            qw, _ = torch.ops.quantized.linear_unpack(self.q)
+            return Frozen("int8", qw.int_repr().contiguous(), qw.q_per_channel_scales().to(self.dtype), None)
+        return Frozen(self.method, self.q, self.scales, self.group)
+
     def dequantize(self) -> torch.Tensor:
         """The bf16 weight these bits stand for (tests; the quality check)."""
         eye = torch.eye(self.shape[1], dtype=self.dtype)
@@ -143,6 +159,36 @@ class QuantWeight:
         if self.group == "fbgemm":  # int8 weights + an fp32 scale per channel (fbgemm's packed copy: the same)
             return self.shape[0] * self.shape[1] + 4 * self.shape[0]
         return self.q.numel() * self.q.element_size() + self.scales.numel() * self.scales.element_size()
+
+
+class Frozen(NamedTuple):
+    """A weight-only int8/int4 weight as the compiled step reads it (QuantWeight.frozen): tensors only, so
+    export and inductor see the operator and its constants; `frozen_mm` is its x @ w.T. Measured on a
+    2-core Xeon with AMX (eight [17920, 1536] int4 matrices in turn, ms per matrix eager / compiled with
+    inductor's AMX int4 template): 1 row 0.80 / 0.79, 4: 1.42 / 1.31, 16: 5.21 / 2.01, 64: 20.2 / 3.05,
+    256: 80.9 / 7.27. The eager kernel widens the weights again for every 4 rows; the template once per tile."""
+
+    method: str  # "int8" or "int4"
+    q: torch.Tensor
+    scales: torch.Tensor
+    group: int | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.q.shape[0] if self.method == "int8" else self.scales.shape[1]
+        return n, self.q.shape[1] if self.method == "int8" else self.q.shape[1] * 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scales.nbytes
+
+
+def frozen_mm(w: Frozen, x: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for rows x [m, in], in the scales' dtype."""
+    x = x.to(w.scales.dtype)
+    if w.method == "int8":
+        return torch._weight_int8pack_mm(x, w.q, w.scales)
+    return torch._weight_int4pack_mm_for_cpu(x, w.q, w.group, w.scales)
 
 
 def quantize(w: torch.Tensor, method: str) -> QuantWeight:
