@@ -164,15 +164,21 @@ def test_rows_for_keeps_the_compiled_step_up_to_the_last_size_it_won():
     # within 5% the package is kept (it lets the eager weights go); past it, eager
     assert rows_for({1: (0.15, 0.22), 8: (0.218, 0.212)}, 16) == 16
     assert rows_for({1: (0.15, 0.22), 8: (0.23, 0.212)}, 16) == 1
-    # int4 (inductor's template over a dynamic row count): eager wins at a row or two, compiled from 4 up
-    from dsr1.serve.fastpath import eager_below, lost_after_winning
+    # int4 (inductor's template over a dynamic row count): eager wins at a row or two, compiled from 3 up
+    from dsr1.serve.fastpath import compiled_at, compiled_ranges, eager_below
 
     int4 = {1: (0.113, 0.083), 2: (0.12, 0.1), 4: (0.12, 0.15), 8: (0.13, 0.2), 16: (0.15, 0.3)}
-    assert rows_for(int4, 16) == 16 and eager_below(int4, 16) == 2 and not lost_after_winning(int4)
+    assert rows_for(int4, 16) == 16 and eager_below(int4, 16) == 2
+    assert compiled_ranges(int4, 16) == (["3-16"], ["1-2"])
     assert rows_for(int4, 2) == 0 and eager_below(int4, 2) == 0  # a 2-row cache: never compiled
-    assert eager_below({1: (0.01, 0.03), 2: (0.05, 0.03)}, 4) == 0 and lost_after_winning({1: (0.01, 0.03), 2: (0.05, 0.03)})
+    assert eager_below({1: (0.01, 0.03), 2: (0.05, 0.03)}, 4) == 0
     assert rows_for({1: (0.2, 0.1), 2: (0.1, 0.2), 4: (0.3, 0.2)}, 16) == 2  # a window: eager, compiled, eager
     assert eager_below({1: (0.2, 0.1), 2: (0.1, 0.2), 4: (0.3, 0.2)}, 16) == 1
+    # ... and with its one-row step: compiled at one row, eager at 2-4, compiled from 5 on
+    holed = {1: (0.062, 0.086), 2: (0.112, 0.094), 4: (0.125, 0.11), 8: (0.116, 0.195), 16: (0.12, 0.373)}
+    assert [compiled_at(holed, n, 16) for n in (1, 2, 3, 4, 5, 16, 40)] == [True, False, False, False, True, True, True]
+    assert compiled_ranges(holed, 16) == (["1", "5-16"], ["2-4"]) and rows_for(holed, 16) == 16
+    assert eager_below(holed, 16) == 0 and compiled_at({}, 7, 16)
 
 
 def test_prune_keeps_the_newest_libraries_with_their_files_and_drops_orphans(tmp_path):
@@ -187,10 +193,16 @@ def test_prune_keeps_the_newest_libraries_with_their_files_and_drops_orphans(tmp
             (tmp_path / f"step-{i}{suffix}").write_text("x")
         os.utime(tmp_path / f"step-{i}.so", (i, i))  # step-0 the least recently used
     (tmp_path / f"step-orphan{aotstep.CONSTANTS}").write_text("x")
+    # a model's one-row library counts with its dynamic one: kept or removed together
+    for i in (0, aotstep.KEEP):
+        for suffix in (".one.so", f".one{aotstep.CONSTANTS}"):
+            (tmp_path / f"step-{i}{suffix}").write_text("x")
+        os.utime(tmp_path / f"step-{i}.one.so", (i, i))
     aotstep._prune(tmp_path, keep=tmp_path / f"step-{aotstep.KEEP}.so")
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted(f"step-{i}{s}" for i in range(1, aotstep.KEEP + 1)
-                          for s in (".so", aotstep.CONSTANTS, ".rows.json"))
+    assert left == sorted([f"step-{i}{s}" for i in range(1, aotstep.KEEP + 1)
+                           for s in (".so", aotstep.CONSTANTS, ".rows.json")]
+                          + [f"step-{aotstep.KEEP}.one.so", f"step-{aotstep.KEEP}.one{aotstep.CONSTANTS}"])
 
 
 def test_saved_row_timings_are_reused_only_when_they_cover_the_cache():
@@ -200,7 +212,7 @@ def test_saved_row_timings_are_reused_only_when_they_cover_the_cache():
     won_to_4 = {1: (0.01, 0.03), 2: (0.02, 0.03), 4: (0.03, 0.04)}
     assert covers(won_to_4, 4, sizes) and covers(won_to_4, 6, sizes)  # 8 is past a 6-row cache
     assert not covers(won_to_4, 16, sizes)  # 8 and 16 rows never measured: measure again
-    assert covers({**won_to_4, 8: (0.09, 0.05)}, 16, sizes)  # lost at 8: larger sizes do not matter
+    assert not covers({**won_to_4, 8: (0.09, 0.05)}, 16, sizes)  # lost at 8: 16 may win again (int4)
     assert not covers({}, 1, sizes)
     assert not covers({1: (0.05, 0.03)}, 16, sizes)  # lost at one row only: a larger batch may still win
     assert covers({n: (0.05, 0.03) for n in (1, 2, 4)}, 4, sizes)  # lost everywhere up to this cache
@@ -239,6 +251,7 @@ def test_bf16_compiled_step_beside_packed_eager_weights(demo_model_dir, tmp_path
     # greedy token, which is why fp32 is the token-for-token check above); same best token, close logits
     logits = m.prefill_rows(cache, 0, prompts)
     step = ([int(t) for t in logits.argmax(-1)], [len(p) for p in prompts])
+    m.fast.row_timings = {}  # no timings: the limit below alone decides
     for limit in (3, 1):
         m.fast.compiled_rows = limit  # every batch compiled; then one row only (a batch of 3 runs eager)
         got = m.decode(cache, *step)

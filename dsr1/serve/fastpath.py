@@ -192,10 +192,12 @@ class FastForward:
         self.compiled = False
         self.compile_seconds = 0.0
         self._aot = self._store = None  # the ahead-of-time compiled step and where it is kept (enable_compile)
+        self._aot_one = None  # its one-row, one-token library where there is one (warm_up)
         self.package = None  # its file
         self.not_kept = None  # why the compiled step is not kept on disk (enable_compile), when it is not
         self.compiled_rows = 1 << 30  # batches up to this many rows take the compiled step (measure_rows)
         self.eager_rows = 0  # ... and more than this many (below it the eager step measured faster)
+        self._slots = 1 << 30  # the cache's rows when row_timings were taken
         self.row_timings: dict[int, tuple[float, float]] = {}  # rows -> (compiled, eager) seconds per step
         self.prompt_compiled = False  # prompts through the compiled package: it was faster (measure_rows)
         self.prompt_timing: tuple[float, float] | None = None  # (compiled, eager) seconds for a prompt
@@ -435,7 +437,7 @@ class FastForward:
         weights = {id(t): t for t in (self.embed, self.head, *(w for ws in self.layers for w in ws[1:]))
                    if t is not None}
         # what the package reads in place (the step's own weights, aotstep._load) stays, held by it
-        kept = {t.untyped_storage().data_ptr() for t in getattr(self._aot, "shared", ())}
+        kept = {t.untyped_storage().data_ptr() for run in (self._aot, self._aot_one) for t in getattr(run, "shared", ())}
         freed = sum(t.nbytes for w in weights.values() for t in _tensors(w)
                     if t.untyped_storage().data_ptr() not in kept)
         empty = torch.empty(0, dtype=self.embed.dtype, device=self.device)
@@ -474,7 +476,7 @@ class FastForward:
         self._frozen = FrozenStep(self)
         self._options = compile_options(self.embed.dtype, self.device)  # for every compile of this step
         self._store = store if store is not None and aotstep.supported(self.device) else None
-        self._aot = None
+        self._aot = self._aot_one = None
         self.compile_how = "compiled"  # or "loaded" (a package from the store)
         self.not_kept = aotstep.room_for(self._frozen, store) if self._store is not None else None
         if self.not_kept:  # no disk for the package: compiled just in time, as on a GPU
@@ -494,6 +496,15 @@ class FastForward:
 
             self._aot, self.compile_how, self.package = aotstep.load_or_build(
                 self._frozen, cache, self._store, self._options, progress)
+            if self.quant == "int4":
+                # inductor's int4 template over a dynamic row count takes AMX tiles, slower than the eager
+                # kernel at one row (1.5B shape: 117 vs 86 ms per step); with one row known at compile time
+                # it takes its AVX-512 micro-kernel (the probe's static one-row step: 62 ms). measure_rows
+                # then times this one at one row like the rest.
+                self._aot_one, how, _ = aotstep.load_or_build(self._frozen, cache, self._store, self._options,
+                                                              progress, one_row=True)
+                if how == "compiled":
+                    self.compile_how = "compiled"
             self.compile_seconds = time.perf_counter() - t0
             return self.compile_seconds
         for n in batches:
@@ -522,7 +533,8 @@ class FastForward:
         if self._aot is not None:
             if cols.shape[0] < 2:  # below the package's smallest span (no decode step attends to one column)
                 return self._step(ids, pos, cols, ks, vs, pick=pick)
-            return self._aot(ids, pos, cols, ks, vs, self.cos, self.sin, pick)
+            one = self._aot_one is not None and ids.shape == (1, 1) and pick.shape[0] == 1
+            return (self._aot_one if one else self._aot)(ids, pos, cols, ks, vs, self.cos, self.sin, pick)
         if ids.shape[0] > 1:  # rows and span vary from step to step: one graph for all of them
             for t, dim in ((ids, 0), (pos, 0), (cols, 0), (pick, 0)):
                 torch._dynamo.mark_dynamic(t, dim)
@@ -550,20 +562,21 @@ class FastForward:
         pos = torch.tensor(positions, device=dev).view(-1, 1)
         cols = torch.arange(max(positions) + 1, device=dev)
         masks = self._masks(adapters)
-        if self.compiled and masks is None and self.eager_rows < len(tokens) <= self.compiled_rows:
+        if masks is None and self.takes_compiled(len(tokens)):
             return self._run_compiled(ids, pos, cols, cache)
         return self._step(ids, pos, cols, cache.k, cache.v, masks)[:, 0]
 
     @torch.inference_mode()
     def measure_rows(self, cache, *, sizes: tuple[int, ...] = MEASURED_ROWS, repeats: int = 3,
                      saved=None) -> int:
-        """Time the compiled step against the eager one at growing batch sizes on this CPU and keep the
-        compiled one from the first size where it was faster (`eager_rows`: the sizes below, eager) up to
-        the last before it lost again (`compiled_rows`; 0: never). Why: on a 2-core AVX-512 CPU without AMX
-        the compiled bf16 step was 3.2x faster at one row and 0.69x at sixteen (issue 14/14), and the int4
-        step the other way round (inductor's int4 template over a dynamic row count takes AMX tiles, slower
-        than the eager kernel at a row or two, 2.6x faster at sixteen): the CPU, the weights and the batch
-        decide. `saved` (a JSON file beside the
+        """Time the compiled step against the eager one at every batch size of `sizes` up to the cache's rows
+        on this CPU; each batch then takes the faster (`takes_compiled`: as the smallest measured size at
+        least as large went; `compiled_rows`, the largest compiled, 0: none; `eager_rows`, the largest below
+        the smallest compiled). Why every size: on a 2-core AVX-512 CPU without AMX the compiled bf16 step
+        was 3.2x faster at one row and 0.69x at sixteen (issue 14/14), and int4's the other way round at
+        first (inductor's int4 template over a dynamic row count takes AMX tiles: slower than the eager
+        kernel at two rows, 3.1x faster at sixteen) with its one-row step (aotstep, one_row) winning at one
+        row again: the CPU, the weights and the batch decide. `saved` (a JSON file beside the
         package): timings of an earlier start are read from it, or written to it. Writes only position 0
         of the rows it uses, which hold no request yet (run at start-up). With a package, a prompt is timed
         through it and eagerly too, and goes the faster way (`prompt_compiled`)."""
@@ -589,8 +602,6 @@ class FastForward:
                 compiled = fastest(lambda: self._run_compiled(ids, pos, cols, cache), repeats)
                 eager = fastest(lambda: self._step(ids, pos, cols, cache.k, cache.v), repeats)
                 self.row_timings[n] = (compiled, eager)
-                if lost_after_winning(self.row_timings):
-                    break
         if saved is not None and (self.row_timings != known or prompt != kept_prompt):
             kept = {str(n): t for n, t in self.row_timings.items()}
             if prompt is not None:
@@ -598,9 +609,16 @@ class FastForward:
             atomic_write_bytes(saved, json.dumps(kept).encode())
         self.prompt_timing = prompt
         self.prompt_compiled = prompt is not None and not loses(*prompt)
+        self._slots = cache.slots
         self.compiled_rows = rows_for(self.row_timings, cache.slots)
         self.eager_rows = eager_below(self.row_timings, cache.slots)
         return self.compiled_rows
+
+    def takes_compiled(self, n: int) -> bool:
+        """Whether a batch of n rows runs the compiled step (measure_rows; `compiled_rows` and `eager_rows`
+        bound it, and tests set them to force one way)."""
+        return (self.compiled and self.eager_rows < n <= self.compiled_rows
+                and compiled_at(self.row_timings, n, self._slots))
 
     def _time_prompt(self, cache, repeats: int) -> tuple[float, float]:
         """(compiled, eager) seconds for one PROMPT_TOKENS-token prompt into row 0 (which holds no request
@@ -618,8 +636,7 @@ class FastForward:
         will, the eager weights serve prompts only, where packing them gains little (64 rows: 8.5 vs
         9.0 ms per matrix, dsr1.serve.wquant) and costs 1.4-2.3 s of a 1.5B model's restart."""
         known = saved_timings(saved)
-        return (not covers(known, cache.slots, sizes) or rows_for(known, cache.slots) < cache.slots
-                or eager_below(known, cache.slots) > 0)
+        return not covers(known, cache.slots, sizes) or bool(compiled_ranges(known, cache.slots)[1])
 
     @torch.inference_mode()
     def verify(self, cache, rows: list[list[int]], starts: list[int], adapters: list[int] | None = None) -> torch.Tensor:
@@ -751,52 +768,48 @@ def loses(compiled: float, eager: float) -> bool:
     return compiled > eager * TIE
 
 
+def compiled_at(timings: dict[int, tuple[float, float]], n: int, slots: int) -> bool:
+    """Whether a batch of n rows takes the compiled step, by (compiled, eager) seconds per measured batch
+    size: as the smallest measured size of at least n rows went (past the largest, as the largest), of
+    the sizes a cache of `slots` rows has. No timings: compiled."""
+    sizes = sorted(m for m in timings if m <= slots) or sorted(timings)
+    if not sizes:
+        return True
+    return not loses(*timings[next((m for m in sizes if m >= n), sizes[-1])])
+
+
 def rows_for(timings: dict[int, tuple[float, float]], slots: int) -> int:
-    """The largest batch that takes the compiled step, from (compiled, eager) seconds per measured batch
-    size: past the sizes where it lost before winning (eager_below), the compiled step up to the last
-    size where it was faster; past the largest size measured (all faster), every batch. 0: it never won."""
-    best, won = 0, False
-    for n in sorted(timings):
-        if n > slots:
-            break
-        if loses(*timings[n]):
-            if won:
-                return best
-            continue
-        best, won = n, True
-    return slots if won else 0
+    """The largest batch of a `slots`-row cache that takes the compiled step (0: none does)."""
+    return max((n for n in range(1, slots + 1) if compiled_at(timings, n, slots)), default=0)
 
 
 def eager_below(timings: dict[int, tuple[float, float]], slots: int) -> int:
-    """The largest batch below the compiled step's range: the sizes where it lost before it first won
-    (batches between the last of them and the first win take the compiled step). 0: none."""
-    below = 0
-    for n in sorted(timings):
-        if n > slots:
-            break
-        if not loses(*timings[n]):
-            return below
-        below = n
-    return 0  # it never won for this cache: rows_for says 0, and every batch runs eager anyway
+    """The largest batch below the smallest that takes the compiled step (0: one row takes it already, or
+    none does)."""
+    for n in range(1, slots + 1):
+        if compiled_at(timings, n, slots):
+            return n - 1
+    return 0
 
 
-def lost_after_winning(timings: dict[int, tuple[float, float]]) -> bool:
-    """Whether the compiled step lost at some size after winning at a smaller one: larger sizes need no
-    measuring (the compiled step's range ends there)."""
-    won = False
-    for n in sorted(timings):
-        if not loses(*timings[n]):
-            won = True
-        elif won:
-            return True
-    return False
+def compiled_ranges(timings: dict[int, tuple[float, float]], slots: int) -> tuple[list[str], list[str]]:
+    """The batch sizes 1..slots as ranges ("1", "5-16"): those that take the compiled step, those eager."""
+    out: tuple[list[str], list[str]] = ([], [])
+    n = 1
+    while n <= slots:
+        way = compiled_at(timings, n, slots)
+        m = n
+        while m < slots and compiled_at(timings, m + 1, slots) == way:
+            m += 1
+        out[0 if way else 1].append(str(n) if m == n else f"{n}-{m}")
+        n = m + 1
+    return out
 
 
 def covers(timings: dict[int, tuple[float, float]], slots: int, sizes: tuple[int, ...]) -> bool:
-    """Whether timings of an earlier start answer for a cache of `slots` rows: the compiled step lost at
-    some size after winning, or every size up to this cache's was measured."""
-    if lost_after_winning(timings):
-        return True
+    """Whether timings of an earlier start answer for a cache of `slots` rows: every size up to this
+    cache's was measured (the compiled step may lose at some size and win again at a larger one: int4's
+    one-row step, then its AMX template from a few rows on)."""
     wanted = [n for n in sizes if n <= slots]
     return bool(timings) and max(timings) >= max(wanted, default=1)
 

@@ -372,17 +372,17 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
             saved = model.fast.package.with_suffix(".rows.json")
             if model.fast.decodes_eager(sched.cache, saved) and worker.submit(model.pack_weights).result():
                 compile_why += "; eager weights packed for oneDNN"
+            from dsr1.serve import fastpath
+
             rows = worker.submit(model.fast.measure_rows, sched.cache, saved=saved).result()
-            below = model.fast.eager_rows
+            compiled, eager = fastpath.compiled_ranges(model.fast.row_timings, sched.cache.slots)
             compile_why += ("; eager at every batch size (the compiled step measured slower here)" if rows == 0 else
-                            f"; eager up to {below} rows (measured faster there), compiled above"
-                            + ("" if rows >= max_concurrent else f" up to {rows} rows, eager above") if below else
-                            "; compiled at every batch size" if rows >= max_concurrent else
-                            f"; compiled up to {rows} rows, eager above (measured faster there)")
+                            "; compiled at every batch size" if not eager else
+                            f"; compiled at {', '.join(compiled)} rows, eager at {', '.join(eager)} "
+                            "(measured faster there)")
             compile_why += ("; prompts through the compiled step" if model.fast.prompt_compiled else
                             "; prompts eager (measured faster than the compiled step here)")
-            if (rows >= max_concurrent and not below and model.fast.prompt_compiled and not adapters
-                    and proposer is None):
+            if not eager and model.fast.prompt_compiled and not adapters and proposer is None:
                 # every batch and prompt takes the package, which holds its own weights: the eager copy goes
                 freed = worker.submit(model.fast.release_eager, model.model).result()
                 compile_why += f"; eager weights released ({freed / 1e9:.1f} GB)"
