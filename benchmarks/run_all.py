@@ -61,6 +61,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
                       "a compiled model's first start and restarts, peak RSS against weights + KV"),
     "package_constants": (["benchmarks/package_constants.py", "--shape", "1.5b"],
                           "decode with the compiled package's weights mapped from its file against anonymous copies"),
+    "int4_gemm": (["benchmarks/int4_gemm.py"],
+                  "weight-only int4 GEMMs: the eager CPU kernel against inductor's int4 template, per row count"),
 }
 
 

@@ -146,7 +146,8 @@ def _serve_embedded(opts, overrides, deployment, out, *, json: bool, on_ready) -
     compiled = f", ready in {p.compile_seconds}s" if p.forward == "compiled" else ""
     extras = [f"prefix cache {p.prefix_cache_bytes / 2**20:.0f} MiB" if p.prefix_cache_bytes else "prefix cache off",
               f"speculative {p.speculative}"]
-    packed = f" with weight-only {deployment.weights}" if deployment.weights and p.forward in ("fast", "compiled") else ""
+    packed = (f" with weight-only {deployment.weights}" if deployment.weights and p.forward in ("fast", "compiled")
+              else "")
     out.info(f"forward    {p.forward}{packed} ({p.forward_reason}{compiled}); {'; '.join(extras)}")
 
     def ready(url: str) -> None:

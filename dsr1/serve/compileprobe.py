@@ -129,18 +129,14 @@ def measure(ff, cache_dir: Path | None) -> dict:
 def choose(ff, cache_dir: Path | None) -> tuple[bool, str]:
     """(compile or not, why) for `--compile auto` on a CPU, from the probe's timings."""
     t = measure(ff, cache_dir)
-    gain = t["eager"] / t["compiled"]
+    gain = one = t["eager"] / t["compiled"]
     how = "cached measurement" if t["cached"] else "measured now"
     at = "at one row"
-    if gain < GAIN and "batch" in t:  # one row did not gain: a batch may (measure_rows then picks per size)
+    if one < GAIN and "batch" in t:  # one row did not gain: a batch may (measure_rows then picks per size)
         batch = t["batch"]["eager"] / t["batch"]["compiled"]
-        at = f"at one row, {batch:.2f}x at {BATCH} rows"
-        gain = max(gain, batch)
+        at += f", {batch:.2f}x at {BATCH} rows"
+        gain = max(one, batch)
     verdict = "on" if gain >= GAIN else "off"
-    if at != "at one row":
-        return gain >= GAIN, (f"auto: {verdict} ({how} on this CPU: compiled step {t['eager'] / t['compiled']:.2f}x "
-                              f"the eager one's speed {at}, from {t['probed_layers']} layers and the head timed "
-                              f"both ways; on from {GAIN}x)")
-    return gain >= GAIN, (f"auto: {verdict} ({how} on this CPU: compiled step {gain:.2f}x the eager one's "
-                          f"speed at one row, from {t['probed_layers']} layers and the head timed both ways; "
+    return gain >= GAIN, (f"auto: {verdict} ({how} on this CPU: compiled step {one:.2f}x the eager one's "
+                          f"speed {at}, from {t['probed_layers']} layers and the head timed both ways; "
                           f"on from {GAIN}x)")
