@@ -437,8 +437,7 @@ class FastForward:
                    if t is not None}
         # what the package reads in place (the step's own weights, aotstep._load) stays, held by it
         kept = {t.untyped_storage().data_ptr() for t in getattr(self._aot, "shared", ())}
-        freed = sum(t.nbytes for w in weights.values() for t in _tensors(w)
-                    if t.untyped_storage().data_ptr() not in kept)
+        freed = sum(n for w in weights.values() for ptr, n in _parts(w) if ptr not in kept)
         empty = torch.empty(0, dtype=self.embed.dtype, device=self.device)
         own = lambda t: None if t is None else t.clone()  # noqa: E731 - out of the file mapping
         self.layers = [(own(ln1), empty, own(bqkv), empty, own(bo), own(ln2), empty, empty)
@@ -839,14 +838,14 @@ def compile_options(dtype: torch.dtype, device: torch.device) -> dict:
 _NAMES = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "wd")
 
 
-def _tensors(w) -> list[torch.Tensor]:
-    """The tensors a weight is made of: itself, or a weight-only one's integers and scales (an int8 weight
-    in fbgemm's packing has none to hand over: it is an opaque object, counted by its own size)."""
+def _parts(w) -> list[tuple[int | None, int]]:
+    """(storage address, bytes) of what a weight is made of: itself, or a weight-only one's integers and
+    scales; an int8 weight in fbgemm's packing is an opaque object (no address), counted by its own size."""
     if isinstance(w, torch.Tensor):
-        return [w]
+        return [(w.untyped_storage().data_ptr(), w.nbytes)]
     if isinstance(w, QuantWeight) and not isinstance(w.q, torch.Tensor):
-        return [torch.empty(w.nbytes, dtype=torch.uint8)]
-    return [t for t in (w.q, w.scales) if isinstance(t, torch.Tensor)]
+        return [(None, w.nbytes)]
+    return [(t.untyped_storage().data_ptr(), t.nbytes) for t in (w.q, w.scales) if isinstance(t, torch.Tensor)]
 
 
 class FrozenStep(torch.nn.Module):

@@ -163,10 +163,11 @@ class QuantWeight:
 
 class Frozen(NamedTuple):
     """A weight-only int8/int4 weight as the compiled step reads it (QuantWeight.frozen): tensors only, so
-    export and inductor see the operator and its constants; `frozen_mm` is its x @ w.T. Measured on a
-    2-core Xeon with AMX (eight [17920, 1536] int4 matrices in turn, ms per matrix eager / compiled with
-    inductor's AMX int4 template): 1 row 0.80 / 0.79, 4: 1.42 / 1.31, 16: 5.21 / 2.01, 64: 20.2 / 3.05,
-    256: 80.9 / 7.27. The eager kernel widens the weights again for every 4 rows; the template once per tile."""
+    export and inductor see the operator and its constants; `frozen_mm` is its x @ w.T. Inductor lowers the
+    int4 call to its own GEMM template (benchmarks/int4_gemm.py, 2-core Xeon with AMX, eight [17920, 1536]
+    matrices in turn, ms per matrix eager / compiled: 1 row 1.16 / 1.30, 4: 1.61 / 1.53, 16: 5.97 / 2.33,
+    256: 88.9 / 8.48): the eager kernel widens the weights again for every few rows, the template once per
+    tile for all of them."""
 
     method: str  # "int8" or "int4"
     q: torch.Tensor
