@@ -840,10 +840,11 @@ _NAMES = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "wd")
 
 def _parts(w) -> list[tuple[int | None, int]]:
     """(storage address, bytes) of what a weight is made of: itself, or a weight-only one's integers and
-    scales; an int8 weight in fbgemm's packing is an opaque object (no address), counted by its own size."""
+    scales. oneDNN's packed bf16 (PACKED) and fbgemm's packed int8 are opaque (their storage cannot be
+    asked for, and the package never reads them): no address, counted by their own size."""
     if isinstance(w, torch.Tensor):
         return [(w.untyped_storage().data_ptr(), w.nbytes)]
-    if isinstance(w, QuantWeight) and not isinstance(w.q, torch.Tensor):
+    if isinstance(w, QuantWeight) and (w.method == PACKED or w.group == "fbgemm"):
         return [(None, w.nbytes)]
     return [(t.untyped_storage().data_ptr(), t.nbytes) for t in (w.q, w.scales) if isinstance(t, torch.Tensor)]
 
