@@ -165,20 +165,20 @@ def test_rows_for_keeps_the_compiled_step_up_to_the_last_size_it_won():
     assert rows_for({1: (0.15, 0.22), 8: (0.218, 0.212)}, 16) == 16
     assert rows_for({1: (0.15, 0.22), 8: (0.23, 0.212)}, 16) == 1
     # int4 (inductor's template over a dynamic row count): eager wins at a row or two, compiled from 3 up
-    from dsr1.serve.fastpath import compiled_at, compiled_ranges, eager_below
+    from dsr1.serve.fastpath import compiled_at, compiled_ranges
 
     int4 = {1: (0.113, 0.083), 2: (0.12, 0.1), 4: (0.12, 0.15), 8: (0.13, 0.2), 16: (0.15, 0.3)}
-    assert rows_for(int4, 16) == 16 and eager_below(int4, 16) == 2
+    assert rows_for(int4, 16) == 16
     assert compiled_ranges(int4, 16) == (["3-16"], ["1-2"])
-    assert rows_for(int4, 2) == 0 and eager_below(int4, 2) == 0  # a 2-row cache: never compiled
-    assert eager_below({1: (0.01, 0.03), 2: (0.05, 0.03)}, 4) == 0
+    assert rows_for(int4, 2) == 0 and compiled_ranges(int4, 2) == ([], ["1-2"])  # a 2-row cache: never compiled
+    assert compiled_ranges({1: (0.01, 0.03), 2: (0.05, 0.03)}, 4) == (["1"], ["2-4"])
     assert rows_for({1: (0.2, 0.1), 2: (0.1, 0.2), 4: (0.3, 0.2)}, 16) == 2  # a window: eager, compiled, eager
-    assert eager_below({1: (0.2, 0.1), 2: (0.1, 0.2), 4: (0.3, 0.2)}, 16) == 1
+    assert compiled_ranges({1: (0.2, 0.1), 2: (0.1, 0.2), 4: (0.3, 0.2)}, 16) == (["2"], ["1", "3-16"])
     # a CPU where compiling wins at one row, loses at 2-4 and wins from 5 on: each size its own way
     holed = {1: (0.062, 0.086), 2: (0.112, 0.094), 4: (0.125, 0.11), 8: (0.116, 0.195), 16: (0.12, 0.373)}
     assert [compiled_at(holed, n, 16) for n in (1, 2, 3, 4, 5, 16, 40)] == [True, False, False, False, True, True, True]
     assert compiled_ranges(holed, 16) == (["1", "5-16"], ["2-4"]) and rows_for(holed, 16) == 16
-    assert eager_below(holed, 16) == 0 and compiled_at({}, 7, 16)
+    assert compiled_at({}, 7, 16)
 
 
 def test_prune_keeps_the_newest_libraries_with_their_files_and_drops_orphans(tmp_path):

@@ -195,7 +195,6 @@ class FastForward:
         self.package = None  # its file
         self.not_kept = None  # why the compiled step is not kept on disk (enable_compile), when it is not
         self.compiled_rows = 1 << 30  # batches up to this many rows take the compiled step (measure_rows)
-        self.eager_rows = 0  # ... and more than this many (below it the eager step measured faster)
         self._slots = 1 << 30  # the cache's rows when row_timings were taken
         self.row_timings: dict[int, tuple[float, float]] = {}  # rows -> (compiled, eager) seconds per step
         self.prompt_compiled = False  # prompts through the compiled package: it was faster (measure_rows)
@@ -559,8 +558,7 @@ class FastForward:
                      saved=None) -> int:
         """Time the compiled step against the eager one at every batch size of `sizes` up to the cache's rows
         on this CPU; each batch then takes the faster (`takes_compiled`: as the smallest measured size at
-        least as large went; `compiled_rows`, the largest compiled, 0: none; `eager_rows`, the largest below
-        the smallest compiled). Why every size: on a 2-core AVX-512 CPU without AMX the compiled bf16 step
+        least as large went; `compiled_rows`, the largest compiled, 0: none). Why every size: on a 2-core AVX-512 CPU without AMX the compiled bf16 step
         was 3.2x faster at one row and 0.69x at sixteen (issue 14/14), and int4's the other way round
         (inductor's int4 template over a dynamic row count takes AMX tiles: slower than the eager kernel
         at one to four rows, 3.1x faster at sixteen): the CPU, the weights and the batch decide. `saved` (a JSON file beside the
@@ -598,14 +596,12 @@ class FastForward:
         self.prompt_compiled = prompt is not None and not loses(*prompt)
         self._slots = cache.slots
         self.compiled_rows = rows_for(self.row_timings, cache.slots)
-        self.eager_rows = eager_below(self.row_timings, cache.slots)
         return self.compiled_rows
 
     def takes_compiled(self, n: int) -> bool:
-        """Whether a batch of n rows runs the compiled step (measure_rows; `compiled_rows` and `eager_rows`
-        bound it, and tests set them to force one way)."""
-        return (self.compiled and self.eager_rows < n <= self.compiled_rows
-                and compiled_at(self.row_timings, n, self._slots))
+        """Whether a batch of n rows runs the compiled step (measure_rows; `compiled_rows` bounds it, and tests
+        set it to force one way)."""
+        return self.compiled and n <= self.compiled_rows and compiled_at(self.row_timings, n, self._slots)
 
     def _time_prompt(self, cache, repeats: int) -> tuple[float, float]:
         """(compiled, eager) seconds for one PROMPT_TOKENS-token prompt into row 0 (which holds no request
@@ -768,15 +764,6 @@ def compiled_at(timings: dict[int, tuple[float, float]], n: int, slots: int) -> 
 def rows_for(timings: dict[int, tuple[float, float]], slots: int) -> int:
     """The largest batch of a `slots`-row cache that takes the compiled step (0: none does)."""
     return max((n for n in range(1, slots + 1) if compiled_at(timings, n, slots)), default=0)
-
-
-def eager_below(timings: dict[int, tuple[float, float]], slots: int) -> int:
-    """The largest batch below the smallest that takes the compiled step (0: one row takes it already, or
-    none does)."""
-    for n in range(1, slots + 1):
-        if compiled_at(timings, n, slots):
-            return n - 1
-    return 0
 
 
 def compiled_ranges(timings: dict[int, tuple[float, float]], slots: int) -> tuple[list[str], list[str]]:
