@@ -257,19 +257,21 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     cuda = torch.cuda.is_available() and opts.device_map != "cpu"
     from dsr1.serve import calibrate, decide
 
+    # Every torch call runs on one dedicated thread, model loading, the dtype timing and compiling
+    # included. With OpenMP each thread that calls into torch gets its own team of worker threads, and
+    # once a process has more of them than cores, libgomp stops spinning between parallel regions
+    # (GOMP_SPINCOUNT's throttled count): a decode step is hundreds of short regions, so every one then
+    # waits on a futex wake-up. Measured on the demo model (2-core Xeon): 53 ms per token for the whole
+    # life of a server whose dtype timing had run on the main thread, 15 ms without.
+    worker = ThreadPoolExecutor(1, thread_name_prefix="dsr1-engine")
     dtype, why = dep.dtype, dep.dtype_reason
     if dtype == decide.MEASURE:
         dtype, why = choose_dtype("auto", cuda=cuda, bf16_cpu=host.bf16_fast, batch=max_concurrent,
-                                  measure=lambda: calibrate.choose(model_dir, max_concurrent,
-                                                                   calibrate.cache_dir_for(settings.home())))
+                                  measure=lambda: worker.submit(calibrate.choose, model_dir, max_concurrent,
+                                                                calibrate.cache_dir_for(settings.home())).result())
         measured["dtype"] = dtype
     device_map = opts.device_map or ("auto" if cuda else "cpu")
     progress(f"loading {model_dir} ({dtype}, device_map={device_map})")
-    # Every torch call runs on one dedicated thread, model loading included. With OpenMP each
-    # thread that calls into torch gets its own team of worker threads, and an idle team spins
-    # on the cores the other one needs: measured 30% slower decode (and far worse after a
-    # thread switch) when loading on the main thread and decoding on another.
-    worker = ThreadPoolExecutor(1, thread_name_prefix="dsr1-engine")
     max_mem = _parse_max_memory(opts.max_memory)
     model = worker.submit(EmbeddedModel, model_dir, dtype=parse_dtype(dtype), device_map=device_map,
                           max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads,
@@ -356,7 +358,7 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     compile_seconds = 0.0
     if compile_on:
         _inductor_cache()
-        model.fast.enable_compile(store=settings.home() / "cache" / "compiled")
+        worker.submit(model.fast.enable_compile, store=settings.home() / "cache" / "compiled").result()  # int4: torch ops
         batches = (2, 1) if max_concurrent > 1 else (1,)
         compile_seconds = worker.submit(model.fast.warm_up, sched.cache, batches=batches, progress=progress).result()
         if model.fast.not_kept:
