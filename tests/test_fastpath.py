@@ -188,7 +188,7 @@ def test_rows_for_keeps_the_compiled_step_up_to_the_last_size_it_won():
     assert compiled_ranges({1: (0.01, 0.03), 2: (0.05, 0.03)}, 4) == (["1"], ["2-4"])
     assert rows_for({1: (0.2, 0.1), 2: (0.1, 0.2), 4: (0.3, 0.2)}, 16) == 2  # a window: eager, compiled, eager
     assert compiled_ranges({1: (0.2, 0.1), 2: (0.1, 0.2), 4: (0.3, 0.2)}, 16) == (["2"], ["1", "3-16"])
-    # a CPU where compiling wins at one row, loses at 2-4 and wins from 5 on: each size its own way
+    # ... and int4 with its one-row step: compiled at one row, eager at 2-4, compiled from 5 on
     holed = {1: (0.062, 0.086), 2: (0.112, 0.094), 4: (0.125, 0.11), 8: (0.116, 0.195), 16: (0.12, 0.373)}
     assert [compiled_at(holed, n, 16) for n in (1, 2, 3, 4, 5, 16, 40)] == [True, False, False, False, True, True, True]
     assert compiled_ranges(holed, 16) == (["1", "5-16"], ["2-4"]) and rows_for(holed, 16) == 16
@@ -207,10 +207,16 @@ def test_prune_keeps_the_newest_libraries_with_their_files_and_drops_orphans(tmp
             (tmp_path / f"step-{i}{suffix}").write_text("x")
         os.utime(tmp_path / f"step-{i}.so", (i, i))  # step-0 the least recently used
     (tmp_path / f"step-orphan{aotstep.CONSTANTS}").write_text("x")
+    # a model's one-row library counts with its dynamic one: kept or removed together
+    for i in (0, aotstep.KEEP):
+        for suffix in (".one.so", f".one{aotstep.CONSTANTS}"):
+            (tmp_path / f"step-{i}{suffix}").write_text("x")
+        os.utime(tmp_path / f"step-{i}.one.so", (i, i))
     aotstep._prune(tmp_path, keep=tmp_path / f"step-{aotstep.KEEP}.so")
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted(f"step-{i}{s}" for i in range(1, aotstep.KEEP + 1)
-                          for s in (".so", aotstep.CONSTANTS, ".rows.json"))
+    assert left == sorted([f"step-{i}{s}" for i in range(1, aotstep.KEEP + 1)
+                           for s in (".so", aotstep.CONSTANTS, ".rows.json")]
+                          + [f"step-{aotstep.KEEP}.one.so", f"step-{aotstep.KEEP}.one{aotstep.CONSTANTS}"])
 
 
 def test_saved_row_timings_are_reused_only_when_they_cover_the_cache():

@@ -104,6 +104,13 @@ def test_packed_bf16_decodes_as_the_plain_weights(demo_model_dir):
     assert not m.pack_weights()  # once
 
 
+def _one_row_args(ff, cache, step):
+    """The arguments the compiled step takes for row 0's next token (FastForward.decode's)."""
+    (tok, *_), (p, *_) = step
+    return (torch.tensor([[tok]]), torch.tensor([[p]]), torch.arange(p + 1), cache.k, cache.v, ff.cos, ff.sin,
+            torch.arange(1))
+
+
 def _agree(got: torch.Tensor, ref: torch.Tensor) -> None:
     """Compiled against eager int4 logits: bf16 sums in another order (the template's tiles), so not
     identical; close, and each row's best token is the other's best or within a near-tie of it (the
@@ -149,7 +156,10 @@ def test_int4_compiled_step_agrees_with_eager_and_keeps_quality(demo_model_dir, 
     got = m.decode(cache, *step)
     _agree(got, ref)
     assert (got != ref).any()  # the compiled step ran, not the eager one
-    one = m.decode(cache, step[0][:1], step[1][:1])  # one row through the same library
+    # one row of one token: the one-row library beside the dynamic one (aotstep, one_row)
+    assert m.fast.package.with_name(m.fast.package.stem + ".one.so").is_file() and m.fast._aot_one is not None
+    one = m.decode(cache, step[0][:1], step[1][:1])
+    assert torch.equal(one, m.fast._aot_one(*_one_row_args(m.fast, cache, step)))
     m.fast.compiled_rows = 0
     _agree(one, m.decode(cache, step[0][:1], step[1][:1]))
     m.fast.compiled_rows = 3

@@ -103,15 +103,16 @@ def package_key(step: torch.nn.Module, options: dict) -> str:
     return h.hexdigest()[:32]
 
 
-def _export(step: torch.nn.Module, cache):
-    """The step as an ExportedProgram with every batch/context/cache/table dimension dynamic."""
+def _export(step: torch.nn.Module, cache, one_row: bool = False):
+    """The step as an ExportedProgram with every batch/context/cache/table dimension dynamic; with
+    `one_row`, one row of one token (a single stream's decode step), the rest dynamic."""
     from torch.export import Dim
 
     dev = cache.k[0].device
-    n, t = min(2, cache.slots), 2  # example sizes above one: export specialises a dimension of size 1
+    n, t = (1, 1) if one_row else (min(2, cache.slots), 2)  # above one: export specialises a size-1 dimension
     ids = torch.zeros(n, t, dtype=torch.long, device=dev)
-    pos = torch.arange(t, device=dev).repeat(n, 1)
-    cols = torch.arange(t, device=dev)
+    pos = torch.arange(t, device=dev).repeat(n, 1) + (1 if one_row else 0)  # a position past column 0
+    cols = torch.arange(2, device=dev)
     pick = torch.arange(n * t, device=dev)
     rows, span = Dim("rows", min=1, max=1 << 16), Dim("span", min=2, max=1 << 22)
     tokens = Dim("tokens", min=1, max=1 << 16)
@@ -120,6 +121,8 @@ def _export(step: torch.nn.Module, cache):
     table = {0: Dim("positions", min=2, max=1 << 22)}
     shapes = ({0: rows, 1: tokens}, {0: rows, 1: tokens}, {0: span}, kv, [dict(d) for d in kv], table, dict(table),
               {0: Dim("picked", min=1, max=1 << 22)})
+    if one_row:
+        shapes = (None, None, *shapes[2:7], None)
     ff = step._ff[0]
     with torch.no_grad():
         return torch.export.export(_Bounded(step), (ids, pos, cols, cache.k, cache.v, ff.cos.clone(), ff.sin.clone(),
@@ -163,16 +166,18 @@ def room_for(step: torch.nn.Module, root: Path) -> str | None:
 
 
 def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
-                  progress: Callable[[str], None] = lambda m: None) -> tuple[Callable, str, Path]:
+                  progress: Callable[[str], None] = lambda m: None, one_row: bool = False) -> tuple[Callable, str, Path]:
     """The compiled step for `step` (a fastpath.FrozenStep): loaded from `root` when a library with its key
     is there, else exported, compiled and saved first. Returns (callable, "loaded" | "compiled", path).
+    `one_row`: the step for one row of one token (`step-<key>.one.so`, beside the model's dynamic one).
     Compiled in a build directory under `root` and renamed into place, its constants first, so a crash
     never leaves a library that looks whole; one that does not load (damaged or missing constants) is
     removed and built again."""
     key = package_key(step, options)
-    path = root / f"step-{key}.so"
+    path = root / f"step-{key}{'.one' if one_row else ''}.so"
+    what = "one-row decode step" if one_row else "decode step"
     if path.is_file():
-        progress("loading the compiled decode step")
+        progress(f"loading the compiled {what}")
         try:
             runner = _load(path, step)
             os.utime(path)  # most recently used, for _prune
@@ -182,13 +187,13 @@ def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
             path.unlink(missing_ok=True)
             path.with_suffix(CONSTANTS).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
-    progress("compiling the decode step ahead of time (once per model and machine)")
-    build = root / f".build-{key}-{os.getpid()}"
+    progress(f"compiling the {what} ahead of time (once per model and machine)")
+    build = root / f".build-{key}{'-one' if one_row else ''}-{os.getpid()}"
     try:
         # inductor's own cache dir for the build's intermediate files, under `root` so that the library
         # it writes there is renamed into place (same file system), not copied; the rest is removed
         with temporary_cache_dir(str(build)):
-            program = _export(step, cache)
+            program = _export(step, cache, one_row)
             library, constants = None, None
             if next(step.parameters()).dtype != torch.float32:  # fp32's are oneDNN's own (see _compile)
                 try:
@@ -320,13 +325,20 @@ def _release() -> None:
 
 
 def _prune(root: Path, keep: Path) -> None:
-    """Keep the KEEP most recently used libraries (each holds a model's packed weights). Packages of the
-    earlier zipped format (.pt2) go too: nothing loads them any more."""
+    """Keep the libraries of the KEEP most recently used models (each holds a model's packed weights; a
+    model's one-row step, `.one.so`, goes with its dynamic one). Packages of the earlier zipped format
+    (.pt2) go too: nothing loads them any more."""
     for old in root.glob("step-*.pt2"):
         old.unlink(missing_ok=True)
         old.with_suffix(".rows.json").unlink(missing_ok=True)
+    model = lambda p: p.name.split(".")[0]  # noqa: E731 - step-<key>
     packages = sorted(root.glob("step-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in [p for p in packages if p != keep][KEEP - 1 :]:
+    recent = []
+    for p in packages:
+        if model(p) not in recent:
+            recent.append(model(p))
+    kept = {model(keep), *[m for m in recent if m != model(keep)][: KEEP - 1]}
+    for old in [p for p in packages if model(p) not in kept]:
         old.unlink(missing_ok=True)
         old.with_suffix(".rows.json").unlink(missing_ok=True)  # its batch-size timings (fastpath.measure_rows)
         old.with_suffix(CONSTANTS).unlink(missing_ok=True)

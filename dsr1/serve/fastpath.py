@@ -192,6 +192,7 @@ class FastForward:
         self.compiled = False
         self.compile_seconds = 0.0
         self._aot = self._store = None  # the ahead-of-time compiled step and where it is kept (enable_compile)
+        self._aot_one = None  # its one-row, one-token library where there is one (warm_up)
         self.package = None  # its file
         self.not_kept = None  # why the compiled step is not kept on disk (enable_compile), when it is not
         self.compiled_rows = 1 << 30  # batches up to this many rows take the compiled step (measure_rows)
@@ -435,7 +436,7 @@ class FastForward:
         weights = {id(t): t for t in (self.embed, self.head, *(w for ws in self.layers for w in ws[1:]))
                    if t is not None}
         # what the package reads in place (the step's own weights, aotstep._load) stays, held by it
-        kept = {t.untyped_storage().data_ptr() for t in getattr(self._aot, "shared", ())}
+        kept = {t.untyped_storage().data_ptr() for run in (self._aot, self._aot_one) for t in getattr(run, "shared", ())}
         freed = sum(n for w in weights.values() for ptr, n in _parts(w) if ptr not in kept)
         empty = torch.empty(0, dtype=self.embed.dtype, device=self.device)
         own = lambda t: None if t is None else t.clone()  # noqa: E731 - out of the file mapping
@@ -473,7 +474,7 @@ class FastForward:
         self._frozen = FrozenStep(self)
         self._options = compile_options(self.embed.dtype, self.device)  # for every compile of this step
         self._store = store if store is not None and aotstep.supported(self.device) else None
-        self._aot = None
+        self._aot = self._aot_one = None
         self.compile_how = "compiled"  # or "loaded" (a package from the store)
         self.not_kept = aotstep.room_for(self._frozen, store) if self._store is not None else None
         if self.not_kept:  # no disk for the package: compiled just in time, as on a GPU
@@ -493,6 +494,15 @@ class FastForward:
 
             self._aot, self.compile_how, self.package = aotstep.load_or_build(
                 self._frozen, cache, self._store, self._options, progress)
+            if self.quant == "int4":
+                # inductor's int4 template over a dynamic row count takes AMX tiles, slower than the eager
+                # kernel at one row (1.5B shape: 117 vs 86 ms per step); with one row known at compile time
+                # it takes its AVX-512 micro-kernel (the probe's static one-row step: 62 ms). measure_rows
+                # then times this one at one row like the rest.
+                self._aot_one, how, _ = aotstep.load_or_build(self._frozen, cache, self._store, self._options,
+                                                              progress, one_row=True)
+                if how == "compiled":
+                    self.compile_how = "compiled"
             self.compile_seconds = time.perf_counter() - t0
             return self.compile_seconds
         for n in batches:
@@ -521,7 +531,8 @@ class FastForward:
         if self._aot is not None:
             if cols.shape[0] < 2:  # below the package's smallest span (no decode step attends to one column)
                 return self._step(ids, pos, cols, ks, vs, pick=pick)
-            return self._aot(ids, pos, cols, ks, vs, self.cos, self.sin, pick)
+            one = self._aot_one is not None and ids.shape == (1, 1) and pick.shape[0] == 1
+            return (self._aot_one if one else self._aot)(ids, pos, cols, ks, vs, self.cos, self.sin, pick)
         if ids.shape[0] > 1:  # rows and span vary from step to step: one graph for all of them
             for t, dim in ((ids, 0), (pos, 0), (cols, 0), (pick, 0)):
                 torch._dynamo.mark_dynamic(t, dim)
@@ -558,10 +569,12 @@ class FastForward:
                      saved=None) -> int:
         """Time the compiled step against the eager one at every batch size of `sizes` up to the cache's rows
         on this CPU; each batch then takes the faster (`takes_compiled`: as the smallest measured size at
-        least as large went; `compiled_rows`, the largest compiled, 0: none). Why every size: on a 2-core AVX-512 CPU without AMX the compiled bf16 step
-        was 3.2x faster at one row and 0.69x at sixteen (issue 14/14), and int4's the other way round
-        (inductor's int4 template over a dynamic row count takes AMX tiles: slower than the eager kernel
-        at one to four rows, 3.1x faster at sixteen): the CPU, the weights and the batch decide. `saved` (a JSON file beside the
+        least as large went; `compiled_rows`, the largest compiled, 0: none). Why every size: on a 2-core
+        AVX-512 CPU without AMX the compiled bf16 step was 3.2x faster at one row and 0.69x at sixteen (issue
+        14/14), and int4's the other way round at first (inductor's int4 template over a dynamic row count
+        takes AMX tiles: slower than the eager kernel at two to four rows, 3.1x faster at sixteen) with its
+        one-row step (aotstep, one_row) winning at one row again: the CPU, the weights and the batch
+        decide. `saved` (a JSON file beside the
         package): timings of an earlier start are read from it, or written to it. Writes only position 0
         of the rows it uses, which hold no request yet (run at start-up). With a package, a prompt is timed
         through it and eagerly too, and goes the faster way (`prompt_compiled`)."""
@@ -782,8 +795,8 @@ def compiled_ranges(timings: dict[int, tuple[float, float]], slots: int) -> tupl
 
 def covers(timings: dict[int, tuple[float, float]], slots: int, sizes: tuple[int, ...]) -> bool:
     """Whether timings of an earlier start answer for a cache of `slots` rows: every size up to this
-    cache's was measured (the compiled step may lose at some sizes and win at larger ones: int4's AMX
-    template, from a few rows on)."""
+    cache's was measured (the compiled step may lose at some size and win again at a larger one: int4's
+    one-row step, then its AMX template from a few rows on)."""
     wanted = [n for n in sizes if n <= slots]
     return bool(timings) and max(timings) >= max(wanted, default=1)
 
