@@ -94,7 +94,7 @@ def test_compiled_decode_matches_transformers(demo_draft_dir, tmp_path, monkeypa
 @pytest.fixture(scope="module")
 def fp32_package(demo_model_dir, tmp_path_factory):
     """The demo model in fp32 with its decode step compiled ahead of time into a fresh store: (model, its
-    3-row cache, the store). Built once per module (~100 s on 2 cores): the kept-package test checks it,
+    3-row cache, the store). Built once per module (150-180 s on 2 cores): the kept-package test checks it,
     the serve-options test's server starts from a copy of the store."""
     from dsr1.serve.engine import EmbeddedModel
 

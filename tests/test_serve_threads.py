@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-
 import pytest
 
 from tests.serve_util import ServerProc
@@ -39,5 +37,5 @@ def test_timing_the_dtype_at_start_leaves_no_second_openmp_team(demo_model_dir, 
             counts.append(_threads(srv))
         finally:
             assert srv.stop() == 0
-    assert (Path(tmp_path) / "cache" / "dtype-calibration.json").is_file()
+    assert (tmp_path / "cache" / "dtype-calibration.json").is_file()
     assert counts[0] == counts[1], f"threads after each start (timing the dtype, then reading it back): {counts}"

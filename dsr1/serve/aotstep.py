@@ -333,11 +333,8 @@ def _prune(root: Path, keep: Path) -> None:
         old.with_suffix(".rows.json").unlink(missing_ok=True)
     model = lambda p: p.name.split(".")[0]  # noqa: E731 - step-<key>
     packages = sorted(root.glob("step-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
-    recent = []
-    for p in packages:
-        if model(p) not in recent:
-            recent.append(model(p))
-    kept = {model(keep), *[m for m in recent if m != model(keep)][: KEEP - 1]}
+    recent = [m for m in dict.fromkeys(map(model, packages)) if m != model(keep)]  # newest first, each once
+    kept = {model(keep), *recent[: KEEP - 1]}
     for old in [p for p in packages if model(p) not in kept]:
         old.unlink(missing_ok=True)
         old.with_suffix(".rows.json").unlink(missing_ok=True)  # its batch-size timings (fastpath.measure_rows)
