@@ -10,7 +10,9 @@ ahead of time and keeps it (dsr1/serve/aotstep.py), the later ones load it. Each
 stopped with SIGINT. Printed per start: seconds from launch to the ready line, the process's peak and
 current RSS at that moment and after the requests (/proc/PID/status), and the forward line (how the
 step was had); then the ratios the issue asks about: later start / 10 s, and peak RSS (after the
-requests) / (weights + KV cache). Weights: the safetensors' size; KV: the plan's "kv cache" line plus its prefix cache (KV blocks too).
+requests) / (weights + KV cache). Weights: the safetensors' size, or with `--precision int8|int4` the
+quantized set the server keeps plus the bf16 embedding table (what it holds as weights); KV: the plan's
+"kv cache" line plus its prefix cache (KV blocks too).
 Dirty pages are flushed (os.sync) before each start, so a start does not share the disk with the
 writeback of what the previous one wrote.
 The CPU is printed first: the figures depend on it.
@@ -45,6 +47,21 @@ def _status(pid: int) -> dict[str, int]:
         if key in ("VmHWM", "VmRSS"):
             out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def _rss_by_mapping(pid: int, top: int = 6) -> str:
+    """Where the resident memory lies (/proc/PID/smaps): the largest file mappings by name, and anonymous
+    memory (the heap: copies, activations, the KV cache as written), in GB."""
+    sizes: dict[str, int] = {}
+    name = "anon"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+            name = Path(head[5]).name if len(head) > 5 and head[5].startswith("/") else "anon"
+        elif head and head[0] == "Rss:":
+            sizes[name] = sizes.get(name, 0) + int(head[1]) * 1024
+    big = sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{n} {b / 1e9:.2f}" for n, b in big)
 
 
 def _load(port: int, users: int, prompt_tokens: int, out_tokens: int) -> None:
@@ -85,6 +102,7 @@ def start(model: Path, home: Path, port: int, extra: list[str], timeout: float, 
                                      daemon=True).start()  # the server's output keeps flowing meanwhile
                     _load(port, users, prompt_tokens, out_tokens)
                     mem.update({f"{k} after load": v for k, v in _status(proc.pid).items()})
+                    mem["where"] = _rss_by_mapping(proc.pid)
                 break
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError(f"not ready after {timeout:.0f} s")
@@ -103,6 +121,17 @@ def start(model: Path, home: Path, port: int, extra: list[str], timeout: float, 
     kv_bytes = (float(kv.group(1)) * 2**30 if kv else 0.0) + (float(prefix.group(1)) * 2**20 if prefix else 0.0)
     return {"seconds": seconds, **mem, "kv_bytes": kv_bytes,
             "forward": " ".join(forward.group(1).split()) if forward else "?"}
+
+
+def _low_bit_weights(model: Path, home: Path) -> float:
+    """What the weights are at int8/int4: the set a start kept (dsr1/serve/wstore.py), which holds every
+    quantized projection and the int8 head, plus the embedding table (bf16, looked up; vocab x hidden)."""
+    sets = sorted((d for d in (home / "cache" / "quantized").glob("int*") if d.is_dir()),
+                  key=lambda d: d.stat().st_mtime)
+    if not sets:
+        raise RuntimeError(f"no kept int8/int4 weights under {home}/cache/quantized")
+    cfg = json.loads((model / "config.json").read_text())
+    return sum(f.stat().st_size for f in sets[-1].iterdir()) + cfg["vocab_size"] * cfg["hidden_size"] * 2
 
 
 def main() -> int:
@@ -128,9 +157,13 @@ def main() -> int:
 
         model = hf_model(args.shape)
     weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    low_bit = any(a in ("int8", "int4") for a in args.serve_args)  # --precision int8|int4
     print(f"CPU: {cpu_line()}")
     print(f"model: {model} ({weights / 1e9:.2f} GB of safetensors); --compile {args.compile}; "
           f"serve args: {' '.join(args.serve_args) or '-'}")
+    if low_bit:
+        print("weights: the int8/int4 set the server keeps (DSR1_HOME/cache/quantized: projections and the int8 "
+              "head) plus the bf16 embedding table, not the bf16 checkpoint")
     print(f"{'start':<7}{'ready s':>9}{'peak RSS GB':>13}{'RSS GB':>8}{'w+KV GB':>9}{'peak/(w+KV)':>13}{'RSS/(w+KV)':>12}"
           "  forward")
     with tempfile.TemporaryDirectory(prefix="dsr1-restart-") as scratch:
@@ -143,6 +176,8 @@ def main() -> int:
             os.sync()
             r = start(model, Path(home), args.port, args.serve_args, args.timeout, args.compile,
                       args.users, args.prompt_tokens, args.output_tokens)
+            if low_bit:
+                weights = _low_bit_weights(model, Path(home))
             base = weights + r["kv_bytes"]
             results.append(r)
             print(f"{i + 1:<7}{r['seconds']:>9.1f}{r['VmHWM'] / 1e9:>13.2f}{r['VmRSS'] / 1e9:>8.2f}{base / 1e9:>9.2f}"
@@ -152,12 +187,15 @@ def main() -> int:
                       f"{'':>9}{r['VmHWM after load'] / base:>13.2f}{r['VmRSS after load'] / base:>12.2f}  "
                       f"{args.users} requests at once, ~{args.prompt_tokens} + {args.output_tokens} tokens each",
                       flush=True)
+                print(f"{'':<7}RSS after load by mapping (GB): {r['where']}", flush=True)
     later = [r["seconds"] for r in results[1:]]
     if later:
         print(f"later starts: {min(later):.1f}-{max(later):.1f} s (first {results[0]['seconds']:.1f} s); "
               f"worst / 10 s target: {max(later) / 10:.2f} ({'met' if max(later) < 10 else 'NOT met'})")
         # the peak after the load where there was one: it includes the peak at ready
         worst = max(r.get("VmHWM after load", r["VmHWM"]) / (weights + r["kv_bytes"]) for r in results[1:])
+        if low_bit:
+            print(f"weights: {weights / 1e9:.2f} GB")
         print(f"peak RSS of later starts / (weights + KV): {worst:.2f} (target 1.2: {'met' if worst <= 1.2 else 'NOT met'})")
     return 0
 

@@ -115,6 +115,7 @@ class EmbeddedModel:
                               f"cannot take: {self.fast_reason}", hint="use --precision nf4 or bf16")
         if weights and self.input_device.type != "cpu":
             raise ConfigError(f"weight-only {weights} runs on the CPU", hint="on a GPU use --engine vllm")
+        self.weights_store: Path | None = None  # where int8/int4 weights are kept between starts (dsr1.serve.wstore)
         self.adapters: list[list[dict]] = []  # LoRA adapters, id i+1 (dsr1.lora.load's layout)
         self.load_seconds = time.perf_counter() - t0
 
@@ -141,7 +142,7 @@ class EmbeddedModel:
         if self.fast_reason is None and (self.fast is None or self.fast.max_len < max_len):
             from dsr1.serve.fastpath import FastForward
 
-            self.fast = FastForward(self.model, max_len, quant=self.weights)
+            self.fast = FastForward(self.model, max_len, quant=self.weights, store=self.weights_store)
             for per_layer in self.adapters:  # ids stay as they were: i+1
                 self.fast.add_adapter(per_layer)
         return SlotCache(self.layers, slots, self.kv_heads, max_len, self.head_dim, self.dtype, self._layer_devices())

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dsr1.serve import pages
-from dsr1.serve.wquant import PACKED, Frozen, QuantWeight, frozen_mm, quantize
+from dsr1.serve.wquant import METHODS, PACKED, Frozen, QuantWeight, frozen_mm, quantize
 
 ARCHS = ("llama", "qwen2")
 MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes measure_rows times, up to the cache's rows
@@ -142,7 +142,7 @@ def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
 class FastForward:
     """Prefill, decode and multi-token verify for a Llama/Qwen2 model into a SlotCache."""
 
-    def __init__(self, model, max_len: int, quant: str | None = None):
+    def __init__(self, model, max_len: int, quant: str | None = None, store=None):
         cfg = model.config
         inner = model.model
         self.embed = inner.embed_tokens.weight
@@ -160,6 +160,8 @@ class FastForward:
         self.inter = cfg.intermediate_size
         self.max_len = max_len
         self.quant = quant
+        self.weights_how = None  # int8/int4 with a store: whether the weights came from it (dsr1.serve.wstore)
+        self._shared = None  # the quantized weights as the model holds them for a later FastForward (_pack_rest)
         self._mappings = pages.file_mappings() if self.device.type == "cpu" else []  # where _drop_pages may act
         if getattr(model, "_dsr1_released", False):
             raise ValueError("this model's weights were released to its compiled step (release_eager)")
@@ -168,10 +170,32 @@ class FastForward:
             if done[0] != quant:
                 raise ValueError(f"the model's weights are already {done[0] or 'unquantized'}, not {quant}")
             self.layers, self.head = list(done[1]), done[2]
+            self._shared = done
         else:
+            kept = writer = None
+            if quant in METHODS and store is not None and self.device.type == "cpu":
+                # int8/int4 weights of an earlier start (dsr1.serve.wstore), else kept as they are made
+                from dsr1.serve import wstore
+
+                name = wstore.key(model, quant)
+                kept = wstore.load(store, name, len(inner.layers))
+                writer = None if kept else wstore.Writer(store, name, wstore.need_bytes(model, quant))
+                self.weights_how = ("weights mapped from an earlier start" if kept else
+                                    f"weights quantized, not kept ({writer.why_not})" if writer.why_not else
+                                    "weights quantized, kept for the next start")
             self.layers = []
             for i, layer in enumerate(inner.layers):
                 a, m = layer.self_attn, layer.mlp
+                if kept is not None:
+                    ws = kept[0][i]
+                    biases = [x.bias for x in (a.q_proj, a.k_proj, a.v_proj)]
+                    bqkv = torch.cat([b.data for b in biases]) if all(b is not None for b in biases) else None
+                    self.layers.append((layer.input_layernorm.weight, ws["qkv"], bqkv, ws["o"], a.o_proj.bias,
+                                        layer.post_attention_layernorm.weight, ws["gu"], ws["d"]))
+                    empty = torch.empty(0, dtype=self.embed.dtype)
+                    for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                        lin.weight.data = empty
+                    continue
                 sources = [x.weight.data for x in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)]
                 wqkv, bqkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
                 wgu, _ = _fuse([m.gate_proj, m.up_proj])
@@ -182,8 +206,15 @@ class FastForward:
                 del wqkv, wgu
                 if quant:  # now, so only one layer's fused bf16 copy exists at a time
                     self._pack_layer(i, layer, quant)
+                    if writer is not None:
+                        _, wqkv, _, wo, _, _, wgu, wd = self.layers[i]
+                        writer.layer({"qkv": wqkv, "o": wo, "gu": wgu, "d": wd})
             if quant:
-                self._pack_rest(model, quant)
+                self._pack_rest(model, quant, head=kept[1] if kept else None)
+                if writer is not None:
+                    writer.head(self.head)
+                    if writer.why_not and "not kept" not in self.weights_how:
+                        self.weights_how = f"weights quantized, not kept ({writer.why_not})"
         with torch.no_grad():
             pos = torch.arange(max_len, device=self.device)[None]
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32, device=self.device), pos)
@@ -230,12 +261,14 @@ class FastForward:
         for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
             lin.weight.data = empty
 
-    def _pack_rest(self, model, method: str) -> None:
-        """The head in `method`'s head format, what is left copied out of the checkpoint's mapping."""
+    def _pack_rest(self, model, method: str, head: QuantWeight | None = None) -> None:
+        """The head in `method`'s head format (or `head`, kept from an earlier start), what is left copied
+        out of the checkpoint's mapping."""
         empty = torch.empty(0, dtype=self.embed.dtype)
         # the head: int8 whatever the method (llama.cpp's Q4_K_M keeps it at 6 bits), packed when packing;
         # tied to the embedding in small models, whose bf16 table then stays for the lookups
-        self.head = quantize(self.head, PACKED if method == PACKED else "int8")
+        # (fbgemm packs it at the first eager call, or pack_head: a compiled step reads its plain integers)
+        self.head = head if head is not None else quantize(self.head, PACKED if method == PACKED else "int8", lazy=True)
         out = model.get_output_embeddings()
         if out.weight.data_ptr() != self.embed.data_ptr():
             out.weight.data = empty
@@ -245,7 +278,9 @@ class FastForward:
         for p in model.parameters():
             if p.numel():
                 p.data = p.data.clone()
-        model._dsr1_quantized = (method, tuple(self.layers), self.head)
+        # shared with a later FastForward (a longer context); a list, so that enable_compile's int8 head
+        # replaces the fbgemm one here too instead of keeping it alive beside it
+        self._shared = model._dsr1_quantized = [method, tuple(self.layers), self.head]
 
     # -- LoRA ------------------------------------------------------------------------------------
     # Every adapter's A matrices are stacked on the rank axis and its B matrices side by side, per
@@ -448,10 +483,19 @@ class FastForward:
         for p in model.parameters():
             p.data = empty if p.numel() > 1 << 16 else p.data.clone()
         model._dsr1_released = True  # a later FastForward (a longer context) would find no weights
+        if hasattr(model, "_dsr1_quantized"):  # nor quantized or packed ones: they go with the rest
+            del model._dsr1_quantized
+        self._shared = None
         from dsr1.serve import aotstep
 
         aotstep._release()
         return freed
+
+    def pack_head(self) -> None:
+        """An int8 head for the eager forward packed for fbgemm now, not at the first request (~2 s for
+        R1-Distill-Qwen-1.5B's on 2 cores); not for a compiled step, which reads it as plain tensors."""
+        if isinstance(self.head, QuantWeight):
+            self.head.pack()
 
     def enable_compile(self, store=None) -> None:
         """Compile the whole decode step (inductor) over a FrozenStep: the weights are the module's
@@ -471,6 +515,8 @@ class FastForward:
             # int4's head is int8 (_pack_rest) in fbgemm's opaque packing, which inductor cannot trace: the
             # same integers and scales as plain tensors, for eager and compiled alike (one copy)
             self.head = self.head.frozen()
+            if self._shared is not None:
+                self._shared[2] = self.head
         self._frozen = FrozenStep(self)
         self._options = compile_options(self.embed.dtype, self.device)  # for every compile of this step
         self._store = store if store is not None and aotstep.supported(self.device) else None

@@ -276,6 +276,8 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     model = worker.submit(EmbeddedModel, model_dir, dtype=parse_dtype(dtype), device_map=device_map,
                           max_memory=max_mem, offload_dir=opts.offload_dir, threads=opts.threads,
                           fast_path=opts.fast_path, quantize=opts.quantize, weights=dep.weights).result()
+    if dep.weights and not cuda:  # int8/int4 kept between starts (dsr1.serve.wstore): a restart maps them
+        model.weights_store = settings.home() / "cache" / "quantized"
     parser, parser_why = choose_reasoning_parser(dep.reasoning_parser, has_think=model.has_think)
     if model.fast_reason != dep.fast_path_reason:
         measured["fast_path_reason"] = model.fast_reason
@@ -391,7 +393,11 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
     elif worker.submit(model.pack_weights).result():  # False when there is nothing to pack
         # eager bf16 on a CPU: the weights reordered once for oneDNN (dsr1.serve.wquant, PACKED)
         compile_why += "; bf16 weights packed for oneDNN"
+    if model.fast is not None and not model.fast.compiled:
+        worker.submit(model.fast.pack_head).result()  # an int8 head: packed for fbgemm now, not at the first request
     forward_reason = model.fast_reason or compile_why
+    if model.fast is not None and model.fast.weights_how:
+        forward_reason += f"; {dep.weights} {model.fast.weights_how}"
     cfg = FrontConfig(model_name=name, max_model_len=max_len, max_concurrent=max_concurrent, max_queue=max_queue,
                       api_key=opts.api_key, max_body_bytes=opts.max_body_bytes, reasoning_field=opts.reasoning_field,
                       reasoning_on=parser == "deepseek_r1", adapters=tuple(adapters), guard=policy, guard_plugin=plugin,

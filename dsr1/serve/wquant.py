@@ -68,11 +68,17 @@ def _fbgemm() -> tuple[bool, bool]:
 
 
 class QuantWeight:
-    """A [out, in] weight stored in `method`; `mm(x)` is x @ w.T for rows x [m, in]."""
+    """A [out, in] weight stored in `method`; `mm(x)` is x @ w.T for rows x [m, in].
 
-    __slots__ = ("method", "shape", "q", "scales", "dtype", "group")  # group: int4's, or "fbgemm" for int8
+    fbgemm's int8 is packed when first needed (`pack`), from its integers and scales (`plain`), because
+    packing is slow and not every weight needs it: on R1-Distill-Qwen-1.5B's int8 LM head (2-core Xeon)
+    packing took 2.1 s and unpacking it again 1.8 s, and with the compiled step the head is read as
+    plain int8 tensors only (`frozen`). `lazy=False` packs at once (the projections of `--precision
+    int8`, which every eager step reads)."""
 
-    def __init__(self, w: torch.Tensor, method: str):
+    __slots__ = ("method", "shape", "q", "scales", "dtype", "group", "plain")  # group: int4's, or "fbgemm" for int8
+
+    def __init__(self, w: torch.Tensor, method: str, lazy: bool = False):
         if method not in METHODS + (PACKED,):
             raise ValueError(f"unknown weight-only method {method!r}")
         if w.device.type != "cpu":
@@ -80,6 +86,7 @@ class QuantWeight:
         # activations, scales and the result in the model's compute dtype (bf16, or fp32 on a CPU without
         # bf16 units: both kernels take either)
         self.method, self.shape, self.dtype = method, tuple(w.shape), w.dtype
+        self.plain = None  # fbgemm's int8 not packed yet: (integers, fp32 scales)
         if method == PACKED:
             if w.dtype != torch.bfloat16:
                 raise ValueError("packing is for bf16 weights")
@@ -96,9 +103,12 @@ class QuantWeight:
                 with warnings.catch_warnings():  # quantize_per_channel: "deprecated" in 2.13, the one way in
                     warnings.simplefilter("ignore")
                     qw = torch.quantize_per_channel(wf, s.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
-                self.q = torch.ops.quantized.linear_prepack(qw, None)
-                self.scales = s  # kept for nbytes only: the packed weight carries its own
+                self.q, self.plain = None, (qw.int_repr(), s)
+                del qw
+                self.scales = s  # kept for nbytes: the packed weight carries its own
                 self.group = "fbgemm"
+                if not lazy:
+                    self.pack()
             else:
                 self.q = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
                 self.scales = s.to(self.dtype)
@@ -117,10 +127,56 @@ class QuantWeight:
             self.q = torch._convert_weight_to_int4pack_for_cpu(q, 1)
             self.scales = torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(self.dtype)
 
+    def parts(self) -> dict:
+        """These bits as plain tensors and facts, for keeping on disk (dsr1.serve.wstore); `from_parts` is
+        the inverse. fbgemm's packed int8 is opaque: its integers and per-channel scales (exact), packed
+        again at load."""
+        if self.method == PACKED:
+            raise ValueError("oneDNN-packed weights are not kept: they are reordered from bf16 at every start")
+        q, scales = self.q, self.scales
+        if self.group == "fbgemm":
+            q, scales = self.plain if self.plain is not None else self._unpack()
+        return {"method": self.method, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
+                "group": self.group, "q": q, "scales": scales}
+
+    @classmethod
+    def from_parts(cls, d: dict, lazy: bool = False) -> "QuantWeight":
+        """The weight `parts` described; its tensors are used as they are (mapped from the file by the
+        caller), except fbgemm's int8, which is packed again (a copy in fbgemm's layout; when first
+        needed with `lazy`)."""
+        self = cls.__new__(cls)
+        self.method, self.shape, self.group = d["method"], tuple(d["shape"]), d["group"]
+        self.dtype = getattr(torch, d["dtype"])
+        self.q, self.scales, self.plain = d["q"], d["scales"], None
+        if self.group == "fbgemm":
+            if not _fbgemm()[0]:
+                raise ValueError("these int8 weights were packed for fbgemm, which this PyTorch does not run")
+            self.q, self.plain = None, (d["q"], d["scales"])
+            if not lazy:
+                self.pack()
+        return self
+
+    def pack(self) -> None:
+        """fbgemm's int8: packed now (a no-op when it is, or for other methods); the plain copy goes."""
+        if self.plain is None:
+            return
+        q, s = self.plain
+        import warnings
+
+        with warnings.catch_warnings():  # "quantized tensor creation ... deprecated" in 2.13, the one way in
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(self.shape[0], dtype=torch.long), 0)
+        self.q, self.plain = torch.ops.quantized.linear_prepack(qw, None), None
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        qw, _ = torch.ops.quantized.linear_unpack(self.q)
+        return qw.int_repr().contiguous(), qw.q_per_channel_scales().float()
+
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == PACKED:
             return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.q, None, "none", [], "")
         if self.group == "fbgemm":
+            self.pack()
             lead = x.shape[:-1]
             xf = x.reshape(-1, self.shape[1]).float()
             peak = xf.abs().amax(1, keepdim=True).clamp(min=1e-30)
@@ -143,8 +199,8 @@ class QuantWeight:
         if self.method == PACKED:
             raise ValueError("oneDNN-packed weights are compiled from the plain bf16 weights, not these")
         if self.group == "fbgemm":
-            qw, _ = torch.ops.quantized.linear_unpack(self.q)
-            return Frozen("int8", qw.int_repr().contiguous(), qw.q_per_channel_scales().to(self.dtype), None)
+            q, s = self.plain if self.plain is not None else self._unpack()
+            return Frozen("int8", q, s.to(self.dtype), None)
         return Frozen(self.method, self.q, self.scales, self.group)
 
     def dequantize(self) -> torch.Tensor:
@@ -192,8 +248,8 @@ def frozen_mm(w: Frozen, x: torch.Tensor) -> torch.Tensor:
     return torch._weight_int4pack_mm_for_cpu(x, w.q, w.group, w.scales)
 
 
-def quantize(w: torch.Tensor, method: str) -> QuantWeight:
-    return QuantWeight(w, method)
+def quantize(w: torch.Tensor, method: str, lazy: bool = False) -> QuantWeight:
+    return QuantWeight(w, method, lazy)
 
 
 def can_pack() -> bool:
