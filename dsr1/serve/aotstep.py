@@ -67,7 +67,7 @@ def cpu_identity() -> str:
     return name + "|" + torch.backends.cpu.get_cpu_capability()
 
 
-def _fingerprint(t: torch.Tensor) -> bytes:
+def weight_fingerprint(t: torch.Tensor) -> bytes:
     """Shape, dtype and a sample of the values: 64 runs of 64 consecutive values spread over the tensor
     (about 4,096 values); a different checkpoint, a merged adapter or a fine-tune changes them. Runs, not
     4,096 single values at a stride: each value read through the checkpoint's file mapping makes its page
@@ -91,7 +91,7 @@ def package_key(step: torch.nn.Module, options: dict) -> str:
         if name in ("cos", "sin"):  # inputs of the package (_Bounded), not frozen into it
             continue
         h.update(name.encode())
-        h.update(_fingerprint(p))
+        h.update(weight_fingerprint(p))
     ff = step._ff[0]
     shapes = {k: getattr(ff, k) for k in ("heads", "kv_heads", "head_dim", "group", "q_size", "kv_size", "inter",
                                           "eps", "scale") if hasattr(ff, k)}

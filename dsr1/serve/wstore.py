@@ -54,12 +54,12 @@ def sources(model) -> list[tuple[str, torch.Tensor]]:
 
 
 def key(model, method: str) -> str:
-    from dsr1.serve.aotstep import _fingerprint
+    from dsr1.serve.aotstep import weight_fingerprint
 
     h = hashlib.sha256()
     for name, w in sources(model):
         h.update(name.encode())
-        h.update(_fingerprint(w))
+        h.update(weight_fingerprint(w))
     meta = {"method": method, "torch": torch.__version__, "groups": wquant.GROUPS,
             "code": hashlib.sha256(inspect.getsource(wquant).encode()).hexdigest()}
     h.update(json.dumps(meta, sort_keys=True).encode())
