@@ -180,7 +180,7 @@ class FastForward:
                 name = wstore.key(model, quant)
                 kept = wstore.load(store, name, len(inner.layers))
                 writer = None if kept else wstore.Writer(store, name, wstore.need_bytes(model, quant))
-                self.weights_how = ("weights mapped from an earlier start" if kept else
+                self.weights_how = (f"weights {'mapped' if quant == 'int4' else 'read'} from an earlier start" if kept else
                                     f"weights quantized, not kept ({writer.why_not})" if writer.why_not else
                                     "weights quantized, kept for the next start")
             self.layers = []
@@ -512,8 +512,8 @@ class FastForward:
         if self.quant not in (None, "int4"):
             raise ValueError(f"the decode step is not compiled over {self.quant} weights")
         if isinstance(self.head, QuantWeight):
-            # int4's head is int8 (_pack_rest) in fbgemm's opaque packing, which inductor cannot trace: the
-            # same integers and scales as plain tensors, for eager and compiled alike (one copy)
+            # int4's head is int8 (_pack_rest) for fbgemm, whose opaque packing inductor cannot trace: the
+            # same integers and scales as plain tensors, for eager and compiled alike (one copy, never packed)
             self.head = self.head.frozen()
             if self._shared is not None:
                 self._shared[2] = self.head

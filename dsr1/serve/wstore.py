@@ -9,9 +9,9 @@ checkpoint and rounded every weight into int4 groups.
 What is kept: per layer, the fused projections' bits as wquant.QuantWeight.parts gives them, and the LM
 head's; one file per layer (an int8 layer's fbgemm weights are unpacked one layer at a time, not all at
 once), written into a build directory that is renamed into place when complete, so a crash leaves no
-set that looks whole. torch.save's format, read back with weights_only (no code runs) and mmap: int4's
-integers are used where they lie in the page cache (the compiled step reads them in place too), int8's
-are packed again for fbgemm (a copy, the file's pages then unused).
+set that looks whole. torch.save's format, read back with weights_only (no code runs): int4's mapped, its
+integers used where they lie in the page cache (the compiled step reads them in place too); int8's read
+into memory and packed again for fbgemm, which makes its own copy (load).
 
 The key is what the bits depend on: a sampled fingerprint of every source weight (aotstep's, which a
 fine-tune or a merged adapter changes), the method, the compute dtype, torch's version and the code that
