@@ -63,10 +63,11 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--serve-arg", action="append", default=[], help="another `dsr1 serve` argument (repeat)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(args.model, Path(tmp), 3, args.rank)
-        extra = ["--served-model-name", "base", "--max-concurrent", str(args.concurrency)]
+        extra = ["--served-model-name", "base", "--max-concurrent", str(args.concurrency), *args.serve_arg]
         for i, a in enumerate(adapters):
             extra += ["--lora", f"a{i}={a}"]
         with running(args.model, log=Path(tmp) / "serve.log", extra_args=extra) as url:
