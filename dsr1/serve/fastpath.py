@@ -122,13 +122,27 @@ def _drop_pages(sources: list[torch.Tensor], mappings: list[tuple[int, int, str]
             pages.drop(lo, hi)
 
 
-def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One [sum(out), in] matrix holding the modules' weights; the modules now view into it."""
-    w = torch.cat([m.weight.data for m in modules], 0)
+def _fused_bias(modules: list[torch.nn.Linear]) -> torch.Tensor | None:
+    """The modules' biases end to end (None when they have none)."""
     biases = [m.bias for m in modules]
     b = torch.cat([x.data for x in biases], 0) if all(x is not None for x in biases) else None
     if b is None and any(x is not None for x in biases):
         raise ValueError("some fused projections have a bias and some do not")
+    return b
+
+
+def _release_projections(layer, dtype: torch.dtype) -> None:
+    """A transformers layer's projection weights emptied: the fast path holds them in its own form."""
+    empty = torch.empty(0, dtype=dtype)
+    a, m = layer.self_attn, layer.mlp
+    for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+        lin.weight.data = empty
+
+
+def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One [sum(out), in] matrix holding the modules' weights; the modules now view into it."""
+    w = torch.cat([m.weight.data for m in modules], 0)
+    b = _fused_bias(modules)
     off = 0
     for m in modules:
         rows = m.weight.shape[0]
@@ -180,21 +194,14 @@ class FastForward:
                 name = wstore.key(model, quant)
                 kept = wstore.load(store, name, len(inner.layers))
                 writer = None if kept else wstore.Writer(store, name, wstore.need_bytes(model, quant))
-                self.weights_how = (f"weights {'mapped' if quant == 'int4' else 'read'} from an earlier start" if kept else
-                                    f"weights quantized, not kept ({writer.why_not})" if writer.why_not else
-                                    "weights quantized, kept for the next start")
             self.layers = []
             for i, layer in enumerate(inner.layers):
                 a, m = layer.self_attn, layer.mlp
                 if kept is not None:
-                    ws = kept[0][i]
-                    biases = [x.bias for x in (a.q_proj, a.k_proj, a.v_proj)]
-                    bqkv = torch.cat([b.data for b in biases]) if all(b is not None for b in biases) else None
+                    ws, bqkv = kept[0][i], _fused_bias([a.q_proj, a.k_proj, a.v_proj])
                     self.layers.append((layer.input_layernorm.weight, ws["qkv"], bqkv, ws["o"], a.o_proj.bias,
                                         layer.post_attention_layernorm.weight, ws["gu"], ws["d"]))
-                    empty = torch.empty(0, dtype=self.embed.dtype)
-                    for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-                        lin.weight.data = empty
+                    _release_projections(layer, self.embed.dtype)
                     continue
                 sources = [x.weight.data for x in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)]
                 wqkv, bqkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
@@ -211,10 +218,12 @@ class FastForward:
                         writer.layer({"qkv": wqkv, "o": wo, "gu": wgu, "d": wd})
             if quant:
                 self._pack_rest(model, quant, head=kept[1] if kept else None)
-                if writer is not None:
+                if kept is not None:
+                    self.weights_how = f"weights {'mapped' if quant == 'int4' else 'read'} from an earlier start"
+                elif writer is not None:
                     writer.head(self.head)
-                    if writer.why_not and "not kept" not in self.weights_how:
-                        self.weights_how = f"weights quantized, not kept ({writer.why_not})"
+                    self.weights_how = (f"weights quantized, not kept ({writer.why_not})" if writer.why_not else
+                                        "weights quantized, kept for the next start")
         with torch.no_grad():
             pos = torch.arange(max_len, device=self.device)[None]
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32, device=self.device), pos)
@@ -249,7 +258,6 @@ class FastForward:
         weights plus one layer's new ones (measured: releasing all at the end put the 1.5B shape's peak
         RSS at twice its weights; fusing every layer before quantizing put the 7B shape's int4 peak at
         21 GB)."""
-        empty = torch.empty(0, dtype=self.embed.dtype)
         ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd = self.layers[i]
         self.layers[i] = (ln1, quantize(wqkv, method), bqkv, quantize(wo, method), bo, ln2,
                           quantize(wgu, method), quantize(wd, method))
@@ -257,9 +265,7 @@ class FastForward:
         # alive (it reads the embedding there): the pages packing read go, as the fused ones' did
         _drop_pages([wo, wd], self._mappings)
         del wqkv, wo, wgu, wd
-        a, m = layer.self_attn, layer.mlp
-        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-            lin.weight.data = empty
+        _release_projections(layer, self.embed.dtype)
 
     def _pack_rest(self, model, method: str, head: QuantWeight | None = None) -> None:
         """The head in `method`'s head format (or `head`, kept from an earlier start), what is left copied
