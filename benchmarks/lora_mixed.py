@@ -83,6 +83,14 @@ def main() -> int:
                 mixed.append(wave(client, mixed_models, args.output_len))
                 print(f"round {r + 1}: base {base[-1]:.1f} tok/s, mixed over 3 adapters {mixed[-1]:.1f} tok/s",
                       flush=True)
+        lines = (Path(tmp) / "serve.log").read_text().splitlines()
+        at = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("forward")), None)
+        if at is not None:  # the start report's forward line and its wrapped continuation (indented deeper)
+            indent = len(lines[at]) - len(lines[at].lstrip())
+            end = at + 1
+            while end < len(lines) and len(lines[end]) - len(lines[end].lstrip()) > indent + 2:
+                end += 1
+            print("server:", " ".join(ln.strip() for ln in lines[at:end]))
     b, m = statistics.median(base), statistics.median(mixed)
     print(f"\n{n} concurrent, {args.output_len} output tokens, rank {args.rank} on all 7 projections:")
     print(f"base model      {b:8.1f} tok/s")

@@ -109,6 +109,57 @@ def test_adapters_match_peft_and_share_batches_with_the_base_model(demo_model_di
         srv.stop()
 
 
+@pytest.mark.slow
+def test_adapters_ride_in_the_compiled_step(tiny_model_factory, tmp_path, monkeypatch):
+    """Adapters loaded before the step is compiled ahead of time (dsr1.serve.aotstep) are frozen into the
+    package with each row's adapter id as its input: a batch of any mix of adapters, and its prompts, take
+    the compiled step and give the eager forward's logits. bf16, where the CPU's GEMM template packs
+    every matrix (the adapters' included) and torch's constant names collided: rows with an adapter then
+    read the q/k/v weight as their adapter (aotstep._unique_constant_names). A tiny random Llama: the
+    check is compiled against eager on the same weights, and a package compiled in ~30 s."""
+    import torch
+
+    from dsr1 import lora
+    from dsr1.serve.engine import EmbeddedModel
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    base = tiny_model_factory("llama")
+    a = _make_adapter(base, tmp_path / "a", 1, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"])
+    b = _make_adapter(base, tmp_path / "b", 2, ["q_proj", "v_proj", "down_proj"], r=4)
+    m = EmbeddedModel(base, dtype=torch.bfloat16)
+    for x in (a, b):
+        m.load_adapter(lora.read(x))
+    cache = m.make_cache(3, 64)
+    m.fast.enable_compile(store=tmp_path / "compiled")
+    with pytest.raises(ValueError, match="before the decode step is compiled"):
+        m.fast.add_adapter(m.adapters[0])
+    m.fast.warm_up(cache)
+    assert m.fast.lora_compiled
+    calls = []
+    package = m.fast._aot
+    m.fast._aot = lambda *args: calls.append(args[-1].tolist()) or package(*args)  # the rows' adapter ids
+
+    def compiled_and_eager(run):
+        m.fast.row_timings, m.fast.compiled_rows, m.fast.prompt_compiled = {}, 3, True
+        compiled = run()
+        m.fast.compiled_rows, m.fast.prompt_compiled = 0, False
+        return compiled, run()
+
+    prompts, adapters = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]], [0, 1, 2]
+    for run in (lambda: m.prefill_rows(cache, 0, prompts, adapters),
+                lambda: m.decode(cache, [17, 18, 19], [len(p) for p in prompts], adapters),
+                lambda: m.decode(cache, [19, 17, 18], [len(p) for p in prompts], [2, 0, 1])):
+        compiled, eager = compiled_and_eager(run)
+        off = (compiled - eager).abs().max()
+        assert off <= 0.02 * eager.abs().max(), off
+    # what the adapters change is far more than compiled and eager differ by
+    base_rows = m.decode(cache, [19, 17, 18], [len(p) for p in prompts], [0, 0, 0])
+    assert (base_rows - eager)[[0, 2]].abs().amax(-1).min() > 5 * off
+    assert (base_rows - eager)[1].abs().max() <= 0.02 * eager.abs().max()  # row 1 is the base model's
+    assert calls == [[0, 1, 2], [0, 1, 2], [2, 0, 1]]
+
+
 def test_an_adapter_for_another_base_is_refused(demo_model_dir, tiny_model_factory, tmp_path):
     wrong = _make_adapter(tiny_model_factory("llama"), tmp_path / "wrong", 3, ["q_proj", "v_proj"])
     r = _dsr1("pull", wrong, "--base", demo_model_dir, home=tmp_path / "home")

@@ -23,6 +23,7 @@ torch's version and this code; anything else changing makes a new library, never
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import hashlib
@@ -124,9 +125,12 @@ def _export(step: torch.nn.Module, cache, one_row: bool = False):
     if one_row:
         shapes = (None, None, *shapes[2:7], None)
     ff = step._ff[0]
+    args = (ids, pos, cols, cache.k, cache.v, ff.cos.clone(), ff.sin.clone(), pick)
+    if step.lora_sites:  # each row's LoRA adapter id (0: none), one per row of `tokens`
+        args += (torch.arange(n, dtype=torch.long, device=dev),)
+        shapes += (None if one_row else {0: rows},)
     with torch.no_grad():
-        return torch.export.export(_Bounded(step), (ids, pos, cols, cache.k, cache.v, ff.cos.clone(), ff.sin.clone(),
-                                                    pick), dynamic_shapes=shapes, strict=False)
+        return torch.export.export(_Bounded(step), args, dynamic_shapes=shapes, strict=False)
 
 
 class _Bounded(torch.nn.Module):
@@ -140,10 +144,13 @@ class _Bounded(torch.nn.Module):
         super().__init__()
         self.step = step
 
-    def forward(self, tokens, pos, cols, ks, vs, cos, sin, pick):
+    def forward(self, tokens, pos, cols, ks, vs, cos, sin, pick, adapters=None):
         torch._check(cols.shape[0] < ks[0].shape[2])
         torch._check(tokens.shape[0] <= ks[0].shape[0])
-        return self.step._ff[0]._step(tokens, pos, cols, ks, vs, src=_Weights(self.step, cos, sin), pick=pick)
+        # with LoRA adapters frozen in, every row takes the stacked matmuls, a base-model row (id 0) with
+        # a mask of zeros: one graph for any mix of adapters, as in the eager forward (fastpath._stack)
+        masks = None if adapters is None else self.step.lora_masks(adapters)
+        return self.step._ff[0]._step(tokens, pos, cols, ks, vs, masks, src=_Weights(self.step, cos, sin), pick=pick)
 
 
 class _Weights:
@@ -152,6 +159,7 @@ class _Weights:
     def __init__(self, step, cos, sin):
         self.embed, self.norm_w, self.head, self.layers = step.embed, step.norm_w, step.head_weight, step.layers
         self.cos, self.sin = cos, sin
+        self.lora_w = step.lora_w
 
 
 def room_for(step: torch.nn.Module, root: Path) -> str | None:
@@ -231,7 +239,8 @@ def _compile(program, options: dict, apart: bool) -> tuple[str, dict[str, torch.
     args, kwargs = program.example_inputs
     extra = ({"aot_inductor.package_constants_in_so": False,
               "aot_inductor.package_constants_on_disk_format": "pickle_weights"} if apart else {})
-    out = torch._inductor.aot_compile(gm, args, kwargs, options={**options, "aot_inductor.package": True, **extra})
+    with _unique_constant_names():
+        out = torch._inductor.aot_compile(gm, args, kwargs, options={**options, "aot_inductor.package": True, **extra})
     out = [out] if isinstance(out, str) else out
     libraries = [f for f in out if isinstance(f, str) and f.endswith(".so")]
     weights = [f for f in out if isinstance(f, dict)]  # torch.export's Weights: name -> (tensor, properties)
@@ -239,6 +248,35 @@ def _compile(program, options: dict, apart: bool) -> tuple[str, dict[str, torch.
         raise RuntimeError(f"AOTInductor wrote {len(libraries)} shared libraries and {len(weights)} weight "
                            f"sets, expected one library{' and its weights' if apart else ''}: {libraries}")
     return libraries[0], ({name: t for name, (t, _) in weights[0].items()} if apart else None)
+
+
+@contextlib.contextmanager
+def _unique_constant_names():
+    """Inductor names a constant it makes (a GEMM template's packed weight) `constant<N>`, N the number of
+    constants so far; the template then prunes the unpacked one, N falls, and a later packed weight gets a
+    name taken already, made unique as `constant<N>_0` but recorded with the same original name. The
+    weights handed out apart from the library (and the runner's name -> original-name map) are keyed by
+    that original name, so three different matrices became one: with LoRA adapters in the step (three
+    GEMMs per site) the bf16 library read the q/k/v weight where the adapters' were (torch 2.13). Names
+    that were never given before are asked for instead, so every constant's original name is its own."""
+    from torch._inductor.graph import GraphLowering
+
+    allocate = GraphLowering.allocate_non_dup_const_name
+
+    def unique(self, name, data):
+        if name is None:
+            used = set(self.constants) | set(self.allocated_constant_name.values())
+            i = len(self.constants)
+            while f"constant{i}" in used:
+                i += 1
+            name = f"constant{i}"
+        return allocate(self, name, data)
+
+    GraphLowering.allocate_non_dup_const_name = unique
+    try:
+        yield
+    finally:
+        GraphLowering.allocate_non_dup_const_name = allocate
 
 
 def _save_constants(step: torch.nn.Module, constants: dict[str, torch.Tensor] | None, dest: Path) -> None:
@@ -293,7 +331,10 @@ def _load(path: Path, step: torch.nn.Module) -> Callable:
         return run
     params = dict(step.named_parameters())
     constants = {}
-    for name, fqn in runner.get_constant_names_to_original_fqns().items():
+    fqns = runner.get_constant_names_to_original_fqns()
+    if len(set(fqns.values())) != len(fqns):  # see _unique_constant_names: one file entry for several
+        raise RuntimeError("the library's constants share original names")
+    for name, fqn in fqns.items():
         live = saved["live"].get(fqn)
         t = params[live] if live is not None else saved["stored"][fqn]  # KeyError: built again
         constants[name] = t

@@ -131,6 +131,12 @@ def _fused_bias(modules: list[torch.nn.Linear]) -> torch.Tensor | None:
     return b
 
 
+def lora_masks(owners: dict[str, torch.Tensor], rows: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per LoRA site, which stacked columns each row uses ([n, 1, w]): those its adapter owns (`owners`,
+    adapter id per column; `rows`, each row's adapter id, 0 none). Eager and inside the compiled step."""
+    return {site: (owner[None, :] == rows[:, None]).to(dtype).unsqueeze(1) for site, owner in owners.items()}
+
+
 def _release_projections(layer, dtype: torch.dtype) -> None:
     """A transformers layer's projection weights emptied: the fast path holds them in its own form."""
     empty = torch.empty(0, dtype=dtype)
@@ -297,7 +303,10 @@ class FastForward:
     SITES = ("qkv", "o", "gu", "d")
 
     def add_adapter(self, per_layer: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> int:
-        """Add one adapter (dsr1.lora.load: per layer {module: (A, B*scale)}); returns its id (1, 2, ...)."""
+        """Add one adapter (dsr1.lora.load: per layer {module: (A, B*scale)}); returns its id (1, 2, ...).
+        Before enable_compile: a compiled step holds the adapters it was compiled with."""
+        if self.compiled:
+            raise ValueError("adapters are added before the decode step is compiled")
         self._lora_src.append(per_layer)
         self._stack()
         return len(self._lora_src)
@@ -334,11 +343,12 @@ class FastForward:
             widths = [max((p[0].shape[0] for p in layers if p is not None), default=0) for layers in per]
             if not sum(widths):
                 continue
-            self.lora_owner[site] = torch.tensor([k + 1 for k, w in enumerate(widths) for _ in range(w)], device=dev)
+            owner = [k + 1 for k, w in enumerate(widths) for _ in range(w)]
+            self.lora_owner[site] = torch.tensor(owner, device=dev)
             fin, fout = fan[site]
             for li in range(len(self.layers)):
-                a = torch.zeros(sum(widths), fin, dtype=dt, device=dev)
-                b = torch.zeros(fout, sum(widths), dtype=dt, device=dev)
+                a = torch.zeros(len(owner), fin, dtype=dt, device=dev)
+                b = torch.zeros(fout, len(owner), dtype=dt, device=dev)
                 off = 0
                 for k, w in enumerate(widths):
                     p = per[k][li]
@@ -353,12 +363,14 @@ class FastForward:
         None when no row has an adapter."""
         if not adapters or not any(adapters):
             return None
-        rows = torch.tensor(adapters, device=self.device)
-        return {site: (owner[None, :] == rows[:, None]).to(self.embed.dtype).unsqueeze(1)
-                for site, owner in self.lora_owner.items()}
+        return lora_masks(self.lora_owner, torch.tensor(adapters, device=self.device), self.embed.dtype)
 
-    def _layer_lora(self, li: int, masks):
-        return {site: (*self.lora_w[li][site], m) for site, m in masks.items()} if masks else None
+    def _layer_lora(self, li: int, masks, src=None):
+        """Layer li's (A_all, B_all, mask) per site, the weights from `src` (as in `_step`), or None."""
+        if not masks:
+            return None
+        lora_w = (self if src is None else src).lora_w[li]
+        return {site: (*lora_w[site], m) for site, m in masks.items()}
 
     @staticmethod
     def _lora(y: torch.Tensor, x: torch.Tensor, lora, key: str) -> torch.Tensor:
@@ -411,7 +423,7 @@ class FastForward:
         mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         rows = torch.arange(n, device=tokens.device).view(n, 1)
         for li, weights in enumerate(src.layers):
-            lora = self._layer_lora(li, groups) if groups else None
+            lora = self._layer_lora(li, groups, src) if groups else None
             x = self._layer(x, cos, sin, mask, rows, pos, ks[li], vs[li], *weights, lora=lora)
         if pick is not None:
             x = x.reshape(n * t, -1)[pick]
@@ -471,7 +483,8 @@ class FastForward:
         the package's own packed one (the 1.5B shape: 3.5 GB of a restart's 9.9 GB resident). The
         transformers modules keep empty weights, as after `_quantize`; what still points into the
         checkpoint's file mapping (norms, biases) is copied out so the mapping goes too. Bytes released.
-        Not for a server with LoRA adapters or speculative decoding: those rows run the eager forward."""
+        Not for speculative decoding (its verify steps run the eager forward), nor for LoRA adapters that
+        are not in the package (lora_compiled)."""
         if self._aot is None or not self.prompt_compiled:
             raise ValueError("release_eager() is for a loaded package that serves prompts too")
         weights = {id(t): t for t in (self.embed, self.head, *(w for ws in self.layers for w in ws[1:]))
@@ -572,19 +585,26 @@ class FastForward:
         """Whether the compiled step is a package (dsr1.serve.aotstep), not torch.compile's."""
         return self._aot is not None
 
-    def _run_compiled(self, ids, pos, cols, cache, pick=None, first: int = 0) -> torch.Tensor:
+    def _run_compiled(self, ids, pos, cols, cache, pick=None, first: int = 0,
+                      adapters: list[int] | None = None) -> torch.Tensor:
         """The compiled step over rows first..first+n-1 of `cache` (ids/pos [n, t]): logits of the tokens
-        `pick` selects (default: every token, row-major), [len(pick), vocab]."""
+        `pick` selects (default: every token, row-major), [len(pick), vocab]. `adapters`: each row's LoRA
+        adapter id (None: the base model), for a package compiled with the adapters (`lora_compiled`)."""
         if pick is None:
             pick = torch.arange(ids.numel(), device=ids.device)
+        if adapters and any(adapters) and not self.lora_compiled:
+            raise ValueError("this compiled step was not compiled with the LoRA adapters")
         ks, vs = cache.k, cache.v
         if first:  # the step's rows are 0..n-1: hand it the cache from row `first` on (views, no copy)
             ks, vs = [k[first:] for k in ks], [v[first:] for v in vs]
         if self._aot is not None:
             if cols.shape[0] < 2:  # below the package's smallest span (no decode step attends to one column)
-                return self._step(ids, pos, cols, ks, vs, pick=pick)
+                return self._step(ids, pos, cols, ks, vs, self._masks(adapters), pick=pick)
             one = self._aot_one is not None and ids.shape == (1, 1) and pick.shape[0] == 1
-            return (self._aot_one if one else self._aot)(ids, pos, cols, ks, vs, self.cos, self.sin, pick)
+            args = (ids, pos, cols, ks, vs, self.cos, self.sin, pick)
+            if self.lora_compiled:  # every row's adapter id, 0 for the base model's rows
+                args += (torch.tensor(adapters or [0] * ids.shape[0], dtype=torch.long, device=ids.device),)
+            return (self._aot_one if one else self._aot)(*args)
         if ids.shape[0] > 1:  # rows and span vary from step to step: one graph for all of them
             for t, dim in ((ids, 0), (pos, 0), (cols, 0), (pick, 0)):
                 torch._dynamo.mark_dynamic(t, dim)
@@ -596,11 +616,18 @@ class FastForward:
         with inductor_config.patch(self._options):
             return self._compiled_step(ids, pos, cols, ks, vs, pick)
 
+    @property
+    def lora_compiled(self) -> bool:
+        """Whether the package was compiled with this model's LoRA adapters (their weights frozen into it,
+        each row's adapter id an input), so that rows with an adapter take it too. Only ahead of time:
+        the step compiled just in time (a GPU, or no disk for the package) runs adapted rows eagerly."""
+        return self._aot is not None and bool(self.lora_owner)
+
     def _prompts_compiled(self, masks) -> bool:
         """Whether prompts go through the compiled package: one was loaded (its token axis is dynamic,
-        so a prompt is one call of it, fused and on its packed weights), no row uses a LoRA adapter, and
-        it was the faster for a prompt on this CPU (measure_rows)."""
-        return self._aot is not None and masks is None and self.prompt_compiled
+        so a prompt is one call of it, fused and on its packed weights), it holds the LoRA adapters of
+        any row that uses one, and it was the faster for a prompt on this CPU (measure_rows)."""
+        return self._aot is not None and (masks is None or self.lora_compiled) and self.prompt_compiled
 
     # -- what the engine calls -----------------------------------------------------------------
     @torch.inference_mode()
@@ -612,8 +639,8 @@ class FastForward:
         pos = torch.tensor(positions, device=dev).view(-1, 1)
         cols = torch.arange(max(positions) + 1, device=dev)
         masks = self._masks(adapters)
-        if masks is None and self.takes_compiled(len(tokens)):
-            return self._run_compiled(ids, pos, cols, cache)
+        if (masks is None or self.lora_compiled) and self.takes_compiled(len(tokens)):
+            return self._run_compiled(ids, pos, cols, cache, adapters=adapters)
         return self._step(ids, pos, cols, cache.k, cache.v, masks)[:, 0]
 
     @torch.inference_mode()
@@ -649,8 +676,12 @@ class FastForward:
                 ids = torch.zeros(n, 1, dtype=torch.long, device=dev)
                 pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
                 cols = torch.arange(2, device=dev)
-                compiled = fastest(lambda: self._run_compiled(ids, pos, cols, cache), repeats)
-                eager = fastest(lambda: self._step(ids, pos, cols, cache.k, cache.v), repeats)
+                # with adapters in the package, rows spread over them: an adapted row costs the eager
+                # forward its LoRA matmuls, the package the same whatever the mix
+                adapters = [i % len(self._lora_src) + 1 for i in range(n)] if self.lora_compiled else None
+                masks = self._masks(adapters)
+                compiled = fastest(lambda: self._run_compiled(ids, pos, cols, cache, adapters=adapters), repeats)
+                eager = fastest(lambda: self._step(ids, pos, cols, cache.k, cache.v, masks), repeats)
                 self.row_timings[n] = (compiled, eager)
         if saved is not None and (self.row_timings != known or prompt != kept_prompt):
             kept = {str(n): t for n, t in self.row_timings.items()}
@@ -705,10 +736,10 @@ class FastForward:
         Eager: a prompt chunk is a few large matmuls, where Python overhead does not matter."""
         masks = self._masks([adapter])
         if self._prompts_compiled(masks):
-            return self._prefill_compiled(cache, slot, tokens, start)
+            return self._prefill_compiled(cache, slot, tokens, start, adapter)
         return self._prefill_eager(cache, slot, tokens, start, masks)
 
-    def _prefill_compiled(self, cache, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+    def _prefill_compiled(self, cache, slot: int, tokens: list[int], start: int, adapter: int = 0) -> torch.Tensor:
         """`prefill` as one call of the package."""
         dev = self.device
         c, end = len(tokens), start + len(tokens)
@@ -716,7 +747,8 @@ class FastForward:
         pos = torch.arange(start, end, device=dev).view(1, c)
         # at least two columns, the package's smallest span; a column past the end is masked
         cols = torch.arange(max(2, end), device=dev)
-        return self._run_compiled(ids, pos, cols, cache, torch.tensor([c - 1], device=dev), first=slot)[0]
+        return self._run_compiled(ids, pos, cols, cache, torch.tensor([c - 1], device=dev), first=slot,
+                                  adapters=[adapter])[0]
 
     def _prefill_eager(self, cache, slot: int, tokens: list[int], start: int, masks) -> torch.Tensor:
         """`prefill` through the eager forward (`masks`: the row's LoRA adapter, or None)."""
@@ -753,7 +785,8 @@ class FastForward:
             # nothing reads them before its own tokens overwrite them, and no real token attends there.
             pos = torch.arange(L, device=dev).repeat(n, 1)
             pick = torch.arange(n, device=dev) * L + lens - 1
-            return self._run_compiled(ids, pos, torch.arange(max(2, L), device=dev), cache, pick, first=first)
+            return self._run_compiled(ids, pos, torch.arange(max(2, L), device=dev), cache, pick, first=first,
+                                      adapters=adapters)
         cols = torch.arange(L, device=dev)
         # causal, and never a padded key; padded queries still see column 0 (no all-masked rows)
         mask = ((cols[None, None, :] <= cols[None, :, None]) & (cols[None, None, :] < lens[:, None, None]))[:, None]
@@ -916,6 +949,27 @@ class FrozenStep(torch.nn.Module):
                     self._add(f"{name}_{i}", t)
         for name in ("embed", "cos", "sin", "norm_w", "head"):
             self._add(name, getattr(ff, name))
+        # LoRA adapters (FastForward._stack's stacked A/B and column owners): frozen into an ahead-of-time
+        # package like the weights, each row's adapter id its input (aotstep._Bounded)
+        self.lora_sites = tuple(ff.lora_owner)
+        for site in self.lora_sites:
+            self._add(f"lora_{site}_owner", ff.lora_owner[site])
+            for i, w in enumerate(ff.lora_w):
+                self._add(f"lora_{site}_a_{i}", w[site][0])
+                self._add(f"lora_{site}_b_{i}", w[site][1])
+
+    def lora_masks(self, adapters: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each row's columns of the stacked adapters (`adapters`: row -> adapter id, 0 none)."""
+        return lora_masks(self.lora_owner, adapters, self.embed.dtype)
+
+    @property
+    def lora_owner(self) -> dict[str, torch.Tensor]:
+        return {site: getattr(self, f"lora_{site}_owner") for site in self.lora_sites}
+
+    @property
+    def lora_w(self) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        return [{site: (getattr(self, f"lora_{site}_a_{i}"), getattr(self, f"lora_{site}_b_{i}"))
+                 for site in self.lora_sites} for i in range(self._n)]
 
     def _add(self, name: str, t) -> None:
         """A weight as parameters (what freezing makes constants): a tensor as `name`; a weight-only one's

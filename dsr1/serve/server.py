@@ -386,10 +386,15 @@ def plan(opts: ServeOptions, progress: Callable[[str], None] = lambda m: None, d
                             "(measured faster there)")
             compile_why += ("; prompts through the compiled step" if model.fast.prompt_compiled else
                             "; prompts eager (measured faster than the compiled step here)")
-            if not eager and model.fast.prompt_compiled and not adapters and proposer is None:
+            if model.fast.lora_compiled:
+                compile_why += f"; LoRA adapters in the compiled step ({len(adapters)})"
+            if not eager and model.fast.prompt_compiled and proposer is None and (not adapters
+                                                                                 or model.fast.lora_compiled):
                 # every batch and prompt takes the package, which holds its own weights: the eager copy goes
                 freed = worker.submit(model.fast.release_eager, model.model).result()
                 compile_why += f"; eager weights released ({freed / 1e9:.1f} GB)"
+        if adapters and not model.fast.lora_compiled:  # compiled just in time (no disk for a package; a GPU)
+            compile_why += "; rows with a LoRA adapter run the eager forward"
     elif worker.submit(model.pack_weights).result():  # False when there is nothing to pack
         # eager bf16 on a CPU: the weights reordered once for oneDNN (dsr1.serve.wquant, PACKED)
         compile_why += "; bf16 weights packed for oneDNN"
