@@ -12,6 +12,7 @@ ratio. Issue 13's target: mixed / base >= 0.7.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -70,6 +71,7 @@ def main() -> int:
         extra = ["--served-model-name", "base", "--max-concurrent", str(args.concurrency), *args.serve_arg]
         for i, a in enumerate(adapters):
             extra += ["--lora", f"a{i}={a}"]
+        os.environ["COLUMNS"] = "2000"  # the server's start report unwrapped in its log (read below)
         with running(args.model, log=Path(tmp) / "serve.log", extra_args=extra) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
             n = args.concurrency
@@ -83,14 +85,8 @@ def main() -> int:
                 mixed.append(wave(client, mixed_models, args.output_len))
                 print(f"round {r + 1}: base {base[-1]:.1f} tok/s, mixed over 3 adapters {mixed[-1]:.1f} tok/s",
                       flush=True)
-        lines = (Path(tmp) / "serve.log").read_text().splitlines()
-        at = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("forward")), None)
-        if at is not None:  # the start report's forward line and its wrapped continuation (indented deeper)
-            indent = len(lines[at]) - len(lines[at].lstrip())
-            end = at + 1
-            while end < len(lines) and len(lines[end]) - len(lines[end].lstrip()) > indent + 2:
-                end += 1
-            print("server:", " ".join(ln.strip() for ln in lines[at:end]))
+        forward = [ln.strip() for ln in (Path(tmp) / "serve.log").read_text().splitlines() if "forward " in ln]
+        print("server:", forward[0] if forward else "(no forward line in its log)")
     b, m = statistics.median(base), statistics.median(mixed)
     print(f"\n{n} concurrent, {args.output_len} output tokens, rank {args.rank} on all 7 projections:")
     print(f"base model      {b:8.1f} tok/s")
