@@ -225,7 +225,7 @@ class FastForward:
             if quant:
                 self._pack_rest(model, quant, head=kept[1] if kept else None)
                 if kept is not None:
-                    self.weights_how = f"weights {'mapped' if quant == 'int4' else 'read'} from an earlier start"
+                    self.weights_how = f"weights {'mapped' if wstore.maps(quant) else 'read'} from an earlier start"
                 elif writer is not None:
                     writer.head(self.head)
                     self.weights_how = (f"weights quantized, not kept ({writer.why_not})" if writer.why_not else
@@ -423,7 +423,7 @@ class FastForward:
         mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         rows = torch.arange(n, device=tokens.device).view(n, 1)
         for li, weights in enumerate(src.layers):
-            lora = self._layer_lora(li, groups, src) if groups else None
+            lora = self._layer_lora(li, groups, src)
             x = self._layer(x, cos, sin, mask, rows, pos, ks[li], vs[li], *weights, lora=lora)
         if pick is not None:
             x = x.reshape(n * t, -1)[pick]

@@ -66,6 +66,13 @@ def key(model, method: str) -> str:
     return f"{method}-{h.hexdigest()[:32]}"
 
 
+def maps(method: str) -> bool:
+    """Whether a kept set of `method` is mapped (used where it lies) rather than read into memory. int4 is
+    used in place; fbgemm copies int8 into its own layout, so mapped, the files' pages stayed resident
+    beside that copy (a 1.5B int8 restart peaked 1.8 GB higher): int8 is read."""
+    return method != "int8"
+
+
 def load(root: Path, name: str, layers: int) -> tuple[list[dict[str, wquant.QuantWeight]], wquant.QuantWeight] | None:
     """The set `name` under `root`: per layer {"qkv", "o", "gu", "d"} -> QuantWeight, and the head; None
     when there is none (or it is damaged: it is removed, and the caller quantizes again)."""
@@ -75,9 +82,7 @@ def load(root: Path, name: str, layers: int) -> tuple[list[dict[str, wquant.Quan
     try:
         if json.loads((where / DONE).read_text())["layers"] != layers:
             raise ValueError("a different layer count")
-        # int4 is used where it lies; fbgemm copies int8 into its own layout, so its files are read, not
-        # mapped (mapped, their pages stayed resident beside the copy: a 1.5B int8 restart peaked 1.8 GB higher)
-        mapped = not name.startswith("int8-")
+        mapped = maps(name.split("-", 1)[0])  # the name is key()'s "<method>-<hash>"
         read = lambda f: torch.load(where / f, mmap=mapped, weights_only=True)  # noqa: E731
         out = [{k: wquant.QuantWeight.from_parts(d) for k, d in read(LAYER.format(i)).items()} for i in range(layers)]
         head = wquant.QuantWeight.from_parts(read(HEAD), lazy=True)  # a compiled step reads it unpacked
