@@ -29,6 +29,11 @@ by its front, so vLLM's peak is not shown). Points are bounded by --duration
 as well as --requests, so a slow point still ends:
 
     python benchmarks/engines.py --shape 1.5b --duration 60 --output-len 64
+
+Each run starts its servers in a fresh DSR1_HOME (removed at the end), so a compiled embedded server
+builds its step inside the bench's 900 s start-up limit. Where that is longer (int4 at the 7B shape
+compiles two libraries), start `dsr1 serve` once by hand with DSR1_HOME=DIR and the same arguments,
+then pass --home DIR: the bench's servers start from the kept step and weights.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,9 +132,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="sweeps per engine, taken in turns (engine A, B, C, A, B, C, ...); each point reports "
                          "the median run, so a noisy neighbour on a shared VM hits every engine alike")
+    ap.add_argument("--home", metavar="DIR",
+                    help="DSR1_HOME for the servers (default: a fresh one per run): one where a server of the same "
+                         "model ran before starts from its compiled step and kept int8/int4 weights instead of "
+                         "building them inside the bench's start-up timeout")
     args = ap.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="bench-home-"))
+    home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="bench-home-"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home)}
     env.pop("DSR1_API_KEY", None)
     wanted = args.only.split(",")
@@ -180,6 +190,8 @@ def main() -> int:
     try:
         return report(args, plan, extra)
     finally:
+        if not args.home:  # a fresh home holds the run's compiled steps and kept weights (GBs at 7B)
+            shutil.rmtree(home, ignore_errors=True)
         if tree is not None:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
 

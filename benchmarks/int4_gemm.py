@@ -3,6 +3,7 @@ packed integers, side by side in one process.
 
     python benchmarks/int4_gemm.py                       # the 1.5B shape's gate|up, rows 1 .. 256
     python benchmarks/int4_gemm.py --backends CPP,ATEN   # let autotune pick ATen's kernel too
+    python benchmarks/int4_gemm.py --dynamic             # one graph over a dynamic row count, as the server's
 
 Why: `--precision int4` runs `_weight_int4pack_mm_for_cpu` (dsr1/serve/wquant.py), which widens the
 weights to floating point again for every few rows: fast at one row, 5x bf16's time at sixteen. With the
@@ -12,6 +13,11 @@ the CPU has them) when `max_autotune` lets it, and the batch size decides which 
 compiled with a static shape (as the one-row library is; the dynamic library's whole step is timed per
 batch size by the server at its first start: FastForward.measure_rows). Printed: ms per matrix eager /
 compiled, and eager / compiled.
+
+--dynamic compiles one graph over a dynamic row count twice: as inductor picks its micro-kernel (AMX tiles
+where the CPU has them, over its own re-blocked copy of the integers, the `step-*.consts` of an int4
+package) and with the AMX kernel withheld (the AVX-512 one, reading the integers where they lie). This is
+the trade behind an int4 package's memory: one layout would mean one of the two speeds.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ def main() -> int:
     ap.add_argument("--rows", default="1,2,4,16,64,256")
     ap.add_argument("--backends", default="CPP", help="inductor's max_autotune_gemm_backends")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dynamic", action="store_true",
+                    help="one dynamic-row graph, inductor's kernel choice against the AMX kernel withheld")
     args = ap.parse_args()
 
     import torch
@@ -66,6 +74,8 @@ def main() -> int:
     m = Eight().eval()
     opts = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": args.backends,
             "autotune_num_choices_displayed": 0}
+    if args.dynamic:
+        return dynamic(m, opts, args, best)
     print(f"CPU: {cpu_line()}; torch {torch.__version__}; [{args.n}, {args.k}] int4, groups of 32; "
           f"backends {args.backends}; a static compile per row count")
     print(f"{'rows':>5} {'eager ms':>9} {'compiled ms':>12} {'eager/compiled':>15}")
@@ -76,6 +86,59 @@ def main() -> int:
             compiled = torch.compile(m, dynamic=False)
             e, c = best(m, x), best(compiled, x)
             print(f"{rows:>5} {e:>9.2f} {c:>12.2f} {e / c:>15.2f}", flush=True)
+    return 0
+
+
+def dynamic(m, opts: dict, args, best) -> int:
+    """Eager against one graph compiled over a dynamic row count, with and without the AMX micro-kernel."""
+    import contextlib
+
+    import torch
+    import torch._inductor.compile_fx  # noqa: F401 - inductor's codegen modules import in this order
+    import torch._inductor.config as inductor_config
+    from torch._inductor.codegen import cpp_micro_gemm
+
+    @contextlib.contextmanager
+    def without_amx():
+        saved = cpp_micro_gemm.micro_gemm_configs.pop(cpp_micro_gemm.CppMicroGemmWoQInt4Amx, None)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                cpp_micro_gemm.micro_gemm_configs[cpp_micro_gemm.CppMicroGemmWoQInt4Amx] = saved
+
+    rows = [int(r) for r in args.rows.split(",")]
+    chosen: list[str] = []
+    make = cpp_micro_gemm.create_micro_gemm
+
+    def record(*a, **kw):
+        out = make(*a, **kw)
+        if out is not None:
+            chosen.append(type(out).__name__)
+        return out
+
+    cpp_micro_gemm.create_micro_gemm = record
+    opts = {**opts, "fx_graph_cache": False}  # the second compile must not reuse the first's code
+    times, kernels = {}, {}
+    with torch.inference_mode(), inductor_config.patch(opts):
+        for name, ctx in (("picked", contextlib.nullcontext), ("no AMX", without_amx)):
+            torch._dynamo.reset()
+            chosen.clear()
+            with ctx():
+                compiled = torch.compile(m)
+                x = torch.randn(3, args.k, dtype=torch.bfloat16)
+                torch._dynamo.mark_dynamic(x, 0)
+                compiled(x)
+            kernels[name] = chosen[-1] if chosen else "?"
+            times[name] = {r: best(compiled, torch.randn(r, args.k, dtype=torch.bfloat16)) for r in rows if r > 1}
+        print(f"CPU: {cpu_line()}; torch {torch.__version__}; [{args.n}, {args.k}] int4, groups of 32; one graph "
+              f"over a dynamic row count: {kernels['picked']} (picked) / {kernels['no AMX']} (AMX withheld)")
+        print(f"{'rows':>5} {'eager ms':>9} {'picked ms':>10} {'no-AMX ms':>10} {'no-AMX/picked':>14}")
+        for r in rows:
+            if r == 1:  # dynamo specialises a one-row call into a static graph of its own: not the dynamic one
+                continue
+            e, a, v = best(m, torch.randn(r, args.k, dtype=torch.bfloat16)), times["picked"][r], times["no AMX"][r]
+            print(f"{r:>5} {e:>9.2f} {a:>10.2f} {v:>10.2f} {v / a:>14.2f}", flush=True)
     return 0
 
 
