@@ -117,20 +117,24 @@ def dynamic(m, opts: dict, args, best) -> int:
             chosen.append(type(out).__name__)
         return out
 
-    cpp_micro_gemm.create_micro_gemm = record
     opts = {**opts, "fx_graph_cache": False}  # the second compile must not reuse the first's code
     times, kernels = {}, {}
-    with torch.inference_mode(), inductor_config.patch(opts):
-        for name, ctx in (("picked", contextlib.nullcontext), ("no AMX", without_amx)):
-            torch._dynamo.reset()
-            chosen.clear()
-            with ctx():
-                compiled = torch.compile(m)
-                x = torch.randn(3, args.k, dtype=torch.bfloat16)
-                torch._dynamo.mark_dynamic(x, 0)
-                compiled(x)
-            kernels[name] = chosen[-1] if chosen else "?"
-            times[name] = {r: best(compiled, torch.randn(r, args.k, dtype=torch.bfloat16)) for r in rows if r > 1}
+    cpp_micro_gemm.create_micro_gemm = record  # which kernel each compile picked (inductor looks it up per call)
+    try:
+        with torch.inference_mode(), inductor_config.patch(opts):
+            for name, ctx in (("picked", contextlib.nullcontext), ("no AMX", without_amx)):
+                torch._dynamo.reset()
+                chosen.clear()
+                with ctx():
+                    compiled = torch.compile(m)
+                    x = torch.randn(3, args.k, dtype=torch.bfloat16)
+                    torch._dynamo.mark_dynamic(x, 0)
+                    compiled(x)
+                kernels[name] = chosen[-1] if chosen else "?"
+                times[name] = {r: best(compiled, torch.randn(r, args.k, dtype=torch.bfloat16)) for r in rows if r > 1}
+    finally:
+        cpp_micro_gemm.create_micro_gemm = make
+    with torch.inference_mode():
         print(f"CPU: {cpu_line()}; torch {torch.__version__}; [{args.n}, {args.k}] int4, groups of 32; one graph "
               f"over a dynamic row count: {kernels['picked']} (picked) / {kernels['no AMX']} (AMX withheld)")
         print(f"{'rows':>5} {'eager ms':>9} {'picked ms':>10} {'no-AMX ms':>10} {'no-AMX/picked':>14}")
