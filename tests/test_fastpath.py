@@ -405,6 +405,40 @@ def test_prefix_cache_blocks_round_trip(fp32_models):
     assert pc.hit_rate() == n / len(prompt)
 
 
+def test_prefix_cache_stores_several_rows_in_one_copy(fp32_models):
+    """store_rows (a burst's prompts in one copy per layer) keeps each block's exact K/V under its key, for
+    rows of different lengths; a pool too small for them keeps the last blocks written, each with its own
+    K/V, and a prompt whose first block was evicted matches nothing."""
+    from dsr1.serve.prefixcache import PrefixCache
+
+    _, fast = fp32_models
+    cache = fast.make_cache(3, 256)
+    mk = lambda budget: PrefixCache(fast.layers, fast.kv_heads, fast.head_dim, fast.dtype,  # noqa: E731
+                                    fast._layer_devices(), budget_bytes=budget, block=16)
+    a = fast.tokenizer("You are a careful assistant. " * 12)["input_ids"][:70]
+    b = fast.tokenizer("Answer in one word, then explain. " * 12)["input_ids"][:41]
+    fast.prefill_rows(cache, 1, [a, b])
+    per_block = 2 * fast.layers * fast.kv_heads * 16 * fast.head_dim * 4  # fp32
+
+    def block_kv(pc, idx, row, first):
+        for li in range(fast.layers):
+            torch.testing.assert_close(pc.k[li][idx], cache.k[li][row, :, first : first + 16], rtol=0, atol=0)
+            torch.testing.assert_close(pc.v[li][idx], cache.v[li][row, :, first : first + 16], rtol=0, atol=0)
+
+    pc = mk(64 * 2**20)
+    pc.store_rows(cache, [(1, a), (2, b)])
+    for row, prompt in ((1, a), (2, b)):
+        hits = pc.match(prompt)
+        assert len(hits) == (len(prompt) - 1) // 16
+        for i, idx in enumerate(hits):
+            block_kv(pc, idx, row, 16 * i)
+    small = mk(3 * per_block)  # three blocks for the six of a and b
+    small.store_rows(cache, [(1, a), (2, b)])
+    assert small.match(a) == [] and len(small.match(b)) == 2  # a's blocks went to b's
+    for i, idx in enumerate(small.match(b)):
+        block_kv(small, idx, 2, 16 * i)
+
+
 def test_ngram_proposer_drafts_what_followed_the_last_occurrence():
     from dsr1.serve.speculative import NgramProposer
 

@@ -120,3 +120,93 @@ def test_the_budget_is_capped():
     assert s._budget() == 256 * 2
     s._rows, s._waiting = [], []
     assert s._budget() == 256 * QUEUE_CHUNKS
+
+
+def _events_model(demo_model_dir):
+    """(worker, model, events): like _recording_model, and the whole-prompt forwards (their prompt
+    count), single-prompt chunks ("chunk") and decode steps ("decode") in the order they ran."""
+    worker, model, _ = _recording_model(demo_model_dir)
+    events: list = []
+    rows, chunk, decode = model.prefill_rows, model.prefill, model.decode
+
+    def prefill_rows(cache, first, prompts, *a, **k):
+        events.append(len(prompts))
+        return rows(cache, first, prompts, *a, **k)
+
+    def prefill(*a, **k):
+        events.append("chunk")
+        return chunk(*a, **k)
+
+    def dec(*a, **k):
+        events.append("decode")
+        return decode(*a, **k)
+
+    model.prefill_rows, model.prefill, model.decode = prefill_rows, prefill, dec
+    return worker, model, events
+
+
+def _burst(sched, prompts: list[list[int]], n: int = 3) -> None:
+    """Submit every prompt within one iteration of the engine loop (as a burst that arrives together)
+    and wait for all of them to finish."""
+    done = [threading.Event() for _ in prompts]
+    with sched._lock:
+        for ids, ev in zip(prompts, done):
+            sched.submit(Request(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+                                 lambda e, ev=ev: e.finish_reason and ev.set()))
+    for ev in done:
+        assert ev.wait(120)
+
+
+def test_a_burst_at_an_idle_engine_is_prefilled_before_the_first_decode_step(demo_model_dir):
+    """Eight prompts reach an idle engine together: prefilled in two forwards of four back to back, with
+    no decode step between (the first four's tokens wait one forward, the last four do not also wait for
+    a decode step). With a chunk one token shorter than each prompt, three fit a forward, and the one
+    left over waits for the next forward whole instead of starting in a chunk of what the budget had left."""
+    worker, model, events = _events_model(demo_model_dir)
+    prompts = [model.tokenizer(f"Question {i}: what is {i} plus {i}? Answer briefly.")["input_ids"] for i in range(8)]
+    length = len(prompts[0])
+    assert {len(p) for p in prompts} == {length}
+    try:
+        sched = Scheduler(model, max_concurrent=8, max_queue=8, max_model_len=256, prefill_chunk=length, worker=worker)
+        sched.start()
+        _burst(sched, prompts)
+        sched.shutdown()
+        assert events[:3] == [4, 4, "decode"], events
+        events.clear()
+        sched = Scheduler(model, max_concurrent=8, max_queue=8, max_model_len=256, prefill_chunk=length - 1,
+                          worker=worker)
+        sched.start()
+        _burst(sched, prompts)
+        sched.shutdown()
+        # 3 + 3 whole; of the last two one fits a budget of 2 chunks; the last, alone, is longer than a chunk
+        assert events[:5] == [3, 3, 1, "chunk", "decode"], events
+    finally:
+        worker.shutdown()
+
+
+def test_a_burst_sharing_a_beginning_reuses_what_its_first_forward_computed(demo_model_dir):
+    """The prefix cache takes a burst's prompts after their first tokens went out, but a waiting prompt
+    whose first block a just-prefilled prompt shares stores them first, so it loads that block."""
+    from dsr1.serve.prefixcache import PrefixCache
+
+    worker, model, events = _events_model(demo_model_dir)
+    shared = "You are a careful assistant who answers in one short sentence. " * 3
+    prompts = [model.tokenizer(shared + f"Question {i}: what is {i} plus {i}?")["input_ids"] for i in range(6)]
+    pc: list[PrefixCache] = []
+
+    def factory(cache):
+        pc.append(PrefixCache(model.layers, model.kv_heads, model.head_dim, model.dtype, model._layer_devices(),
+                              budget_bytes=32 * 2**20, block=16))
+        return pc[0]
+
+    try:
+        sched = Scheduler(model, max_concurrent=8, max_queue=8, max_model_len=256, prefill_chunk=len(prompts[0]),
+                          worker=worker, prefix_cache=factory)
+        sched.start()
+        _burst(sched, prompts)
+        sched.shutdown()
+    finally:
+        worker.shutdown()
+    assert events[0] == 4, events  # nothing cached yet: four whole prompts in one forward
+    blocks = len(model.tokenizer(shared)["input_ids"]) // 16
+    assert pc[0].hit_tokens >= 2 * blocks * 16, (pc[0].hit_tokens, events)  # the other two loaded the shared blocks

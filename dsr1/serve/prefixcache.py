@@ -79,21 +79,41 @@ class PrefixCache:
 
     def store(self, cache, row: int, tokens: list[int]) -> None:
         """Keep the full blocks of a prompt just prefilled into cache row `row`."""
+        self.store_rows(cache, [(row, tokens)])
+
+    def store_rows(self, cache, rows: list[tuple[int, list[int]]]) -> None:
+        """`store` for several (row, prompt) pairs at once: every new block of all of them in one copy per
+        layer for K and one for V, not one per block and layer (960 for a burst of four 256-token prompts on
+        the demo model: 17-20 ms; this 11-16 ms, 2-core Xeon; the scheduler makes it after their first tokens).
+        Why not huge pages for the pool, whose first writes fault per 4 KiB: with them the copy took 11 ms
+        but now and then 250-280 ms, the kernel compacting memory for a 2 MiB page (THP defrag `madvise`)."""
         if not self.capacity:
             return
-        for i, key in enumerate(self._keys(tokens, len(tokens) // self.block)):
-            if key in self._index:
-                self._index.move_to_end(key)
-                continue
-            if self._free:
-                idx = self._free.pop()
-            else:  # evict the least recently used block (a child of it just becomes unreachable)
-                _, idx = self._index.popitem(last=False)
-            a, b = i * self.block, (i + 1) * self.block
-            for li, (ck, cv) in enumerate(zip(cache.k, cache.v)):
-                self.k[li][idx] = ck[row, :, a:b]
-                self.v[li][idx] = cv[row, :, a:b]
-            self._index[key] = idx
+        dst: dict[int, tuple[int, int]] = {}  # pool slot -> (cache row, first position)
+        for row, tokens in rows:
+            for i, key in enumerate(self._keys(tokens, len(tokens) // self.block)):
+                if key in self._index:
+                    self._index.move_to_end(key)
+                    continue
+                if self._free:
+                    idx = self._free.pop()
+                else:  # evict the least recently used block (a child of it just becomes unreachable)
+                    _, idx = self._index.popitem(last=False)
+                # a pool smaller than what is stored evicts blocks stored a moment ago: a slot's last writer wins
+                dst[idx] = (row, i * self.block)
+                self._index[key] = idx
+        if not dst:
+            return
+        B = self.block
+        slots = torch.tensor(list(dst))
+        where = torch.tensor(list(dst.values()))  # [n, 2]: (row, first position) of each block
+        r = where[:, 0, None].expand(-1, B)  # [n, B]
+        p = where[:, 1, None] + torch.arange(B)  # [n, B]
+        for li, (ck, cv) in enumerate(zip(cache.k, cache.v)):
+            for pool, src in ((self.k[li], ck), (self.v[li], cv)):
+                # [n, B, kv, d] (the two indexed dimensions first) -> the pool's [n, kv, B, d]
+                part = src[r.to(src.device), :, p.to(src.device)].transpose(1, 2)
+                pool.index_copy_(0, slots.to(pool.device), part.to(pool.device))
 
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
