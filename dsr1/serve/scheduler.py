@@ -198,6 +198,7 @@ class Scheduler:
                 self._decode_step()
             except Exception:  # a failed forward must not kill the server: fail the requests in it
                 log.exception("engine step failed")
+                self._to_store.clear()  # after a failed forward the rows' K/V are not worth keeping
                 for req in list(self._rows):
                     self._finish(req, "error")
         for req in list(self._rows) + list(self._waiting) + self._inbox:
