@@ -394,7 +394,7 @@ def test_prefix_cache_blocks_round_trip(fp32_models):
                      budget_bytes=64 * 2**20, block=16)
     prompt = fast.tokenizer("You are a careful assistant. " * 12)["input_ids"][:100]
     want = fast.prefill(cache, 0, prompt, 0)
-    pc.store(cache, 0, prompt)
+    pc.store_rows(cache, [(0, prompt)])
     hits = pc.match(prompt)
     assert len(hits) == (len(prompt) - 1) // 16  # at least one token left to compute
     n = pc.load(cache, 1, hits, len(prompt))

@@ -77,13 +77,9 @@ class PrefixCache:
         """A prompt prefilled from scratch (nothing matched): asked for, none found."""
         self.queried_tokens += prompt_tokens
 
-    def store(self, cache, row: int, tokens: list[int]) -> None:
-        """Keep the full blocks of a prompt just prefilled into cache row `row`."""
-        self.store_rows(cache, [(row, tokens)])
-
     def store_rows(self, cache, rows: list[tuple[int, list[int]]]) -> None:
-        """`store` for several (row, prompt) pairs at once: every new block of all of them in one copy per
-        layer for K and one for V, not one per block and layer (960 for a burst of four 256-token prompts on
+        """Keep the full blocks of prompts just prefilled, each (cache row, its tokens): every new block of
+        all of them in one copy per layer for K and one for V, not one per block and layer (960 for a burst of four 256-token prompts on
         the demo model: 17-20 ms; this 11-16 ms, 2-core Xeon; the scheduler makes it after their first tokens).
         Why not huge pages for the pool, whose first writes fault per 4 KiB: with them the copy took 11 ms
         but now and then 250-280 ms, the kernel compacting memory for a 2 MiB page (THP defrag `madvise`)."""

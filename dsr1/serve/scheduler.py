@@ -288,9 +288,9 @@ class Scheduler:
         # what is left of the budget starts the next prompt in chunks if it is long (more than a whole
         # budget) or cached in part; one that fits a budget of its own waits for the next forward whole:
         # split by a leftover, a 257-token prompt after three of 256 took two forwards (244 + 13 tokens)
-        head = len(self._waiting[0].prompt_ids) if self._waiting else 0
+        head_len = len(self._waiting[0].prompt_ids) if self._waiting else 0
         if budget > 0 and self._waiting and len(self._rows) < self.max_concurrent \
-                and (hits or head > budget and not (fresh and head <= full)):
+                and (hits or head_len > budget and not (fresh and head_len <= full)):
             req = self._waiting.popleft()
             req.state, req.slot = PREFILL, len(self._rows)
             req.gen = None if req.params.greedy else make_generator(req.params.seed)
