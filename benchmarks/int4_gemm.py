@@ -4,6 +4,7 @@ packed integers, side by side in one process.
     python benchmarks/int4_gemm.py                       # the 1.5B shape's gate|up, rows 1 .. 256
     python benchmarks/int4_gemm.py --backends CPP,ATEN   # let autotune pick ATen's kernel too
     python benchmarks/int4_gemm.py --dynamic             # one graph over a dynamic row count, as the server's
+    python benchmarks/int4_gemm.py --rows 1 --mats 64    # one row, weights streamed from memory (1.1 GB)
 
 Why: `--precision int4` runs `_weight_int4pack_mm_for_cpu` (dsr1/serve/wquant.py), which widens the
 weights to floating point again for every few rows: fast at one row, 5x bf16's time at sixteen. With the
@@ -12,7 +13,10 @@ the CPU has them) when `max_autotune` lets it, and the batch size decides which 
 [--n, --k] matrices (groups of 32) are applied in turn so that nothing stays in cache; each row count is
 compiled with a static shape (as the one-row library is; the dynamic library's whole step is timed per
 batch size by the server at its first start: FastForward.measure_rows). Printed: ms per matrix eager /
-compiled, and eager / compiled.
+compiled as inductor writes it / compiled with dsr1's one-row path (dsr1/serve/int4_onerow.py, which
+changes only a one-row call), and eager / dsr1's. `--mats`: how many distinct matrices; eight of the
+1.5B shape's gate|up (138 MB) fit the last-level cache of some CPUs (the 2-core Xeon here reports 480 MiB),
+so what a decode step sees, weights streamed from memory, takes `--mats 64`.
 
 --dynamic compiles one graph over a dynamic row count twice: as inductor picks its micro-kernel (AMX tiles
 where the CPU has them, over its own re-blocked copy of the integers, the `step-*.consts` of an int4
@@ -23,6 +27,7 @@ the trade behind an int4 package's memory: one layout would mean one of the two 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -39,6 +44,7 @@ def main() -> int:
     ap.add_argument("--rows", default="1,2,4,16,64,256")
     ap.add_argument("--backends", default="CPP", help="inductor's max_autotune_gemm_backends")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--mats", type=int, default=8, help="distinct matrices applied in turn (64: beyond the cache)")
     ap.add_argument("--dynamic", action="store_true",
                     help="one dynamic-row graph, inductor's kernel choice against the AMX kernel withheld")
     args = ap.parse_args()
@@ -46,10 +52,11 @@ def main() -> int:
     import torch
     import torch._inductor.config as inductor_config
 
+    from dsr1.serve.int4_onerow import patched
     from dsr1.serve.wquant import QuantWeight
 
     torch.manual_seed(0)
-    mats = [QuantWeight(torch.randn(args.n, args.k, dtype=torch.bfloat16) * 0.02, "int4") for _ in range(8)]
+    mats = [QuantWeight(torch.randn(args.n, args.k, dtype=torch.bfloat16) * 0.02, "int4") for _ in range(args.mats)]
 
     class Eight(torch.nn.Module):
         def __init__(self):
@@ -76,23 +83,29 @@ def main() -> int:
             "autotune_num_choices_displayed": 0}
     if args.dynamic:
         return dynamic(m, opts, args, best)
-    print(f"CPU: {cpu_line()}; torch {torch.__version__}; [{args.n}, {args.k}] int4, groups of 32; "
+    print(f"CPU: {cpu_line()}; torch {torch.__version__}; {args.mats} x [{args.n}, {args.k}] int4, groups of 32; "
           f"backends {args.backends}; a static compile per row count")
-    print(f"{'rows':>5} {'eager ms':>9} {'compiled ms':>12} {'eager/compiled':>15}")
+    print(f"{'rows':>5} {'eager ms':>9} {'inductor ms':>12} {'dsr1 ms':>8} {'eager/dsr1':>11} {'GB/s (dsr1)':>12}")
+    size = mats[0].q.nbytes + mats[0].scales.nbytes
+    opts = {**opts, "fx_graph_cache": False}  # the second compile of a row count must not reuse the first's code
     with torch.inference_mode(), inductor_config.patch(opts):
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, args.k, dtype=torch.bfloat16)
-            torch._dynamo.reset()
-            compiled = torch.compile(m, dynamic=False)
-            e, c = best(m, x), best(compiled, x)
-            print(f"{rows:>5} {e:>9.2f} {c:>12.2f} {e / c:>15.2f}", flush=True)
+            times = []
+            for way in (contextlib.nullcontext, patched):
+                torch._dynamo.reset()
+                with way():
+                    compiled = torch.compile(m, dynamic=False)
+                    compiled(x)
+                times.append(best(compiled, x))
+            e = best(m, x)
+            print(f"{rows:>5} {e:>9.3f} {times[0]:>12.3f} {times[1]:>8.3f} {e / times[1]:>11.2f} "
+                  f"{size / times[1] / 1e6:>12.1f}", flush=True)
     return 0
 
 
 def dynamic(m, opts: dict, args, best) -> int:
     """Eager against one graph compiled over a dynamic row count, with and without the AMX micro-kernel."""
-    import contextlib
-
     import torch
     import torch._inductor.compile_fx  # noqa: F401 - inductor's codegen modules import in this order
     import torch._inductor.config as inductor_config

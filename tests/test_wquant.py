@@ -104,6 +104,52 @@ def test_packed_bf16_decodes_as_the_plain_weights(demo_model_dir):
     assert not m.pack_weights()  # once
 
 
+@pytest.mark.skipif("avx512" not in torch.backends.cpu.get_cpu_capability().lower(),
+                    reason="inductor's AVX-512 int4 micro-kernel needs AVX-512")
+def test_int4_one_row_kernel_matches_eager_and_is_compiled_in(tmp_path, monkeypatch):
+    """dsr1's one-row path in inductor's AVX-512 int4 micro-kernel (dsr1.serve.int4_onerow): compiled in
+    when dsr1 compiles (its text in the generated code), not otherwise (inductor's template is left as it
+    was), and one row's product equals eager int4's to bf16 rounding: a K long enough that the template
+    splits it (calls that start mid-row, accumulating), one short, groups of 32."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from dsr1.serve import int4_onerow
+    from dsr1.serve.fastpath import compile_options, compiling
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    ws = [wquant.QuantWeight(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, "int4") for n, k in ((256, 1536), (192, 64))]
+
+    class Two(torch.nn.Module):  # the weights as parameters: frozen into the graph, as the step's are
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.ParameterList([torch.nn.Parameter(w.q, requires_grad=False) for w in ws])
+            self.s = torch.nn.ParameterList([torch.nn.Parameter(w.scales, requires_grad=False) for w in ws])
+
+        def forward(self, x1, x2):
+            return [torch._weight_int4pack_mm_for_cpu(x, q, ws[0].group, s) for x, q, s in zip((x1, x2), self.q, self.s)]
+
+    xs = (torch.randn(1, 1536, dtype=torch.bfloat16), torch.randn(1, 64, dtype=torch.bfloat16))
+    template = int4_onerow._kernel_class().TEMPLATE_KERNEL
+    options = {**compile_options(torch.bfloat16, torch.device("cpu")), "fx_graph_cache": False}
+    model = Two().eval()
+    with torch.inference_mode():
+        ref = model(*xs)
+        torch._dynamo.reset()
+        with compiling(options):
+            got, code = run_and_get_code(torch.compile(model, dynamic=False), *xs)
+        assert int4_onerow._kernel_class().TEMPLATE_KERNEL == template  # restored
+        assert "dsr1 one-row path" in "".join(code)
+        for g, r in zip(got, ref):
+            assert (g.float() - r.float()).abs().max() <= 0.01 * r.float().abs().max()
+        torch._dynamo.reset()
+        with inductor_config.patch(options):  # inductor's own kernel outside dsr1's compiles
+            plain, code = run_and_get_code(torch.compile(model, dynamic=False), *xs)
+        assert "dsr1 one-row path" not in "".join(code) and "WoQInt4" not in int4_onerow.ONE_ROW
+        assert all(torch.equal(p, r) for p, r in zip(plain, ref))  # the same kernel as eager's, to the bit
+
+
 def _one_row_args(ff, cache, step):
     """The arguments the compiled step takes for row 0's next token (FastForward.decode's)."""
     (tok, *_), (p, *_) = step

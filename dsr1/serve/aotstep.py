@@ -40,7 +40,7 @@ import torch
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 from dsr1.fsutil import free_bytes
-from dsr1.serve import pages
+from dsr1.serve import int4_onerow, pages
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,11 @@ def package_key(step: torch.nn.Module, options: dict) -> str:
     shapes = {k: getattr(ff, k) for k in ("heads", "kv_heads", "head_dim", "group", "q_size", "kv_size", "inter",
                                           "eps", "scale") if hasattr(ff, k)}
     meta = {"shapes": shapes, "torch": torch.__version__, "cpu": cpu_identity(), "options": options,
-            # the forward's module (dsr1.serve.fastpath, found from the step: no import cycle) and this one
+            # the forward's module (dsr1.serve.fastpath, found from the step: no import cycle), this one and
+            # the one-row int4 kernel compiled into it
             "code": hashlib.sha256((inspect.getsource(inspect.getmodule(type(ff)))
-                                    + inspect.getsource(inspect.getmodule(package_key))).encode()).hexdigest()}
+                                    + inspect.getsource(inspect.getmodule(package_key))
+                                    + int4_onerow.ONE_ROW).encode()).hexdigest()}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
@@ -239,7 +241,7 @@ def _compile(program, options: dict, apart: bool) -> tuple[str, dict[str, torch.
     args, kwargs = program.example_inputs
     extra = ({"aot_inductor.package_constants_in_so": False,
               "aot_inductor.package_constants_on_disk_format": "pickle_weights"} if apart else {})
-    with _unique_constant_names():
+    with _unique_constant_names(), int4_onerow.patched():
         out = torch._inductor.aot_compile(gm, args, kwargs, options={**options, "aot_inductor.package": True, **extra})
     out = [out] if isinstance(out, str) else out
     libraries = [f for f in out if isinstance(f, str) and f.endswith(".so")]

@@ -21,6 +21,7 @@ compiled and eager steps are timed again per batch size once the whole step is b
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ GAIN = 1.1  # compiled must be this much faster at one row: it costs minutes at 
 
 
 def _key(ff) -> str:
+    from dsr1.serve import int4_onerow
     from dsr1.serve.aotstep import cpu_identity
     from dsr1.serve.fastpath import compile_options
 
@@ -38,6 +40,8 @@ def _key(ff) -> str:
     head = ff.head.shape if hasattr(ff.head, "shape") else None
     # the GEMM kernels the step may compile to: a measurement with other choices says nothing of these
     gemm = compile_options(ff.embed.dtype, ff.device)["max_autotune_gemm_backends"]
+    if ff.quant == "int4":  # and the one-row kernel dsr1 compiles int4 steps with
+        gemm += " " + hashlib.sha256(int4_onerow.ONE_ROW.encode()).hexdigest()[:12]
     return (f"{cpu_identity()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{ff.embed.dtype}|"
             f"{ff.quant or 'plain'}|"
             f"{shapes}|head {tuple(head) if head else None}|layers {len(ff.layers)}|probe {PROBE_LAYERS}|gemm {gemm}|"
@@ -65,9 +69,7 @@ class _Packed:
 
 @torch.inference_mode()
 def _measure(ff, rows: int = 1) -> dict[str, float]:
-    import torch._inductor.config as inductor_config
-
-    from dsr1.serve.fastpath import FrozenStep, compile_options, fastest
+    from dsr1.serve.fastpath import FrozenStep, compile_options, compiling, fastest
     from dsr1.serve.wquant import can_pack
 
     layers = len(ff.layers)
@@ -89,7 +91,7 @@ def _measure(ff, rows: int = 1) -> dict[str, float]:
         compiled = torch.compile(probe)
 
         def run_compiled():
-            with inductor_config.patch(options):
+            with compiling(options):
                 return compiled(ids, pos, cols, ks[:n], vs[:n])
 
         run_compiled()

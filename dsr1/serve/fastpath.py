@@ -29,6 +29,7 @@ one real device takes this path; device_map offload keeps the transformers forwa
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -611,9 +612,7 @@ class FastForward:
         # The options as a config patch around every call, not torch.compile(options=): freezing
         # given that way was silently not applied (the weights stayed graph inputs, and the step
         # 1.6x slower). Around every call, so a recompile gets them too.
-        import torch._inductor.config as inductor_config
-
-        with inductor_config.patch(self._options):
+        with compiling(self._options):
             return self._compiled_step(ids, pos, cols, ks, vs, pick)
 
     @property
@@ -905,6 +904,18 @@ def fastest(fn, repeats: int) -> float:
 # max_autotune_report_choices_stats off: the same for its "Autotune Choices Stats" JSON lines.
 COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+
+
+@contextlib.contextmanager
+def compiling(options: dict):
+    """Around every compile of the step (just in time here, ahead of time in aotstep, the probe in
+    compileprobe): inductor's options and dsr1's one-row int4 kernel (dsr1.serve.int4_onerow)."""
+    import torch._inductor.config as inductor_config
+
+    from dsr1.serve import int4_onerow
+
+    with inductor_config.patch(options), int4_onerow.patched():
+        yield
 
 
 def compile_options(dtype: torch.dtype, device: torch.device) -> dict:
