@@ -62,6 +62,8 @@ def installed(engines_home: Path, name: str) -> dict | None:
 
 def sweep(label: str, model: str, serve_args: list[str], args, env: dict) -> dict[int, dict]:
     out = Path(tempfile.mkdtemp(prefix=f"bench-{label.replace(' #', '-')}-"))
+    if Path(model).exists():  # the bench runs from the code's root (below): a relative path would move
+        model = str(Path(model).resolve())
     cmd = [sys.executable, "-m", "dsr1", "bench", model, "--concurrency", args.concurrency,
            "--requests", str(args.requests), "--input-len", str(args.input_len), "--output-len",
            str(args.output_len), "--out", str(out), "--no-plots", "--json", "--server-timeout", "900"]
@@ -73,7 +75,10 @@ def sweep(label: str, model: str, serve_args: list[str], args, env: dict) -> dic
         cmd += ["--serve-arg", a]
     print(f"# {label}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
+        # run from the code's own root: `python -m` puts the working directory first on sys.path, so from
+        # the repository's root a baseline's PYTHONPATH (its worktree) was shadowed by the working tree
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env,
+                                cwd=env.get("PYTHONPATH", str(REPO)))
         # wait4, not wait: its rusage's ru_maxrss covers the bench and every process it reaped (the
         # server, and the engine the server reaped), i.e. the peak RSS of the largest one (KiB)
         _, status, usage = os.wait4(proc.pid, 0)

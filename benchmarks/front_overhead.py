@@ -35,8 +35,10 @@ from engines import installed  # noqa: E402
 
 def start(args_: list[str], env: dict) -> tuple[subprocess.Popen, str, str, list[str]]:
     """`dsr1 serve ARGS --port 0`: (process, front URL, engine URL or "", its log lines)."""
+    # from the code's own root: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
     proc = subprocess.Popen([sys.executable, "-m", "dsr1", "serve", *args_, "--port", "0"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=env.get("PYTHONPATH", str(REPO)))
     lines: list[str] = []
     deadline = time.monotonic() + 900
     for line in proc.stderr:

@@ -106,11 +106,13 @@ def test_packed_bf16_decodes_as_the_plain_weights(demo_model_dir):
 
 @pytest.mark.skipif("avx512" not in torch.backends.cpu.get_cpu_capability().lower(),
                     reason="inductor's AVX-512 int4 micro-kernel needs AVX-512")
-def test_int4_one_row_kernel_matches_eager_and_is_compiled_in(tmp_path, monkeypatch):
-    """dsr1's one-row path in inductor's AVX-512 int4 micro-kernel (dsr1.serve.int4_onerow): compiled in
-    when dsr1 compiles (its text in the generated code), not otherwise (inductor's template is left as it
-    was), and one row's product equals eager int4's to bf16 rounding: a K long enough that the template
-    splits it (calls that start mid-row, accumulating), one short, groups of 32."""
+def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
+    """dsr1's one-row kernels (dsr1.serve.int4_onerow): the int4 path in inductor's AVX-512 int4
+    micro-kernel and the int8 head's prefetch are compiled in when dsr1 compiles (their text in the
+    generated code), not otherwise (inductor's templates are left as they were). One row's int4 product
+    equals eager int4's to bf16 rounding (a K long enough that the template splits it: calls that start
+    mid-row and accumulate; a short one; groups of 32); the int8 one, whose arithmetic is unchanged, equals
+    inductor's own to the bit."""
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
@@ -120,34 +122,39 @@ def test_int4_one_row_kernel_matches_eager_and_is_compiled_in(tmp_path, monkeypa
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(0)
     ws = [wquant.QuantWeight(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, "int4") for n, k in ((256, 1536), (192, 64))]
+    head = wquant.QuantWeight(torch.randn(512, 1536, dtype=torch.bfloat16) * 0.02, "int8").frozen()
 
-    class Two(torch.nn.Module):  # the weights as parameters: frozen into the graph, as the step's are
+    class Three(torch.nn.Module):  # the weights as parameters: frozen into the graph, as the step's are
         def __init__(self):
             super().__init__()
             self.q = torch.nn.ParameterList([torch.nn.Parameter(w.q, requires_grad=False) for w in ws])
             self.s = torch.nn.ParameterList([torch.nn.Parameter(w.scales, requires_grad=False) for w in ws])
+            self.hq = torch.nn.Parameter(head.q, requires_grad=False)
+            self.hs = torch.nn.Parameter(head.scales, requires_grad=False)
 
         def forward(self, x1, x2):
-            return [torch._weight_int4pack_mm_for_cpu(x, q, ws[0].group, s) for x, q, s in zip((x1, x2), self.q, self.s)]
+            return [*(torch._weight_int4pack_mm_for_cpu(x, q, ws[0].group, s) for x, q, s in zip((x1, x2), self.q, self.s)),
+                    torch._weight_int8pack_mm(x1, self.hq, self.hs)]
 
     xs = (torch.randn(1, 1536, dtype=torch.bfloat16), torch.randn(1, 64, dtype=torch.bfloat16))
-    template = int4_onerow._kernel_class().TEMPLATE_KERNEL
+    templates = [cls.TEMPLATE_KERNEL for cls, *_ in int4_onerow._edits()]
     options = {**compile_options(torch.bfloat16, torch.device("cpu")), "fx_graph_cache": False}
-    model = Two().eval()
+    model = Three().eval()
     with torch.inference_mode():
         ref = model(*xs)
         torch._dynamo.reset()
         with compiling(options):
             got, code = run_and_get_code(torch.compile(model, dynamic=False), *xs)
-        assert int4_onerow._kernel_class().TEMPLATE_KERNEL == template  # restored
-        assert "dsr1 one-row path" in "".join(code)
-        for g, r in zip(got, ref):
+        assert [cls.TEMPLATE_KERNEL for cls, *_ in int4_onerow._edits()] == templates  # restored
+        assert "dsr1 one-row path" in "".join(code) and "dsr1: further ahead" in "".join(code)
+        for g, r in zip(got[:2], ref):
             assert (g.float() - r.float()).abs().max() <= 0.01 * r.float().abs().max()
         torch._dynamo.reset()
-        with inductor_config.patch(options):  # inductor's own kernel outside dsr1's compiles
+        with inductor_config.patch(options):  # inductor's own kernels outside dsr1's compiles
             plain, code = run_and_get_code(torch.compile(model, dynamic=False), *xs)
-        assert "dsr1 one-row path" not in "".join(code) and "WoQInt4" not in int4_onerow.ONE_ROW
-        assert all(torch.equal(p, r) for p, r in zip(plain, ref))  # the same kernel as eager's, to the bit
+        assert "dsr1 one-row path" not in "".join(code) and "dsr1: further ahead" not in "".join(code)
+        assert all(torch.equal(p, r) for p, r in zip(plain[:2], ref))  # inductor's int4 kernel: eager's sums
+        assert torch.equal(got[2], plain[2])
 
 
 def _one_row_args(ff, cache, step):

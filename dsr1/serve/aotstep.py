@@ -101,7 +101,7 @@ def package_key(step: torch.nn.Module, options: dict) -> str:
             # the one-row int4 kernel compiled into it
             "code": hashlib.sha256((inspect.getsource(inspect.getmodule(type(ff)))
                                     + inspect.getsource(inspect.getmodule(package_key))
-                                    + int4_onerow.ONE_ROW).encode()).hexdigest()}
+                                    + int4_onerow.TEXT).encode()).hexdigest()}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 

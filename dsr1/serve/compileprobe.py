@@ -41,7 +41,7 @@ def _key(ff) -> str:
     # the GEMM kernels the step may compile to: a measurement with other choices says nothing of these
     gemm = compile_options(ff.embed.dtype, ff.device)["max_autotune_gemm_backends"]
     if ff.quant == "int4":  # and the one-row kernel dsr1 compiles int4 steps with
-        gemm += " " + hashlib.sha256(int4_onerow.ONE_ROW.encode()).hexdigest()[:12]
+        gemm += " " + hashlib.sha256(int4_onerow.TEXT.encode()).hexdigest()[:12]
     return (f"{cpu_identity()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{ff.embed.dtype}|"
             f"{ff.quant or 'plain'}|"
             f"{shapes}|head {tuple(head) if head else None}|layers {len(ff.layers)}|probe {PROBE_LAYERS}|gemm {gemm}|"

@@ -12,7 +12,8 @@ another order, fp32 throughout), and prefetches further ahead: 1.02-1.11 ms (16-
 inductor's code, which shares each widened weight between the rows.
 
 Applied as a patch of the template's text while dsr1 compiles (`patched`), never left in place: other
-compiles in the process get inductor's own. The text is part of the compiled package's key
+compiles in the process get inductor's own, and inductor's graph cache is off meanwhile (its key does
+not see the text). The text is part of the compiled package's key
 (dsr1.serve.aotstep), so a package built with or without it is never loaded by the other.
 """
 
@@ -66,28 +67,59 @@ ONE_ROW = r"""
 """
 
 
-def _kernel_class():
-    import torch._inductor.compile_fx  # noqa: F401 - inductor's codegen modules import in this order
-    from torch._inductor.codegen import cpp_micro_gemm
+# The int8 LM head of an int4 model, at one row known at compile time, runs inductor's small-row int8
+# template over the generic vector micro-kernel, which prefetches 64 weight rows (2 KB) ahead: 14.2-14.3 ms
+# for R1-Distill-Qwen-1.5B's head ([151936, 1536], 233 MB) streamed from memory, 16.4 GB/s. 256 rows ahead:
+# 10.3-11.0 ms (21-23 GB/s, 2-core Xeon with AMX). The line is only compiled where that template asks the
+# kernel to prefetch (`prefetch` true: int8 weights at a static row count below 16).
+_HEAD_PREFETCH = ("_mm_prefetch(B + (k + {{block_k}}) * ldb + col * VLEN, _MM_HINT_T0);",
+                  "_mm_prefetch(B + (k + 256) * ldb + col * VLEN, _MM_HINT_T0);  // dsr1: further ahead")
 
-    return getattr(cpp_micro_gemm, "CppMicroGemmWoQInt4Avx512", None)
+TEXT = ONE_ROW + _HEAD_PREFETCH[1]  # what compiled code depends on (aotstep's package key, the probe's)
+
+
+def _edits() -> list[tuple[type, str, str]]:
+    """(inductor micro-kernel class, text of its TEMPLATE_KERNEL to find, what replaces it)."""
+    import torch._inductor.compile_fx  # noqa: F401 - inductor's codegen modules import in this order
+    from torch._inductor.codegen import cpp_micro_gemm as mg
+
+    edits = []
+    if hasattr(mg, "CppMicroGemmWoQInt4Avx512"):
+        edits.append((mg.CppMicroGemmWoQInt4Avx512, _MARKER, ONE_ROW + _MARKER))
+    if hasattr(mg, "CppMicroGemmFP32Vec"):
+        edits.append((mg.CppMicroGemmFP32Vec, *_HEAD_PREFETCH))
+    return edits
+
+
+def _kernel_class():
+    """Inductor's AVX-512 int4 micro-kernel class (tests read its template)."""
+    return _edits()[0][0]
 
 
 @contextlib.contextmanager
 def patched():
-    """Inductor's AVX-512 int4 micro-kernel with the one-row path, for the compiles inside. Where the
-    kernel's text is not the one this was written against (another torch), inductor's own is left."""
-    cls = _kernel_class()
-    saved = getattr(cls, "TEMPLATE_KERNEL", None)
-    if saved is None or "dsr1 one-row path" in saved:  # no such kernel, or patched already (nested)
-        yield
-        return
-    if saved.count(_MARKER) != 1:
-        log.info("inductor's int4 micro-kernel is not the one dsr1's one-row path was written for: left as it is")
-        yield
-        return
-    cls.TEMPLATE_KERNEL = saved.replace(_MARKER, ONE_ROW + _MARKER)
+    """Inductor's micro-kernels with dsr1's one-row int4 path and the head's prefetch, for the compiles
+    inside. Where a kernel's text is not the one this was written against (another torch), inductor's own
+    is left for that kernel."""
+    import torch._inductor.config as inductor_config
+
+    saved = []
     try:
-        yield
+        for cls, old, new in _edits():
+            text = cls.TEMPLATE_KERNEL
+            if new in text:  # patched already (nested)
+                continue
+            if text.count(old) != 1:
+                log.info("inductor's %s is not the one dsr1's one-row kernels were written for: left as it is",
+                         cls.__name__)
+                continue
+            saved.append((cls, text))
+            cls.TEMPLATE_KERNEL = text.replace(old, new)
+        # inductor's graph cache keys a compile by the graph, the options and inductor's source files, not
+        # by a template's text at run time: a graph compiled outside this patch would be found again here
+        # (seen: the start-up probe reused another process's unpatched kernels), and this one outside it
+        with inductor_config.patch({"fx_graph_cache": False}):
+            yield
     finally:
-        cls.TEMPLATE_KERNEL = saved
+        for cls, text in saved:
+            cls.TEMPLATE_KERNEL = text
