@@ -2,14 +2,15 @@
 a single stream's decode (the one-row library on a CPU with AMX; every row count's tail without AMX).
 
 Inductor's kernel (torch 2.13, `CppMicroGemmWoQInt4Avx512`) widens every weight to `lut[q] * scale +
-offset` before multiplying it by the input: two fused multiply-adds per weight. At one row nothing shares
-that widening, and the kernel is bound by its instructions, not by memory: on a 2-core Xeon with AMX one
-[17920, 1536] int4 matrix (the 1.5B shape's gate|up) took 1.28-1.34 ms streamed from memory, 13 GB/s,
-where the CPU reads 22 GB/s. Here one row sums `input * lut[q]` over each quantization group and applies
-the group's scale and offset once at its end (scale * sum(a * q) + offset * sum(a): the same sum in
-another order, fp32 throughout), and prefetches further ahead: 1.02-1.11 ms (16-17 GB/s); the whole
-1.5B int4 step at one row 80.5 -> 71.2 ms (benchmarks/int4_gemm.py --streamed). Two rows and more keep
-inductor's code, which shares each widened weight between the rows.
+offset` before multiplying it by the input: two fused multiply-adds per weight, and at one row nothing
+shares that widening. On a 2-core Xeon with AMX one [17920, 1536] int4 matrix (the 1.5B shape's gate|up)
+took 1.26-1.34 ms streamed from memory, 13 GB/s, where the CPU reads 22 GB/s. Here one row sums
+`input * lut[q]` over each quantization group and applies the group's scale and offset once at its end
+(scale * sum(a * q) + offset * sum(a): the same sum in another order, fp32 throughout), and prefetches
+further ahead: 1.02-1.11 ms (16-17 GB/s; `benchmarks/int4_gemm.py --rows 1 --mats 64`). Two rows and
+more keep inductor's code, which shares each widened weight between the rows. The int4 model's int8 LM
+head prefetches further ahead too (_HEAD_PREFETCH). Behind the server, 1.5B shape at one user: ~62-66 ms
+per token instead of 76-79 (docs/performance.md).
 
 Applied as a patch of the template's text while dsr1 compiles (`patched`), never left in place: other
 compiles in the process get inductor's own, and inductor's graph cache is off meanwhile (its key does
