@@ -121,7 +121,8 @@ def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(0)
-    ws = [wquant.QuantWeight(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, "int4") for n, k in ((256, 1536), (192, 64))]
+    ws = [wquant.QuantWeight(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, "int4")
+          for n, k in ((256, 1536), (192, 64))]
     head = wquant.QuantWeight(torch.randn(512, 1536, dtype=torch.bfloat16) * 0.02, "int8").frozen()
 
     class Three(torch.nn.Module):  # the weights as parameters: frozen into the graph, as the step's are
@@ -133,8 +134,8 @@ def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
             self.hs = torch.nn.Parameter(head.scales, requires_grad=False)
 
         def forward(self, x1, x2):
-            return [*(torch._weight_int4pack_mm_for_cpu(x, q, ws[0].group, s) for x, q, s in zip((x1, x2), self.q, self.s)),
-                    torch._weight_int8pack_mm(x1, self.hq, self.hs)]
+            int4 = [torch._weight_int4pack_mm_for_cpu(x, q, ws[0].group, s) for x, q, s in zip((x1, x2), self.q, self.s)]
+            return [*int4, torch._weight_int8pack_mm(x1, self.hq, self.hs)]
 
     xs = (torch.randn(1, 1536, dtype=torch.bfloat16), torch.randn(1, 64, dtype=torch.bfloat16))
     templates = [cls.TEMPLATE_KERNEL for cls, *_ in int4_onerow._edits()]
@@ -143,7 +144,7 @@ def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
     with torch.inference_mode():
         ref = model(*xs)
         torch._dynamo.reset()
-        with compiling(options):
+        with compiling(options, torch.device("cpu")):
             got, code = run_and_get_code(torch.compile(model, dynamic=False), *xs)
         assert [cls.TEMPLATE_KERNEL for cls, *_ in int4_onerow._edits()] == templates  # restored
         assert "dsr1 one-row path" in "".join(code) and "dsr1: further ahead" in "".join(code)

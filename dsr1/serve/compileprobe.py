@@ -91,7 +91,7 @@ def _measure(ff, rows: int = 1) -> dict[str, float]:
         compiled = torch.compile(probe)
 
         def run_compiled():
-            with compiling(options):
+            with compiling(options, ff.device):
                 return compiled(ids, pos, cols, ks[:n], vs[:n])
 
         run_compiled()

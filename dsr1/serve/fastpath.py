@@ -612,7 +612,7 @@ class FastForward:
         # The options as a config patch around every call, not torch.compile(options=): freezing
         # given that way was silently not applied (the weights stayed graph inputs, and the step
         # 1.6x slower). Around every call, so a recompile gets them too.
-        with compiling(self._options):
+        with compiling(self._options, self.device):
             return self._compiled_step(ids, pos, cols, ks, vs, pick)
 
     @property
@@ -907,14 +907,15 @@ COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_ba
 
 
 @contextlib.contextmanager
-def compiling(options: dict):
+def compiling(options: dict, device: torch.device):
     """Around every compile of the step (just in time here, ahead of time in aotstep, the probe in
-    compileprobe): inductor's options and dsr1's one-row int4 kernel (dsr1.serve.int4_onerow)."""
+    compileprobe): inductor's options, and on a CPU dsr1's one-row int4 kernels (dsr1.serve.int4_onerow;
+    they turn inductor's graph cache off, which a GPU's compile keeps)."""
     import torch._inductor.config as inductor_config
 
     from dsr1.serve import int4_onerow
 
-    with inductor_config.patch(options), int4_onerow.patched():
+    with inductor_config.patch(options), (int4_onerow.patched() if device.type == "cpu" else contextlib.nullcontext()):
         yield
 
 
