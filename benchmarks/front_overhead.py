@@ -85,6 +85,8 @@ def main() -> int:
     ap.add_argument("--embedded-baseline", help="with --only embedded: the commit to compare dsr1's embedded "
                                                 "engine with (a git worktree of it)")
     args = ap.parse_args()
+    if Path(args.model).exists():  # each server runs from its own tree's root (start): keep the path valid there
+        args.model = str(Path(args.model).resolve())
 
     home = Path(tempfile.mkdtemp(prefix="front-overhead-home-"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home)}
