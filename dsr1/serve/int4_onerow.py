@@ -21,6 +21,7 @@ not see the text). The text is part of the compiled package's key
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -79,48 +80,42 @@ _HEAD_PREFETCH = ("_mm_prefetch(B + (k + {{block_k}}) * ldb + col * VLEN, _MM_HI
 TEXT = ONE_ROW + _HEAD_PREFETCH[1]  # what compiled code depends on (aotstep's package key, the probe's)
 
 
-def _edits() -> list[tuple[type, str, str]]:
-    """(inductor micro-kernel class, text of its TEMPLATE_KERNEL to find, what replaces it)."""
+@functools.cache
+def _edits() -> tuple[tuple[type, str, str], ...]:
+    """(inductor micro-kernel class, its TEMPLATE_KERNEL as inductor wrote it, as dsr1 compiles it), made
+    once: the just-in-time step enters `patched` at every call. A kernel whose text is not the one this
+    was written against (another torch) is left out, and said once."""
     import torch._inductor.compile_fx  # noqa: F401 - inductor's codegen modules import in this order
     from torch._inductor.codegen import cpp_micro_gemm as mg
 
+    wanted = [("CppMicroGemmWoQInt4Avx512", _MARKER, ONE_ROW + _MARKER), ("CppMicroGemmFP32Vec", *_HEAD_PREFETCH)]
     edits = []
-    if hasattr(mg, "CppMicroGemmWoQInt4Avx512"):
-        edits.append((mg.CppMicroGemmWoQInt4Avx512, _MARKER, ONE_ROW + _MARKER))
-    if hasattr(mg, "CppMicroGemmFP32Vec"):
-        edits.append((mg.CppMicroGemmFP32Vec, *_HEAD_PREFETCH))
-    return edits
-
-
-def _kernel_class():
-    """Inductor's AVX-512 int4 micro-kernel class (tests read its template)."""
-    return _edits()[0][0]
+    for name, old, new in wanted:
+        cls = getattr(mg, name, None)
+        if cls is None or cls.TEMPLATE_KERNEL.count(old) != 1:
+            log.info("inductor's %s is not the one dsr1's one-row kernels were written for: left as it is", name)
+            continue
+        edits.append((cls, cls.TEMPLATE_KERNEL, cls.TEMPLATE_KERNEL.replace(old, new)))
+    return tuple(edits)
 
 
 @contextlib.contextmanager
 def patched():
     """Inductor's micro-kernels with dsr1's one-row int4 path and the head's prefetch, for the compiles
-    inside. Where a kernel's text is not the one this was written against (another torch), inductor's own
-    is left for that kernel."""
+    inside; inductor's own texts put back after."""
     import torch._inductor.config as inductor_config
 
-    saved = []
+    applied = []
     try:
-        for cls, old, new in _edits():
-            text = cls.TEMPLATE_KERNEL
-            if new in text:  # patched already (nested)
-                continue
-            if text.count(old) != 1:
-                log.info("inductor's %s is not the one dsr1's one-row kernels were written for: left as it is",
-                         cls.__name__)
-                continue
-            saved.append((cls, text))
-            cls.TEMPLATE_KERNEL = text.replace(old, new)
+        for cls, theirs, ours in _edits():
+            if cls.TEMPLATE_KERNEL is not ours:  # not inside another `patched` already
+                cls.TEMPLATE_KERNEL = ours
+                applied.append((cls, theirs))
         # inductor's graph cache keys a compile by the graph, the options and inductor's source files, not
         # by a template's text at run time: a graph compiled outside this patch would be found again here
         # (seen: the start-up probe reused another process's unpatched kernels), and this one outside it
         with inductor_config.patch({"fx_graph_cache": False}):
             yield
     finally:
-        for cls, text in saved:
-            cls.TEMPLATE_KERNEL = text
+        for cls, theirs in applied:
+            cls.TEMPLATE_KERNEL = theirs

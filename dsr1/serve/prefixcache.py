@@ -79,8 +79,9 @@ class PrefixCache:
 
     def store_rows(self, cache, rows: list[tuple[int, list[int]]]) -> None:
         """Keep the full blocks of prompts just prefilled, each (cache row, its tokens): every new block of
-        all of them in one copy per layer for K and one for V, not one per block and layer (960 for a burst of four 256-token prompts on
-        the demo model: 17-20 ms; this 11-16 ms, 2-core Xeon; the scheduler makes it after their first tokens).
+        all of them in one copy per layer for K and one for V, not one per block and layer (960 for a burst
+        of four 256-token prompts on the demo model: 17-20 ms; this 11-16 ms, 2-core Xeon; the scheduler
+        makes it after their first tokens).
         Why not huge pages for the pool, whose first writes fault per 4 KiB: with them the copy took 11 ms
         but now and then 250-280 ms, the kernel compacting memory for a 2 MiB page (THP defrag `madvise`)."""
         if not self.capacity:
