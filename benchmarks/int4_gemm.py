@@ -13,7 +13,7 @@ the CPU has them) when `max_autotune` lets it, and the batch size decides which 
 [--n, --k] matrices (groups of 32) are applied in turn so that nothing stays in cache; each row count is
 compiled with a static shape (as the one-row library is; the dynamic library's whole step is timed per
 batch size by the server at its first start: FastForward.measure_rows). Printed: ms per matrix eager /
-compiled as inductor writes it / compiled with dsr1's one-row path (dsr1/serve/int4_onerow.py, which
+compiled as inductor writes it / compiled with dsr1's one-row path (dsr1/serve/kernel_edits.py, which
 changes only a one-row call), and eager / dsr1's. `--mats`: how many distinct matrices; eight of the
 1.5B shape's gate|up (138 MB) fit the last-level cache of some CPUs (the 2-core Xeon here reports 480 MiB),
 so what a decode step sees, weights streamed from memory, takes `--mats 64`.
@@ -52,7 +52,7 @@ def main() -> int:
     import torch
     import torch._inductor.config as inductor_config
 
-    from dsr1.serve.int4_onerow import patched
+    from dsr1.serve.kernel_edits import patched
     from dsr1.serve.wquant import QuantWeight
 
     torch.manual_seed(0)

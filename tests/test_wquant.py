@@ -107,16 +107,18 @@ def test_packed_bf16_decodes_as_the_plain_weights(demo_model_dir):
 @pytest.mark.skipif("avx512" not in torch.backends.cpu.get_cpu_capability().lower(),
                     reason="inductor's AVX-512 int4 micro-kernel needs AVX-512")
 def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
-    """dsr1's one-row kernels (dsr1.serve.int4_onerow): the int4 path in inductor's AVX-512 int4
+    """dsr1's one-row kernels (dsr1.serve.kernel_edits): the int4 path in inductor's AVX-512 int4
     micro-kernel and the int8 head's prefetch are compiled in when dsr1 compiles (their text in the
     generated code), not otherwise (inductor's templates are left as they were). One row's int4 product
     equals eager int4's to bf16 rounding (a K long enough that the template splits it: calls that start
     mid-row and accumulate; a short one; groups of 32); the int8 one, whose arithmetic is unchanged, equals
-    inductor's own to the bit."""
+    inductor's own to the bit. At many rows over a dynamic row count, on a CPU with AMX, the AMX int4 kernel
+    reads the integers in place (its text compiled in) and computes what it computes over its own
+    re-blocked copy, to the bit."""
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
-    from dsr1.serve import int4_onerow
+    from dsr1.serve import kernel_edits
     from dsr1.serve.fastpath import compile_options, compiling
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -137,8 +139,17 @@ def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
             int4 = [torch._weight_int4pack_mm_for_cpu(x, q, ws[0].group, s) for x, q, s in zip((x1, x2), self.q, self.s)]
             return [*int4, torch._weight_int8pack_mm(x1, self.hq, self.hs)]
 
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Parameter(ws[0].q, requires_grad=False)
+            self.s = torch.nn.Parameter(ws[0].scales, requires_grad=False)
+
+        def forward(self, x):
+            return torch._weight_int4pack_mm_for_cpu(x, self.q, ws[0].group, self.s)
+
     xs = (torch.randn(1, 1536, dtype=torch.bfloat16), torch.randn(1, 64, dtype=torch.bfloat16))
-    templates = [cls.TEMPLATE_KERNEL for cls, *_ in int4_onerow._edits()]
+    inductors = [getattr(owner, attr) for owner, attr, *_ in kernel_edits._edits()]
     options = {**compile_options(torch.bfloat16, torch.device("cpu")), "fx_graph_cache": False}
     model = Three().eval()
     with torch.inference_mode():
@@ -146,7 +157,7 @@ def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
         torch._dynamo.reset()
         with compiling(options, torch.device("cpu")):
             got, code = run_and_get_code(torch.compile(model, dynamic=False), *xs)
-        assert [cls.TEMPLATE_KERNEL for cls, *_ in int4_onerow._edits()] == templates  # restored
+        assert [getattr(owner, attr) for owner, attr, *_ in kernel_edits._edits()] == inductors  # restored
         assert "dsr1 one-row path" in "".join(code) and "dsr1: further ahead" in "".join(code)
         for g, r in zip(got[:2], ref):
             assert (g.float() - r.float()).abs().max() <= 0.01 * r.float().abs().max()
@@ -156,6 +167,25 @@ def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
         assert "dsr1 one-row path" not in "".join(code) and "dsr1: further ahead" not in "".join(code)
         assert all(torch.equal(p, r) for p, r in zip(plain[:2], ref))  # inductor's int4 kernel: eager's sums
         assert torch.equal(got[2], plain[2])
+
+        # many rows (a prompt): with AMX, inductor's AMX int4 kernel reading the integers where they lie
+        # instead of its own re-blocked copy of them; the same sums as over the copy, so equal to them
+        x = torch.randn(40, 1536, dtype=torch.bfloat16)
+        torch._dynamo.mark_dynamic(x, 0)
+        one = One().eval()
+        torch._dynamo.reset()
+        with compiling(options, torch.device("cpu")):
+            got, code = run_and_get_code(torch.compile(one), x)
+        torch._dynamo.reset()
+        with inductor_config.patch(options):
+            plain, plain_code = run_and_get_code(torch.compile(one), x)
+        code, plain_code = "".join(code), "".join(plain_code)
+        assert ("32-byte rows of the 64-column block" in code) == ("AMXState" in plain_code)
+        assert "32-byte rows of the 64-column block" not in plain_code
+        eager = one(x)
+        assert (got.float() - eager.float()).abs().max() <= 0.01 * eager.float().abs().max()
+        assert torch.equal(got, plain)
+        assert torch.equal(got, plain)
 
 
 def _one_row_args(ff, cache, step):
@@ -228,8 +258,12 @@ def test_int4_compiled_step_agrees_with_eager_and_keeps_quality(demo_draft_dir, 
     _agree(one, m.decode(cache, step[0][:1], step[1][:1]))
     m.fast.compiled_rows = 3
     assert _nll(m) <= draft_bf16_nll * 1.07  # prompts (one token each here) through the package
-    # the package holds the int4 integers and scales it was built from as well as the template's own
-    # layout of them: releasing the eager forward's references frees little, but nothing breaks
+    # the package's own constants hold no second layout of the int4 integers (the AMX kernel reads them
+    # in place: dsr1.serve.kernel_edits): the int8 head's blocked copy at most
+    stored = torch.load(m.fast.package.with_suffix(".consts"), mmap=True, weights_only=True)["stored"]
+    assert not [n for n, t in stored.items() if t.dtype == torch.uint8], list(stored)
+    # the package reads the weights the eager forward holds: releasing its references frees little, but
+    # nothing breaks
     freed = m.fast.release_eager(m.model)
     assert freed >= 0 and m.fast.layers[0][1].numel() == 0
     assert torch.equal(m.decode(cache, *step), got)  # the same package, the same rows

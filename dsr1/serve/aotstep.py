@@ -40,7 +40,7 @@ import torch
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 from dsr1.fsutil import free_bytes
-from dsr1.serve import int4_onerow, pages
+from dsr1.serve import kernel_edits, pages
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def package_key(step: torch.nn.Module, options: dict) -> str:
             # the one-row int4 kernel compiled into it
             "code": hashlib.sha256((inspect.getsource(inspect.getmodule(type(ff)))
                                     + inspect.getsource(inspect.getmodule(package_key))
-                                    + int4_onerow.TEXT).encode()).hexdigest()}
+                                    + kernel_edits.TEXT).encode()).hexdigest()}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
@@ -241,7 +241,7 @@ def _compile(program, options: dict, apart: bool) -> tuple[str, dict[str, torch.
     args, kwargs = program.example_inputs
     extra = ({"aot_inductor.package_constants_in_so": False,
               "aot_inductor.package_constants_on_disk_format": "pickle_weights"} if apart else {})
-    with _unique_constant_names(), int4_onerow.patched():
+    with _unique_constant_names(), kernel_edits.patched():
         out = torch._inductor.aot_compile(gm, args, kwargs, options={**options, "aot_inductor.package": True, **extra})
     out = [out] if isinstance(out, str) else out
     libraries = [f for f in out if isinstance(f, str) and f.endswith(".so")]

@@ -32,7 +32,7 @@ GAIN = 1.1  # compiled must be this much faster at one row: it costs minutes at 
 
 
 def _key(ff) -> str:
-    from dsr1.serve import int4_onerow
+    from dsr1.serve import kernel_edits
     from dsr1.serve.aotstep import cpu_identity
     from dsr1.serve.fastpath import compile_options
 
@@ -40,8 +40,8 @@ def _key(ff) -> str:
     head = ff.head.shape if hasattr(ff.head, "shape") else None
     # the GEMM kernels the step may compile to: a measurement with other choices says nothing of these
     gemm = compile_options(ff.embed.dtype, ff.device)["max_autotune_gemm_backends"]
-    if ff.quant == "int4":  # and the one-row kernel dsr1 compiles int4 steps with
-        gemm += " " + hashlib.sha256(int4_onerow.TEXT.encode()).hexdigest()[:12]
+    if ff.quant == "int4":  # and the kernel edits dsr1 compiles int4 steps with
+        gemm += " " + hashlib.sha256(kernel_edits.TEXT.encode()).hexdigest()[:12]
     return (f"{cpu_identity()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{ff.embed.dtype}|"
             f"{ff.quant or 'plain'}|"
             f"{shapes}|head {tuple(head) if head else None}|layers {len(ff.layers)}|probe {PROBE_LAYERS}|gemm {gemm}|"

@@ -909,13 +909,13 @@ COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_ba
 @contextlib.contextmanager
 def compiling(options: dict, device: torch.device):
     """Around every compile of the step (just in time here, ahead of time in aotstep, the probe in
-    compileprobe): inductor's options, and on a CPU dsr1's one-row int4 kernels (dsr1.serve.int4_onerow;
+    compileprobe): inductor's options, and on a CPU dsr1's edits of inductor's int4 kernels (dsr1.serve.kernel_edits;
     they turn inductor's graph cache off, which a GPU's compile keeps)."""
     import torch._inductor.config as inductor_config
 
-    from dsr1.serve import int4_onerow
+    from dsr1.serve import kernel_edits
 
-    with inductor_config.patch(options), (int4_onerow.patched() if device.type == "cpu" else contextlib.nullcontext()):
+    with inductor_config.patch(options), (kernel_edits.patched() if device.type == "cpu" else contextlib.nullcontext()):
         yield
 
 

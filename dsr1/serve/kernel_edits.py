@@ -1,0 +1,223 @@
+"""dsr1's edits of inductor's CPU GEMM kernels, compiled into every step dsr1 compiles on a CPU: a faster
+one-row int4 path, the int8 head's prefetch, and the AMX int4 kernel reading the integers in place.
+
+One row. Inductor's AVX-512 int4 micro-kernel (torch 2.13, `CppMicroGemmWoQInt4Avx512`), which a compiled
+int4 step runs for a single stream's decode (the one-row library on a CPU with AMX; every row count's tail
+without AMX), widens every weight to `lut[q] * scale + offset` before multiplying it by the input: two fused
+multiply-adds per weight, and at one row nothing shares that widening. On a 2-core Xeon with AMX one
+[17920, 1536] int4 matrix (the 1.5B shape's gate|up) took 1.26-1.34 ms streamed from memory, 13 GB/s, where
+the CPU reads 22 GB/s. Here one row sums `input * lut[q]` over each quantization group and applies the
+group's scale and offset once at its end (scale * sum(a * q) + offset * sum(a): the same sum in another
+order, fp32 throughout), and prefetches further ahead: 1.02-1.11 ms (16-17 GB/s; `benchmarks/int4_gemm.py
+--rows 1 --mats 64`). Two rows and more keep inductor's code, which shares each widened weight between the
+rows. The int4 model's int8 LM head prefetches further ahead too (_HEAD_PREFETCH). Behind the server, 1.5B
+shape at one user: ~62-66 ms per token instead of 76-79 (docs/performance.md).
+
+In place (_AMX_*). Inductor's AMX int4 kernel, which the dynamic library runs from 16 rows up and for every
+prompt, read a copy of every int4 weight its template re-blocked at compile time, kept in the package beside
+the integers the other kernels read: peak RSS 1.72-1.80x of weights + KV cache. It now reads those integers.
+
+Applied as a patch of the templates' text (and of the two methods that write the AMX kernel's arguments,
+and of the int4 template's choice to re-block) while dsr1 compiles (`patched`), never left in place: other
+compiles in the process get inductor's own, and inductor's graph cache is off meanwhile (its key does not
+see the text). The text is part of the compiled package's key (dsr1.serve.aotstep), so a package built
+with or without it is never loaded by the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+log = logging.getLogger(__name__)
+
+# Inserted before the kernel's first statement that reads C; everything it uses (lut, scale, zero,
+# load_scale_and_zeros, PREFETCH_SIZE_K, the arguments) is declared above that point.
+_MARKER = "  auto loadc = [&](auto i) {"
+
+ONE_ROW = r"""
+  // dsr1 one-row path (dsr1/serve/kernel_edits.py): per quantization group, sum a*lut[q] and apply the
+  // group's scale and offset once at its end
+  if constexpr (ROWS == 1 && COLS == 4) {
+    __m512 acc[4];
+    for (int i = 0; i < 4; i++) {
+      if constexpr (accum) { acc[i] = _mm512_loadu_ps(C + i * 16); } else { acc[i] = _mm512_setzero_ps(); }
+    }
+    int kb = 0;
+    for (int k = 0; k < K;) {
+      c10::ForcedUnroll<COLS>{}(load_scale_and_zeros, kb++);
+      const int kend = std::min<int64_t>(K, k + q_group_size - (k_start + k) % q_group_size);
+      __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps(), t2 = _mm512_setzero_ps(), t3 = _mm512_setzero_ps();
+      float asum = 0.f;
+      for (; k < kend; ++k) {
+        const float aa = static_cast<float>(A[k]);
+        asum += aa;
+        const __m512 va = _mm512_set1_ps(aa);
+        const __m256i b4 = _mm256_loadu_si256((const __m256i*)(B + k * ldb));
+        _mm_prefetch(B + (k + 512) * ldb, _MM_HINT_T0);
+        const __m512i lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b4));
+        const __m512i hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b4, 1));
+        t0 = _mm512_fmadd_ps(va, _mm512_permutexvar_ps(lo, lut), t0);
+        t2 = _mm512_fmadd_ps(va, _mm512_permutexvar_ps(_mm512_srli_epi32(lo, 4), lut), t2);
+        t1 = _mm512_fmadd_ps(va, _mm512_permutexvar_ps(hi, lut), t1);
+        t3 = _mm512_fmadd_ps(va, _mm512_permutexvar_ps(_mm512_srli_epi32(hi, 4), lut), t3);
+      }
+      const __m512 vs = _mm512_set1_ps(asum);
+      acc[0] = _mm512_fmadd_ps(vs, zero[0], _mm512_fmadd_ps(t0, scale[0], acc[0]));
+      acc[1] = _mm512_fmadd_ps(vs, zero[1], _mm512_fmadd_ps(t1, scale[1], acc[1]));
+      acc[2] = _mm512_fmadd_ps(vs, zero[2], _mm512_fmadd_ps(t2, scale[2], acc[2]));
+      acc[3] = _mm512_fmadd_ps(vs, zero[3], _mm512_fmadd_ps(t3, scale[3], acc[3]));
+    }
+    for (int i = 0; i < 4; i++) { _mm512_storeu_ps(C + i * 16, acc[i]); }
+    return;
+  }
+"""
+
+
+# The int8 LM head of an int4 model, at one row known at compile time, runs inductor's small-row int8
+# template over the generic vector micro-kernel, which prefetches 64 weight rows (2 KB) ahead: 14.2-14.3 ms
+# for R1-Distill-Qwen-1.5B's head ([151936, 1536], 233 MB) streamed from memory, 16.4 GB/s. 256 rows ahead:
+# 10.3-11.0 ms (21-23 GB/s, 2-core Xeon with AMX). The line is only compiled where that template asks the
+# kernel to prefetch (`prefetch` true: int8 weights at a static row count below 16).
+_HEAD_PREFETCH = ("_mm_prefetch(B + (k + {{block_k}}) * ldb + col * VLEN, _MM_HINT_T0);",
+                  "_mm_prefetch(B + (k + 256) * ldb + col * VLEN, _MM_HINT_T0);  // dsr1: further ahead")
+
+
+# Inductor's AMX int4 kernel reads its weights re-blocked: [N/32, K, 16] bytes, a byte holding columns n and
+# n+16 of a 32-column block, which its template makes at compile time from the [N/64, K, 32] integers every
+# other int4 kernel reads (eager `_weight_int4pack_mm_for_cpu`, the AVX-512 kernel of the one-row library):
+# a second copy of every int4 weight in a compiled package, kept beside the first (the 1.5B shape: 0.89 GB,
+# the 7B: 3.8 GB). Here the AMX kernel reads the integers where they lie: its 32-column block is the low or
+# the high nibbles of a 64-column block's 32-byte rows (in the block's first or second half), so the
+# template keeps the weight as it is and the kernel is told which half (`w_half`) and the whole K (`w_K`,
+# the block's row stride / 32) by its caller, the GEMM template's loop over 32-column blocks (`nci`).
+_AMX_LOAD = ("""            _mm_prefetch(B + (k + PREFETCH_SIZE_K) * ldb_int4, _MM_HINT_T0);
+
+            // load 256 bits = 64 elements in int4
+            __m128i b4 = _mm_loadu_si128((__m128i*)(B + n / 2 * K + k * ldb_int4));
+            b32[0] = _mm512_cvtepu8_epi32(b4);
+            b32[1] = _mm512_srli_epi32(b32[0], 4);
+""", """{%- if pack_vnni_B_locally %}
+            // dsr1 (dsr1/serve/kernel_edits.py): 32-byte rows of the 64-column block, this block's nibbles
+            _mm_prefetch(Bw + (k + PREFETCH_SIZE_K) * 32, _MM_HINT_T0);
+            const __m256i r4 = _mm256_loadu_si256((const __m256i*)(Bw + k * 32));
+            b32[0] = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(r4)), w_shift);
+            b32[1] = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(r4, 1)), w_shift);
+{%- else %}
+            _mm_prefetch(B + (k + PREFETCH_SIZE_K) * ldb_int4, _MM_HINT_T0);
+
+            // load 256 bits = 64 elements in int4
+            __m128i b4 = _mm_loadu_si128((__m128i*)(B + n / 2 * K + k * ldb_int4));
+            b32[0] = _mm512_cvtepu8_epi32(b4);
+            b32[1] = _mm512_srli_epi32(b32[0], 4);
+{%- endif %}
+""")
+_AMX_LOAD2 = ("""            __m128i b4_2 = _mm_loadu_si128((__m128i*)(B + n / 2 * K + (k + 1) * ldb_int4));
+            b32[0 + COLS] = _mm512_cvtepu8_epi32(b4_2);
+            b32[1 + COLS] = _mm512_srli_epi32(b32[0 + COLS], 4);
+""", """{%- if pack_vnni_B_locally %}
+            const __m256i r4_2 = _mm256_loadu_si256((const __m256i*)(Bw + (k + 1) * 32));
+            b32[0 + COLS] = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(r4_2)), w_shift);
+            b32[1 + COLS] = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(r4_2, 1)), w_shift);
+{%- else %}
+            __m128i b4_2 = _mm_loadu_si128((__m128i*)(B + n / 2 * K + (k + 1) * ldb_int4));
+            b32[0 + COLS] = _mm512_cvtepu8_epi32(b4_2);
+            b32[1 + COLS] = _mm512_srli_epi32(b32[0 + COLS], 4);
+{%- endif %}
+""")
+# where the block's rows start: the caller's B is W + nci * 16 * w_K + k_start * 16 (its [N, K/2] view
+# sliced at 32 columns); the block of 64 holding it starts 16 * w_K earlier when it is the second half
+_AMX_START = ("""    auto dequantize_B = [&](int n) {
+""", """{%- if pack_vnni_B_locally %}
+    {{kernel.assert_function}}(N == {{block_n}}, "dsr1: one 32-column block per call");
+    const uint8_t* Bw = reinterpret_cast<const uint8_t*>(B) - w_half * 16 * w_K + k_start * 16;
+    const __m128i w_shift = _mm_cvtsi32_si128(static_cast<int>(w_half) * 4);
+{%- endif %}
+    auto dequantize_B = [&](int n) {
+""")
+# the GEMM template's call, inside `for (int64_t nci ...)` with `K` the whole K: the line the extra
+# arguments are written from
+_AMX_CALLER = 'kernel.slice_nd(W, [("nci * Nr", "(nci + 1) * Nr"), ("k_start * Nr / 2", "k_end * Nr / 2")])'
+
+TEXT = (ONE_ROW + _HEAD_PREFETCH[1] + _AMX_LOAD[1] + _AMX_LOAD2[1] + _AMX_START[1]
+        + "w_half nci & 1 w_K K")  # what compiled code depends on (aotstep's package key, the probe's)
+
+
+@functools.cache
+def _edits() -> tuple[tuple[object, str, object, object], ...]:
+    """(owner, attribute, inductor's value, dsr1's) for each edit, made once: the just-in-time step enters
+    `patched` at every call. An edit whose text is not the one it was written against (another torch) is
+    left out, and said once; the in-place AMX kernel goes whole or not at all."""
+    import torch._inductor.compile_fx  # noqa: F401 - inductor's codegen modules import in this order
+    from torch._inductor.codegen import cpp_gemm_template as gt
+    from torch._inductor.codegen import cpp_micro_gemm as mg
+
+    edits = []
+    for name, old, new in (("CppMicroGemmWoQInt4Avx512", _MARKER, ONE_ROW + _MARKER),
+                           ("CppMicroGemmFP32Vec", *_HEAD_PREFETCH)):
+        cls = getattr(mg, name, None)
+        if cls is None or cls.TEMPLATE_KERNEL.count(old) != 1:
+            log.info("inductor's %s is not the one dsr1's one-row kernels were written for: left as it is", name)
+            continue
+        edits.append((cls, "TEMPLATE_KERNEL", cls.TEMPLATE_KERNEL, cls.TEMPLATE_KERNEL.replace(old, new)))
+
+    amx = getattr(mg, "CppMicroGemmWoQInt4Amx", None)
+    meta = type(getattr(gt, "CppWoqInt4GemmTemplate", None))
+    entry = getattr(amx, "TEMPLATE_ENTRY", "")
+    if (amx is None or not hasattr(meta, "__getitem__") or getattr(gt, "GEMM_TEMPLATE", "").count(_AMX_CALLER) != 1
+            or any(entry.count(old) != 1 for old, _ in (_AMX_LOAD, _AMX_LOAD2, _AMX_START))):
+        log.info("inductor's AMX int4 kernel is not the one dsr1's in-place reading was written for: it keeps "
+                 "its own re-blocked copy of the weights")
+        return tuple(edits)
+    ours = entry
+    for old, new in (_AMX_LOAD, _AMX_LOAD2, _AMX_START):
+        ours = ours.replace(old, new)
+    edits.append((amx, "TEMPLATE_ENTRY", entry, ours))
+    declare, extra, getitem = amx.get_kernel_extra_args_declare, amx.get_kernel_extra_args, meta.__getitem__
+
+    def declare_in_place(self):
+        ours = "\n    const int64_t w_half,\n    const int64_t w_K,"
+        return declare(self) + (ours if self.pack_vnni_B_locally else "")
+
+    def extra_in_place(self, **kwargs):
+        return extra(self, **kwargs) + (["nci & 1,", "K,"] if self.pack_vnni_B_locally else [])
+
+    def template_in_place(cls, q_group_size):
+        template = getitem(cls, q_group_size)
+
+        @staticmethod
+        def check_if_block_weight(W, micro_gemm):
+            # re-blocked only where the integers' 64-column blocks do not cover N (a tail of 32)
+            n = W.get_size()[0] if hasattr(W, "get_size") else W.shape[0]
+            return isinstance(micro_gemm, amx) and n % 64 != 0
+
+        template.check_if_block_weight = check_if_block_weight
+        return template
+
+    edits += [(amx, "get_kernel_extra_args_declare", declare, declare_in_place),
+              (amx, "get_kernel_extra_args", extra, extra_in_place),
+              (meta, "__getitem__", getitem, template_in_place)]
+    return tuple(edits)
+
+
+@contextlib.contextmanager
+def patched():
+    """Inductor's int4 kernels as dsr1 compiles them (the one-row path, the head's prefetch, the AMX kernel
+    reading the integers in place), for the compiles inside; inductor's own put back after."""
+    import torch._inductor.config as inductor_config
+
+    applied = []
+    try:
+        for owner, attr, theirs, ours in _edits():
+            if owner.__dict__.get(attr) is not ours:  # not inside another `patched` already
+                setattr(owner, attr, ours)
+                applied.append((owner, attr, theirs))
+        # inductor's graph cache keys a compile by the graph, the options and inductor's source files, not
+        # by a template's text at run time: a graph compiled outside this patch would be found again here
+        # (seen: the start-up probe reused another process's unpatched kernels), and this one outside it
+        with inductor_config.patch({"fx_graph_cache": False}):
+            yield
+    finally:
+        for owner, attr, theirs in reversed(applied):
+            setattr(owner, attr, theirs)
