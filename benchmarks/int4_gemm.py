@@ -18,10 +18,10 @@ changes only a one-row call), and eager / dsr1's. `--mats`: how many distinct ma
 1.5B shape's gate|up (138 MB) fit the last-level cache of some CPUs (the 2-core Xeon here reports 480 MiB),
 so what a decode step sees, weights streamed from memory, takes `--mats 64`.
 
---dynamic compiles one graph over a dynamic row count twice: as inductor picks its micro-kernel (AMX tiles
-where the CPU has them, over its own re-blocked copy of the integers, the `step-*.consts` of an int4
-package) and with the AMX kernel withheld (the AVX-512 one, reading the integers where they lie). This is
-the trade behind an int4 package's memory: one layout would mean one of the two speeds.
+--dynamic compiles one graph over a dynamic row count three times: as inductor picks its micro-kernel (AMX
+tiles where the CPU has them, over its own re-blocked copy of the integers), the same with dsr1's kernel
+edits (dsr1/serve/kernel_edits.py: the AMX kernel reading the integers where they lie, as an int4 package
+now does), and with the AMX kernel withheld (the AVX-512 one, which reads them in place too).
 """
 
 from __future__ import annotations
@@ -105,11 +105,14 @@ def main() -> int:
 
 
 def dynamic(m, opts: dict, args, best) -> int:
-    """Eager against one graph compiled over a dynamic row count, with and without the AMX micro-kernel."""
+    """Eager against one graph compiled over a dynamic row count: inductor's choice, the same with dsr1's
+    kernel edits, and with the AMX micro-kernel withheld."""
     import torch
     import torch._inductor.compile_fx  # noqa: F401 - inductor's codegen modules import in this order
     import torch._inductor.config as inductor_config
     from torch._inductor.codegen import cpp_micro_gemm
+
+    from dsr1.serve.kernel_edits import patched
 
     @contextlib.contextmanager
     def without_amx():
@@ -135,7 +138,7 @@ def dynamic(m, opts: dict, args, best) -> int:
     cpp_micro_gemm.create_micro_gemm = record  # which kernel each compile picked (inductor looks it up per call)
     try:
         with torch.inference_mode(), inductor_config.patch(opts):
-            for name, ctx in (("picked", contextlib.nullcontext), ("no AMX", without_amx)):
+            for name, ctx in (("picked", contextlib.nullcontext), ("dsr1", patched), ("no AMX", without_amx)):
                 torch._dynamo.reset()
                 chosen.clear()
                 with ctx():
@@ -148,14 +151,16 @@ def dynamic(m, opts: dict, args, best) -> int:
     finally:
         cpp_micro_gemm.create_micro_gemm = make
     with torch.inference_mode():
-        print(f"CPU: {cpu_line()}; torch {torch.__version__}; [{args.n}, {args.k}] int4, groups of 32; one graph "
-              f"over a dynamic row count: {kernels['picked']} (picked) / {kernels['no AMX']} (AMX withheld)")
-        print(f"{'rows':>5} {'eager ms':>9} {'picked ms':>10} {'no-AMX ms':>10} {'no-AMX/picked':>14}")
+        print(f"CPU: {cpu_line()}; torch {torch.__version__}; {args.mats} x [{args.n}, {args.k}] int4, groups of 32; "
+              f"one graph over a dynamic row count: {kernels['picked']} (picked; dsr1's edits: {kernels['dsr1']}) / "
+              f"{kernels['no AMX']} (AMX withheld)")
+        print(f"{'rows':>5} {'eager ms':>9} {'picked ms':>10} {'dsr1 ms':>8} {'no-AMX ms':>10} {'dsr1/picked':>12}")
         for r in rows:
             if r == 1:  # dynamo specialises a one-row call into a static graph of its own: not the dynamic one
                 continue
-            e, a, v = best(m, torch.randn(r, args.k, dtype=torch.bfloat16)), times["picked"][r], times["no AMX"][r]
-            print(f"{r:>5} {e:>9.2f} {a:>10.2f} {v:>10.2f} {v / a:>14.2f}", flush=True)
+            e = best(m, torch.randn(r, args.k, dtype=torch.bfloat16))
+            a, d, v = times["picked"][r], times["dsr1"][r], times["no AMX"][r]
+            print(f"{r:>5} {e:>9.2f} {a:>10.2f} {d:>8.2f} {v:>10.2f} {d / a:>12.2f}", flush=True)
     return 0
 
 

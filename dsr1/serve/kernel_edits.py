@@ -100,10 +100,11 @@ _AMX_LOAD = ("""            _mm_prefetch(B + (k + PREFETCH_SIZE_K) * ldb_int4, _
             b32[1] = _mm512_srli_epi32(b32[0], 4);
 """, """{%- if pack_vnni_B_locally %}
             // dsr1 (dsr1/serve/kernel_edits.py): 32-byte rows of the 64-column block, this block's nibbles
+            // gathered into the 16 bytes inductor's re-blocked copy would hold (columns n and n+16)
             _mm_prefetch(Bw + (k + PREFETCH_SIZE_K) * 32, _MM_HINT_T0);
-            const __m256i r4 = _mm256_loadu_si256((const __m256i*)(Bw + k * 32));
-            b32[0] = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(r4)), w_shift);
-            b32[1] = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(r4, 1)), w_shift);
+            __m128i b4 = w_pack(Bw + k * 32);
+            b32[0] = _mm512_cvtepu8_epi32(b4);
+            b32[1] = _mm512_srli_epi32(b32[0], 4);
 {%- else %}
             _mm_prefetch(B + (k + PREFETCH_SIZE_K) * ldb_int4, _MM_HINT_T0);
 
@@ -117,9 +118,9 @@ _AMX_LOAD2 = ("""            __m128i b4_2 = _mm_loadu_si128((__m128i*)(B + n / 2
             b32[0 + COLS] = _mm512_cvtepu8_epi32(b4_2);
             b32[1 + COLS] = _mm512_srli_epi32(b32[0 + COLS], 4);
 """, """{%- if pack_vnni_B_locally %}
-            const __m256i r4_2 = _mm256_loadu_si256((const __m256i*)(Bw + (k + 1) * 32));
-            b32[0 + COLS] = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(r4_2)), w_shift);
-            b32[1 + COLS] = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(r4_2, 1)), w_shift);
+            __m128i b4_2 = w_pack(Bw + (k + 1) * 32);
+            b32[0 + COLS] = _mm512_cvtepu8_epi32(b4_2);
+            b32[1 + COLS] = _mm512_srli_epi32(b32[0 + COLS], 4);
 {%- else %}
             __m128i b4_2 = _mm_loadu_si128((__m128i*)(B + n / 2 * K + (k + 1) * ldb_int4));
             b32[0 + COLS] = _mm512_cvtepu8_epi32(b4_2);
@@ -132,7 +133,16 @@ _AMX_START = ("""    auto dequantize_B = [&](int n) {
 """, """{%- if pack_vnni_B_locally %}
     {{kernel.assert_function}}(N == {{block_n}}, "dsr1: one 32-column block per call");
     const uint8_t* Bw = reinterpret_cast<const uint8_t*>(B) - w_half * 16 * w_K + k_start * 16;
-    const __m128i w_shift = _mm_cvtsi32_si128(static_cast<int>(w_half) * 4);
+    // a row's 32 bytes hold columns j (low nibble) and j + 32 (high) of the 64-column block: this block's
+    // 32 nibbles (the low ones of the first half, the high of the second) packed two to a byte, column
+    // j in the low nibble of byte j and column j + 16 in its high one
+    const __m128i w_lo = _mm_set1_epi8(0x0F);
+    auto w_pack = [&](const uint8_t* row) {
+        const __m128i a = _mm_loadu_si128((const __m128i*)row), c = _mm_loadu_si128((const __m128i*)(row + 16));
+        // 0xCA: bit select, w_lo's ones from the second operand, its zeros from the third
+        return w_half == 0 ? _mm_ternarylogic_epi32(w_lo, a, _mm_slli_epi16(c, 4), 0xCA)
+                           : _mm_ternarylogic_epi32(w_lo, _mm_srli_epi16(a, 4), c, 0xCA);
+    };
 {%- endif %}
     auto dequantize_B = [&](int n) {
 """)
