@@ -15,7 +15,9 @@ shape at one user: ~62-66 ms per token instead of 76-79 (docs/performance.md).
 
 In place (_AMX_*). Inductor's AMX int4 kernel, which the dynamic library runs from 16 rows up and for every
 prompt, read a copy of every int4 weight its template re-blocked at compile time, kept in the package beside
-the integers the other kernels read: peak RSS 1.72-1.80x of weights + KV cache. It now reads those integers.
+the integers the other kernels read: peak RSS 1.72-1.80x of weights + KV cache. It now reads those integers
+(gathering a block's nibbles into the copy's byte order as it widens them): 1.00-1.09x the time over the
+copy at 8-256 rows (`benchmarks/int4_gemm.py --dynamic --mats 64`), a restart's peak 1.28x at the 7B shape.
 
 Applied as a patch of the templates' text (and of the two methods that write the AMX kernel's arguments,
 and of the int4 template's choice to re-block) while dsr1 compiles (`patched`), never left in place: other
