@@ -98,7 +98,7 @@ def package_key(step: torch.nn.Module, options: dict) -> str:
                                           "eps", "scale") if hasattr(ff, k)}
     meta = {"shapes": shapes, "torch": torch.__version__, "cpu": cpu_identity(), "options": options,
             # the forward's module (dsr1.serve.fastpath, found from the step: no import cycle), this one and
-            # the one-row int4 kernel compiled into it
+            # dsr1's edits of inductor's kernels compiled into it
             "code": hashlib.sha256((inspect.getsource(inspect.getmodule(type(ff)))
                                     + inspect.getsource(inspect.getmodule(package_key))
                                     + kernel_edits.TEXT).encode()).hexdigest()}

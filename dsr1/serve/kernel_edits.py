@@ -13,8 +13,8 @@ order, fp32 throughout), and prefetches further ahead: 1.02-1.11 ms (16-17 GB/s;
 rows. The int4 model's int8 LM head prefetches further ahead too (_HEAD_PREFETCH). Behind the server, 1.5B
 shape at one user: ~62-66 ms per token instead of 76-79 (docs/performance.md).
 
-In place (_AMX_*). Inductor's AMX int4 kernel, which the dynamic library runs from 16 rows up and for every
-prompt, read a copy of every int4 weight its template re-blocked at compile time, kept in the package beside
+In place (_AMX_*). Inductor's AMX int4 kernel, which the dynamic library runs at every row count it serves
+and for every prompt, read a copy of every int4 weight its template re-blocked at compile time, kept in the package beside
 the integers the other kernels read: peak RSS 1.72-1.80x of weights + KV cache. It now reads those integers
 (gathering a block's nibbles into the copy's byte order as it widens them): 1.00-1.09x the time over the
 copy at 8-256 rows (`benchmarks/int4_gemm.py --dynamic --mats 64`), a restart's peak 1.28x at the 7B shape.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,9 @@ _HEAD_PREFETCH = ("_mm_prefetch(B + (k + {{block_k}}) * ldb + col * VLEN, _MM_HI
 # the 7B: 3.8 GB). Here the AMX kernel reads the integers where they lie: its 32-column block is the low or
 # the high nibbles of a 64-column block's 32-byte rows (in the block's first or second half), so the
 # template keeps the weight as it is and the kernel is told which half (`w_half`) and the whole K (`w_K`,
-# the block's row stride / 32) by its caller, the GEMM template's loop over 32-column blocks (`nci`).
+# the block's row stride / 32) by its caller, the GEMM template's loop over 32-column blocks (`nci`). The
+# kernel's text knows a weight was left as it is by inductor's `pack_vnni_B_locally` (set for a weight the
+# template did not block), the one fact of that choice its template is given.
 _AMX_LOAD = ("""            _mm_prefetch(B + (k + PREFETCH_SIZE_K) * ldb_int4, _MM_HINT_T0);
 
             // load 256 bits = 64 elements in int4
@@ -152,8 +155,9 @@ _AMX_START = ("""    auto dequantize_B = [&](int n) {
 # arguments are written from
 _AMX_CALLER = 'kernel.slice_nd(W, [("nci * Nr", "(nci + 1) * Nr"), ("k_start * Nr / 2", "k_end * Nr / 2")])'
 
-TEXT = (ONE_ROW + _HEAD_PREFETCH[1] + _AMX_LOAD[1] + _AMX_LOAD2[1] + _AMX_START[1]
-        + "w_half nci & 1 w_K K")  # what compiled code depends on (aotstep's package key, the probe's)
+# what compiled code depends on (aotstep's package key, the probe's): this module, its texts and the
+# arguments and choices it writes into inductor's
+TEXT = Path(__file__).read_text()
 
 
 @functools.cache
