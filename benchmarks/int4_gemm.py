@@ -13,8 +13,9 @@ the CPU has them) when `max_autotune` lets it, and the batch size decides which 
 [--n, --k] matrices (groups of 32) are applied in turn so that nothing stays in cache; each row count is
 compiled with a static shape (as the one-row library is; the dynamic library's whole step is timed per
 batch size by the server at its first start: FastForward.measure_rows). Printed: ms per matrix eager /
-compiled as inductor writes it / compiled with dsr1's one-row path (dsr1/serve/kernel_edits.py, which
-changes only a one-row call), and eager / dsr1's. `--mats`: how many distinct matrices; eight of the
+compiled as inductor writes it / compiled with dsr1's kernel edits (dsr1/serve/kernel_edits.py: its
+one-row path at one row; where inductor picks the AMX kernel, that kernel reading the integers in place),
+and eager / dsr1's. `--mats`: how many distinct matrices; eight of the
 1.5B shape's gate|up (138 MB) fit the last-level cache of some CPUs (the 2-core Xeon here reports 480 MiB),
 so what a decode step sees, weights streamed from memory, takes `--mats 64`.
 

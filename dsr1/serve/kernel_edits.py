@@ -13,11 +13,12 @@ order, fp32 throughout), and prefetches further ahead: 1.02-1.11 ms (16-17 GB/s;
 rows. The int4 model's int8 LM head prefetches further ahead too (_HEAD_PREFETCH). Behind the server, 1.5B
 shape at one user: ~62-66 ms per token instead of 76-79 (docs/performance.md).
 
-In place (_AMX_*). Inductor's AMX int4 kernel, which the dynamic library runs at every row count it serves
-and for every prompt, read a copy of every int4 weight its template re-blocked at compile time, kept in the package beside
-the integers the other kernels read: peak RSS 1.72-1.80x of weights + KV cache. It now reads those integers
-(gathering a block's nibbles into the copy's byte order as it widens them): 1.00-1.09x the time over the
-copy at 8-256 rows (`benchmarks/int4_gemm.py --dynamic --mats 64`), a restart's peak 1.28x at the 7B shape.
+In place (_AMX_*). Inductor's AMX int4 kernel, which the dynamic library runs at every row count it serves and
+for every prompt, read a copy of every int4 weight its template re-blocked at compile time, kept in the
+package beside the integers the other kernels read: peak RSS 1.72-1.80x of weights + KV cache. It now reads
+those integers (gathering a block's nibbles into the copy's byte order as it widens them): 1.00-1.09x the time
+over the copy at 8-256 rows (`benchmarks/int4_gemm.py --dynamic --mats 64`), a restart's peak 1.28x at the 7B
+shape.
 
 Applied as a patch of the templates' text (and of the two methods that write the AMX kernel's arguments,
 and of the int4 template's choice to re-block) while dsr1 compiles (`patched`), never left in place: other
@@ -97,46 +98,33 @@ _HEAD_PREFETCH = ("_mm_prefetch(B + (k + {{block_k}}) * ldb + col * VLEN, _MM_HI
 # the block's row stride / 32) by its caller, the GEMM template's loop over 32-column blocks (`nci`). The
 # kernel's text knows a weight was left as it is by inductor's `pack_vnni_B_locally` (set for a weight the
 # template did not block), the one fact of that choice its template is given.
+# (inductor's text, what the kernel runs instead for a weight left in place); `_edits` keeps inductor's text
+# for a weight its template re-blocked (`{%- else %}`)
 _AMX_LOAD = ("""            _mm_prefetch(B + (k + PREFETCH_SIZE_K) * ldb_int4, _MM_HINT_T0);
 
             // load 256 bits = 64 elements in int4
             __m128i b4 = _mm_loadu_si128((__m128i*)(B + n / 2 * K + k * ldb_int4));
             b32[0] = _mm512_cvtepu8_epi32(b4);
             b32[1] = _mm512_srli_epi32(b32[0], 4);
-""", """{%- if pack_vnni_B_locally %}
-            // dsr1 (dsr1/serve/kernel_edits.py): 32-byte rows of the 64-column block, this block's nibbles
+""", """            // dsr1 (dsr1/serve/kernel_edits.py): 32-byte rows of the 64-column block, this block's nibbles
             // gathered into the 16 bytes inductor's re-blocked copy would hold (columns n and n+16)
             _mm_prefetch(Bw + (k + PREFETCH_SIZE_K) * 32, _MM_HINT_T0);
             __m128i b4 = w_pack(Bw + k * 32);
             b32[0] = _mm512_cvtepu8_epi32(b4);
             b32[1] = _mm512_srli_epi32(b32[0], 4);
-{%- else %}
-            _mm_prefetch(B + (k + PREFETCH_SIZE_K) * ldb_int4, _MM_HINT_T0);
-
-            // load 256 bits = 64 elements in int4
-            __m128i b4 = _mm_loadu_si128((__m128i*)(B + n / 2 * K + k * ldb_int4));
-            b32[0] = _mm512_cvtepu8_epi32(b4);
-            b32[1] = _mm512_srli_epi32(b32[0], 4);
-{%- endif %}
 """)
 _AMX_LOAD2 = ("""            __m128i b4_2 = _mm_loadu_si128((__m128i*)(B + n / 2 * K + (k + 1) * ldb_int4));
             b32[0 + COLS] = _mm512_cvtepu8_epi32(b4_2);
             b32[1 + COLS] = _mm512_srli_epi32(b32[0 + COLS], 4);
-""", """{%- if pack_vnni_B_locally %}
-            __m128i b4_2 = w_pack(Bw + (k + 1) * 32);
+""", """            __m128i b4_2 = w_pack(Bw + (k + 1) * 32);
             b32[0 + COLS] = _mm512_cvtepu8_epi32(b4_2);
             b32[1 + COLS] = _mm512_srli_epi32(b32[0 + COLS], 4);
-{%- else %}
-            __m128i b4_2 = _mm_loadu_si128((__m128i*)(B + n / 2 * K + (k + 1) * ldb_int4));
-            b32[0 + COLS] = _mm512_cvtepu8_epi32(b4_2);
-            b32[1 + COLS] = _mm512_srli_epi32(b32[0 + COLS], 4);
-{%- endif %}
 """)
 # where the block's rows start: the caller's B is W + nci * 16 * w_K + k_start * 16 (its [N, K/2] view
 # sliced at 32 columns); the block of 64 holding it starts 16 * w_K earlier when it is the second half
-_AMX_START = ("""    auto dequantize_B = [&](int n) {
-""", """{%- if pack_vnni_B_locally %}
-    {{kernel.assert_function}}(N == {{block_n}}, "dsr1: one 32-column block per call");
+_DEQUANTIZE = """    auto dequantize_B = [&](int n) {
+"""
+_AMX_START = (_DEQUANTIZE, """    {{kernel.assert_function}}(N == {{block_n}}, "dsr1: one 32-column block per call");
     const uint8_t* Bw = reinterpret_cast<const uint8_t*>(B) - w_half * 16 * w_K + k_start * 16;
     // a row's 32 bytes hold columns j (low nibble) and j + 32 (high) of the 64-column block: this block's
     // 32 nibbles (the low ones of the first half, the high of the second) packed two to a byte, column
@@ -148,9 +136,7 @@ _AMX_START = ("""    auto dequantize_B = [&](int n) {
         return w_half == 0 ? _mm_ternarylogic_epi32(w_lo, a, _mm_slli_epi16(c, 4), 0xCA)
                            : _mm_ternarylogic_epi32(w_lo, _mm_srli_epi16(a, 4), c, 0xCA);
     };
-{%- endif %}
-    auto dequantize_B = [&](int n) {
-""")
+""" + _DEQUANTIZE)
 # the GEMM template's call, inside `for (int64_t nci ...)` with `K` the whole K: the line the extra
 # arguments are written from
 _AMX_CALLER = 'kernel.slice_nd(W, [("nci * Nr", "(nci + 1) * Nr"), ("k_start * Nr / 2", "k_end * Nr / 2")])'
@@ -187,8 +173,9 @@ def _edits() -> tuple[tuple[object, str, object, object], ...]:
                  "its own re-blocked copy of the weights")
         return tuple(edits)
     ours = entry
-    for old, new in (_AMX_LOAD, _AMX_LOAD2, _AMX_START):
-        ours = ours.replace(old, new)
+    for theirs, in_place in (_AMX_LOAD, _AMX_LOAD2, _AMX_START):
+        ours = ours.replace(theirs, "{%- if pack_vnni_B_locally %}\n" + in_place + "{%- else %}\n" + theirs
+                            + "{%- endif %}\n")
     edits.append((amx, "TEMPLATE_ENTRY", entry, ours))
     declare, extra, getitem = amx.get_kernel_extra_args_declare, amx.get_kernel_extra_args, meta.__getitem__
 
