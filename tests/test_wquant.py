@@ -111,7 +111,8 @@ def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
     micro-kernel and the int8 head's prefetch are compiled in when dsr1 compiles (their text in the
     generated code), not otherwise (inductor's templates are left as they were). One row's int4 product
     equals eager int4's to bf16 rounding (a K long enough that the template splits it: calls that start
-    mid-row and accumulate; a short one; groups of 32); the int8 one, whose arithmetic is unchanged, equals
+    mid-row and accumulate; a short one; groups of 32); the int8 one (on a CPU with AMX reading the AMX
+    kernel's VNNI-2 layout of the head), whose arithmetic is unchanged, equals
     inductor's own to the bit. At many rows over a dynamic row count, on a CPU with AMX, the AMX int4 kernel
     reads the integers in place (its text compiled in) and computes what it computes over its own
     re-blocked copy, to the bit."""
@@ -159,12 +160,15 @@ def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
             got, code = run_and_get_code(torch.compile(model, dynamic=False), *xs)
         assert [getattr(owner, attr) for owner, attr, *_ in kernel_edits._edits()] == inductors  # restored
         assert "dsr1 one-row path" in "".join(code) and "dsr1: further ahead" in "".join(code)
+        # the head's vector kernel reads AMX's VNNI-2 layout where the AMX kernel would read it too
+        assert ("B in VNNI-2 pairs" in "".join(code)) == _amx_head()
         for g, r in zip(got[:2], ref):
             assert (g.float() - r.float()).abs().max() <= 0.01 * r.float().abs().max()
         torch._dynamo.reset()
         with inductor_config.patch(options):  # inductor's own kernels outside dsr1's compiles
             plain, code = run_and_get_code(torch.compile(model, dynamic=False), *xs)
         assert "dsr1 one-row path" not in "".join(code) and "dsr1: further ahead" not in "".join(code)
+        assert "B in VNNI-2 pairs" not in "".join(code)
         assert all(torch.equal(p, r) for p, r in zip(plain[:2], ref))  # inductor's int4 kernel: eager's sums
         assert torch.equal(got[2], plain[2])
 
@@ -186,6 +190,16 @@ def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
         assert (got.float() - eager.float()).abs().max() <= 0.01 * eager.float().abs().max()
         assert torch.equal(got, plain)
         assert torch.equal(got, plain)
+
+
+def _amx_head() -> bool:
+    """Whether inductor picks its AMX kernel for the int8 head over a dynamic row count here, which the
+    one-row library's head then shares its layout with (dsr1.serve.kernel_edits._vnni_head)."""
+    import torch._inductor.compile_fx  # noqa: F401 - inductor's codegen modules import in this order
+    from torch._inductor.codegen import cpp_micro_gemm as mg
+
+    isa = mg.pick_vec_isa()
+    return isinstance(isa, mg.VecAMX) and isa.is_avx512_bf16_supported()
 
 
 def _one_row_args(ff, cache, step):
@@ -262,6 +276,13 @@ def test_int4_compiled_step_agrees_with_eager_and_keeps_quality(demo_draft_dir, 
     # in place: dsr1.serve.kernel_edits): the int8 head's blocked copy at most
     stored = torch.load(m.fast.package.with_suffix(".consts"), mmap=True, weights_only=True)["stored"]
     assert not [n for n, t in stored.items() if t.dtype == torch.uint8], list(stored)
+    # and on a CPU with AMX the one-row library reads that head copy where the dynamic one's file holds
+    # it, storing none of its own (both blocked alike: kernel_edits._HEAD_VNNI)
+    one_saved = torch.load(m.fast.package.with_suffix(".one.consts"), mmap=True, weights_only=True)
+    heads = [n for n, t in stored.items() if t.dtype == torch.int8]
+    if _amx_head():
+        assert heads and {other for other, *_ in one_saved["sibling"].values()} >= set(heads), one_saved["sibling"]
+        assert not [n for n, t in one_saved["stored"].items() if t.dtype == torch.int8], list(one_saved["stored"])
     # the package reads the weights the eager forward holds: releasing its references frees little, but
     # nothing breaks
     freed = m.fast.release_eager(m.model)

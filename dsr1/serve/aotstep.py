@@ -176,10 +176,13 @@ def room_for(step: torch.nn.Module, root: Path) -> str | None:
 
 
 def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
-                  progress: Callable[[str], None] = lambda m: None, one_row: bool = False) -> tuple[Callable, str, Path]:
+                  progress: Callable[[str], None] = lambda m: None, one_row: bool = False,
+                  sibling: Callable | None = None) -> tuple[Callable, str, Path]:
     """The compiled step for `step` (a fastpath.FrozenStep): loaded from `root` when a library with its key
     is there, else exported, compiled and saved first. Returns (callable, "loaded" | "compiled", path).
-    `one_row`: the step for one row of one token (`step-<key>.one.so`, beside the model's dynamic one).
+    `one_row`: the step for one row of one token (`step-<key>.one.so`, beside the model's dynamic one);
+    `sibling`: that dynamic one, loaded, whose stored constants this one reads where they are the same bytes
+    (the int8 head, blocked alike for both: dsr1.serve.kernel_edits) instead of a copy of its own.
     Compiled in a build directory under `root` and renamed into place, its constants first, so a crash
     never leaves a library that looks whole; one that does not load (damaged or missing constants) is
     removed and built again."""
@@ -189,7 +192,7 @@ def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
     if path.is_file():
         progress(f"loading the compiled {what}")
         try:
-            runner = _load(path, step)
+            runner = _load(path, step, sibling)
             os.utime(path)  # most recently used, for _prune
             return runner, "loaded", path
         except Exception as e:  # noqa: BLE001 - any failure to load means: build it again
@@ -214,7 +217,7 @@ def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
                     log.info("the compiled step holds oneDNN-packed weights: they are kept inside the library")
             if library is None:
                 library, _ = _compile(program, options, apart=False)
-            _save_constants(step, constants, build / "constants")
+            _save_constants(step, constants, build / "constants", sibling)
             del constants  # inductor's packed copies: the next start's are read from the file
             os.replace(build / "constants", path.with_suffix(CONSTANTS))
             os.replace(library, path)
@@ -222,7 +225,7 @@ def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
         shutil.rmtree(build, ignore_errors=True)
     _prune(root, keep=path)
     _release()
-    return _load(path, step), "compiled", path
+    return _load(path, step, sibling), "compiled", path
 
 
 def _compile(program, options: dict, apart: bool) -> tuple[str, dict[str, torch.Tensor] | None]:
@@ -281,10 +284,12 @@ def _unique_constant_names():
         GraphLowering.allocate_non_dup_const_name = allocate
 
 
-def _save_constants(step: torch.nn.Module, constants: dict[str, torch.Tensor] | None, dest: Path) -> None:
+def _save_constants(step: torch.nn.Module, constants: dict[str, torch.Tensor] | None, dest: Path,
+                    sibling: Callable | None = None) -> None:
     """The library's constants to `dest`: those that are the step's own weights by name, shape and value
     (the exported module holds the step as `step`) are recorded by name only and handed over from the
-    live model at load, not stored twice; the rest (inductor's packed layouts) are stored. torch.save's
+    live model at load, not stored twice; so are those equal to one the `sibling` library stores (by its
+    name there); the rest (inductor's packed layouts) are stored. torch.save's
     format, read back by torch.load with weights_only (no code runs) and mmap (no copy). None: the
     library holds its constants itself, which the file says (a library built without them must never
     run without them, so a start that finds no file builds again)."""
@@ -292,23 +297,28 @@ def _save_constants(step: torch.nn.Module, constants: dict[str, torch.Tensor] | 
         torch.save({"inside": True}, dest)
         return
     params = dict(step.named_parameters())
-    live, stored = {}, {}
+    same = lambda a, b: (a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()  # noqa: E731
+                         and torch.equal(a, b))
+    theirs = getattr(sibling, "stored", {})
+    live, stored, shared = {}, {}, {}
     with torch.no_grad():
         for name, t in constants.items():
             own = name.removeprefix("step.") if name.startswith("step.") else None
             p = params.get(own)
-            if (p is not None and p.dtype == t.dtype and p.shape == t.shape and p.stride() == t.stride()
-                    and torch.equal(p, t)):
+            if p is not None and same(p, t):
                 live[name] = own
+            elif (other := next((n for n, o in theirs.items() if same(o, t)), None)) is not None:
+                shared[name] = (other, list(t.shape), str(t.dtype))
             else:
                 stored[name] = t
-    torch.save({"live": live, "stored": stored}, dest)
+    torch.save({"live": live, "stored": stored, "sibling": shared}, dest)
 
 
-def _load(path: Path, step: torch.nn.Module) -> Callable:
+def _load(path: Path, step: torch.nn.Module, sibling: Callable | None = None) -> Callable:
     """The library loaded by AOTInductor's runner, called as the exported step is, its constants handed to
     it as tensors it uses in place (user-managed): the step's own weights from the live model, the packed
-    ones mapped from the constants file (read from the page cache as they are used, not copied). The
+    ones mapped from the constants file (read from the page cache as they are used, not copied) or, where
+    the file says so, the `sibling` library's (_save_constants). The
     callable keeps every one of them alive (`shared`: the live ones; none where the library holds its
     constants itself) for as long as the runner is used."""
     from torch.utils import _pytree as pytree
@@ -336,12 +346,21 @@ def _load(path: Path, step: torch.nn.Module) -> Callable:
     fqns = runner.get_constant_names_to_original_fqns()
     if len(set(fqns.values())) != len(fqns):  # see _unique_constant_names: one file entry for several
         raise RuntimeError("the library's constants share original names")
+    theirs = getattr(sibling, "stored", {})
     for name, fqn in fqns.items():
-        live = saved["live"].get(fqn)
-        t = params[live] if live is not None else saved["stored"][fqn]  # KeyError: built again
+        live, other = saved["live"].get(fqn), saved.get("sibling", {}).get(fqn)
+        if live is not None:
+            t = params[live]
+        elif other is not None:  # KeyError (no such sibling, or not this one): built again
+            t = theirs[other[0]]
+            if [list(t.shape), str(t.dtype)] != list(other[1:]):
+                raise KeyError(f"the dynamic library's {other[0]} is not the constant this one was built with")
+        else:
+            t = saved["stored"][fqn]  # KeyError: built again
         constants[name] = t
     runner.update_constant_buffer(constants, False, True, True)  # all of them, used where they lie
     run.constants = constants  # the runner only points at them
+    run.stored = saved["stored"]  # what a sibling may read (load_or_build)
     run.shared = [params[n] for n in saved["live"].values()]
     return run
 

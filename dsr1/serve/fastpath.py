@@ -566,7 +566,7 @@ class FastForward:
                 # it takes its AVX-512 micro-kernel (the probe's static one-row step: 62 ms). measure_rows
                 # then times this one at one row like the rest.
                 self._aot_one, how, _ = aotstep.load_or_build(self._frozen, cache, self._store, self._options,
-                                                              progress, one_row=True)
+                                                              progress, one_row=True, sibling=self._aot)
                 if how == "compiled":
                     self.compile_how = "compiled"
             self.compile_seconds = time.perf_counter() - t0

@@ -88,6 +88,39 @@ _HEAD_PREFETCH = ("_mm_prefetch(B + (k + {{block_k}}) * ldb + col * VLEN, _MM_HI
                   "_mm_prefetch(B + (k + 256) * ldb + col * VLEN, _MM_HINT_T0);  // dsr1: further ahead")
 
 
+# The same head in one layout for both libraries. The dynamic library's AMX kernel reads the head from its
+# own blocked copy in AMX's VNNI-2 layout (rows k and k+1 interleaved, two bytes per column); the one-row
+# library's vector kernel read another blocked copy, in plain rows: two copies of the head in a package, the
+# 1.5B shape's 0.23 GB each, the 7B's 0.55 GB. Inductor's AMX kernel at one row was slower than the vector
+# one (14.7 against 12.1-12.9 ms for the 1.5B head streamed, 2-core Xeon with AMX), so the vector kernel is
+# kept and reads the VNNI-2 layout instead: its template then blocks the head exactly as the AMX template
+# does (the same [N/32, K, 32] blocks), and aotstep stores the one copy once. The sums are the vector
+# kernel's, in its order (k, then k + 1, into each output), so its results do not change by a bit.
+_HEAD_LOOP = """    for (int k = 0; k < K; ++k) {
+        c10::ForcedUnroll<ROWS * COLS>{}(compute, k);
+    }
+"""
+_HEAD_VNNI = """    // dsr1 (dsr1/serve/kernel_edits.py): B in VNNI-2 pairs, the AMX kernel's layout of the same head; a
+    // pair's 2 * VLEN bytes per VLEN columns widen to int16 (column j's rows k, k + 1 in one 32-bit lane)
+    static_assert(VLEN == 16, "dsr1: the VNNI-2 head is read with AVX-512");
+    for (int k = 0; k < K; k += 2) {
+        const {{input2_t}}* bp = B + k * ldb;
+        if constexpr (prefetch) {
+            _mm_prefetch(bp + 256 * ldb, _MM_HINT_T0);  // as far ahead as _HEAD_PREFETCH
+        }
+        for (int c = 0; c < COLS; ++c) {
+            const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(bp + c * 2 * VLEN)));
+            const Vectorized b0(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 16), 16)));
+            const Vectorized b1(_mm512_cvtepi32_ps(_mm512_srai_epi32(w, 16)));
+            for (int r = 0; r < ROWS; ++r) {
+                vc[r * COLS + c] = at::vec::fmadd(Vectorized(static_cast<float>(A[r * lda + k])), b0, vc[r * COLS + c]);
+                vc[r * COLS + c] = at::vec::fmadd(Vectorized(static_cast<float>(A[r * lda + k + 1])), b1,
+                                                  vc[r * COLS + c]);
+            }
+        }
+    }
+"""
+
 # Inductor's AMX int4 kernel reads its weights re-blocked: [N/32, K, 16] bytes, a byte holding columns n and
 # n+16 of a 32-column block, which its template makes at compile time from the [N/64, K, 32] integers every
 # other int4 kernel reads (eager `_weight_int4pack_mm_for_cpu`, the AVX-512 kernel of the one-row library):
@@ -151,18 +184,25 @@ def _edits() -> tuple[tuple[object, str, object, object], ...]:
     """(owner, attribute, inductor's value, dsr1's) for each edit, made once: the just-in-time step enters
     `patched` at every call. An edit whose text is not the one it was written against (another torch) is
     left out, and said once; the in-place AMX kernel goes whole or not at all."""
+    import torch
     import torch._inductor.compile_fx  # noqa: F401 - inductor's codegen modules import in this order
     from torch._inductor.codegen import cpp_gemm_template as gt
     from torch._inductor.codegen import cpp_micro_gemm as mg
 
     edits = []
-    for name, old, new in (("CppMicroGemmWoQInt4Avx512", _MARKER, ONE_ROW + _MARKER),
-                           ("CppMicroGemmFP32Vec", *_HEAD_PREFETCH)):
+    vnni_loop = "{%- if template.dsr1_vnni is defined %}\n" + _HEAD_VNNI + "{%- else %}\n" + _HEAD_LOOP + "{%- endif %}\n"
+    for name, *pairs in (("CppMicroGemmWoQInt4Avx512", (_MARKER, ONE_ROW + _MARKER)),
+                         ("CppMicroGemmFP32Vec", _HEAD_PREFETCH, (_HEAD_LOOP, vnni_loop))):
         cls = getattr(mg, name, None)
-        if cls is None or cls.TEMPLATE_KERNEL.count(old) != 1:
+        if cls is None or any(cls.TEMPLATE_KERNEL.count(old) != 1 for old, _ in pairs):
             log.info("inductor's %s is not the one dsr1's one-row kernels were written for: left as it is", name)
             continue
-        edits.append((cls, "TEMPLATE_KERNEL", cls.TEMPLATE_KERNEL, cls.TEMPLATE_KERNEL.replace(old, new)))
+        ours = cls.TEMPLATE_KERNEL
+        for old, new in pairs:
+            ours = ours.replace(old, new)
+        edits.append((cls, "TEMPLATE_KERNEL", cls.TEMPLATE_KERNEL, ours))
+        if name == "CppMicroGemmFP32Vec":
+            edits += _vnni_head(mg, gt)
 
     amx = getattr(mg, "CppMicroGemmWoQInt4Amx", None)
     meta = type(getattr(gt, "CppWoqInt4GemmTemplate", None))
@@ -202,6 +242,31 @@ def _edits() -> tuple[tuple[object, str, object, object], ...]:
               (amx, "get_kernel_extra_args", extra, extra_in_place),
               (meta, "__getitem__", getitem, template_in_place)]
     return tuple(edits)
+
+
+def _vnni_head(mg, gt) -> list[tuple[object, str, object, object]]:
+    """The choice that the one-row int8 head's vector kernel reads the VNNI-2 layout (_HEAD_VNNI): made where
+    inductor would pick its AMX kernel for the same head over a dynamic row count (the dynamic library's),
+    which blocks it the same way. `create_micro_gemm` is looked up by name in both modules."""
+    import torch
+
+    create = mg.create_micro_gemm
+    if create is not getattr(gt, "create_micro_gemm", None):
+        return []
+
+    def create_vnni(*args, **kwargs):
+        gemm = create(*args, **kwargs)
+        k = kwargs.get("k", args[3] if len(args) > 3 else None)
+        isa = mg.pick_vec_isa()
+        if (type(gemm) is mg.CppMicroGemmFP32Vec and gemm.input_dtype == torch.bfloat16
+                and gemm.input2_dtype == torch.int8 and not gemm.tail_n and not gemm.trans_b
+                and gemm.register_blocking.block_n % 16 == 0 and getattr(k, "is_number", False) and int(k) % 2 == 0
+                and isinstance(isa, mg.VecAMX) and isa.is_avx512_bf16_supported()):
+            gemm.dsr1_vnni = True  # the kernel's text asks whether it is there (`template`: the micro-kernel)
+            gemm.get_b_layout = lambda: mg.LayoutType.VNNI2  # how its template blocks the weight
+        return gemm
+
+    return [(mg, "create_micro_gemm", create, create_vnni), (gt, "create_micro_gemm", create, create_vnni)]
 
 
 @contextlib.contextmanager
