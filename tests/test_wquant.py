@@ -283,6 +283,18 @@ def test_int4_compiled_step_agrees_with_eager_and_keeps_quality(demo_draft_dir, 
     if _amx_head():
         assert heads and {other for other, *_ in one_saved["sibling"].values()} >= set(heads), one_saved["sibling"]
         assert not [n for n, t in one_saved["stored"].items() if t.dtype == torch.int8], list(one_saved["stored"])
+    # the eager forward's logits go through the head's own library, which reads the dynamic library's head
+    # too (blocked alike where inductor picks the same kernel for both), not the kept
+    # [N, K] integers; it computes what the eager kernel computes, to bf16 rounding
+    assert m.fast._aot_head is not None
+    head_saved = torch.load(m.fast.package.with_suffix(".head.consts"), mmap=True, weights_only=True)
+    if _amx_head():  # AMX for both
+        assert not [n for n, t in head_saved["stored"].items() if t.dtype == torch.int8], list(head_saved["stored"])
+        assert {other for other, *_ in head_saved["sibling"].values()} >= set(heads), head_saved["sibling"]
+    for rows in (1, 3):
+        x = torch.randn(rows, m.fast.head.q.shape[1], dtype=torch.bfloat16)
+        want = wquant.frozen_mm(m.fast.head, x).float()
+        assert (m.fast._aot_head(x).float() - want).abs().max() <= 0.01 * want.abs().max()
     # the package reads the weights the eager forward holds: releasing its references frees little, but
     # nothing breaks
     freed = m.fast.release_eager(m.model)

@@ -69,13 +69,15 @@ def cpu_identity() -> str:
 
 
 def weight_fingerprint(t: torch.Tensor) -> bytes:
-    """Shape, dtype and a sample of the values: 64 runs of 64 consecutive values spread over the tensor
-    (about 4,096 values); a different checkpoint, a merged adapter or a fine-tune changes them. Runs, not
-    4,096 single values at a stride: each value read through the checkpoint's file mapping makes its page
-    resident, and a strided sample read ~0.6 GB of the 1.5B shape's pages at every start for 8 KB of
-    values. Hashing every byte would cost seconds per GB at start."""
+    """Shape, dtype and a sample of the values: 16 runs of 256 consecutive values spread over the tensor
+    (about 4,096 values); a different checkpoint, a merged adapter or a fine-tune changes them. Few runs,
+    not 4,096 single values at a stride: each value read through a file mapping (the checkpoint's, the
+    kept int4 set's) makes resident what the page cache holds around it, a page or a whole large folio
+    (up to 2 MB): a strided sample read ~0.6 GB of the 1.5B shape's pages at every start for 8 KB of
+    values, and 64 runs 74 MB of its kept int8 head, which nothing else reads (the compiled libraries read
+    their blocked copy). Hashing every byte would cost seconds per GB at start."""
     flat = t.detach().reshape(-1)
-    runs, run = 64, 64
+    runs, run = 16, 256
     if flat.numel() <= runs * run:
         sample = flat
     else:
@@ -189,6 +191,59 @@ def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
     key = package_key(step, options)
     path = root / f"step-{key}{'.one' if one_row else ''}.so"
     what = "one-row decode step" if one_row else "decode step"
+    return _load_or_build(path, what, step, lambda: _export(step, cache, one_row), options, progress, sibling)
+
+
+def load_or_build_head(head, package: Path, options: dict, sibling: Callable,
+                       progress: Callable[[str], None] = lambda m: None) -> tuple[Callable, str, Path]:
+    """The int4 model's int8 LM head alone (a wquant.Frozen), over any number of rows, as a library beside
+    the model's dynamic step (`step-<key>.head.so`, that step's `package` path) for the eager forward's
+    logits (the row counts it serves: fastpath.measure_rows). Inductor blocks the head for it as for the
+    dynamic step, so it reads that step's copy (`sibling`) and stores none: the kept [N, K] head, which
+    the eager kernel read, is then read by nothing and stays on disk (the 1.5B shape: 0.23 GB, the 7B
+    0.55 GB less resident)."""
+    from torch.export import Dim
+
+    module = _Head(head)
+    path = package.with_name(package.stem + ".head.so")
+
+    def export():
+        # four rows, as many as the dynamic step's example picks (_export): inductor ranks its kernels by
+        # the example's row count, and the same kernel blocks the head the same way
+        x = torch.zeros(4, head.q.shape[1], dtype=head.scales.dtype)
+        with torch.no_grad():
+            return torch.export.export(_Holder(module), (x,), dynamic_shapes=({0: Dim("rows", min=1, max=1 << 22)},),
+                                       strict=False)
+
+    return _load_or_build(path, "LM head", module, export, options, progress, sibling)
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.q = torch.nn.Parameter(head.q, requires_grad=False)
+        self.scales = torch.nn.Parameter(head.scales, requires_grad=False)
+
+    def forward(self, x):
+        return torch._weight_int8pack_mm(x, self.q, self.scales)
+
+
+class _Holder(torch.nn.Module):
+    """A one-input module exported as `step` (the name _save_constants and _load find its weights by)."""
+
+    def __init__(self, step: torch.nn.Module):
+        super().__init__()
+        self.step = step
+
+    def forward(self, x):
+        return self.step(x)
+
+
+def _load_or_build(path: Path, what: str, step: torch.nn.Module, export: Callable, options: dict,
+                   progress: Callable[[str], None], sibling: Callable | None) -> tuple[Callable, str, Path]:
+    """load_or_build's work for the library at `path`: `step` the module whose parameters it may read in
+    place, `export` its ExportedProgram."""
+    root = path.parent
     if path.is_file():
         progress(f"loading the compiled {what}")
         try:
@@ -201,12 +256,12 @@ def load_or_build(step: torch.nn.Module, cache, root: Path, options: dict,
             path.with_suffix(CONSTANTS).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     progress(f"compiling the {what} ahead of time (once per model and machine)")
-    build = root / f".build-{key}{'-one' if one_row else ''}-{os.getpid()}"
+    build = root / f".build-{path.name.removesuffix('.so').replace('.', '-')}-{os.getpid()}"
     try:
         # inductor's own cache dir for the build's intermediate files, under `root` so that the library
         # it writes there is renamed into place (same file system), not copied; the rest is removed
         with temporary_cache_dir(str(build)):
-            program = _export(step, cache, one_row)
+            program = export()
             library, constants = None, None
             if next(step.parameters()).dtype != torch.float32:  # fp32's are oneDNN's own (see _compile)
                 try:

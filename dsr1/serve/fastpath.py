@@ -240,6 +240,7 @@ class FastForward:
         self.compile_seconds = 0.0
         self._aot = self._store = None  # the ahead-of-time compiled step and where it is kept (enable_compile)
         self._aot_one = None  # its one-row, one-token library where there is one (warm_up)
+        self._aot_head = None  # an int4 model's LM head alone, for the eager forward's logits (warm_up)
         self.package = None  # its file
         self.not_kept = None  # why the compiled step is not kept on disk (enable_compile), when it is not
         self.compiled_rows = 1 << 30  # batches up to this many rows take the compiled step (measure_rows)
@@ -399,7 +400,11 @@ class FastForward:
         # Row-major: sampling reduces along the vocabulary, and on the transposed result of
         # `linear` amax/topk/argmax over [16, 49152] took 1-2 ms each instead of 0.03-0.6 ms.
         head = src.head_weight if isinstance(src, FrozenStep) else src.head
-        return linear(self._norm(x, src.norm_w), head, contiguous=True).float()
+        x = self._norm(x, src.norm_w)
+        if src is self and self._aot_head is not None:  # eager: the head's own library (warm_up)
+            shape = x.shape
+            return self._aot_head(x.reshape(-1, shape[-1]).to(self._aot_head.dtype)).float().view(*shape[:-1], -1)
+        return linear(x, head, contiguous=True).float()
 
     # -- the decode / verify step ----------------------------------------------------------------
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, ks: list[torch.Tensor],
@@ -491,7 +496,8 @@ class FastForward:
         weights = {id(t): t for t in (self.embed, self.head, *(w for ws in self.layers for w in ws[1:]))
                    if t is not None}
         # what the package reads in place (the step's own weights, aotstep._load) stays, held by it
-        kept = {t.untyped_storage().data_ptr() for run in (self._aot, self._aot_one) for t in getattr(run, "shared", ())}
+        kept = {t.untyped_storage().data_ptr() for run in (self._aot, self._aot_one, self._aot_head)
+                for t in getattr(run, "shared", ())}
         freed = sum(n for w in weights.values() for ptr, n in _parts(w) if ptr not in kept)
         empty = torch.empty(0, dtype=self.embed.dtype, device=self.device)
         own = lambda t: None if t is None else t.clone()  # noqa: E731 - out of the file mapping
@@ -540,7 +546,7 @@ class FastForward:
         self._frozen = FrozenStep(self)
         self._options = compile_options(self.embed.dtype, self.device)  # for every compile of this step
         self._store = store if store is not None and aotstep.supported(self.device) else None
-        self._aot = self._aot_one = None
+        self._aot = self._aot_one = self._aot_head = None
         self.compile_how = "compiled"  # or "loaded" (a package from the store)
         self.not_kept = aotstep.room_for(self._frozen, store) if self._store is not None else None
         if self.not_kept:  # no disk for the package: compiled just in time, as on a GPU
@@ -569,6 +575,14 @@ class FastForward:
                                                               progress, one_row=True, sibling=self._aot)
                 if how == "compiled":
                     self.compile_how = "compiled"
+                if isinstance(self.head, Frozen) and self.head.method == "int8":
+                    # the eager forward's logits (the row counts measure_rows leaves eager) through the head
+                    # the dynamic library holds, not the kept [N, K] one beside it: one head resident
+                    self._aot_head, how, _ = aotstep.load_or_build_head(self.head, self.package, self._options,
+                                                                        self._aot, progress)
+                    self._aot_head.dtype = self.head.scales.dtype  # what it takes (frozen_mm's cast)
+                    if how == "compiled":
+                        self.compile_how = "compiled"
             self.compile_seconds = time.perf_counter() - t0
             return self.compile_seconds
         for n in batches:

@@ -1,5 +1,6 @@
 """dsr1's edits of inductor's CPU GEMM kernels, compiled into every step dsr1 compiles on a CPU: a faster
-one-row int4 path, the int8 head's prefetch, and the AMX int4 kernel reading the integers in place.
+one-row int4 path, the int8 head's prefetch and its one layout (_HEAD_VNNI), and the AMX int4 kernel reading
+the integers in place.
 
 One row. Inductor's AVX-512 int4 micro-kernel (torch 2.13, `CppMicroGemmWoQInt4Avx512`), which a compiled
 int4 step runs for a single stream's decode (the one-row library on a CPU with AMX; every row count's tail
