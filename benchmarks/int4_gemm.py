@@ -5,6 +5,7 @@ packed integers, side by side in one process.
     python benchmarks/int4_gemm.py --backends CPP,ATEN   # let autotune pick ATen's kernel too
     python benchmarks/int4_gemm.py --dynamic             # one graph over a dynamic row count, as the server's
     python benchmarks/int4_gemm.py --rows 1 --mats 64    # one row, weights streamed from memory (1.1 GB)
+    python benchmarks/int4_gemm.py --head --mats 4 --reps 15   # the int8 LM head at one row (head())
 
 Why: `--precision int4` runs `_weight_int4pack_mm_for_cpu` (dsr1/serve/wquant.py), which widens the
 weights to floating point again for every few rows: fast at one row, 5x bf16's time at sixteen. With the
@@ -48,7 +49,11 @@ def main() -> int:
     ap.add_argument("--mats", type=int, default=8, help="distinct matrices applied in turn (64: beyond the cache)")
     ap.add_argument("--dynamic", action="store_true",
                     help="one dynamic-row graph, inductor's kernel choice against the AMX kernel withheld")
+    ap.add_argument("--head", action="store_true",
+                    help="the int4 model's int8 LM head at one row (default shape: the 1.5B's [151936, 1536])")
     args = ap.parse_args()
+    if args.head:
+        return head(args)
 
     import torch
     import torch._inductor.config as inductor_config
@@ -162,6 +167,94 @@ def dynamic(m, opts: dict, args, best) -> int:
             e = best(m, torch.randn(r, args.k, dtype=torch.bfloat16))
             a, d, v = times["picked"][r], times["dsr1"][r], times["no AMX"][r]
             print(f"{r:>5} {e:>9.2f} {a:>10.2f} {d:>8.2f} {v:>10.2f} {d / a:>12.2f}", flush=True)
+    return 0
+
+
+def head(args) -> int:
+    """The int8 LM head ([--n, --k], 151936 x 1536 unless given) at one row, `--mats` distinct heads streamed,
+    compiled for one row as the one-row library compiles it, in `--reps` rounds taken in turns: eager
+    `_weight_int8pack_mm` over the [N, K] integers; inductor's vector kernel over its plain blocked copy;
+    dsr1's (kernel_edits: that kernel reading the AMX kernel's VNNI-2 layout, prefetching further ahead);
+    inductor's AMX kernel at one row over the same VNNI-2 copy (what sharing the layout the other way would
+    run). Printed per variant: the median and best ms per head, and its result against inductor's."""
+    import statistics
+
+    import sympy
+    import torch
+    import torch._inductor.compile_fx  # noqa: F401 - inductor's codegen modules import in this order
+    import torch._inductor.config as inductor_config
+    from torch._inductor.codegen import cpp_gemm_template, cpp_micro_gemm
+    from torch._inductor.utils import run_and_get_code
+
+    from dsr1.serve.kernel_edits import patched
+
+    n = args.n if args.n != 17920 else 151936
+    torch.manual_seed(0)
+    heads = [(torch.randint(-127, 128, (n, args.k), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16) * 0.01)
+             for _ in range(args.mats)]
+
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i, (q, s) in enumerate(heads):
+                self.register_parameter(f"q{i}", torch.nn.Parameter(q, requires_grad=False))
+                self.register_parameter(f"s{i}", torch.nn.Parameter(s, requires_grad=False))
+
+        def forward(self, x):
+            return [torch._weight_int8pack_mm(x, getattr(self, f"q{i}"), getattr(self, f"s{i}"))
+                    for i in range(len(heads))]
+
+    create = cpp_micro_gemm.create_micro_gemm
+
+    def amx_at_one_row(*a, **kw):  # the row count hidden from inductor's choice: it skips AMX below 5 rows
+        a = list(a)
+        if kw.get("input2_dtype") == torch.int8 and getattr(a[1], "is_number", False) and int(a[1]) < 16:
+            a[1] = sympy.Symbol("rows_hidden", positive=True, integer=True)
+        return create(*a, **kw)
+
+    @contextlib.contextmanager
+    def amx():
+        with patched():
+            cpp_micro_gemm.create_micro_gemm = cpp_gemm_template.create_micro_gemm = amx_at_one_row
+            try:
+                yield
+            finally:
+                cpp_micro_gemm.create_micro_gemm = cpp_gemm_template.create_micro_gemm = create
+
+    m = Heads().eval()
+    x = torch.randn(1, args.k, dtype=torch.bfloat16)
+    opts = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": args.backends,
+            "autotune_num_choices_displayed": 0, "fx_graph_cache": False}
+    runs, notes, outs = {"eager": m}, {"eager": "eager, the [N, K] rows"}, {}
+    with torch.inference_mode(), inductor_config.patch(opts):
+        for name, ctx in (("inductor", contextlib.nullcontext), ("dsr1", patched), ("AMX", amx)):
+            torch._dynamo.reset()
+            with ctx():
+                compiled = torch.compile(m, dynamic=False)
+                outs[name], code = run_and_get_code(compiled, x)
+            code = "".join(code)
+            runs[name] = compiled
+            notes[name] = ("AMX tiles" if "AMXState" in code else "vector") + (
+                ", VNNI-2 pairs" if "B in VNNI-2 pairs" in code or "AMXState" in code else ", plain blocks")
+        times = {name: [] for name in runs}
+        for _ in range(args.reps):  # in turns: the machine's drift falls on every variant alike
+            for name, fn in runs.items():
+                fn(x)
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - t0) * 1000 / len(heads))
+        ref = outs["inductor"]
+        print(f"CPU: {cpu_line()}; torch {torch.__version__}; {args.mats} x [{n}, {args.k}] int8 heads streamed, one row; "
+              f"{args.reps} rounds in turns")
+        print(f"{'variant':<10} {'kernel':<26} {'median ms':>10} {'best ms':>8} {'/ inductor':>11} {'result':>14}")
+        base = statistics.median(times["inductor"])
+        for name in runs:
+            out = outs.get(name) or m(x)
+            same = all(torch.equal(a, b) for a, b in zip(out, ref))
+            err = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, ref))
+            med = statistics.median(times[name])
+            print(f"{name:<10} {notes[name]:<26} {med:>10.2f} {min(times[name]):>8.2f} {med / base:>11.2f} "
+                  f"{'bit-equal' if same else f'max diff {err:.3g}':>14}", flush=True)
     return 0
 
 

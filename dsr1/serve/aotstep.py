@@ -219,6 +219,8 @@ def load_or_build_head(head, package: Path, options: dict, sibling: Callable,
 
 
 class _Head(torch.nn.Module):
+    """x @ head.T for an int8 head (wquant.Frozen), as the eager forward computes it (wquant.frozen_mm)."""
+
     def __init__(self, head):
         super().__init__()
         self.q = torch.nn.Parameter(head.q, requires_grad=False)

@@ -92,11 +92,12 @@ _HEAD_PREFETCH = ("_mm_prefetch(B + (k + {{block_k}}) * ldb + col * VLEN, _MM_HI
 # The same head in one layout for both libraries. The dynamic library's AMX kernel reads the head from its
 # own blocked copy in AMX's VNNI-2 layout (rows k and k+1 interleaved, two bytes per column); the one-row
 # library's vector kernel read another blocked copy, in plain rows: two copies of the head in a package, the
-# 1.5B shape's 0.23 GB each, the 7B's 0.55 GB. Inductor's AMX kernel at one row was slower than the vector
-# one (14.7 against 12.1-12.9 ms for the 1.5B head streamed, 2-core Xeon with AMX), so the vector kernel is
-# kept and reads the VNNI-2 layout instead: its template then blocks the head exactly as the AMX template
-# does (the same [N/32, K, 32] blocks), and aotstep stores the one copy once. The sums are the vector
-# kernel's, in its order (k, then k + 1, into each output), so its results do not change by a bit.
+# 1.5B shape's 0.23 GB each, the 7B's 0.55 GB. Here the vector kernel reads the VNNI-2 layout: its template
+# then blocks the head exactly as the AMX template does (the same [N/32, K, 32] blocks), and aotstep stores
+# the one copy once. The sums are the vector kernel's, in its order (k, then k + 1, into each output), so
+# its results do not change by a bit, nor its time: 12.3 ms against 12.1 for the 1.5B head streamed at one
+# row (`benchmarks/int4_gemm.py --head`, 2-core Xeon with AMX). Inductor's AMX kernel, which inductor does
+# not pick below 5 rows, took 12.1 there too: the other way to one layout, with other sums.
 _HEAD_LOOP = """    for (int k = 0; k < K; ++k) {
         c10::ForcedUnroll<ROWS * COLS>{}(compute, k);
     }
@@ -261,8 +262,10 @@ def _vnni_head(mg, gt) -> list[tuple[object, str, object, object]]:
         isa = mg.pick_vec_isa()
         if (type(gemm) is mg.CppMicroGemmFP32Vec and gemm.input_dtype == torch.bfloat16
                 and gemm.input2_dtype == torch.int8 and not gemm.tail_n and not gemm.trans_b
-                and gemm.register_blocking.block_n % 16 == 0 and getattr(k, "is_number", False) and int(k) % 2 == 0
+                and gemm.register_blocking.block_n % 16 == 0 and gemm.register_blocking.block_k % 2 == 0
+                and (isinstance(k, int) or getattr(k, "is_number", False)) and int(k) % 2 == 0
                 and isinstance(isa, mg.VecAMX) and isa.is_avx512_bf16_supported()):
+            # (every call's K a multiple of block_k, which the kernel's entry asserts: pairs never split)
             gemm.dsr1_vnni = True  # the kernel's text asks whether it is there (`template`: the micro-kernel)
             gemm.get_b_layout = lambda: mg.LayoutType.VNNI2  # how its template blocks the weight
         return gemm
