@@ -12,7 +12,10 @@ current RSS at that moment and after the requests (/proc/PID/status), and the fo
 step was had); then the ratios the issue asks about: later start / 10 s, and peak RSS (after the
 requests) / (weights + KV cache). Weights: the safetensors' size, or with `--precision int8|int4` the
 quantized set the server keeps plus the bf16 embedding table (what it holds as weights); KV: the plan's
-"kv cache" line plus its prefix cache (KV blocks too).
+"kv cache" line plus its prefix cache (KV blocks too). The table stays in the checkpoint's file mapping,
+where only the rows of tokens read are resident: how much of it was, and the peak had every row been,
+are printed too (the prompts repeat one word; the random-weight model's outputs are spread over the
+vocabulary).
 Dirty pages are flushed (os.sync) before each start, so a start does not share the disk with the
 writeback of what the previous one wrote.
 The CPU is printed first: the figures depend on it.
@@ -49,9 +52,9 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def _rss_by_mapping(pid: int, top: int = 6) -> str:
-    """Where the resident memory lies (/proc/PID/smaps): the largest file mappings by name, and anonymous
-    memory (the heap: copies, activations, the KV cache as written), in GB."""
+def _rss_by_mapping(pid: int) -> dict[str, int]:
+    """Where the resident memory lies (/proc/PID/smaps): bytes per file mapping's name, and anonymous memory
+    (`anon`: the heap: copies, activations, the KV cache as written)."""
     sizes: dict[str, int] = {}
     name = "anon"
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
@@ -60,8 +63,18 @@ def _rss_by_mapping(pid: int, top: int = 6) -> str:
             name = Path(head[5]).name if len(head) > 5 and head[5].startswith("/") else "anon"
         elif head and head[0] == "Rss:":
             sizes[name] = sizes.get(name, 0) + int(head[1]) * 1024
+    return sizes
+
+
+def _largest(sizes: dict[str, int], top: int = 6) -> str:
     big = sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
     return ", ".join(f"{n} {b / 1e9:.2f}" for n, b in big)
+
+
+def _table_bytes(model: Path) -> int:
+    """The bf16 embedding table's size (vocab x hidden x 2)."""
+    cfg = json.loads((model / "config.json").read_text())
+    return cfg["vocab_size"] * cfg["hidden_size"] * 2
 
 
 def _load(port: int, users: int, prompt_tokens: int, out_tokens: int) -> None:
@@ -130,8 +143,7 @@ def _low_bit_weights(model: Path, home: Path) -> float:
                   key=lambda d: d.stat().st_mtime)
     if not sets:
         raise RuntimeError(f"no kept int8/int4 weights under {home}/cache/quantized")
-    cfg = json.loads((model / "config.json").read_text())
-    return sum(f.stat().st_size for f in sets[-1].iterdir()) + cfg["vocab_size"] * cfg["hidden_size"] * 2
+    return sum(f.stat().st_size for f in sets[-1].iterdir()) + _table_bytes(model)
 
 
 def main() -> int:
@@ -187,7 +199,15 @@ def main() -> int:
                       f"{'':>9}{r['VmHWM after load'] / base:>13.2f}{r['VmRSS after load'] / base:>12.2f}  "
                       f"{args.users} requests at once, ~{args.prompt_tokens} + {args.output_tokens} tokens each",
                       flush=True)
-                print(f"{'':<7}RSS after load by mapping (GB): {r['where']}", flush=True)
+                print(f"{'':<7}RSS after load by mapping (GB): {_largest(r['where'])}", flush=True)
+                # the server keeps the embedding table in the checkpoint's mapping (dsr1/serve/fastpath.py,
+                # _pack_rest), so only the rows of the tokens read are resident: a workload reading every
+                # row would add the rest of the table
+                table, mapped = _table_bytes(model), sum(b for n, b in r["where"].items() if n.endswith(".safetensors"))
+                if mapped:
+                    print(f"{'':<7}the checkpoint's mapping (the embedding table): {mapped / 1e9:.3f} GB resident of "
+                          f"the {table / 1e9:.2f} GB table; with every row resident the peak would be "
+                          f"{(r['VmHWM after load'] + max(table - mapped, 0)) / base:.2f} x (weights + KV)", flush=True)
     later = [r["seconds"] for r in results[1:]]
     if later:
         print(f"later starts: {min(later):.1f}-{max(later):.1f} s (first {results[0]['seconds']:.1f} s); "

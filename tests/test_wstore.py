@@ -94,3 +94,59 @@ def test_prune_keeps_the_most_recent_sets(tmp_path):
     (tmp_path / ".build-int4-x-999999999").mkdir()  # a writer that is gone
     wstore.prune(tmp_path, keep=tmp_path / "int4-0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int4-0", "int4-3", "int4-4"]
+
+
+def _resident(lo: int, hi: int) -> int:
+    """Bytes of the mapping starting at `lo` resident in this process (smaps' Rss)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            inside = int(head.split("-")[0], 16) == lo
+        elif inside and head == "Rss:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no such mapping")
+
+
+def test_the_embedding_table_stays_in_the_checkpoints_mapping(tiny_model_factory, tmp_path):
+    """A bf16 checkpoint loaded in place: the packed start keeps the embedding table in the file mapping,
+    so only the rows a step reads are resident, and decodes as a start whose table was copied (the same
+    model from its fp32 checkpoint, converted on load)."""
+    from transformers import AutoModelForCausalLM
+
+    from dsr1.serve.engine import EmbeddedModel
+
+    fp32 = tiny_model_factory("qwen2")
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16).save_pretrained(bf16)
+    for f in fp32.glob("tokenizer*"):
+        (bf16 / f.name).write_bytes(f.read_bytes())
+    copied, cache = _start(fp32, "int4", None)
+    assert pages.mapping_of(copied.fast.embed.data_ptr(), copied.fast.embed.nbytes) is None
+    want = _decode(copied, cache)
+
+    mapped, cache2 = _start(bf16, "int4", None)
+    table = mapped.fast.embed
+    where = pages.mapping_of(table.data_ptr(), table.nbytes)
+    assert where is not None and where[2].endswith("model.safetensors")
+    assert pages.written(where[0], where[1]) == 0
+    assert _resident(where[0], where[1]) < 64 << 10  # every page the packing read dropped
+    assert torch.equal(_decode(mapped, cache2), want)
+    assert _resident(where[0], where[1]) < table.nbytes // 4  # the rows of six tokens, not the table
+
+
+def test_a_written_private_mapping_is_not_dropped(tmp_path):
+    """pages.written sees pages this process wrote into a private file mapping (copies that MADV_DONTNEED
+    would discard): fastpath then copies the table instead of keeping it mapped."""
+    from dsr1.serve.fastpath import _mapped_table
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(bytes(1 << 20))
+    storage = torch.UntypedStorage.from_file(str(f), shared=False, nbytes=1 << 20)
+    t = torch.empty(0, dtype=torch.uint8).set_(storage).view(torch.bfloat16).view(512, 1024)
+    where = pages.mapping_of(t.data_ptr(), t.nbytes)
+    assert where is not None and pages.written(where[0], where[1]) == 0
+    assert _mapped_table(t) == (where[0], where[1])
+    t[3, 5] = 1.0
+    assert pages.written(where[0], where[1]) == 4096
+    assert _mapped_table(t) is None

@@ -41,6 +41,7 @@ from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 from dsr1.fsutil import free_bytes
 from dsr1.serve import kernel_edits, pages
+from dsr1.serve.wquant import Frozen, frozen_mm
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +216,13 @@ def load_or_build_head(head, package: Path, options: dict, sibling: Callable,
             return torch.export.export(_Holder(module), (x,), dynamic_shapes=({0: Dim("rows", min=1, max=1 << 22)},),
                                        strict=False)
 
-    return _load_or_build(path, "LM head", module, export, options, progress, sibling)
+    run, how, path = _load_or_build(path, "LM head", module, export, options, progress, sibling)
+    run.dtype = head.scales.dtype  # the rows' dtype it was exported for: callers cast to it
+    return run, how, path
 
 
 class _Head(torch.nn.Module):
-    """x @ head.T for an int8 head (wquant.Frozen), as the eager forward computes it (wquant.frozen_mm)."""
+    """x @ head.T for an int8 head (wquant.Frozen), as the eager forward computes it."""
 
     def __init__(self, head):
         super().__init__()
@@ -227,7 +230,7 @@ class _Head(torch.nn.Module):
         self.scales = torch.nn.Parameter(head.scales, requires_grad=False)
 
     def forward(self, x):
-        return torch._weight_int8pack_mm(x, self.q, self.scales)
+        return frozen_mm(Frozen("int8", self.q, self.scales, None), x)
 
 
 class _Holder(torch.nn.Module):

@@ -123,6 +123,18 @@ def _drop_pages(sources: list[torch.Tensor], mappings: list[tuple[int, int, str]
             pages.drop(lo, hi)
 
 
+def _mapped_table(t: torch.Tensor) -> tuple[int, int] | None:
+    """The page range of the file mapping that `t` (the embedding table) lies in, to keep it there and drop
+    the mapping's pages from this process; None where it is not in one, or where this process has written
+    into the mapping (private copies on write, which dropping would lose: the table is copied then)."""
+    if not t.is_contiguous():
+        return None
+    where = pages.mapping_of(t.data_ptr(), t.nbytes)
+    if where is None or pages.written(where[0], where[1]) != 0:
+        return None
+    return where[0], where[1]
+
+
 def _fused_bias(modules: list[torch.nn.Linear]) -> torch.Tensor | None:
     """The modules' biases end to end (None when they have none)."""
     biases = [m.bias for m in modules]
@@ -183,6 +195,7 @@ class FastForward:
         self.quant = quant
         self.weights_how = None  # int8/int4 with a store: whether the weights came from it (dsr1.serve.wstore)
         self._shared = None  # the quantized weights as the model holds them for a later FastForward (_pack_rest)
+        self._table_pages = None  # the embedding table's file mapping, where it stays (_pack_rest)
         self._mappings = pages.file_mappings() if self.device.type == "cpu" else []  # where _drop_pages may act
         if getattr(model, "_dsr1_released", False):
             raise ValueError("this model's weights were released to its compiled step (release_eager)")
@@ -286,15 +299,28 @@ class FastForward:
         out = model.get_output_embeddings()
         if out.weight.data_ptr() != self.embed.data_ptr():
             out.weight.data = empty
-        # What still points into the checkpoint's file mapping (embedding, norms, biases) is copied out,
-        # so the mapping, and every page the packing read through it, is released: measured on the 1.5B
-        # shape, resident memory after packing bf16 6.6 -> 4.0 GB, int4 4.7 -> 2.1 GB.
+        # What else still points into the checkpoint's file mapping (norms, biases) is copied out, and
+        # every page the packing read through it dropped from this process: measured on the 1.5B shape,
+        # resident memory after packing bf16 6.6 -> 4.0 GB, int4 4.7 -> 2.1 GB. The embedding table
+        # stays where it lies, as llama.cpp's mapped weights do: a step reads the rows of its tokens, so
+        # only their pages come back (64 KB around each from the page cache; 256 random rows of the 1.5B
+        # shape's 0.47 GB table: 16 MB), not a copy of all 152k rows. (A checkpoint is replaced by
+        # renaming a new file over it, dsr1.pull, so the mapped one stays whole while it is read.)
+        keep = self._table_pages = _mapped_table(self.embed) if self.device.type == "cpu" else None
         for p in model.parameters():
-            if p.numel():
+            if p.numel() and not (keep and p is self.embed):
                 p.data = p.data.clone()
+        self._drop_table()
         # shared with a later FastForward (a longer context); a list, so that enable_compile's int8 head
         # replaces the fbgemm one here too instead of keeping it alive beside it
         self._shared = model._dsr1_quantized = [method, tuple(self.layers), self.head]
+
+    def _drop_table(self) -> None:
+        """The pages of the checkpoint's mapping (the embedding table kept there: _pack_rest) out of this
+        process, after work that read all of them: packing, and building a compiled library (which
+        compares each of its constants with the step's weights, the table's every row)."""
+        if self._table_pages is not None:
+            pages.drop(*self._table_pages)
 
     # -- LoRA ------------------------------------------------------------------------------------
     # Every adapter's A matrices are stacked on the rank axis and its B matrices side by side, per
@@ -580,9 +606,10 @@ class FastForward:
                     # the dynamic library holds, not the kept [N, K] one beside it: one head resident
                     self._aot_head, how, _ = aotstep.load_or_build_head(self.head, self.package, self._options,
                                                                         self._aot, progress)
-                    self._aot_head.dtype = self.head.scales.dtype  # what it takes (frozen_mm's cast)
                     if how == "compiled":
                         self.compile_how = "compiled"
+            if self.compile_how == "compiled":
+                self._drop_table()
             self.compile_seconds = time.perf_counter() - t0
             return self.compile_seconds
         for n in batches:

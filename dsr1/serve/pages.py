@@ -47,3 +47,27 @@ def drop(lo: int, hi: int) -> bool:
     if madvise is None:  # not glibc: the pages stay
         return False
     return madvise(lo, hi - lo, MADV_DONTNEED) == 0
+
+
+def mapping_of(ptr: int, nbytes: int) -> tuple[int, int, str] | None:
+    """The file mapping (start, end, path) holding all of [ptr, ptr + nbytes), or None."""
+    return next(((lo, hi, name) for lo, hi, name in file_mappings() if lo <= ptr and ptr + nbytes <= hi), None)
+
+
+def written(lo: int, hi: int) -> int | None:
+    """Bytes of the mappings inside [lo, hi) that this process has written to (smaps' Anonymous: a private
+    file mapping's pages copied on write, which `drop` would discard, not merely unmap); None when
+    /proc/self/smaps cannot say."""
+    total, inside = 0, False
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                head = line.split(maxsplit=1)[0] if line.strip() else ""
+                if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms ...
+                    a, b = (int(x, 16) for x in head.split("-"))
+                    inside = lo <= a and b <= hi
+                elif inside and head == "Anonymous:":
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return total
