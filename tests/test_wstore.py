@@ -96,18 +96,6 @@ def test_prune_keeps_the_most_recent_sets(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int4-0", "int4-3", "int4-4"]
 
 
-def _resident(lo: int, hi: int) -> int:
-    """Bytes of the mapping starting at `lo` resident in this process (smaps' Rss)."""
-    inside = False
-    for line in open("/proc/self/smaps"):
-        head = line.split(maxsplit=1)[0]
-        if "-" in head and not head.endswith(":"):
-            inside = int(head.split("-")[0], 16) == lo
-        elif inside and head == "Rss:":
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no such mapping")
-
-
 def test_the_embedding_table_stays_in_the_checkpoints_mapping(tiny_model_factory, tmp_path):
     """A bf16 checkpoint loaded in place: the packed start keeps the embedding table in the file mapping,
     so only the rows a step reads are resident, and decodes as a start whose table was copied (the same
@@ -130,9 +118,9 @@ def test_the_embedding_table_stays_in_the_checkpoints_mapping(tiny_model_factory
     where = pages.mapping_of(table.data_ptr(), table.nbytes)
     assert where is not None and where[2].endswith("model.safetensors")
     assert pages.written(where[0], where[1]) == 0
-    assert _resident(where[0], where[1]) < 64 << 10  # every page the packing read dropped
+    assert pages.smaps_bytes(where[0], where[1], "Rss") < 64 << 10  # every page the packing read dropped
     assert torch.equal(_decode(mapped, cache2), want)
-    assert _resident(where[0], where[1]) < table.nbytes // 4  # the rows of six tokens, not the table
+    assert pages.smaps_bytes(where[0], where[1], "Rss") < table.nbytes // 4  # the rows of six tokens, not the table
 
 
 def test_a_written_private_mapping_is_not_dropped(tmp_path):

@@ -54,11 +54,10 @@ def mapping_of(ptr: int, nbytes: int) -> tuple[int, int, str] | None:
     return next(((lo, hi, name) for lo, hi, name in file_mappings() if lo <= ptr and ptr + nbytes <= hi), None)
 
 
-def written(lo: int, hi: int) -> int | None:
-    """Bytes of the mappings inside [lo, hi) that this process has written to (smaps' Anonymous: a private
-    file mapping's pages copied on write, which `drop` would discard, not merely unmap); None when
-    /proc/self/smaps cannot say."""
-    total, inside = 0, False
+def smaps_bytes(lo: int, hi: int, field: str) -> int | None:
+    """The sum of smaps' `field` ("Rss", "Anonymous", ...) over this process's mappings inside [lo, hi), in
+    bytes; None when /proc/self/smaps cannot say."""
+    total, inside, key = 0, False, field + ":"
     try:
         with open("/proc/self/smaps") as smaps:
             for line in smaps:
@@ -66,8 +65,15 @@ def written(lo: int, hi: int) -> int | None:
                 if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms ...
                     a, b = (int(x, 16) for x in head.split("-"))
                     inside = lo <= a and b <= hi
-                elif inside and head == "Anonymous:":
+                elif inside and head == key:
                     total += int(line.split()[1]) * 1024
     except (OSError, ValueError):
         return None
     return total
+
+
+def written(lo: int, hi: int) -> int | None:
+    """Bytes of the mappings inside [lo, hi) that this process has written to (smaps' Anonymous: a private
+    file mapping's pages copied on write, which `drop` would discard, not merely unmap); None when
+    /proc/self/smaps cannot say."""
+    return smaps_bytes(lo, hi, "Anonymous")
