@@ -115,7 +115,11 @@ def _pull_then_plan(model: str, profile, overrides, out, deployment):
 
 def _serve_embedded(opts, overrides, deployment, out, *, json: bool, on_ready) -> None:
     """The embedded engine, in this process: load, print every choice, serve until a signal."""
+    from dsr1 import preflight
     from dsr1.serve import server
+
+    # a busy port fails now, not after loading the model (seconds to minutes), as the external engines' do
+    preflight.port_free(opts.host, opts.port, "the API", "--port")
 
     precision = overrides.precision
     if precision is not None:  # the plan took --precision's dtype; here: what pull quantizes to

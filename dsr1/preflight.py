@@ -40,6 +40,9 @@ def port_free(host: str, port: int, what: str, flag: str) -> None:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        # as the servers bind (uvicorn, vLLM): a port that only a closed connection still names (TIME_WAIT,
+        # right after a restart) is free for them, and only a listener holds it
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

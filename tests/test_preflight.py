@@ -49,6 +49,25 @@ def test_a_held_port_is_refused_with_the_flag_to_change():
     preflight.port_free("127.0.0.1", 0, "the API", "--port")  # 0 = picked later: nothing to check
 
 
+def test_a_port_only_closed_connections_name_is_free():
+    """Right after a server stops, its port's accepted connections linger in TIME_WAIT: the servers bind
+    it anyway (SO_REUSEADDR), so the check must not call it busy (a plain bind() fails there)."""
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's listener (dsr1 serve's front)
+        held.bind(("127.0.0.1", 0))
+        held.listen(8)
+        port = held.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = held.accept()
+        conn.close()  # the server side closes first: its end waits in TIME_WAIT
+        time.sleep(0.1)
+        client.close()
+    with socket.socket() as plain:
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))  # the state the check must see past
+    preflight.port_free("127.0.0.1", port, "the API", "--port")
+
+
 def test_rank_zero_must_own_the_head_address():
     preflight.head_is_here("127.0.0.1")
     with pytest.raises(NetworkError, match="not an address of this machine"):

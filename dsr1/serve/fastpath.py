@@ -305,7 +305,7 @@ class FastForward:
         # stays where it lies, as llama.cpp's mapped weights do: a step reads the rows of its tokens, so
         # only their pages come back (64 KB around each from the page cache; 256 random rows of the 1.5B
         # shape's 0.47 GB table: 16 MB), not a copy of all 152k rows. (A checkpoint is replaced by
-        # renaming a new file over it, dsr1.pull, so the mapped one stays whole while it is read.)
+        # renaming a new file over it, dsr1.download, so the mapped one stays whole while it is read.)
         keep = self._table_pages = _mapped_table(self.embed) if self.device.type == "cpu" else None
         for p in model.parameters():
             if p.numel() and not (keep and p is self.embed):
