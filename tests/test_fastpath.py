@@ -92,21 +92,22 @@ def test_compiled_decode_matches_transformers(demo_draft_dir, tmp_path, monkeypa
 
 
 @pytest.fixture(scope="module")
-def fp32_package(demo_model_dir, tmp_path_factory):
-    """The demo model in fp32 with its decode step compiled ahead of time into a fresh store: (model, its
-    3-row cache, the store). Built once per module (150-180 s on 2 cores): the kept-package test checks it,
-    the serve-options test's server starts from a copy of the store."""
+def fp32_package(demo_draft_dir, tmp_path_factory):
+    """The demo's first 6 layers (the draft model, real weights) in fp32 with its decode step compiled ahead
+    of time into a fresh store: (model, its 3-row cache, the store). Built once per module: the kept-package
+    test checks it, the serve-options test's server starts from a copy of the store. (The graph is the same
+    layer repeated; the demo's 30 layers took 120-180 s to build on 2 cores.)"""
     from dsr1.serve.engine import EmbeddedModel
 
     store = tmp_path_factory.mktemp("fp32-package") / "compiled"
-    m = EmbeddedModel(demo_model_dir, dtype=torch.float32)
+    m = EmbeddedModel(demo_draft_dir, dtype=torch.float32)
     cache = m.make_cache(3, 256)
     m.fast.enable_compile(store=store)
     m.fast.warm_up(cache)
     return m, cache, store
 
 
-def test_compiled_step_is_kept_and_the_next_start_loads_it(fp32_package, demo_model_dir, fp32_models, tmp_path):
+def test_compiled_step_is_kept_and_the_next_start_loads_it(fp32_package, demo_draft_dir, tmp_path):
     """The CPU's ahead-of-time compiled step (dsr1.serve.aotstep): compiled once into the store, loaded
     by a second model object in seconds, for another cache shape too (every size is dynamic), and greedy
     output in fp32 stays the transformers forward's, at every batch size."""
@@ -115,7 +116,7 @@ def test_compiled_step_is_kept_and_the_next_start_loads_it(fp32_package, demo_mo
     from dsr1.serve.fastpath import COMPILE_OPTIONS, FrozenStep
 
     m, cache, store = fp32_package
-    ref, _ = fp32_models
+    ref = EmbeddedModel(demo_draft_dir, dtype=torch.float32, fast_path=False)
     prompts = [ref.tokenizer(p)["input_ids"] for p in PROMPTS]
     want = _greedy(ref, ref.make_cache(3, 256), prompts, 24)
 
@@ -135,7 +136,7 @@ def test_compiled_step_is_kept_and_the_next_start_loads_it(fp32_package, demo_mo
     b = ref.prefill_rows(ref.make_cache(3, 256), 1, prompts[1:])
     torch.testing.assert_close(m.prefill_rows(cache, 1, prompts[1:]), b, rtol=1e-4, atol=1e-4)
 
-    again = EmbeddedModel(demo_model_dir, dtype=torch.float32)
+    again = EmbeddedModel(demo_draft_dir, dtype=torch.float32)
     other = again.make_cache(2, 128)
     again.fast.enable_compile(store=store)
     seconds = again.fast.warm_up(other)
@@ -501,23 +502,32 @@ def _run(srv, sampled: bool = False) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def reference_outputs(demo_model_dir, tmp_path_factory) -> list[str]:
+def _reference(model_dir, home) -> list[str]:
     """What the transformers forward with nothing extra answers."""
-    ref = ServerProc([*_common(demo_model_dir), "--no-fast-path", "--compile", "off", "--prefix-cache-mb", "0"],
-                     tmp_path_factory.mktemp("ref"))
+    ref = ServerProc([*_common(model_dir), "--no-fast-path", "--compile", "off", "--prefix-cache-mb", "0"], home)
     try:
         return _run(ref)
     finally:
         assert ref.stop() == 0
 
 
-def test_serve_options_leave_greedy_output_unchanged(fp32_package, demo_model_dir, reference_outputs, tmp_path):
+@pytest.fixture(scope="module")
+def reference_outputs(demo_model_dir, tmp_path_factory) -> list[str]:
+    return _reference(demo_model_dir, tmp_path_factory.mktemp("ref"))
+
+
+@pytest.fixture(scope="module")
+def draft_reference_outputs(demo_draft_dir, tmp_path_factory) -> list[str]:
+    return _reference(demo_draft_dir, tmp_path_factory.mktemp("ref-draft"))
+
+
+def test_serve_options_leave_greedy_output_unchanged(fp32_package, demo_draft_dir, draft_reference_outputs, tmp_path):
     """A server with every option on (fast path, compiled decode, prefix cache, n-gram
     speculation) gives the reference's greedy text for concurrent requests and for requests
-    sharing a long prefix; the hit rate and the acceptance rate are on /metrics."""
-    common = _common(demo_model_dir)
-    run, want = _run, reference_outputs
+    sharing a long prefix; the hit rate and the acceptance rate are on /metrics. (On the 6-layer
+    draft model, whose package the kept-package test built.)"""
+    common = _common(demo_draft_dir)
+    run, want = _run, draft_reference_outputs
     # the step compiled by the kept-package test (same weights, options and CPU: the same key) saves this
     # start its compile; the restart below still compiles its --compile auto probe
     shutil.copytree(fp32_package[2], tmp_path / "b" / "cache" / "compiled")
