@@ -55,14 +55,12 @@ def _status(pid: int) -> dict[str, int]:
 def _rss_by_mapping(pid: int) -> dict[str, int]:
     """Where the resident memory lies (/proc/PID/smaps): bytes per file mapping's name, and anonymous memory
     (`anon`: the heap: copies, activations, the KV cache as written)."""
+    from dsr1.serve import pages
+
     sizes: dict[str, int] = {}
-    name = "anon"
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        head = line.split()
-        if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
-            name = Path(head[5]).name if len(head) > 5 and head[5].startswith("/") else "anon"
-        elif head and head[0] == "Rss:":
-            sizes[name] = sizes.get(name, 0) + int(head[1]) * 1024
+    for _, _, path, fields in pages.smaps(pid) or []:
+        name = Path(path).name if path else "anon"
+        sizes[name] = sizes.get(name, 0) + fields.get("Rss", 0)
     return sizes
 
 

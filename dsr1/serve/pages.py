@@ -54,22 +54,32 @@ def mapping_of(ptr: int, nbytes: int) -> tuple[int, int, str] | None:
     return next(((lo, hi, name) for lo, hi, name in file_mappings() if lo <= ptr and ptr + nbytes <= hi), None)
 
 
+def smaps(pid: int | str = "self") -> list[tuple[int, int, str, dict[str, int]]] | None:
+    """Every mapping of a process (this one by default) as (start, end, path or "", {field: bytes}) from
+    /proc/PID/smaps: "Rss", "Anonymous", ...; None when /proc cannot say."""
+    out: list[tuple[int, int, str, dict[str, int]]] = []
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                parts = line.split()
+                if not parts:
+                    continue
+                if "-" in parts[0] and not parts[0].endswith(":"):  # a mapping's first line: start-end perms ...
+                    a, b = (int(x, 16) for x in parts[0].split("-"))
+                    path = " ".join(parts[5:])
+                    out.append((a, b, path if path.startswith("/") else "", {}))
+                elif out and len(parts) == 3 and parts[2] == "kB":
+                    out[-1][3][parts[0].rstrip(":")] = int(parts[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return out
+
+
 def smaps_bytes(lo: int, hi: int, field: str) -> int | None:
     """The sum of smaps' `field` ("Rss", "Anonymous", ...) over this process's mappings inside [lo, hi), in
     bytes; None when /proc/self/smaps cannot say."""
-    total, inside, key = 0, False, field + ":"
-    try:
-        with open("/proc/self/smaps") as smaps:
-            for line in smaps:
-                head = line.split(maxsplit=1)[0] if line.strip() else ""
-                if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms ...
-                    a, b = (int(x, 16) for x in head.split("-"))
-                    inside = lo <= a and b <= hi
-                elif inside and head == key:
-                    total += int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return total
+    maps = smaps()
+    return None if maps is None else sum(f.get(field, 0) for a, b, _, f in maps if lo <= a and b <= hi)
 
 
 def written(lo: int, hi: int) -> int | None:
