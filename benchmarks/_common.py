@@ -31,6 +31,8 @@ def cpu_line() -> str:
     model, flags = cpu_info()
     bf16 = ", AVX-512 BF16" if "avx512_bf16" in flags else ""
     amx = "AMX" if "amx_tile" in flags else "no AMX"
+    if amx == "AMX" and os.environ.get("DSR1_BENCH_AMX_DENIED"):  # benchmarks/noamx.py
+        amx = "AMX denied to the process: benchmarks/noamx.py"
     return f"{model} ({os.cpu_count()} threads{bf16}, {amx})"
 
 

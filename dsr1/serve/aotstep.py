@@ -55,8 +55,17 @@ def supported(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def amx_usable() -> bool:
+    """Whether this process may run AMX tile instructions: the CPU has them and Linux granted the tile
+    state (arch_prctl ARCH_REQ_XCOMP_PERM, which this asks for, as inductor does before picking its AMX
+    kernels). CPUID alone is not enough: a kernel or a seccomp policy can refuse the state, and then
+    inductor, oneDNN and llama.cpp all take their AVX-512 paths (benchmarks/noamx.py makes that so)."""
+    return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx())
+
+
 def cpu_identity() -> str:
-    """The CPU as compiled code depends on it: model name, feature flags and the ISA torch dispatches to."""
+    """The CPU as compiled code depends on it: model name, feature flags and the ISA torch dispatches to,
+    and whether AMX was refused where the flags have it (a library built with AMX dies of SIGILL there)."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -66,7 +75,8 @@ def cpu_identity() -> str:
                     break
     except OSError:
         pass
-    return name + "|" + torch.backends.cpu.get_cpu_capability()
+    refused = "|AMX refused" if torch.cpu._is_amx_tile_supported() and not amx_usable() else ""
+    return name + "|" + torch.backends.cpu.get_cpu_capability() + refused
 
 
 def weight_fingerprint(t: torch.Tensor) -> bytes:
@@ -387,8 +397,7 @@ def _load(path: Path, step: torch.nn.Module, sibling: Callable | None = None) ->
     # (Linux: arch_prctl ARCH_REQ_XCOMP_PERM), which inductor asks for while compiling and oneDNN at its
     # first AMX call. A restart that loaded the library and sent a prompt through it before any oneDNN
     # call died with SIGILL (2-core Xeon with AMX).
-    if torch.cpu._is_amx_tile_supported():
-        torch.cpu._init_amx()
+    amx_usable()
     saved = torch.load(path.with_suffix(CONSTANTS), mmap=True, weights_only=True)  # none: built again
     runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
     out_spec = pytree.treespec_loads(runner.get_call_spec()[1])

@@ -967,8 +967,11 @@ def compile_options(dtype: torch.dtype, device: torch.device) -> dict:
     others, and where it did the step's prompts ran 14% slower (468 vs 404 ms for 256 tokens; the choice
     was timed at the export's 4 tokens) and oneDNN's opaque packed weight kept every constant inside the
     library (aotstep._compile), compiled twice and held twice at a restart; decode within 3% either way.
-    Elsewhere oneDNN can win by more (not measured without AMX), so it stays a choice there."""
-    if dtype == torch.bfloat16 and device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+    Elsewhere oneDNN can win by more (not measured without AMX), so it stays a choice there: also where the
+    CPU has AMX but this process was refused it (inductor then has no AMX kernel to pick)."""
+    from dsr1.serve.aotstep import amx_usable
+
+    if dtype == torch.bfloat16 and device.type == "cpu" and amx_usable():
         return {**COMPILE_OPTIONS, "max_autotune_gemm_backends": "CPP"}
     return COMPILE_OPTIONS
 
