@@ -51,8 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, cpu_line  # noqa: E402
 
 
+def pythonpath(code: Path) -> str:
+    """`code` (the dsr1 a server runs) first, then what the caller had (benchmarks/noamx.py's folder)."""
+    return os.pathsep.join(filter(None, (str(code), os.environ.get("PYTHONPATH"))))
+
+
 def installed(engines_home: Path, name: str) -> dict | None:
-    env = {**os.environ, "DSR1_HOME": str(engines_home), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "DSR1_HOME": str(engines_home), "PYTHONPATH": pythonpath(REPO)}
     r = subprocess.run([sys.executable, "-m", "dsr1", "engine", "list", "--json"], capture_output=True, text=True,
                        env=env)
     if r.returncode != 0:
@@ -78,7 +83,7 @@ def sweep(label: str, model: str, serve_args: list[str], args, env: dict) -> dic
         # run from the code's own root: `python -m` puts the working directory first on sys.path, so from
         # the repository's root a baseline's PYTHONPATH (its worktree) was shadowed by the working tree
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env,
-                                cwd=env.get("PYTHONPATH", str(REPO)))
+                                cwd=env.get("PYTHONPATH", str(REPO)).split(os.pathsep)[0])
         # wait4, not wait: its rusage's ru_maxrss covers the bench and every process it reaped (the
         # server, and the engine the server reaped), i.e. the peak RSS of the largest one (KiB)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -144,7 +149,7 @@ def main() -> int:
     args = ap.parse_args()
 
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="bench-home-"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DSR1_HOME": str(home)}
+    env = {**os.environ, "PYTHONPATH": pythonpath(REPO), "DSR1_HOME": str(home)}
     env.pop("DSR1_API_KEY", None)
     wanted = args.only.split(",")
     engines_home = Path(args.engines_home)
@@ -191,7 +196,7 @@ def main() -> int:
         for prec, label, model, serve_args, e in list(plan):
             if label == "embedded":
                 plan.insert(plan.index((prec, label, model, serve_args, e)),
-                            (prec, f"emb@{args.embedded_baseline}", model, serve_args, {**e, "PYTHONPATH": str(tree)}))
+                            (prec, f"emb@{args.embedded_baseline}", model, serve_args, {**e, "PYTHONPATH": pythonpath(tree)}))
     try:
         return report(args, plan, extra)
     finally:

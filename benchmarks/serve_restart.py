@@ -98,7 +98,8 @@ def start(model: Path, home: Path, port: int, extra: list[str], timeout: float, 
     that many requests at once; stopped afterwards."""
     argv = [sys.executable, "-m", "dsr1", "serve", str(model), "--dtype", "bf16", "--compile", compile_,
             "--port", str(port), *extra]
-    env = {**os.environ, "DSR1_HOME": str(home), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "DSR1_HOME": str(home),  # the caller's PYTHONPATH after: benchmarks/noamx.py
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
