@@ -18,6 +18,12 @@ if str(REPO) not in sys.path:
 CACHE = Path(os.environ.get("DSR1_TEST_CACHE", REPO / ".cache" / "test-models"))
 
 
+def pythonpath(code: Path) -> str:
+    """PYTHONPATH for a server running the dsr1 at `code`: it first, then the caller's (benchmarks/noamx.py
+    puts its folder there for every Python process below it)."""
+    return os.pathsep.join(filter(None, (str(code), os.environ.get("PYTHONPATH"))))
+
+
 def demo_model() -> str:
     """The demo model (SmolLM2-135M-Instruct as bf16 safetensors), as the tests cache it."""
     return str(CACHE / "smollm2-135m-bf16")

@@ -48,12 +48,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, cpu_line  # noqa: E402
-
-
-def pythonpath(code: Path) -> str:
-    """`code` (the dsr1 a server runs) first, then what the caller had (benchmarks/noamx.py's folder)."""
-    return os.pathsep.join(filter(None, (str(code), os.environ.get("PYTHONPATH"))))
+from _common import REPO, cpu_line, pythonpath  # noqa: E402
 
 
 def installed(engines_home: Path, name: str) -> dict | None:

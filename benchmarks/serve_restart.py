@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, cpu_line, demo_model  # noqa: E402
+from _common import REPO, cpu_line, demo_model, pythonpath  # noqa: E402
 
 READY = "dsr1 serve: ready on "
 
@@ -98,8 +98,7 @@ def start(model: Path, home: Path, port: int, extra: list[str], timeout: float, 
     that many requests at once; stopped afterwards."""
     argv = [sys.executable, "-m", "dsr1", "serve", str(model), "--dtype", "bf16", "--compile", compile_,
             "--port", str(port), *extra]
-    env = {**os.environ, "DSR1_HOME": str(home),  # the caller's PYTHONPATH after: benchmarks/noamx.py
-           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+    env = {**os.environ, "DSR1_HOME": str(home), "PYTHONPATH": pythonpath(REPO)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
