@@ -19,7 +19,7 @@ CACHE = Path(os.environ.get("DSR1_TEST_CACHE", REPO / ".cache" / "test-models"))
 
 
 def pythonpath(code: Path) -> str:
-    """PYTHONPATH for a server running the dsr1 at `code`: it first, then the caller's (benchmarks/noamx.py
+    """PYTHONPATH for a server running the dsr1 at `code`: it first, then the caller's (benchmarks/_noamx.py
     puts its folder there for every Python process below it)."""
     return os.pathsep.join(filter(None, (str(code), os.environ.get("PYTHONPATH"))))
 
@@ -37,8 +37,8 @@ def cpu_line() -> str:
     model, flags = cpu_info()
     bf16 = ", AVX-512 BF16" if "avx512_bf16" in flags else ""
     amx = "AMX" if "amx_tile" in flags else "no AMX"
-    if amx == "AMX" and os.environ.get("DSR1_BENCH_AMX_DENIED"):  # benchmarks/noamx.py
-        amx = "AMX denied to the process: benchmarks/noamx.py"
+    if amx == "AMX" and os.environ.get("DSR1_BENCH_AMX_DENIED"):  # benchmarks/_noamx.py
+        amx = "AMX denied to the process: benchmarks/_noamx.py"
     return f"{model} ({os.cpu_count()} threads{bf16}, {amx})"
 
 

@@ -1,5 +1,5 @@
 """A process the kernel refuses AMX to (a seccomp filter answering arch_prctl ARCH_REQ_XCOMP_PERM with
-EPERM: benchmarks/noamx.py's `deny_amx`) is treated as a CPU without AMX: the compiled step's GEMM
+EPERM: benchmarks/_noamx.py's `deny_amx`) is treated as a CPU without AMX: the compiled step's GEMM
 backends are left as they are off AMX, and its packages are keyed apart from ones built with AMX kernels
 (which would die of SIGILL there). Real processes, real filter; only meaningful where the CPU has AMX."""
 
@@ -28,7 +28,7 @@ print(json.dumps({"usable": amx_usable(), "identity": cpu_identity(),
 
 
 def _probe(refused: bool) -> dict:
-    deny = f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import noamx; noamx.deny_amx()\n"
+    deny = f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import _noamx; _noamx.deny_amx()\n"
     cmd = [sys.executable, "-c", (deny if refused else "") + PROBE]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -59,7 +59,7 @@ def amx_usable() -> bool:
     """Whether this process may run AMX tile instructions: the CPU has them and Linux granted the tile
     state (arch_prctl ARCH_REQ_XCOMP_PERM, which this asks for, as inductor does before picking its AMX
     kernels). CPUID alone is not enough: a kernel or a seccomp policy can refuse the state, and then
-    inductor, oneDNN and llama.cpp all take their AVX-512 paths (benchmarks/noamx.py makes that so)."""
+    inductor, oneDNN and llama.cpp all take their AVX-512 paths (benchmarks/_noamx.py makes that so)."""
     return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx())
 
 

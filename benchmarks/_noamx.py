@@ -1,7 +1,7 @@
 """Run a command as if the CPU had no AMX: the nearest this project's AMX machines come to a CPU without it.
 
-    python benchmarks/noamx.py -- python benchmarks/engines.py --shape 1.5b ...
-    python benchmarks/noamx.py --check          # what torch and oneDNN see under it
+    python benchmarks/_noamx.py -- python benchmarks/engines.py --shape 1.5b ...
+    python benchmarks/_noamx.py --check          # what torch and oneDNN see under it
 
 Two things, both inherited by every child (the servers `dsr1 bench` starts, vLLM's engine core,
 llama-server):
@@ -84,7 +84,7 @@ def check() -> None:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--check"]:
-        argv = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import noamx; noamx.check()"
+        argv = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import _noamx; _noamx.check()"
                 % str(Path(__file__).resolve().parent)]
     if argv[:1] == ["--"]:
         argv = argv[1:]
