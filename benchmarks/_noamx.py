@@ -11,8 +11,8 @@ llama-server):
   AMX buffer type). A seccomp filter answers that one request with EPERM, so they take their AVX-512 paths.
 - torch's own answer (`torch.cpu._is_amx_tile_supported()`, read by inductor and by vLLM's choice of
   attention and GEMM kernels) is False in every Python process (_noamx_site/sitecustomize.py, first on
-  PYTHONPATH). vLLM does not ask for the tile state before its AMX kernels: refused alone, it would die of
-  SIGILL rather than fall back.
+  PYTHONPATH). vLLM picks its AMX kernels from that answer (CPUID), not from Linux's: refused alone, it
+  would still choose them (whether they then fault was not tried).
 The flags in /proc/cpuinfo are unchanged; benchmarks/_common.py's `cpu_line` says "AMX denied" under it.
 
 What it is not: an AMD EPYC. The memory system, caches and clocks stay this Xeon's, so the figures say

@@ -1,7 +1,7 @@
 """Loaded by every Python process benchmarks/_noamx.py starts (it puts this folder first on PYTHONPATH): torch
 reports no AMX, as on a CPU without it. vLLM picks its AMX attention and GEMM kernels from
-`torch.cpu._is_amx_tile_supported()` (CPUID) without asking Linux for the tile state, so with the state
-refused alone it would die of SIGILL instead of taking its AVX-512 path."""
+`torch.cpu._is_amx_tile_supported()` (CPUID), not from whether Linux grants the tile state, so with the
+state refused alone it would still choose them instead of its AVX-512 path."""
 
 import importlib.machinery
 import sys
