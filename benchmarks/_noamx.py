@@ -28,6 +28,9 @@ import struct
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import pythonpath  # noqa: E402
+
 ENV = "DSR1_BENCH_AMX_DENIED"  # set for the command, so tables can say so
 SITE = Path(__file__).resolve().parent / "_noamx_site"
 
@@ -92,7 +95,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(__doc__)
     deny_amx()
     os.environ[ENV] = "1"
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(SITE), os.environ.get("PYTHONPATH"))))
+    os.environ["PYTHONPATH"] = pythonpath(SITE)
     os.execvp(argv[0], argv)
 
 
