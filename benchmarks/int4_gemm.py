@@ -6,6 +6,7 @@ packed integers, side by side in one process.
     python benchmarks/int4_gemm.py --dynamic             # one graph over a dynamic row count, as the server's
     python benchmarks/int4_gemm.py --rows 1 --mats 64    # one row, weights streamed from memory (1.1 GB)
     python benchmarks/int4_gemm.py --head --mats 4 --reps 15   # the int8 LM head at one row (head())
+    python benchmarks/int4_gemm.py --vnni                # eager kernels without AMX, dsr1's int4 x int8 among them
 
 Why: `--precision int4` runs `_weight_int4pack_mm_for_cpu` (dsr1/serve/wquant.py), which widens the
 weights to floating point again for every few rows: fast at one row, 5x bf16's time at sixteen. With the
@@ -51,10 +52,17 @@ def main() -> int:
                     help="one dynamic-row graph, inductor's kernel choice against the AMX kernel withheld")
     ap.add_argument("--head", action="store_true",
                     help="the int4 model's int8 LM head at one row (default shape: the 1.5B's [151936, 1536])")
+    ap.add_argument("--vnni", action="store_true",
+                    help="eager kernels side by side: bf16 packed, int8 fbgemm, PyTorch's int4, dsr1's int4 x int8 VNNI")
     args = ap.parse_args()
     if args.head:
         return head(args)
+    if args.vnni:
+        return vnni(args)
 
+    import os
+
+    os.environ["DSR1_INT4_VNNI"] = "off"  # PyTorch's int4 layout, which inductor's template reads (--vnni: dsr1's)
     import torch
     import torch._inductor.config as inductor_config
 
@@ -167,6 +175,56 @@ def dynamic(m, opts: dict, args, best) -> int:
             e = best(m, torch.randn(r, args.k, dtype=torch.bfloat16))
             a, d, v = times["picked"][r], times["dsr1"][r], times["no AMX"][r]
             print(f"{r:>5} {e:>9.2f} {a:>10.2f} {d:>8.2f} {v:>10.2f} {d / a:>12.2f}", flush=True)
+    return 0
+
+
+def vnni(args) -> int:
+    """The eager kernels a server without AMX can run, on the same `--mats` distinct [--n, --k] weights, ms per
+    matrix at each row count: bf16 packed for oneDNN (`--precision` none), int8 fbgemm (`int8`), PyTorch's int4
+    (`_weight_int4pack_mm_for_cpu`, what int4 ran before) and dsr1's int4 x int8 VNNI kernel (dsr1.serve.int4vnni,
+    what int4 runs without AMX now), over the same 4-bit integers and groups of 32."""
+    import torch
+
+    from dsr1.serve import int4vnni
+    from dsr1.serve.wquant import PACKED, QuantWeight, _int4pack
+
+    if not int4vnni.runs_here():
+        print("dsr1's int4 VNNI kernel cannot run here (AVX-512 VNNI and a C compiler needed)", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    n, k = args.n, args.k
+    kinds: dict[str, list] = {"bf16 packed": [], "int8 fbgemm": [], "int4 torch": [], "int4 vnni": []}
+    for _ in range(args.mats):
+        w = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
+        kinds["bf16 packed"].append(QuantWeight(w, PACKED).mm)
+        kinds["int8 fbgemm"].append(QuantWeight(w, "int8").mm)
+        g = w.float().view(n, k // 32, 32)
+        lo, hi = g.amin(-1), g.amax(-1)
+        s = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).view(n, k)
+        t_q, t_s = _int4pack(q, s, lo, torch.bfloat16)
+        kinds["int4 torch"].append(lambda x, t_q=t_q, t_s=t_s: torch._weight_int4pack_mm_for_cpu(x, t_q, 32, t_s))
+        v = int4vnni.pack(q, s, lo)
+        kinds["int4 vnni"].append(lambda x, v=v: int4vnni.mm(x, *v))
+    print(f"CPU: {cpu_line()}; torch {torch.__version__}; {args.mats} x [{n}, {k}], applied in turn; "
+          f"ms per matrix, best of {args.reps}")
+    print(f"{'rows':>5} " + " ".join(f"{name:>12}" for name in kinds) + f" {'torch/vnni':>11}")
+    with torch.inference_mode():
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(rows, k, dtype=torch.bfloat16)
+            ms = {}
+            for name, fns in kinds.items():
+                for f in fns:  # warm: fbgemm packs its int8 at the first call
+                    f(x)
+                best = float("inf")
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    for f in fns:
+                        f(x)
+                    best = min(best, time.perf_counter() - t0)
+                ms[name] = best * 1000 / len(fns)
+            print(f"{rows:>5} " + " ".join(f"{ms[name]:>12.3f}" for name in kinds)
+                  + f" {ms['int4 torch'] / ms['int4 vnni']:>11.2f}", flush=True)
     return 0
 
 

@@ -123,6 +123,7 @@ def test_one_row_kernels_match_and_are_compiled_in(tmp_path, monkeypatch):
     from dsr1.serve.fastpath import compile_options, compiling
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("DSR1_INT4_VNNI", "off")  # PyTorch's int4 layout, which these kernels read
     torch.manual_seed(0)
     ws = [wquant.QuantWeight(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, "int4")
           for n, k in ((256, 1536), (192, 64))]

@@ -117,6 +117,15 @@ def compile_choice(requested: str | None, *, fast_reason: str | None, device: st
                           hint="install g++ (apt-get install g++) or drop --compile")
     if requested != "auto":
         return requested == "on", f"compile {requested}"
+    if weights == "int4" and device != "cuda":
+        from dsr1.serve import int4vnni
+
+        if int4vnni.suits():
+            # Without AMX, int4 runs dsr1's int4 x int8 kernel eager, which no compiled step can hold; it
+            # measured faster than the compiled step's int4 kernels at every batch size on a 2-core AMD EPYC
+            # (docs/performance.md, issue 14/14), so there is nothing to time at start.
+            return False, ("auto: off (int4 runs dsr1's int4 x int8 VNNI kernel eager on this CPU without AMX, "
+                           "measured faster than the compiled step; --compile on to compile PyTorch's int4 kernels)")
     if device == "cuda":
         return False, "auto: off (compiled decode not yet measured on a GPU; --compile on to try it)"
     # The compiled step measured 1.6x faster on a Xeon with AMX (bf16), 1.4-3.2x at one row on an AMD

@@ -26,7 +26,10 @@ no AMX; eight distinct [17920, 1536] matrices in turn, so nothing sits in cache;
   rows and loses to bf16 at 16 (no integer path: it widens per row). With the compiled step (`Frozen`)
   inductor's own int4 GEMM template takes the same integers: it widens each weight tile once for every
   row of the call (AMX), 2.6x faster at 16 rows and 11x at 256, slower at a row or two, so the
-  batch size picks (fastpath.measure_rows).
+  batch size picks (fastpath.measure_rows). Without AMX (AVX-512 VNNI), int4 runs dsr1's own int4 x int8
+  kernel instead (int4vnni: activations quantized to int8 per row and group of 32, integer dot products), in
+  its own layout (group VNNI), eager at every batch size: 2-core AMD EPYC, same matrices, 0.50 / 0.64 / 2.01 ms
+  at 1 / 4 / 16 rows against PyTorch's 0.79 / 1.38 / 5.44 (benchmarks/int4_gemm.py --vnni).
 - "packed" is not quantization: the bf16 weight reordered once into oneDNN's blocked layout
   (`mkldnn._reorder_linear_weight`, what inductor's freezing does for a compiled linear) and run by
   `mkldnn._linear_pointwise`: 2.09 / 2.22 / 1.85 / 2.93 ms at 1 / 2 / 4 / 16 rows where the plain
@@ -44,8 +47,11 @@ from typing import NamedTuple
 
 import torch
 
+from dsr1.serve import int4vnni
+
 METHODS = ("int8", "int4")
 PACKED = "packed"  # bf16 in oneDNN's blocked layout (not a user-facing precision)
+VNNI = "vnni"  # int4's group marker for dsr1's int4 x int8 kernel's layout (int4vnni; groups of 32 too)
 # int4: input columns per scale/offset pair. 32, as llama.cpp's 4-bit blocks: on the demo model's real
 # weights the NLL of pull's fixed text rose 13% with groups of 64/128 (outlier columns) and 0.07% with 32.
 GROUPS = (32,)
@@ -122,10 +128,13 @@ class QuantWeight:
             lo, hi = g.amin(-1), g.amax(-1)
             s = ((hi - lo) / 15).clamp(min=1e-12)
             q = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
-            # the kernel computes w = (q - 8) * scale + zero per group, so zero = lo + 8 * scale
-            zero = lo + 8 * s
-            self.q = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-            self.scales = torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(self.dtype)
+            if int4_layout() == VNNI and int4vnni.fits(n, k):
+                # dsr1's int4 x int8 kernel (int4vnni), in its own layout: without AMX it is 1.6x PyTorch's
+                # int4 kernel at one row and 2.7x at sixteen (benchmarks/int4_gemm.py --vnni)
+                self.group = VNNI
+                self.q, self.scales = int4vnni.pack(q, s, lo)
+                return
+            self.q, self.scales = _int4pack(q, s, lo, self.dtype)
 
     def parts(self) -> dict:
         """These bits as plain tensors and facts, for keeping on disk (dsr1.serve.wstore); `from_parts` is
@@ -189,6 +198,8 @@ class QuantWeight:
         x = x.to(self.dtype)
         if self.method == "int8":
             return torch._weight_int8pack_mm(x, self.q, self.scales)
+        if self.group == VNNI:
+            return int4vnni.mm(x, self.q, self.scales)
         return torch._weight_int4pack_mm_for_cpu(x, self.q, self.group, self.scales)
 
     def frozen(self) -> "Frozen":
@@ -201,6 +212,12 @@ class QuantWeight:
         if self.group == "fbgemm":
             q, s = self.plain if self.plain is not None else self._unpack()
             return Frozen("int8", q, s.to(self.dtype), None)
+        if self.group == VNNI:
+            # `--compile on` where int4 runs dsr1's kernel (opaque to inductor): the same integers, scales
+            # and minima in PyTorch's int4 layout, replacing these (one copy; the eager forward beside the
+            # compiled step reads them too)
+            self.q, self.scales = _int4pack(*int4vnni.unpack(self.q, self.scales), self.dtype)
+            self.group = GROUPS[0]
         return Frozen(self.method, self.q, self.scales, self.group)
 
     def dequantize(self) -> torch.Tensor:
@@ -246,6 +263,21 @@ def frozen_mm(w: Frozen, x: torch.Tensor) -> torch.Tensor:
     if w.method == "int8":
         return torch._weight_int8pack_mm(x, w.q, w.scales)
     return torch._weight_int4pack_mm_for_cpu(x, w.q, w.group, w.scales)
+
+
+def _int4pack(q: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's int4 layout for `_weight_int4pack_mm_for_cpu` and inductor's int4 template: (packed integers,
+    scales and offsets [groups, N, 2] in `dtype`) from q [N, K] in 0..15 and per-group scale and minimum."""
+    # the kernel computes w = (q - 8) * scale + zero per group, so zero = lo + 8 * scale
+    zero = lo + 8 * s
+    return (torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+            torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(dtype))
+
+
+def int4_layout() -> str:
+    """How int4 weights are laid out on this machine: VNNI (dsr1's int4 x int8 kernel, int4vnni: AVX-512 VNNI
+    without usable AMX) or "torch" (PyTorch's int4 kernel, and inductor's int4 template when compiled)."""
+    return VNNI if int4vnni.available() else "torch"
 
 
 def quantize(w: torch.Tensor, method: str, lazy: bool = False) -> QuantWeight:

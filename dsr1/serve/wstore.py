@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dsr1.fsutil import free_bytes
-from dsr1.serve import wquant
+from dsr1.serve import int4vnni, wquant
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ def key(model, method: str) -> str:
         h.update(weight_fingerprint(w))
     meta = {"method": method, "torch": torch.__version__, "groups": wquant.GROUPS,
             "code": hashlib.sha256(inspect.getsource(wquant).encode()).hexdigest()}
+    if method == "int4":  # the layout int4 takes on this machine (wquant.int4_layout), and its packing code
+        meta["layout"] = wquant.int4_layout()
+        if meta["layout"] == wquant.VNNI:
+            meta["vnni"] = hashlib.sha256(inspect.getsource(int4vnni).encode()).hexdigest()
     h.update(json.dumps(meta, sort_keys=True).encode())
     return f"{method}-{h.hexdigest()[:32]}"
 
