@@ -251,10 +251,13 @@ def test_bf16_compiled_step_beside_packed_eager_weights(demo_draft_dir, tmp_path
     cache = m.make_cache(3, 128)
     m.fast.enable_compile(store=tmp_path / "compiled")
     m.fast.warm_up(cache)
-    # bf16: the library without its weights, inductor's packed ones beside it in the constants file
-    # (used in place at load, not copied by the runner: aotstep._compile)
+    # bf16 with AMX: the library without its weights, inductor's packed ones beside it in the constants file
+    # (used in place at load, not copied by the runner: aotstep._compile). Without AMX autotune may pick
+    # oneDNN's linear, whose opaque packed weights stay inside the library (fastpath.compile_options).
     consts = m.fast.package.with_suffix(aotstep.CONSTANTS)
-    assert consts.is_file() and m.fast.package.stat().st_size < consts.stat().st_size
+    assert consts.is_file()
+    if fastpath.compile_options(torch.bfloat16, torch.device("cpu"))["max_autotune_gemm_backends"] == "CPP":
+        assert m.fast.package.stat().st_size < consts.stat().st_size
     assert m.fast.ahead_of_time and m.pack_weights() and m.fast.quant == "packed"
     saved = m.fast.package.with_suffix(".rows.json")
     rows = m.fast.measure_rows(cache, saved=saved)

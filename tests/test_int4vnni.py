@@ -121,3 +121,35 @@ def test_int4_quality_through_the_kernel(demo_model_dir, monkeypatch):
     nll = _nll(m)  # (the fast path, and its int4 weights, are made with the first cache)
     assert all(w.group == wquant.VNNI for w in m.fast.layers[0] if isinstance(w, wquant.QuantWeight))
     assert nll <= ref * 1.07, (nll, ref)
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_serve_int4_runs_the_kernel_eager_and_restarts_from_kept_weights(demo_draft_dir, tmp_path):
+    """`dsr1 serve MODEL --precision int4` (compile auto) where int4 takes this kernel: the plan says why the
+    step is not compiled, the server answers through the official client, and a restart maps the int4 weights
+    (head included) the first start kept, answering the same greedy text."""
+    import re
+
+    import openai
+
+    from tests.serve_util import ServerProc
+
+    args = [str(demo_draft_dir), "--engine", "embedded", "--precision", "int4", "--max-model-len", "512",
+            "--max-concurrent", "2"]
+    texts = []
+    for start in ("first", "restart"):
+        srv = ServerProc(args, tmp_path / "home", env={"DSR1_INT4_VNNI": "on", "DSR1_COMPILE": "auto"}, timeout=300)
+        try:
+            log = " ".join("".join(srv.lines).split())
+            assert "VNNI kernel eager" in log and not re.search(r"forward\s+compiled", log), log[-2000:]
+            assert ("int4 weights quantized, kept for the next start" if start == "first" else
+                    "int4 weights mapped from an earlier start") in log
+            cli = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+            r = cli.completions.create(model=cli.models.list().data[0].id, prompt="The capital of France is",
+                                       max_tokens=8, temperature=0)
+            assert r.usage.completion_tokens == 8 and r.choices[0].text.strip()
+            texts.append(r.choices[0].text)
+        finally:
+            srv.stop()
+    assert texts[0] == texts[1]

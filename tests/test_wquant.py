@@ -244,6 +244,9 @@ def test_int4_compiled_step_agrees_with_eager_and_keeps_quality(demo_draft_dir, 
     from dsr1.serve.engine import EmbeddedModel
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    # PyTorch's int4 layout and an int8 head, as on a CPU with AMX (without it int4 runs dsr1's VNNI kernel
+    # eager, and a compiled step converts it: tests/test_int4vnni.py)
+    monkeypatch.setenv("DSR1_INT4_VNNI", "off")
     m = EmbeddedModel(demo_draft_dir, dtype=torch.bfloat16, weights="int4")
     cache = m.make_cache(3, 512)
     m.fast.enable_compile(store=int4_store)
@@ -325,7 +328,8 @@ def test_serve_precision_int4_packs_the_weights_and_answers(demo_draft_dir, int4
     home = int4_store.parent.parent
     texts = []
     for start in ("first", "restart"):
-        srv = ServerProc(args, home, timeout=600)  # alone, the server compiles the step itself (~90 s on two cores)
+        # alone, the server compiles the step itself (~90 s on two cores); PyTorch's int4 layout, as the test above
+        srv = ServerProc(args, home, env={"DSR1_INT4_VNNI": "off"}, timeout=600)
         try:
             log = " ".join("".join(srv.lines).split())  # the plan's lines as one (rich wraps them)
             assert "weight-only int4, packed at load" in log and "bitsandbytes" not in log

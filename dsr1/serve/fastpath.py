@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dsr1.serve import pages
-from dsr1.serve.wquant import METHODS, PACKED, Frozen, QuantWeight, frozen_mm, quantize
+from dsr1.serve.wquant import METHODS, PACKED, Frozen, QuantWeight, frozen_mm, head_method, quantize
 
 ARCHS = ("llama", "qwen2")
 MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes measure_rows times, up to the cache's rows
@@ -292,10 +292,10 @@ class FastForward:
         """The head in `method`'s head format (or `head`, kept from an earlier start), what is left copied
         out of the checkpoint's mapping."""
         empty = torch.empty(0, dtype=self.embed.dtype)
-        # the head: int8 whatever the method (llama.cpp's Q4_K_M keeps it at 6 bits), packed when packing;
+        # the head: wquant.head_method's (int8, or int4 through dsr1's VNNI kernel), packed when packing;
         # tied to the embedding in small models, whose bf16 table then stays for the lookups
         # (fbgemm packs it at the first eager call, or pack_head: a compiled step reads its plain integers)
-        self.head = head if head is not None else quantize(self.head, PACKED if method == PACKED else "int8", lazy=True)
+        self.head = head if head is not None else quantize(self.head, head_method(method), lazy=True)
         out = model.get_output_embeddings()
         if out.weight.data_ptr() != self.embed.data_ptr():
             out.weight.data = empty
