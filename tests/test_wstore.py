@@ -41,7 +41,7 @@ def test_second_start_maps_the_weights_the_first_kept(tiny_model_factory, tmp_pa
     # plain integers: packing it at load, then unpacking it, cost ~4 s of a 1.5B restart); an int4 model's
     # head is int4 where int4 runs dsr1's VNNI kernel (wquant.head_method), nothing to pack
     int8_head = again.fast.head.method == "int8"
-    assert again.fast.head.method == wquant.head_method(method) and (again.fast.head.plain is not None) == int8_head
+    assert again.fast.head.method == wquant.head_method(method, again.fast.head.shape) and (again.fast.head.plain is not None) == int8_head
     assert torch.equal(_decode(again, cache2), want)  # the same bits, the same logits
     assert again.fast.head.plain is None
     # the transformers modules hold no bf16 copies on a mapped start either

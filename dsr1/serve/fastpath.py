@@ -295,7 +295,7 @@ class FastForward:
         # the head: wquant.head_method's (int8, or int4 through dsr1's VNNI kernel), packed when packing;
         # tied to the embedding in small models, whose bf16 table then stays for the lookups
         # (fbgemm packs it at the first eager call, or pack_head: a compiled step reads its plain integers)
-        self.head = head if head is not None else quantize(self.head, head_method(method), lazy=True)
+        self.head = head if head is not None else quantize(self.head, head_method(method, tuple(self.head.shape)), lazy=True)
         out = model.get_output_embeddings()
         if out.weight.data_ptr() != self.embed.data_ptr():
             out.weight.data = empty

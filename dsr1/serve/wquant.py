@@ -280,14 +280,16 @@ def int4_layout() -> str:
     return VNNI if int4vnni.available() else "torch"
 
 
-def head_method(method: str) -> str:
+def head_method(method: str, shape: tuple[int, int] | None = None) -> str:
     """How the LM head of a model in `method` is stored. int8 for int8 and int4 (llama.cpp's Q4_K_M keeps its
     head at 6 bits), except where int4 runs dsr1's VNNI kernel: there int4 too, because a one-row step reads the
     head more than any other weight (R1-Distill-Qwen-1.5B's: 233 MB in int8, 9 of a 46 ms step on a 2-core AMD
-    EPYC) and the demo model's NLL of pull's fixed text moved +0.49% -> +0.84% of bf16 (the target: +7%)."""
+    EPYC) and the demo model's NLL of pull's fixed text moved +0.49% -> +0.84% of bf16 (the target: +7%). `shape`:
+    the head's [vocab, hidden]; one the kernel does not take stays int8."""
     if method == PACKED:
         return PACKED
-    return "int4" if method == "int4" and int4_layout() == VNNI else "int8"
+    vnni = method == "int4" and int4_layout() == VNNI and (shape is None or int4vnni.fits(*shape))
+    return "int4" if vnni else "int8"
 
 
 def quantize(w: torch.Tensor, method: str, lazy: bool = False) -> QuantWeight:
