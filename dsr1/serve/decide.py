@@ -121,11 +121,12 @@ def compile_choice(requested: str | None, *, fast_reason: str | None, device: st
         from dsr1.serve import int4vnni
 
         if int4vnni.suits():
-            # Without AMX, int4 runs dsr1's int4 x int8 kernel eager, which no compiled step can hold; it
-            # measured faster than the compiled step's int4 kernels at every batch size on a 2-core AMD EPYC
-            # (docs/performance.md, issue 14/14), so there is nothing to time at start.
-            return False, ("auto: off (int4 runs dsr1's int4 x int8 VNNI kernel eager on this CPU without AMX, "
-                           "measured faster than the compiled step; --compile on to compile PyTorch's int4 kernels)")
+            # Without AMX, int4 runs dsr1's int4 x int8 kernel eager, which no compiled step can hold. On a
+            # 2-core AMD EPYC its eager step at one row (46-49 ms, 1.5B shape) matched the compiled int4 step
+            # of 2026-12-05 (47 ms) and its GEMMs are 2.2-3.8x PyTorch's int4 kernels from 4 rows on, which is
+            # what a compiled step would run (docs/performance.md, issue 14/14): nothing to time at start.
+            return False, ("auto: off (int4 runs dsr1's int4 x int8 VNNI kernel eager on this CPU without AMX: "
+                           "2-4x PyTorch's int4 kernels per GEMM from 4 rows; --compile on compiles PyTorch's instead)")
     if device == "cuda":
         return False, "auto: off (compiled decode not yet measured on a GPU; --compile on to try it)"
     # The compiled step measured 1.6x faster on a Xeon with AMX (bf16), 1.4-3.2x at one row on an AMD

@@ -129,7 +129,7 @@ class QuantWeight:
             s = ((hi - lo) / 15).clamp(min=1e-12)
             q = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
             if int4_layout() == VNNI and int4vnni.fits(n, k):
-                # dsr1's int4 x int8 kernel (int4vnni), in its own layout: without AMX it is 1.6x PyTorch's
+                # dsr1's int4 x int8 kernel (int4vnni), in its own layout: without AMX it is 1.5x PyTorch's
                 # int4 kernel at one row and 2.7x at sixteen (benchmarks/int4_gemm.py --vnni)
                 self.group = VNNI
                 self.q, self.scales = int4vnni.pack(q, s, lo)
