@@ -203,3 +203,14 @@ def build_r1_for_vllm(demo_model_dir: Path, d: Path) -> Path:
     script = ["<｜Assistant｜>", "<think>", "\n", "Let", " me", " think", "</think>", "The", " answer",
               "<｜end▁of▁sentence｜>"]
     return build_scripted_r1(d / "base", d / "r1", [script], chat_template=R1_CHAT_TEMPLATE.replace("<think>\\n", ""))
+
+
+def greedy_completion(srv: "ServerProc", prompt: str = "The capital of France is", tokens: int = 8) -> str:
+    """A greedy completion of `tokens` tokens through the official client from a started server; checks that
+    exactly that many came back and that the text is not empty."""
+    import openai
+
+    cli = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+    r = cli.completions.create(model=cli.models.list().data[0].id, prompt=prompt, max_tokens=tokens, temperature=0)
+    assert r.usage.completion_tokens == tokens and r.choices[0].text.strip()
+    return r.choices[0].text

@@ -131,9 +131,7 @@ def test_serve_int4_runs_the_kernel_eager_and_restarts_from_kept_weights(demo_dr
     (head included) the first start kept, answering the same greedy text."""
     import re
 
-    import openai
-
-    from tests.serve_util import ServerProc
+    from tests.serve_util import ServerProc, greedy_completion
 
     args = [str(demo_draft_dir), "--engine", "embedded", "--precision", "int4", "--max-model-len", "512",
             "--max-concurrent", "2"]
@@ -145,11 +143,7 @@ def test_serve_int4_runs_the_kernel_eager_and_restarts_from_kept_weights(demo_dr
             assert "VNNI kernel eager" in log and not re.search(r"forward\s+compiled", log), log[-2000:]
             assert ("int4 weights quantized, kept for the next start" if start == "first" else
                     "int4 weights mapped from an earlier start") in log
-            cli = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
-            r = cli.completions.create(model=cli.models.list().data[0].id, prompt="The capital of France is",
-                                       max_tokens=8, temperature=0)
-            assert r.usage.completion_tokens == 8 and r.choices[0].text.strip()
-            texts.append(r.choices[0].text)
+            texts.append(greedy_completion(srv))  # through the official client
         finally:
             srv.stop()
     assert texts[0] == texts[1]

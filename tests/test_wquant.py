@@ -319,9 +319,7 @@ def test_serve_precision_int4_packs_the_weights_and_answers(demo_draft_dir, int4
     path (no bitsandbytes, nothing to pull), the server packs at load, compiles the int4 step ahead of time
     (or loads the package the test above built in the same home) and answers through the official client.
     A restart maps the int4 weights the first start kept (dsr1.serve.wstore) and answers the same."""
-    import openai
-
-    from tests.serve_util import ServerProc
+    from tests.serve_util import ServerProc, greedy_completion
 
     args = [str(demo_draft_dir), "--engine", "embedded", "--precision", "int4", "--compile", "on",
             "--max-model-len", "512", "--max-concurrent", "2"]
@@ -340,11 +338,7 @@ def test_serve_precision_int4_packs_the_weights_and_answers(demo_draft_dir, int4
             else:  # the package and the int4 weights of the first start: nothing compiled or quantized
                 assert "the compiled step of an earlier start" in log
                 assert "int4 weights mapped from an earlier start" in log
-            cli = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
-            r = cli.completions.create(model=cli.models.list().data[0].id, prompt="The capital of France is",
-                                       max_tokens=8, temperature=0)
-            assert r.usage.completion_tokens == 8 and r.choices[0].text.strip()
-            texts.append(r.choices[0].text)
+            texts.append(greedy_completion(srv))  # through the official client
         finally:
             srv.stop()
     assert texts[0] == texts[1]  # greedy, the same bits and library
