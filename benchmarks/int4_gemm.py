@@ -186,7 +186,7 @@ def vnni(args) -> int:
     import torch
 
     from dsr1.serve import int4vnni
-    from dsr1.serve.wquant import PACKED, QuantWeight, _int4pack
+    from dsr1.serve.wquant import PACKED, QuantWeight, _int4pack, int4_groups
 
     if not int4vnni.runs_here():
         print("dsr1's int4 VNNI kernel cannot run here (AVX-512 VNNI and a C compiler needed)", file=sys.stderr)
@@ -198,10 +198,7 @@ def vnni(args) -> int:
         w = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
         kinds["bf16 packed"].append(QuantWeight(w, PACKED).mm)
         kinds["int8 fbgemm"].append(QuantWeight(w, "int8").mm)
-        g = w.float().view(n, k // 32, 32)
-        lo, hi = g.amin(-1), g.amax(-1)
-        s = ((hi - lo) / 15).clamp(min=1e-12)
-        q = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).view(n, k)
+        q, s, lo = int4_groups(w)
         t_q, t_s = _int4pack(q, s, lo, torch.bfloat16)
         kinds["int4 torch"].append(lambda x, t_q=t_q, t_s=t_s: torch._weight_int4pack_mm_for_cpu(x, t_q, 32, t_s))
         v = int4vnni.pack(q, s, lo)

@@ -60,7 +60,8 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def cpu_info(root: Path = Path("/")) -> tuple[str, list[str]]:
+def _cpuinfo(root: Path) -> tuple[str, set[str]]:
+    """(model name, every feature flag) from the first CPU in /proc/cpuinfo."""
     text = _read(root / "proc/cpuinfo") or ""
     model, flags = platform.processor() or "unknown", set()
     for line in text.splitlines():
@@ -70,7 +71,18 @@ def cpu_info(root: Path = Path("/")) -> tuple[str, list[str]]:
             model = value.strip()
         elif key == "flags" and not flags:
             flags = set(value.split())
+    return model, flags
+
+
+def cpu_info(root: Path = Path("/")) -> tuple[str, list[str]]:
+    """(model name, the flags doctor shows: INTERESTING_FLAGS present)."""
+    model, flags = _cpuinfo(root)
     return model, [f for f in INTERESTING_FLAGS if f in flags]
+
+
+def cpu_flags(root: Path = Path("/")) -> set[str]:
+    """Every feature flag Linux lists for the CPU (kernels that need more than INTERESTING_FLAGS ask here)."""
+    return _cpuinfo(root)[1]
 
 
 def cgroup_memory_limit(root: Path = Path("/")) -> int | None:

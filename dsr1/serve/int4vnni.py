@@ -24,22 +24,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from dsr1.probe.host import cpu_flags
+
 SOURCE = Path(__file__).with_name("int4vnni.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma")
 NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 GROUP = 32  # input columns per scale/minimum pair: dsr1's int4 groups
 BLOCK = 16  # output channels per vector of int32 sums
-
-
-def _flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (the probe's cpu_info keeps only those doctor shows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _compiler() -> str | None:
@@ -51,7 +42,7 @@ def amx_granted() -> bool:
     """Whether this process may run AMX tiles: the CPU lists them and Linux grants the tile state
     (arch_prctl ARCH_REQ_XCOMP_PERM, what oneDNN and inductor ask for first). Without torch, so that a plan
     can ask (aotstep.amx_usable is the same question through torch)."""
-    if "amx_tile" not in _flags() or platform.machine() != "x86_64":
+    if "amx_tile" not in cpu_flags() or platform.machine() != "x86_64":
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
@@ -59,7 +50,7 @@ def amx_granted() -> bool:
 
 def runs_here() -> bool:
     """Whether this kernel can run here: x86-64 with AVX-512 (F, BW, VL) and VNNI, and a C compiler."""
-    return platform.machine() == "x86_64" and NEEDS <= _flags() and _compiler() is not None
+    return platform.machine() == "x86_64" and NEEDS <= cpu_flags() and _compiler() is not None
 
 
 def suits() -> bool:

@@ -124,10 +124,7 @@ class QuantWeight:
             if group is None:
                 raise ValueError(f"int4 needs the input size ({k}) to be a multiple of {GROUPS[-1]}")
             self.group = group
-            g = wf.view(n, k // group, group)
-            lo, hi = g.amin(-1), g.amax(-1)
-            s = ((hi - lo) / 15).clamp(min=1e-12)
-            q = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+            q, s, lo = int4_groups(wf, group)
             if int4_layout() == VNNI and int4vnni.fits(n, k):
                 # dsr1's int4 x int8 kernel (int4vnni), in its own layout: without AMX it is 1.5x PyTorch's
                 # int4 kernel at one row and 2.7x at sixteen (benchmarks/int4_gemm.py --vnni)
@@ -265,12 +262,24 @@ def frozen_mm(w: Frozen, x: torch.Tensor) -> torch.Tensor:
     return torch._weight_int4pack_mm_for_cpu(x, w.q, w.group, w.scales)
 
 
+def int4_groups(w: torch.Tensor, group: int = GROUPS[0]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dsr1's int4 quantization of a float weight [N, K]: per group of `group` input columns, q in 0..15 with a
+    scale and the group's minimum, w ~= q * scale + minimum. (q int32 [N, K], scale [N, K/group], minimum
+    [N, K/group]), fp32; each layout (`_int4pack`, int4vnni.pack) packs these."""
+    n, k = w.shape
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    s = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+    return q, s, lo
+
+
 def _int4pack(q: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's int4 layout for `_weight_int4pack_mm_for_cpu` and inductor's int4 template: (packed integers,
     scales and offsets [groups, N, 2] in `dtype`) from q [N, K] in 0..15 and per-group scale and minimum."""
     # the kernel computes w = (q - 8) * scale + zero per group, so zero = lo + 8 * scale
     zero = lo + 8 * s
-    return (torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+    return (torch._convert_weight_to_int4pack_for_cpu(q, 1),
             torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(dtype))
 
 
@@ -280,7 +289,7 @@ def int4_layout() -> str:
     return VNNI if int4vnni.available() else "torch"
 
 
-def head_method(method: str, shape: tuple[int, int] | None = None) -> str:
+def head_method(method: str, shape: tuple[int, int]) -> str:
     """How the LM head of a model in `method` is stored. int8 for int8 and int4 (llama.cpp's Q4_K_M keeps its
     head at 6 bits), except where int4 runs dsr1's VNNI kernel: there int4 too, because a one-row step reads the
     head more than any other weight (R1-Distill-Qwen-1.5B's: 233 MB in int8, 9 of a 46 ms step on a 2-core AMD
@@ -288,7 +297,7 @@ def head_method(method: str, shape: tuple[int, int] | None = None) -> str:
     the head's [vocab, hidden]; one the kernel does not take stays int8."""
     if method == PACKED:
         return PACKED
-    vnni = method == "int4" and int4_layout() == VNNI and (shape is None or int4vnni.fits(*shape))
+    vnni = method == "int4" and int4_layout() == VNNI and int4vnni.fits(*shape)
     return "int4" if vnni else "int8"
 
 
